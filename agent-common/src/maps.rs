@@ -1,0 +1,28 @@
+//! Map names and sizes, imported by both sides so they never drift apart.
+//! Names stay unique in their first 15 characters (the kernel keeps only 15).
+
+/// The one ring buffer every event goes through.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-CPU drop and health counters, indexed by [`counter`] slots.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// Default ring-buffer size (bytes, power of two, multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 16 * 1024 * 1024;
+/// In-flight syscalls tracked at once (entry → exit), across all threads.
+pub const PENDING_MAX_ENTRIES: u32 = 32 * 1024;
+/// Sockets remembered per (tgid, fd) (LRU: entries of processes that exited age out).
+pub const FD_INFO_MAX_ENTRIES: u32 = 64 * 1024;
+
+/// Slots of the per-CPU `COUNTERS` array. Userspace sums them over CPUs.
+pub mod counter {
+    /// `bpf_ringbuf_output` failed: the ring buffer was full, the event is lost.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// An entry/exit stash could not be stored (PENDING map full).
+    pub const PENDING_FULL: u32 = 1;
+    /// Reading the user buffer failed (paged out, bad pointer): the event carries no payload.
+    pub const PAYLOAD_READ_FAILED: u32 = 2;
+    /// Events written to the ring buffer.
+    pub const EVENTS_SUBMITTED: u32 = 3;
+    /// Number of slots.
+    pub const COUNT: u32 = 4;
+}

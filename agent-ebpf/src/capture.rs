@@ -1,0 +1,157 @@
+//! Builds one data event in the per-CPU scratch slot and sends it through the ring buffer,
+//! truncated to the bytes actually captured.
+use core::ffi::c_void;
+
+use agent_common::{DataEvent, EventHeader, MAX_CAPTURE, MAX_IOVECS, kind, maps::counter};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+};
+
+use crate::maps::{EVENTS, PendingCall, SCRATCH, buf_kind, capture_bytes, count, wakeup_bytes};
+
+/// Offsets in `struct user_msghdr` (include/linux/socket.h, stable UAPI layout on 64-bit).
+const MSGHDR_IOV: usize = 16;
+const MSGHDR_IOVLEN: usize = 24;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+/// Emits a data event for a finished syscall that moved `ret` bytes on a TCP socket.
+#[inline(always)]
+pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(), i64> {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(-1);
+    };
+    // SAFETY: the per-CPU scratch slot is ours for the duration of this program run.
+    let ev = unsafe { &mut (*scratch).event };
+    ev.header = EventHeader {
+        kind: kind::DATA,
+        direction: p.direction,
+        syscall: p.syscall,
+        side,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        fd: p.fd,
+        sock: p.sock,
+        ts_enter_ns: p.ts_enter_ns,
+        // SAFETY: helper without preconditions.
+        ts_exit_ns: unsafe { bpf_ktime_get_ns() },
+        bytes: ret,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    ev.flags = p.recv_flags;
+
+    let mut want = u64::from(capture_bytes());
+    if want > ret as u64 {
+        want = ret as u64;
+    }
+    if want > MAX_CAPTURE as u64 {
+        want = MAX_CAPTURE as u64;
+    }
+    let captured = match p.buf_kind {
+        buf_kind::PLAIN => copy_user(ev.payload.as_mut_ptr(), p.buf, want),
+        buf_kind::IOVEC => copy_iovecs(ev.payload.as_mut_ptr(), p.buf, p.count, want),
+        buf_kind::MSGHDR => {
+            // SAFETY: reads user memory through the helper, which tolerates bad pointers.
+            let iov: u64 = unsafe { bpf_probe_read_user((p.buf as usize + MSGHDR_IOV) as *const u64) }.unwrap_or(0);
+            let n: u64 = unsafe { bpf_probe_read_user((p.buf as usize + MSGHDR_IOVLEN) as *const u64) }.unwrap_or(0);
+            copy_iovecs(ev.payload.as_mut_ptr(), iov, n, want)
+        }
+        _ => 0,
+    };
+    ev.captured_len = captured as u32;
+
+    let mut len = DataEvent::HEADER_LEN as u64 + captured;
+    if len > core::mem::size_of::<DataEvent>() as u64 {
+        len = core::mem::size_of::<DataEvent>() as u64;
+    }
+    // SAFETY: `len` ≤ size_of::<DataEvent>() and the scratch slot is at least that large.
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), len as usize) };
+    submit(bytes)
+}
+
+/// Sends a record, waking the reader only once enough bytes wait (batched wake-ups: a wake-up
+/// per event costs more than the event at high rates). Userspace also polls on a timer.
+#[inline(always)]
+pub fn submit(bytes: &[u8]) -> Result<(), i64> {
+    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let flags = if waiting + bytes.len() as u64 >= wakeup_bytes() {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    };
+    match EVENTS.output::<[u8]>(bytes, flags) {
+        Ok(()) => {
+            count(counter::EVENTS_SUBMITTED);
+            Ok(())
+        }
+        Err(e) => {
+            count(counter::RINGBUF_FULL);
+            Err(i64::from(e))
+        }
+    }
+}
+
+/// Copies `want` (≤ MAX_CAPTURE) bytes from user address `src`; returns the bytes copied.
+#[inline(always)]
+fn copy_user(dst: *mut u8, src: u64, want: u64) -> u64 {
+    let mut n = want;
+    if n > MAX_CAPTURE as u64 {
+        n = MAX_CAPTURE as u64;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: `dst` has room for MAX_CAPTURE bytes; the helper checks the user pointer.
+    let r = unsafe { generated::bpf_probe_read_user(dst.cast::<c_void>(), n as u32, src as *const c_void) };
+    if r == 0 {
+        n
+    } else {
+        count(counter::PAYLOAD_READ_FAILED);
+        0
+    }
+}
+
+/// Copies up to `want` bytes spread over the first `MAX_IOVECS` iovecs, in stream order.
+#[inline(always)]
+fn copy_iovecs(dst: *mut u8, iov: u64, iovcnt: u64, want: u64) -> u64 {
+    let mut off: u64 = 0;
+    for i in 0..MAX_IOVECS {
+        if i as u64 >= iovcnt || off >= want {
+            break;
+        }
+        let at = iov + (i * core::mem::size_of::<IoVec>()) as u64;
+        // SAFETY: user memory read through the helper.
+        let Ok(v) = (unsafe { bpf_probe_read_user(at as *const IoVec) }) else {
+            break;
+        };
+        let mut n = want - off;
+        if n > v.len {
+            n = v.len;
+        }
+        // Bounds the verifier can follow: off < MAX_CAPTURE, n ≤ MAX_CAPTURE; the scratch slot
+        // has MAX_CAPTURE spare bytes after the payload.
+        let o = off & (MAX_CAPTURE as u64 - 1);
+        if n > MAX_CAPTURE as u64 {
+            n = MAX_CAPTURE as u64;
+        }
+        if n == 0 {
+            continue;
+        }
+        // SAFETY: dst + o + n ≤ dst + 2 * MAX_CAPTURE, inside the scratch slot.
+        let r = unsafe {
+            generated::bpf_probe_read_user(dst.add(o as usize).cast::<c_void>(), n as u32, v.base as *const c_void)
+        };
+        if r != 0 {
+            count(counter::PAYLOAD_READ_FAILED);
+            break;
+        }
+        off += n;
+    }
+    if off > want { want } else { off }
+}

@@ -1,0 +1,114 @@
+//! Maps and load-time globals.
+use agent_common::{
+    DataEvent, MAX_CAPTURE,
+    maps::{DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, PENDING_MAX_ENTRIES, counter},
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+
+/// Every event, in the order the kernel produced it. Size is set by userspace at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Per-CPU counters (see `agent_common::maps::counter`).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Syscall arguments stashed at entry, keyed by pid_tgid, consumed at exit.
+#[map]
+pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(PENDING_MAX_ENTRIES, 0);
+
+/// What the kernel knows of a process's socket fd, keyed by `tgid << 32 | fd`.
+#[map]
+pub static FD_INFO: LruHashMap<u64, FdInfo> = LruHashMap::with_max_entries(FD_INFO_MAX_ENTRIES, 0);
+
+/// Scratch space to build a data event: bigger than the stack allows. Twice the capture bound
+/// so the verifier can prove `offset < MAX_CAPTURE` plus `len <= MAX_CAPTURE` stays inside.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct Scratch {
+    pub event: DataEvent,
+    pub overflow: [u8; MAX_CAPTURE],
+}
+
+/// How a stashed syscall passes its buffer.
+pub mod buf_kind {
+    /// `buf` is the data pointer.
+    pub const PLAIN: u8 = 0;
+    /// `buf` points to an iovec array of `count` entries.
+    pub const IOVEC: u8 = 1;
+    /// `buf` points to a `struct user_msghdr`.
+    pub const MSGHDR: u8 = 2;
+    /// no user buffer (sendfile, accept, connect).
+    pub const NONE: u8 = 3;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingCall {
+    pub ts_enter_ns: u64,
+    pub buf: u64,
+    /// iovec count for readv/writev.
+    pub count: u64,
+    /// Socket identity, set by the sock tracepoints while the syscall runs.
+    pub sock: u64,
+    pub fd: i32,
+    pub recv_flags: u32,
+    pub syscall: u8,
+    pub direction: u8,
+    pub buf_kind: u8,
+    /// 1 once a sock tracepoint saw a TCP (IPv4/IPv6) socket in this syscall.
+    pub is_tcp: u8,
+    pub _pad: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FdInfo {
+    pub sock: u64,
+    pub side: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Globals set by userspace at load time (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static SELF_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static CAPTURE_BYTES: u32 = agent_common::config::DEFAULT_CAPTURE_BYTES;
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u32 = agent_common::config::DEFAULT_WAKEUP_BYTES;
+
+#[inline(always)]
+pub fn self_tgid() -> u32 {
+    // SAFETY: a plain read of a load-time constant; volatile so the compiler can't fold it.
+    unsafe { core::ptr::read_volatile(&SELF_TGID) }
+}
+
+#[inline(always)]
+pub fn capture_bytes() -> u32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&CAPTURE_BYTES) }
+}
+
+#[inline(always)]
+pub fn wakeup_bytes() -> u64 {
+    // SAFETY: as above.
+    u64::from(unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) })
+}
+
+#[inline(always)]
+pub fn count(slot: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn fd_key(pid_tgid: u64, fd: i32) -> u64 {
+    (pid_tgid & 0xffff_ffff_0000_0000) | u64::from(fd as u32)
+}

@@ -1,0 +1,111 @@
+//! `sock:*` tracepoints: tie in-flight syscalls to TCP sockets, and report 4-tuples.
+use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, kind, tcp_state};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{capture::submit, probes::syscalls::mark_pending};
+
+const IPPROTO_TCP: u16 = 6;
+
+// sock_send_length / sock_recv_length: sk@8, family@16 u16, protocol@18 u16, ret@20, flags@24.
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    on_sock_io(&ctx).unwrap_or(0)
+}
+
+#[tracepoint(category = "sock", name = "sock_recv_length")]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    on_sock_io(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn on_sock_io(ctx: &TracePointContext) -> Result<u32, i64> {
+    // SAFETY: offsets from the tracepoint format.
+    let family: u16 = unsafe { ctx.read_at(16) }.map_err(i64::from)?;
+    let protocol: u16 = unsafe { ctx.read_at(18) }.map_err(i64::from)?;
+    if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let sk: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
+    mark_pending(bpf_get_current_pid_tgid(), sk, false);
+    Ok(0)
+}
+
+// inet_sock_set_state: skaddr@8, oldstate@16 i32, newstate@20 i32, sport@24, dport@26 (host
+// order), family@28, protocol@30, saddr@32[4], daddr@36[4], saddr_v6@40[16], daddr_v6@56[16].
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    on_state(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
+    // SAFETY: offsets from the tracepoint format.
+    let protocol: u16 = unsafe { ctx.read_at(30) }.map_err(i64::from)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let newstate: i32 = unsafe { ctx.read_at(20) }.map_err(i64::from)?;
+    let sk: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
+    if newstate == i32::from(tcp_state::SYN_SENT) {
+        // Process context of connect(): mark that syscall as TCP.
+        mark_pending(bpf_get_current_pid_tgid(), sk, true);
+        return Ok(0);
+    }
+    if newstate != i32::from(tcp_state::ESTABLISHED) && newstate != i32::from(tcp_state::CLOSE) {
+        return Ok(0);
+    }
+    let oldstate: i32 = unsafe { ctx.read_at(16) }.map_err(i64::from)?;
+    let family: u16 = unsafe { ctx.read_at(28) }.map_err(i64::from)?;
+    let sport: u16 = unsafe { ctx.read_at(24) }.map_err(i64::from)?;
+    let dport: u16 = unsafe { ctx.read_at(26) }.map_err(i64::from)?;
+    let mut local_addr = [0u8; 16];
+    let mut remote_addr = [0u8; 16];
+    if family == AF_INET {
+        let s: [u8; 4] = unsafe { ctx.read_at(32) }.map_err(i64::from)?;
+        let d: [u8; 4] = unsafe { ctx.read_at(36) }.map_err(i64::from)?;
+        local_addr[..4].copy_from_slice(&s);
+        remote_addr[..4].copy_from_slice(&d);
+    } else {
+        local_addr = unsafe { ctx.read_at(40) }.map_err(i64::from)?;
+        remote_addr = unsafe { ctx.read_at(56) }.map_err(i64::from)?;
+    }
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Often softirq context: pid/comm are whoever was on the CPU, so they are left out.
+    let ev = SockEvent {
+        header: EventHeader {
+            kind: kind::TCP_STATE,
+            direction: 0,
+            syscall: 0,
+            side: 0,
+            pid: 0,
+            tid: 0,
+            fd: -1,
+            sock: sk,
+            ts_enter_ns: now,
+            ts_exit_ns: now,
+            bytes: 0,
+            comm: [0; 16],
+        },
+        family,
+        local_port: sport,
+        remote_port: dport,
+        old_state: oldstate as u8,
+        new_state: newstate as u8,
+        local_addr,
+        remote_addr,
+    };
+    // SAFETY: plain #[repr(C)] value without padding.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (&ev as *const SockEvent).cast::<u8>(),
+            core::mem::size_of::<SockEvent>(),
+        )
+    };
+    submit(bytes)?;
+    Ok(0)
+}

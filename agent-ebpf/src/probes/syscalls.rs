@@ -1,0 +1,380 @@
+//! `syscalls:sys_{enter,exit}_*` programs: stash arguments at entry, emit at exit.
+//!
+//! Entry layout of every syscall tracepoint (see /sys/kernel/tracing/events/syscalls/*/format):
+//! the arguments are 8-byte slots from offset 16; exit has `long ret` at offset 16.
+use agent_common::{EventHeader, SockEvent, direction, kind, maps::counter, side, syscall, tcp_state};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    capture::{emit_data, submit},
+    maps::{FD_INFO, FdInfo, PENDING, PendingCall, buf_kind, count, fd_key, self_tgid},
+};
+
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const ARG3: usize = 40;
+const RET: usize = 16;
+
+const MSG_PEEK: u32 = 2;
+const EINPROGRESS: i64 = 115;
+
+/// Pseudo syscall ids for stashes that don't produce data events.
+const ACCEPT: u8 = 100;
+const CONNECT: u8 = 101;
+
+#[inline(always)]
+fn arg<T>(ctx: &TracePointContext, off: usize) -> Result<T, i64> {
+    // SAFETY: offsets come from the tracepoint format; `read_at` uses bpf_probe_read.
+    unsafe { ctx.read_at::<T>(off) }.map_err(i64::from)
+}
+
+/// Stashes a syscall's arguments for its exit (unless it is the agent's own).
+#[inline(always)]
+fn stash(
+    ctx: &TracePointContext,
+    sys: u8,
+    dir: u8,
+    kind: u8,
+    buf_off: usize,
+    count_off: usize,
+    flags_off: usize,
+) -> Result<u32, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == self_tgid() {
+        return Ok(0);
+    }
+    let fd: u64 = arg(ctx, ARG0)?;
+    let buf: u64 = if buf_off != 0 { arg(ctx, buf_off)? } else { 0 };
+    let cnt: u64 = if count_off != 0 { arg(ctx, count_off)? } else { 0 };
+    let flags: u64 = if flags_off != 0 { arg(ctx, flags_off)? } else { 0 };
+    let call = PendingCall {
+        // SAFETY: helper without preconditions.
+        ts_enter_ns: unsafe { bpf_ktime_get_ns() },
+        buf,
+        count: cnt,
+        sock: 0,
+        fd: fd as i32,
+        recv_flags: flags as u32,
+        syscall: sys,
+        direction: dir,
+        buf_kind: kind,
+        is_tcp: 0,
+        _pad: [0; 4],
+    };
+    if PENDING.insert(pid_tgid, call, 0).is_err() {
+        count(counter::PENDING_FULL);
+    }
+    Ok(0)
+}
+
+/// Takes the stash of the current thread's syscall, if it is `sys`.
+#[inline(always)]
+fn take(sys: u8) -> Option<(u64, PendingCall)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let p = unsafe { *PENDING.get(pid_tgid)? };
+    let _ = PENDING.remove(pid_tgid);
+    if p.syscall != sys {
+        return None;
+    }
+    Some((pid_tgid, p))
+}
+
+#[inline(always)]
+fn exit_data(ctx: &TracePointContext, sys: u8) -> Result<u32, i64> {
+    let Some((pid_tgid, p)) = take(sys) else {
+        return Ok(0);
+    };
+    if p.is_tcp == 0 {
+        return Ok(0);
+    }
+    let ret: i64 = arg(ctx, RET)?;
+    // Errors (EAGAIN...) moved nothing; a zero-byte write means nothing; a zero-byte read is the
+    // end of the peer's stream, which ends close-delimited responses. Peeked bytes are read again.
+    if ret < 0 || (ret == 0 && p.direction == direction::EGRESS) || p.recv_flags & MSG_PEEK != 0 {
+        return Ok(0);
+    }
+    let key = fd_key(pid_tgid, p.fd);
+    // SAFETY: copied out at once.
+    let known = unsafe { FD_INFO.get(key).copied() };
+    let fd_side = match known {
+        // Accepted fds learn their socket at their first data event.
+        Some(info) if info.sock == p.sock || info.sock == 0 => info.side,
+        _ => side::UNKNOWN,
+    };
+    if known.is_none_or(|info| info.sock != p.sock) {
+        let _ = FD_INFO.insert(
+            key,
+            FdInfo {
+                sock: p.sock,
+                side: fd_side,
+                _pad: [0; 7],
+            },
+            0,
+        );
+    }
+    emit_data(&p, pid_tgid, ret, fd_side)?;
+    Ok(0)
+}
+
+macro_rules! data_syscall {
+    ($enter:ident, $exit:ident, $name_enter:literal, $name_exit:literal, $sys:expr, $dir:expr, $kind:expr, $buf:expr, $cnt:expr, $flags:expr) => {
+        #[tracepoint(category = "syscalls", name = $name_enter)]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            stash(&ctx, $sys, $dir, $kind, $buf, $cnt, $flags).unwrap_or(0)
+        }
+        #[tracepoint(category = "syscalls", name = $name_exit)]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_data(&ctx, $sys).unwrap_or(0)
+        }
+    };
+}
+
+use direction::{EGRESS, INGRESS};
+data_syscall!(
+    sys_enter_read,
+    sys_exit_read,
+    "sys_enter_read",
+    "sys_exit_read",
+    syscall::READ,
+    INGRESS,
+    buf_kind::PLAIN,
+    ARG1,
+    0,
+    0
+);
+data_syscall!(
+    sys_enter_readv,
+    sys_exit_readv,
+    "sys_enter_readv",
+    "sys_exit_readv",
+    syscall::READV,
+    INGRESS,
+    buf_kind::IOVEC,
+    ARG1,
+    ARG2,
+    0
+);
+data_syscall!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    "sys_enter_recvfrom",
+    "sys_exit_recvfrom",
+    syscall::RECVFROM,
+    INGRESS,
+    buf_kind::PLAIN,
+    ARG1,
+    0,
+    ARG3
+);
+data_syscall!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    "sys_enter_recvmsg",
+    "sys_exit_recvmsg",
+    syscall::RECVMSG,
+    INGRESS,
+    buf_kind::MSGHDR,
+    ARG1,
+    0,
+    ARG2
+);
+data_syscall!(
+    sys_enter_write,
+    sys_exit_write,
+    "sys_enter_write",
+    "sys_exit_write",
+    syscall::WRITE,
+    EGRESS,
+    buf_kind::PLAIN,
+    ARG1,
+    0,
+    0
+);
+data_syscall!(
+    sys_enter_writev,
+    sys_exit_writev,
+    "sys_enter_writev",
+    "sys_exit_writev",
+    syscall::WRITEV,
+    EGRESS,
+    buf_kind::IOVEC,
+    ARG1,
+    ARG2,
+    0
+);
+data_syscall!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    "sys_enter_sendto",
+    "sys_exit_sendto",
+    syscall::SENDTO,
+    EGRESS,
+    buf_kind::PLAIN,
+    ARG1,
+    0,
+    0
+);
+data_syscall!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    "sys_enter_sendmsg",
+    "sys_exit_sendmsg",
+    syscall::SENDMSG,
+    EGRESS,
+    buf_kind::MSGHDR,
+    ARG1,
+    0,
+    0
+);
+data_syscall!(
+    sys_enter_sendfile64,
+    sys_exit_sendfile64,
+    "sys_enter_sendfile64",
+    "sys_exit_sendfile64",
+    syscall::SENDFILE,
+    EGRESS,
+    buf_kind::NONE,
+    0,
+    0,
+    0
+);
+
+// accept/accept4: remember that the returned fd is the server end of a connection.
+#[tracepoint(category = "syscalls", name = "sys_enter_accept")]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    stash(&ctx, ACCEPT, 0, buf_kind::NONE, 0, 0, 0).unwrap_or(0)
+}
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx).unwrap_or(0)
+}
+#[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
+pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    stash(&ctx, ACCEPT, 0, buf_kind::NONE, 0, 0, 0).unwrap_or(0)
+}
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn exit_accept(ctx: &TracePointContext) -> Result<u32, i64> {
+    let Some((pid_tgid, _)) = take(ACCEPT) else {
+        return Ok(0);
+    };
+    let ret: i64 = arg(ctx, RET)?;
+    if ret >= 0 {
+        // The socket is learnt at the first data event; unix sockets never get one and age out.
+        let info = FdInfo {
+            sock: 0,
+            side: side::ACCEPTED,
+            _pad: [0; 7],
+        };
+        let _ = FD_INFO.insert(fd_key(pid_tgid, ret as i32), info, 0);
+    }
+    Ok(0)
+}
+
+// connect: `inet_sock_set_state` (→ SYN_SENT) marks the stash as TCP and gives the socket.
+#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    stash(&ctx, CONNECT, 0, buf_kind::NONE, 0, 0, 0).unwrap_or(0)
+}
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    exit_connect(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn exit_connect(ctx: &TracePointContext) -> Result<u32, i64> {
+    let Some((pid_tgid, p)) = take(CONNECT) else {
+        return Ok(0);
+    };
+    let ret: i64 = arg(ctx, RET)?;
+    if p.is_tcp != 0 && (ret == 0 || ret == -EINPROGRESS) {
+        let info = FdInfo {
+            sock: p.sock,
+            side: side::CONNECTED,
+            _pad: [0; 7],
+        };
+        let _ = FD_INFO.insert(fd_key(pid_tgid, p.fd), info, 0);
+    }
+    Ok(0)
+}
+
+/// close: forget the fd; tell userspace when it was a traced TCP socket.
+#[tracepoint(category = "syscalls", name = "sys_enter_close")]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    enter_close(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn enter_close(ctx: &TracePointContext) -> Result<u32, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let fd: u64 = arg(ctx, ARG0)?;
+    let key = fd_key(pid_tgid, fd as i32);
+    // SAFETY: copied out at once.
+    let Some(info) = (unsafe { FD_INFO.get(key).copied() }) else {
+        return Ok(0);
+    };
+    let _ = FD_INFO.remove(key);
+    if info.sock == 0 || (pid_tgid >> 32) as u32 == self_tgid() {
+        return Ok(0);
+    }
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ev = SockEvent {
+        header: EventHeader {
+            kind: kind::CLOSE,
+            direction: 0,
+            syscall: syscall::CLOSE,
+            side: info.side,
+            pid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            fd: fd as i32,
+            sock: info.sock,
+            ts_enter_ns: now,
+            ts_exit_ns: now,
+            bytes: 0,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        },
+        family: 0,
+        local_port: 0,
+        remote_port: 0,
+        old_state: 0,
+        new_state: tcp_state::CLOSE,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    };
+    // SAFETY: `ev` is a plain #[repr(C)] value without padding.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (&ev as *const SockEvent).cast::<u8>(),
+            core::mem::size_of::<SockEvent>(),
+        )
+    };
+    submit(bytes)?;
+    Ok(0)
+}
+
+/// Marks the current thread's pending syscall as running on a TCP socket (called by the sock
+/// tracepoints). Returns whether there was a matching pending syscall.
+#[inline(always)]
+pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool) {
+    if let Some(p) = PENDING.get_ptr_mut(pid_tgid) {
+        // SAFETY: this thread's own entry; no other thread writes it.
+        unsafe {
+            if connect_only && (*p).syscall != CONNECT {
+                return;
+            }
+            (*p).sock = sock;
+            (*p).is_tcp = 1;
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Command line (each flag has a `SOCKSPAN_*` environment twin, as DaemonSets set env).
+//! The OTLP destination follows the standard `OTEL_EXPORTER_OTLP_*` / `OTEL_BSP_*` variables.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::export::PrintFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sockspan",
+    version,
+    about = "Trace HTTP services from socket syscalls with eBPF and export OpenTelemetry spans",
+    long_about = "Trace HTTP services from socket syscalls with eBPF and export OpenTelemetry spans.\n\n\
+        With OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set, spans are exported over OTLP \
+        (OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*); without one, live \
+        spans are printed on stdout. Must run as root."
+)]
+pub struct Cli {
+    /// Print spans on stdout: `text` (one line per span, the default) or `json` (one object per line).
+    /// On by default when no OTLP endpoint is configured.
+    #[arg(long, env = "SOCKSPAN_PRINT", value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "text")]
+    pub print: Option<PrintArg>,
+
+    /// Payload bytes captured per syscall (request line and headers must fit).
+    #[arg(long, env = "SOCKSPAN_CAPTURE_BYTES", default_value_t = agent_common::config::DEFAULT_CAPTURE_BYTES,
+          value_parser = clap::value_parser!(u32).range(64..=agent_common::MAX_CAPTURE as i64))]
+    pub capture_bytes: u32,
+
+    /// Kernel ring buffer size in bytes (a power of two, at least 64 KiB).
+    #[arg(long, env = "SOCKSPAN_RING_BYTES", default_value_t = agent_common::maps::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
+    pub ring_bytes: u32,
+
+    /// Serve the agent's own Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "SOCKSPAN_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Export query-string values as sent (default: `key=REDACTED`).
+    #[arg(long, env = "SOCKSPAN_KEEP_QUERY_VALUES")]
+    pub keep_query_values: bool,
+
+    /// Log format on stderr.
+    #[arg(long, env = "SOCKSPAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Record every kernel event to FILE (replay it with `sockspan replay FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replay a recording made with `--record` through the userspace pipeline and print its spans.
+    Replay {
+        file: PathBuf,
+        /// `text` or `json`.
+        #[arg(long, value_enum, default_value_t = PrintArg::Text)]
+        format: PrintArg,
+    },
+    /// Measure userspace pipeline throughput on a synthetic stream (one thread).
+    #[command(hide = true)]
+    BenchPipeline {
+        /// Concurrent keep-alive connections in the synthetic stream.
+        #[arg(long, default_value_t = 200)]
+        connections: u32,
+        /// Exchanges per connection.
+        #[arg(long, default_value_t = 500)]
+        per_conn: u32,
+        /// Timed repetitions; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrintArg {
+    Text,
+    Json,
+}
+
+impl From<PrintArg> for PrintFormat {
+    fn from(p: PrintArg) -> Self {
+        match p {
+            PrintArg::Text => PrintFormat::Text,
+            PrintArg::Json => PrintFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n < 64 * 1024 || !n.is_power_of_two() {
+        return Err(format!("{n} must be a power of two of at least 65536"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from(["sockspan", "--print=json", "--capture-bytes", "512"]).unwrap();
+        assert_eq!(cli.print, Some(PrintArg::Json));
+        assert_eq!(cli.capture_bytes, 512);
+        assert_eq!(
+            Cli::try_parse_from(["sockspan", "--print"]).unwrap().print,
+            Some(PrintArg::Text)
+        );
+        assert!(Cli::try_parse_from(["sockspan", "--capture-bytes", "1"]).is_err());
+        assert!(Cli::try_parse_from(["sockspan", "--ring-bytes", "1000"]).is_err());
+        assert!(Cli::try_parse_from(["sockspan", "--bogus"]).is_err());
+    }
+}

@@ -1,0 +1,384 @@
+//! Connections: which process holds which TCP socket, on which side, with which 4-tuple; each
+//! connection's two byte streams are fed to its HTTP state, which yields exchanges.
+//!
+//! Keyed by (pid, fd) while the fd lives; the socket identity detects fd reuse. The 4-tuple
+//! comes from the kernel's ESTABLISHED event for the socket, or, for connections that predate
+//! the agent, from /proc once.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use agent_common::{AF_INET, AF_INET6, SockEvent, direction, side, tcp_state};
+
+use crate::{
+    decode::Event,
+    http::{Chunk, Exchange, HttpConn, HttpStats, looks_like_request, looks_like_response},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The process accepted the connection: it serves requests.
+    Server,
+    /// The process connected: it sends requests.
+    Client,
+}
+
+/// An exchange with the facts of the connection it happened on.
+#[derive(Debug)]
+pub struct ConnExchange {
+    pub exchange: Exchange,
+    pub side: Side,
+    pub pid: u32,
+    pub comm: [u8; 16],
+    pub sock: u64,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    /// 0-based index of this exchange on its connection (pairs both ends of a keep-alive link).
+    pub seq: u64,
+}
+
+struct Connection {
+    sock: u64,
+    side: Option<Side>,
+    http: HttpConn,
+    comm: [u8; 16],
+    local: Option<SocketAddr>,
+    remote: Option<SocketAddr>,
+    last_activity_ns: u64,
+    exchanges: u64,
+    undecided_chunks: u32,
+}
+
+/// Chunks looked at before a connection of unknown side is declared not HTTP.
+const MAX_UNDECIDED_CHUNKS: u32 = 8;
+/// Connections tracked at once; the least recently active are evicted beyond this.
+const MAX_CONNECTIONS: usize = 65536;
+
+pub struct ConnTable {
+    conns: HashMap<(u32, i32), Connection>,
+    /// socket identity → (local, remote), from ESTABLISHED events.
+    tuples: HashMap<u64, (SocketAddr, SocketAddr)>,
+    pub http_stats: HttpStats,
+    pub opened: u64,
+    pub evicted: u64,
+    pub not_http_undecided: u64,
+    proc_root: String,
+}
+
+impl Default for ConnTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnTable {
+    pub fn new() -> Self {
+        Self {
+            conns: HashMap::new(),
+            tuples: HashMap::new(),
+            http_stats: HttpStats::default(),
+            opened: 0,
+            evicted: 0,
+            not_http_undecided: 0,
+            proc_root: "/proc".into(),
+        }
+    }
+
+    /// A table that never reads /proc (replays of recordings from another machine).
+    pub fn without_proc() -> Self {
+        Self {
+            proc_root: String::new(),
+            ..Self::new()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn on_event(&mut self, ev: &Event<'_>, out: &mut Vec<ConnExchange>) {
+        match ev {
+            Event::TcpState(s) => self.on_state(s),
+            Event::Close(s) => {
+                let key = (s.header.pid, s.header.fd);
+                if let Some(mut c) = self.conns.remove(&key) {
+                    close(&mut c, key.0, s.header.ts_exit_ns, &mut self.http_stats, out);
+                }
+            }
+            Event::Data { header: h, payload, .. } => {
+                let key = (h.pid, h.fd);
+                if let Some(c) = self.conns.get(&key)
+                    && c.sock != h.sock
+                    && let Some(mut old) = self.conns.remove(&key)
+                {
+                    // The fd now names another socket: the old connection ended unseen.
+                    let at = old.last_activity_ns;
+                    close(&mut old, key.0, at, &mut self.http_stats, out);
+                }
+                if !self.conns.contains_key(&key) {
+                    if self.conns.len() >= MAX_CONNECTIONS {
+                        self.evict_oldest(out);
+                    }
+                    let c = self.open(h.pid, h.fd, h.sock, h.side, h.comm);
+                    self.conns.insert(key, c);
+                }
+                let Some(c) = self.conns.get_mut(&key) else { return };
+                c.last_activity_ns = h.ts_exit_ns;
+                c.comm = h.comm;
+                let ingress = h.direction == direction::INGRESS;
+                if h.bytes == 0 {
+                    // End of the peer's stream: ends close-delimited responses.
+                    if ingress {
+                        let mut ex = Vec::new();
+                        c.http.on_close(h.ts_exit_ns, &mut ex, &mut self.http_stats);
+                        emit(c, key.0, ex, out);
+                    }
+                    return;
+                }
+                if c.side.is_none() {
+                    c.side = infer_side(payload, ingress);
+                    if c.side.is_none() {
+                        c.undecided_chunks += 1;
+                        if c.undecided_chunks == MAX_UNDECIDED_CHUNKS {
+                            self.not_http_undecided += 1;
+                        }
+                        return;
+                    }
+                }
+                let (first_ns, last_ns) = if ingress {
+                    (h.ts_exit_ns, h.ts_exit_ns)
+                } else {
+                    (h.ts_enter_ns, h.ts_exit_ns)
+                };
+                let chunk = Chunk {
+                    captured: payload,
+                    total: h.bytes as u64,
+                    tid: h.tid,
+                    first_ns,
+                    last_ns,
+                };
+                let requests = matches!(
+                    (c.side, ingress),
+                    (Some(Side::Server), true) | (Some(Side::Client), false)
+                );
+                let mut ex = Vec::new();
+                if requests {
+                    c.http.on_request_chunk(&chunk, &mut ex, &mut self.http_stats);
+                } else {
+                    c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats);
+                }
+                emit(c, key.0, ex, out);
+            }
+        }
+    }
+
+    fn open(&mut self, pid: u32, fd: i32, sock: u64, kernel_side: u8, comm: [u8; 16]) -> Connection {
+        self.opened += 1;
+        let side = match kernel_side {
+            side::ACCEPTED => Some(Side::Server),
+            side::CONNECTED => Some(Side::Client),
+            _ => None,
+        };
+        let (local, remote) = match self.tuples.get(&sock) {
+            Some(&(l, r)) => (Some(l), Some(r)),
+            None if !self.proc_root.is_empty() => {
+                tuple_from_proc(&self.proc_root, pid, fd).map_or((None, None), |(l, r)| (Some(l), Some(r)))
+            }
+            None => (None, None),
+        };
+        // A connection seen from its start is parsed from its first byte; one that predates the
+        // agent (side unknown) joins at the next message start.
+        let http = if side.is_some() {
+            HttpConn::new()
+        } else {
+            HttpConn::new_resync()
+        };
+        Connection {
+            sock,
+            side,
+            http,
+            comm,
+            local,
+            remote,
+            last_activity_ns: 0,
+            exchanges: 0,
+            undecided_chunks: 0,
+        }
+    }
+
+    fn on_state(&mut self, s: &SockEvent) {
+        if s.new_state == tcp_state::ESTABLISHED {
+            if let (Some(l), Some(r)) = (
+                sock_addr(s.family, &s.local_addr, s.local_port),
+                sock_addr(s.family, &s.remote_addr, s.remote_port),
+            ) {
+                if self.tuples.len() >= MAX_CONNECTIONS * 2 {
+                    self.tuples.clear();
+                }
+                self.tuples.insert(s.header.sock, (l, r));
+            }
+        } else if s.new_state == tcp_state::CLOSE {
+            self.tuples.remove(&s.header.sock);
+        }
+    }
+
+    /// Ends responses whose end could not be seen once idle, and forgets idle connections.
+    pub fn tick(&mut self, now_ns: u64, idle_flush_ns: u64, idle_evict_ns: u64, out: &mut Vec<ConnExchange>) {
+        let mut gone = Vec::new();
+        for (key, c) in self.conns.iter_mut() {
+            let mut ex = Vec::new();
+            c.http.flush_idle(now_ns, idle_flush_ns, &mut ex, &mut self.http_stats);
+            emit(c, key.0, ex, out);
+            if now_ns.saturating_sub(c.last_activity_ns) > idle_evict_ns || c.http.is_dead() {
+                gone.push(*key);
+            }
+        }
+        for key in gone {
+            if let Some(mut c) = self.conns.remove(&key) {
+                if !c.http.is_dead() {
+                    self.evicted += 1;
+                }
+                let at = c.last_activity_ns;
+                close(&mut c, key.0, at, &mut self.http_stats, out);
+            }
+        }
+    }
+
+    /// Ends every connection (shutdown): requests still unanswered come out without response.
+    pub fn close_all(&mut self, out: &mut Vec<ConnExchange>) {
+        for ((pid, _), mut c) in std::mem::take(&mut self.conns) {
+            let at = c.last_activity_ns;
+            close(&mut c, pid, at, &mut self.http_stats, out);
+        }
+    }
+
+    fn evict_oldest(&mut self, out: &mut Vec<ConnExchange>) {
+        if let Some(key) = self
+            .conns
+            .iter()
+            .min_by_key(|(_, c)| c.last_activity_ns)
+            .map(|(k, _)| *k)
+            && let Some(mut c) = self.conns.remove(&key)
+        {
+            self.evicted += 1;
+            let at = c.last_activity_ns;
+            close(&mut c, key.0, at, &mut self.http_stats, out);
+        }
+    }
+}
+
+fn close(c: &mut Connection, pid: u32, at_ns: u64, stats: &mut HttpStats, out: &mut Vec<ConnExchange>) {
+    let mut ex = Vec::new();
+    if c.side.is_some() {
+        c.http.on_close(at_ns, &mut ex, stats);
+    }
+    emit(c, pid, ex, out);
+}
+
+fn emit(c: &mut Connection, pid: u32, exchanges: Vec<Exchange>, out: &mut Vec<ConnExchange>) {
+    let Some(side) = c.side else { return };
+    for exchange in exchanges {
+        out.push(ConnExchange {
+            exchange,
+            side,
+            pid,
+            comm: c.comm,
+            sock: c.sock,
+            local: c.local,
+            remote: c.remote,
+            seq: c.exchanges,
+        });
+        c.exchanges += 1;
+    }
+}
+
+/// Side of a connection that predates the agent, from the first bytes seen on it.
+fn infer_side(payload: &[u8], ingress: bool) -> Option<Side> {
+    match (looks_like_request(payload), looks_like_response(payload), ingress) {
+        (true, _, true) | (_, true, false) => Some(Side::Server),
+        (true, _, false) | (_, true, true) => Some(Side::Client),
+        _ => None,
+    }
+}
+
+pub fn sock_addr(family: u16, addr: &[u8; 16], port: u16) -> Option<SocketAddr> {
+    let ip = match family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(*addr);
+            // v4-mapped (::ffff:a.b.c.d) is an IPv4 peer on a dual-stack socket: show it as one.
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// 4-tuple of a socket fd from /proc/<pid>/fd and /proc/<pid>/net/tcp{,6}.
+fn tuple_from_proc(root: &str, pid: u32, fd: i32) -> Option<(SocketAddr, SocketAddr)> {
+    let link = std::fs::read_link(format!("{root}/{pid}/fd/{fd}")).ok()?;
+    let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("{root}/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 9 && cols[9] == inode {
+                return Some((parse_proc_addr(cols[1])?, parse_proc_addr(cols[2])?));
+            }
+        }
+    }
+    None
+}
+
+/// "0100007F:1F90" (IPv4) or 32 hex digits ":PORT" (IPv6), each 32-bit word in host order.
+pub fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = [0u8; 16];
+    let words = addr.len() / 8;
+    if addr.len() % 8 != 0 || !(words == 1 || words == 4) {
+        return None;
+    }
+    for w in 0..words {
+        let word = u32::from_str_radix(addr.get(w * 8..w * 8 + 8)?, 16).ok()?;
+        bytes[w * 4..w * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    sock_addr(if words == 1 { AF_INET } else { AF_INET6 }, &bytes, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_addresses() {
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_addr("0000000000000000FFFF00000100007F:0050"),
+            Some("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(parse_proc_addr("zz"), None);
+    }
+
+    #[test]
+    fn sides_from_first_bytes() {
+        assert_eq!(infer_side(b"GET / HTTP/1.1\r\n", true), Some(Side::Server));
+        assert_eq!(infer_side(b"GET / HTTP/1.1\r\n", false), Some(Side::Client));
+        assert_eq!(infer_side(b"HTTP/1.1 200 OK\r\n", true), Some(Side::Client));
+        assert_eq!(infer_side(b"\x16\x03\x01", true), None);
+    }
+}

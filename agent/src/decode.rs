@@ -1,0 +1,164 @@
+//! Raw ring-buffer records → typed events. Every length is checked; nothing here panics.
+use agent_common::{DataEvent, EventHeader, MAX_CAPTURE, SockEvent, kind};
+
+/// One decoded record, borrowing its payload from the raw bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    Data {
+        header: EventHeader,
+        flags: u32,
+        payload: &'a [u8],
+    },
+    Close(SockEvent),
+    TcpState(SockEvent),
+}
+
+impl Event<'_> {
+    pub fn header(&self) -> &EventHeader {
+        match self {
+            Event::Data { header, .. } => header,
+            Event::Close(s) | Event::TcpState(s) => &s.header,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than its header")]
+    Short { len: usize },
+    #[error("unknown event kind {kind}")]
+    UnknownKind { kind: u8 },
+    #[error("data record claims {captured} payload bytes but carries {available}")]
+    BadPayloadLen { captured: usize, available: usize },
+}
+
+impl DecodeError {
+    /// Low-cardinality label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Short { .. } => "short",
+            DecodeError::UnknownKind { .. } => "unknown_kind",
+            DecodeError::BadPayloadLen { .. } => "bad_payload_len",
+        }
+    }
+}
+
+fn read<T: Copy>(b: &[u8]) -> Option<T> {
+    if b.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is a plain #[repr(C)] type valid for any bit pattern (Pod).
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let header: EventHeader = read(record).ok_or(DecodeError::Short { len: record.len() })?;
+    match header.kind {
+        kind::DATA => {
+            if record.len() < DataEvent::HEADER_LEN {
+                return Err(DecodeError::Short { len: record.len() });
+            }
+            let hl = size_of::<EventHeader>();
+            let captured = u32::from_ne_bytes([record[hl], record[hl + 1], record[hl + 2], record[hl + 3]]) as usize;
+            let flags = u32::from_ne_bytes([record[hl + 4], record[hl + 5], record[hl + 6], record[hl + 7]]);
+            let available = record.len() - DataEvent::HEADER_LEN;
+            if captured > available || captured > MAX_CAPTURE {
+                return Err(DecodeError::BadPayloadLen { captured, available });
+            }
+            Ok(Event::Data {
+                header,
+                flags,
+                payload: &record[DataEvent::HEADER_LEN..DataEvent::HEADER_LEN + captured],
+            })
+        }
+        kind::CLOSE => Ok(Event::Close(
+            read(record).ok_or(DecodeError::Short { len: record.len() })?,
+        )),
+        kind::TCP_STATE => Ok(Event::TcpState(
+            read(record).ok_or(DecodeError::Short { len: record.len() })?,
+        )),
+        other => Err(DecodeError::UnknownKind { kind: other }),
+    }
+}
+
+/// Encodes a data event the way the kernel sends it (for recordings, tests and benchmarks).
+pub fn encode_data(header: &EventHeader, flags: u32, payload: &[u8], out: &mut Vec<u8>) {
+    let payload = &payload[..payload.len().min(MAX_CAPTURE)];
+    // SAFETY: EventHeader is plain #[repr(C)] data without padding.
+    let hb =
+        unsafe { std::slice::from_raw_parts((header as *const EventHeader).cast::<u8>(), size_of::<EventHeader>()) };
+    out.extend_from_slice(hb);
+    out.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Encodes a socket event the way the kernel sends it.
+pub fn encode_sock(ev: &SockEvent, out: &mut Vec<u8>) {
+    // SAFETY: SockEvent is plain #[repr(C)] data without padding.
+    let b = unsafe { std::slice::from_raw_parts((ev as *const SockEvent).cast::<u8>(), size_of::<SockEvent>()) };
+    out.extend_from_slice(b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_round_trip() {
+        let h = EventHeader {
+            kind: kind::DATA,
+            pid: 7,
+            tid: 8,
+            fd: 3,
+            sock: 99,
+            bytes: 5,
+            ..Default::default()
+        };
+        let mut buf = Vec::new();
+        encode_data(&h, 0, b"hello", &mut buf);
+        match decode(&buf).unwrap() {
+            Event::Data { header, payload, .. } => {
+                assert_eq!(header, h);
+                assert_eq!(payload, b"hello");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sock_round_trip() {
+        let ev = SockEvent {
+            header: EventHeader {
+                kind: kind::TCP_STATE,
+                sock: 5,
+                ..Default::default()
+            },
+            local_port: 80,
+            ..Default::default()
+        };
+        let mut buf = Vec::new();
+        encode_sock(&ev, &mut buf);
+        assert!(matches!(decode(&buf), Ok(Event::TcpState(e)) if e == ev));
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        assert_eq!(decode(&[1, 2, 3]).unwrap_err().reason(), "short");
+        let mut buf = Vec::new();
+        encode_data(
+            &EventHeader {
+                kind: kind::DATA,
+                ..Default::default()
+            },
+            0,
+            b"abc",
+            &mut buf,
+        );
+        buf.truncate(buf.len() - 1);
+        assert_eq!(decode(&buf).unwrap_err().reason(), "bad_payload_len");
+        let mut buf = vec![0u8; 64];
+        buf[0] = 200;
+        assert_eq!(decode(&buf).unwrap_err().reason(), "unknown_kind");
+    }
+}

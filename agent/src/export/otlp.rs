@@ -1,0 +1,298 @@
+//! OTLP export through `opentelemetry-otlp`, which reads the standard `OTEL_EXPORTER_OTLP_*`
+//! variables (endpoint, traces endpoint, protocol, headers, timeout). Batching follows the
+//! `OTEL_BSP_*` variables. Spans are grouped by process resource: one request per resource.
+use std::{
+    borrow::Cow,
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use opentelemetry::{
+    InstrumentationScope, KeyValue, Value,
+    trace::{SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
+};
+use opentelemetry_otlp::SpanExporter;
+use opentelemetry_sdk::{
+    Resource,
+    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    process::ProcessInfo,
+    span::{AttrValue, Span, SpanKind},
+    telemetry::Metrics,
+};
+
+/// Batch span processor settings (`OTEL_BSP_*`, spec defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BspConfig {
+    pub max_queue_size: usize,
+    pub schedule_delay: Duration,
+    pub max_export_batch_size: usize,
+    pub export_timeout: Duration,
+}
+
+impl Default for BspConfig {
+    fn default() -> Self {
+        Self {
+            max_queue_size: 2048,
+            schedule_delay: Duration::from_millis(5000),
+            max_export_batch_size: 512,
+            export_timeout: Duration::from_millis(30000),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}={value:?} is not a valid {what}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        what: &'static str,
+    },
+    #[error("OTEL_EXPORTER_OTLP_PROTOCOL={0:?} is not supported (use grpc or http/protobuf)")]
+    Protocol(String),
+    #[error("cannot build the OTLP exporter: {0}")]
+    Build(String),
+}
+
+impl BspConfig {
+    /// Reads `OTEL_BSP_*` from a key→value source (the process environment in production).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let num = |name: &'static str, default: u64| -> Result<u64, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) if v.trim().is_empty() => Ok(default),
+                Some(v) => v.trim().parse::<u64>().map_err(|_| ConfigError::Invalid {
+                    name,
+                    value: v,
+                    what: "non-negative integer",
+                }),
+            }
+        };
+        let cfg = Self {
+            max_queue_size: num("OTEL_BSP_MAX_QUEUE_SIZE", d.max_queue_size as u64)?.max(1) as usize,
+            schedule_delay: Duration::from_millis(
+                num("OTEL_BSP_SCHEDULE_DELAY", d.schedule_delay.as_millis() as u64)?.max(1),
+            ),
+            max_export_batch_size: num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", d.max_export_batch_size as u64)?.max(1)
+                as usize,
+            export_timeout: Duration::from_millis(
+                num("OTEL_BSP_EXPORT_TIMEOUT", d.export_timeout.as_millis() as u64)?.max(1),
+            ),
+        };
+        Ok(Self {
+            max_export_batch_size: cfg.max_export_batch_size.min(cfg.max_queue_size),
+            ..cfg
+        })
+    }
+}
+
+/// Whether the environment names an OTLP endpoint at all (else the agent prints spans).
+pub fn endpoint_configured(get: impl Fn(&str) -> Option<String>) -> bool {
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .any(|k| get(k).is_some_and(|v| !v.trim().is_empty()))
+}
+
+/// Checks the protocol variable early, with a clear message (the SDK would silently fall back).
+pub fn check_protocol(get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    for name in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+        if let Some(v) = get(name) {
+            let v = v.trim().to_ascii_lowercase();
+            if !v.is_empty() && v != "grpc" && v != "http/protobuf" {
+                return Err(ConfigError::Protocol(v));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub struct OtlpExporter {
+    exporter: SpanExporter,
+    bsp: BspConfig,
+    metrics: Arc<Metrics>,
+    scope: InstrumentationScope,
+}
+
+impl OtlpExporter {
+    /// Builds the exporter from the standard environment. Needs a tokio runtime (gRPC).
+    pub fn from_env(bsp: BspConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        check_protocol(|k| std::env::var(k).ok())?;
+        let exporter = SpanExporter::builder()
+            .build()
+            .map_err(|e| ConfigError::Build(e.to_string()))?;
+        let scope = InstrumentationScope::builder("sockspan")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        Ok(Self {
+            exporter,
+            bsp,
+            metrics,
+            scope,
+        })
+    }
+
+    /// Queues spans from `rx` and exports them every schedule delay or whenever a full batch is
+    /// waiting. On channel close, flushes what is left (bounded by the export timeout).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Span>>) {
+        let mut queue: VecDeque<Span> = VecDeque::new();
+        let mut tick = tokio::time::interval(self.bsp.schedule_delay);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = rx.recv() => match batch {
+                    Some(spans) => {
+                        for s in spans {
+                            if queue.len() >= self.bsp.max_queue_size {
+                                self.metrics.spans_dropped_queue_full.inc();
+                            } else {
+                                queue.push_back(s);
+                            }
+                        }
+                        while queue.len() >= self.bsp.max_export_batch_size {
+                            self.export_some(&mut queue).await;
+                        }
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    while !queue.is_empty() {
+                        self.export_some(&mut queue).await;
+                    }
+                }
+            }
+        }
+        while !queue.is_empty() {
+            self.export_some(&mut queue).await;
+        }
+        let _ = self.exporter.shutdown_with_timeout(Duration::from_secs(1));
+    }
+
+    async fn export_some(&mut self, queue: &mut VecDeque<Span>) {
+        let n = queue.len().min(self.bsp.max_export_batch_size);
+        let batch: Vec<Span> = queue.drain(..n).collect();
+        let mut groups: HashMap<Arc<ProcessInfo>, Vec<SpanData>> = HashMap::new();
+        for span in batch {
+            let res = span.resource.clone();
+            groups.entry(res).or_default().push(to_span_data(span, &self.scope));
+        }
+        for (process, spans) in groups {
+            let count = spans.len() as u64;
+            self.exporter.set_resource(&resource(&process));
+            match tokio::time::timeout(self.bsp.export_timeout, self.exporter.export(spans)).await {
+                Ok(Ok(())) => self.metrics.spans_exported.add(count),
+                Ok(Err(e)) => self.failed(count, &e.to_string()),
+                Err(_) => self.failed(count, "export timed out"),
+            }
+        }
+    }
+
+    fn failed(&self, count: u64, error: &str) {
+        self.metrics.spans_dropped_export_failed.add(count);
+        let failures = self.metrics.export_requests_failed.get();
+        self.metrics.export_requests_failed.inc();
+        // Rate-limited: the first failure, then every 100th.
+        if failures % 100 == 0 {
+            tracing::warn!(
+                error,
+                spans = count,
+                failures = failures + 1,
+                "OTLP export failed; spans dropped"
+            );
+        }
+    }
+}
+
+pub fn resource(p: &ProcessInfo) -> Resource {
+    Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", p.service_name.clone()),
+            KeyValue::new("process.pid", i64::from(p.pid)),
+            KeyValue::new("process.executable.name", p.executable_name.clone()),
+            KeyValue::new("host.name", p.host_name.to_string()),
+            KeyValue::new("telemetry.sdk.name", "sockspan"),
+        ])
+        .build()
+}
+
+fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
+    let ctx = SpanContext::new(
+        TraceId::from_bytes(span.trace_id),
+        SpanId::from_bytes(span.span_id),
+        TraceFlags::SAMPLED,
+        false,
+        TraceState::default(),
+    );
+    let attributes = span
+        .attributes
+        .into_iter()
+        .map(|(k, v)| {
+            KeyValue::new(
+                k,
+                match v {
+                    AttrValue::Str(s) => Value::from(s),
+                    AttrValue::Int(i) => Value::I64(i),
+                },
+            )
+        })
+        .collect();
+    SpanData {
+        span_context: ctx,
+        parent_span_id: span.parent_span_id.map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_is_remote: false,
+        span_kind: match span.kind {
+            SpanKind::Server => OtelKind::Server,
+            SpanKind::Client => OtelKind::Client,
+        },
+        name: Cow::Owned(span.name),
+        start_time: UNIX_EPOCH + Duration::from_nanos(span.start_unix_ns),
+        end_time: UNIX_EPOCH + Duration::from_nanos(span.end_unix_ns),
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: if span.error { Status::error("") } else { Status::Unset },
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+/// For callers that need `SystemTime` (tests).
+pub fn unix_time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bsp_from_env_map() {
+        let env: HashMap<&str, &str> = [
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "64"),
+        ]
+        .into();
+        let cfg = BspConfig::from_lookup(|k| env.get(k).map(|v| (*v).to_owned())).unwrap();
+        assert_eq!(cfg.schedule_delay, Duration::from_millis(200));
+        assert_eq!(cfg.max_export_batch_size, 64);
+        assert_eq!(cfg.max_queue_size, 2048);
+        let bad = BspConfig::from_lookup(|k| (k == "OTEL_BSP_MAX_QUEUE_SIZE").then(|| "lots".to_owned()));
+        assert!(bad.unwrap_err().to_string().contains("OTEL_BSP_MAX_QUEUE_SIZE"));
+    }
+
+    #[test]
+    fn protocol_checked() {
+        assert!(check_protocol(|_| Some("grpc".into())).is_ok());
+        assert!(check_protocol(|_| Some("http/protobuf".into())).is_ok());
+        assert!(check_protocol(|_| Some("carrier-pigeon".into())).is_err());
+        assert!(endpoint_configured(
+            |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://x:4318".into())
+        ));
+        assert!(!endpoint_configured(|_| None));
+    }
+}

@@ -1,0 +1,125 @@
+//! Live spans on stdout: one readable line per span, or one JSON object per line.
+use std::io::Write;
+
+use serde_json::{Map, Value, json};
+
+use crate::span::{AttrValue, Span};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrintFormat {
+    Text,
+    Json,
+}
+
+pub struct Printer<W: Write> {
+    format: PrintFormat,
+    out: W,
+}
+
+impl<W: Write> Printer<W> {
+    pub fn new(format: PrintFormat, out: W) -> Self {
+        Self { format, out }
+    }
+
+    /// Prints a batch; returns how many spans were written (a closed stdout writes none).
+    pub fn print(&mut self, spans: &[Span]) -> usize {
+        let mut n = 0;
+        for span in spans {
+            let line = match self.format {
+                PrintFormat::Text => text_line(span),
+                PrintFormat::Json => json_line(span).to_string(),
+            };
+            if writeln!(self.out, "{line}").is_err() {
+                break;
+            }
+            n += 1;
+        }
+        let _ = self.out.flush();
+        n
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn attr_str(span: &Span, key: &str) -> String {
+    match span.attr(key) {
+        Some(AttrValue::Str(s)) => s.clone(),
+        Some(AttrValue::Int(i)) => i.to_string(),
+        None => "-".to_owned(),
+    }
+}
+
+/// `07:40:01.123456 SERVER py-shop[1234] GET /users/{id} 200 12.345ms peer=127.0.0.1:54321 trace=… span=… parent=…`
+pub fn text_line(span: &Span) -> String {
+    let dur_ms = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e6;
+    let peer = match (span.attr("network.peer.address"), span.attr("network.peer.port")) {
+        (Some(AttrValue::Str(a)), Some(AttrValue::Int(p))) if a.contains(':') => format!("[{a}]:{p}"),
+        (Some(AttrValue::Str(a)), Some(AttrValue::Int(p))) => format!("{a}:{p}"),
+        _ => "-".to_owned(),
+    };
+    let status = if span.error {
+        format!("{} ERROR", attr_str(span, "http.response.status_code"))
+    } else {
+        attr_str(span, "http.response.status_code")
+    };
+    format!(
+        "{} {:<6} {}[{}] {} {} {:.3}ms peer={} trace={} span={} parent={}",
+        utc_time(span.start_unix_ns),
+        span.kind.as_str(),
+        span.resource.service_name,
+        span.resource.pid,
+        span.name,
+        status,
+        dur_ms,
+        peer,
+        hex(&span.trace_id),
+        hex(&span.span_id),
+        span.parent_span_id.map_or_else(|| "-".to_owned(), |p| hex(&p)),
+    )
+}
+
+pub fn json_line(span: &Span) -> Value {
+    let mut attrs = Map::new();
+    for (k, v) in &span.attributes {
+        attrs.insert((*k).to_owned(), attr_json(v));
+    }
+    json!({
+        "trace_id": hex(&span.trace_id),
+        "span_id": hex(&span.span_id),
+        "parent_span_id": span.parent_span_id.map(|p| hex(&p)),
+        "name": span.name,
+        "kind": span.kind.as_str(),
+        "start_time_unix_nano": span.start_unix_ns,
+        "end_time_unix_nano": span.end_unix_ns,
+        "status": if span.error { "ERROR" } else { "UNSET" },
+        "resource": {
+            "service.name": span.resource.service_name,
+            "process.pid": span.resource.pid,
+            "process.executable.name": span.resource.executable_name,
+            "host.name": &*span.resource.host_name,
+        },
+        "attributes": attrs,
+    })
+}
+
+fn attr_json(v: &AttrValue) -> Value {
+    match v {
+        AttrValue::Str(s) => Value::String(s.clone()),
+        AttrValue::Int(i) => Value::from(*i),
+    }
+}
+
+/// `HH:MM:SS.micros` in UTC (the date adds nothing to a live view).
+fn utc_time(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let micros = (unix_ns % 1_000_000_000) / 1000;
+    let day = secs % 86_400;
+    format!("{:02}:{:02}:{:02}.{micros:06}", day / 3600, (day / 60) % 60, day % 60)
+}

@@ -1,0 +1,860 @@
+//! Incremental HTTP/1.x parsing and request/response pairing for one TCP connection.
+//!
+//! The kernel reports each socket syscall as a [`Chunk`]: a captured prefix of the bytes it
+//! moved plus the total count. Bytes past the prefix are a *gap* (known length, unknown
+//! content). [`HttpConn`] parses the request stream (client → server) and the response stream
+//! (server → client) of one connection, skips bodies by length (also across gaps), pairs
+//! responses with requests in FIFO order (keep-alive and pipelining) and emits one
+//! [`Exchange`] per answered request.
+//!
+//! Hostile input: every buffer is bounded, nothing indexes unchecked, every loop consumes
+//! input. Only a handful of request header values are copied out (capped); Cookie,
+//! Authorization and bodies never leave the transient header buffer.
+//!
+//! Failure handling, by reason (each counted in [`HttpStats`]):
+//! - a stream whose message start is not a start line → the connection is not HTTP (dead);
+//! - headers cut by the capture limit or over [`MAX_HEADER_BYTES`] → keep what was parsed,
+//!   mark `headers_truncated`; a request is assumed to have no body and its stream resyncs; a
+//!   response's end becomes unknown (see [`HttpConn::flush_idle`]);
+//! - a gap where framing bytes (chunk-size lines, the next message's start) would be, or bad
+//!   chunked framing → sync lost: the stream skips chunks until one starts with a start line.
+
+mod body;
+mod parse;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+
+use body::{Body, Chunked, GapOutcome, Outcome};
+use parse::{ContentLength, Prefix};
+
+/// Largest header section (start line included) buffered per message.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Cap on the stored request-target.
+pub const MAX_TARGET_BYTES: usize = 2048;
+/// Cap on every other stored header value.
+pub const MAX_VALUE_BYTES: usize = 512;
+/// Longest method token accepted.
+pub const MAX_METHOD_LEN: usize = 20;
+/// Requests kept waiting for a response per connection; beyond this the oldest is emitted
+/// unanswered (counted `pending_overflow`).
+pub const MAX_PENDING_REQUESTS: usize = 64;
+
+/// One syscall's worth of bytes on one direction of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk<'a> {
+    /// The first bytes the syscall moved (a prefix; may be shorter than `total`).
+    pub captured: &'a [u8],
+    /// Bytes moved by the syscall, `>= captured.len()` (a smaller value is read as
+    /// `captured.len()`).
+    pub total: u64,
+    pub tid: u32,
+    /// Time of the chunk's first byte.
+    pub first_ns: u64,
+    /// Time of the chunk's last byte.
+    pub last_ns: u64,
+}
+
+/// A parsed request. Only exported header values are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// Raw request-target as sent, e.g. "/a/b?x=1" or absolute-form (capped at
+    /// [`MAX_TARGET_BYTES`]).
+    pub target: String,
+    /// 0 or 1.
+    pub version_minor: u8,
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// The single "b3" header.
+    pub b3: Option<String>,
+    pub x_b3_trace_id: Option<String>,
+    pub x_b3_span_id: Option<String>,
+    pub x_b3_parent_span_id: Option<String>,
+    pub x_b3_sampled: Option<String>,
+    pub content_length: Option<u64>,
+    /// Body bytes seen, by length (gaps included; chunked: chunk data only, not framing).
+    pub body_bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub first_tid: u32,
+    pub headers_truncated: bool,
+}
+
+/// A parsed final response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub version_minor: u8,
+    /// Body bytes seen, by length (gaps included; chunked: chunk data only). 0 when the
+    /// headers were truncated (the body's start is unknown).
+    pub body_bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub last_tid: u32,
+    pub headers_truncated: bool,
+    /// Always false in emitted exchanges: 1xx interim responses are skipped.
+    pub interim: bool,
+}
+
+/// A request and its final response (`None`: the connection closed before it came).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exchange {
+    pub request: Request,
+    pub response: Option<Response>,
+}
+
+/// Counters; every dropped or rejected thing is counted by reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpStats {
+    /// Requests whose headers were parsed (complete or truncated).
+    pub requests: u64,
+    /// Final (non-1xx, or 101) responses whose headers were parsed.
+    pub responses: u64,
+    /// Connections found not to be HTTP (garbage where a message must start).
+    pub not_http: u64,
+    /// Header sections over [`MAX_HEADER_BYTES`] (kept truncated, then resync).
+    pub header_too_large: u64,
+    /// Invalid Content-Length / Transfer-Encoding / chunked framing.
+    pub bad_framing: u64,
+    /// Header sections cut by the capture limit (a gap in header mode).
+    pub truncated_headers: u64,
+    /// Final responses with no request waiting (not emitted).
+    pub unmatched_responses: u64,
+    /// Chunks skipped while waiting for one that starts with a start line.
+    pub resync_skipped_chunks: u64,
+    /// 1xx responses skipped (101 excluded).
+    pub interim_responses: u64,
+    /// 101 Switching Protocols / successful CONNECT: parsing stopped after emitting.
+    pub upgrades: u64,
+    /// A gap covered framing bytes (chunk-size line, next message's start): stream resynced.
+    pub sync_lost: u64,
+    /// Requests emitted with `response: None` at close.
+    pub unanswered_requests: u64,
+    /// Requests emitted unanswered because too many were waiting.
+    pub pending_overflow: u64,
+    /// Messages cut by close: responses mid-body (emitted anyway), messages mid-headers (dropped).
+    pub incomplete_at_close: u64,
+    /// Requests waiting for a response when the connection stopped being parsed (dropped).
+    pub abandoned_requests: u64,
+}
+
+impl HttpStats {
+    /// Adds every counter of `other` to `self`.
+    pub fn add(&mut self, other: &HttpStats) {
+        let HttpStats {
+            requests,
+            responses,
+            not_http,
+            header_too_large,
+            bad_framing,
+            truncated_headers,
+            unmatched_responses,
+            resync_skipped_chunks,
+            interim_responses,
+            upgrades,
+            sync_lost,
+            unanswered_requests,
+            pending_overflow,
+            incomplete_at_close,
+            abandoned_requests,
+        } = other;
+        self.requests += requests;
+        self.responses += responses;
+        self.not_http += not_http;
+        self.header_too_large += header_too_large;
+        self.bad_framing += bad_framing;
+        self.truncated_headers += truncated_headers;
+        self.unmatched_responses += unmatched_responses;
+        self.resync_skipped_chunks += resync_skipped_chunks;
+        self.interim_responses += interim_responses;
+        self.upgrades += upgrades;
+        self.sync_lost += sync_lost;
+        self.unanswered_requests += unanswered_requests;
+        self.pending_overflow += pending_overflow;
+        self.incomplete_at_close += incomplete_at_close;
+        self.abandoned_requests += abandoned_requests;
+    }
+}
+
+/// True if `b` starts with a plausible request line: a known method and a space, or another
+/// all-uppercase token of at most 20 characters followed by " /" or " http".
+pub fn looks_like_request(b: &[u8]) -> bool {
+    parse::classify_request(b) == Prefix::Match
+}
+
+/// True if `b` starts with "HTTP/1.0 " or "HTTP/1.1 " and three digits.
+pub fn looks_like_response(b: &[u8]) -> bool {
+    parse::classify_response(b) == Prefix::Match
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Req,
+    Resp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Expecting a message start (leading empty lines are skipped).
+    Start,
+    /// Buffering a header section.
+    Headers,
+    /// Skipping a body.
+    Body(Body),
+    /// Response only: headers were truncated or framing lost; the current response absorbs
+    /// chunks until one starts with a status line, a request starts, close or idle flush.
+    UnknownEnd,
+    /// Skipping chunks until one starts with a start line.
+    Resync,
+}
+
+/// One direction of a connection.
+#[derive(Debug)]
+struct Stream {
+    state: State,
+    /// Header bytes of the current message (bounded by [`MAX_HEADER_BYTES`]); transient.
+    buf: Vec<u8>,
+    /// The buffered start has been recognized as a start line.
+    validated: bool,
+    /// The current header line has a byte other than CR.
+    line_nonempty: bool,
+    first_ns: u64,
+    first_tid: u32,
+}
+
+impl Stream {
+    fn new(state: State) -> Self {
+        Stream {
+            state,
+            buf: Vec::new(),
+            validated: false,
+            line_nonempty: false,
+            first_ns: 0,
+            first_tid: 0,
+        }
+    }
+
+    fn release_buf(&mut self) {
+        self.buf.clear();
+        if self.buf.capacity() > 4096 {
+            self.buf.shrink_to(1024);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CurResp {
+    resp: Response,
+    /// Id of the request this response answers (`None`: unmatched).
+    req_id: Option<u64>,
+}
+
+/// One connection's HTTP state: both streams and the FIFO of requests awaiting a response.
+#[derive(Debug)]
+pub struct HttpConn {
+    req: Stream,
+    resp: Stream,
+    pending: VecDeque<(u64, Request)>,
+    next_id: u64,
+    /// Request whose body is still arriving on the request stream.
+    cur_req: Option<u64>,
+    /// Response being received.
+    cur_resp: Option<CurResp>,
+    dead: bool,
+    closed: bool,
+    last_activity_ns: u64,
+}
+
+impl Default for HttpConn {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpConn {
+    /// A connection seen from its start: the first chunk of each stream must start a message.
+    pub fn new() -> Self {
+        Self::with_state(State::Start)
+    }
+
+    /// A connection joined mid-stream: each stream skips chunks until one starts with a
+    /// request line (request stream) / status line (response stream).
+    pub fn new_resync() -> Self {
+        Self::with_state(State::Resync)
+    }
+
+    fn with_state(state: State) -> Self {
+        HttpConn {
+            req: Stream::new(state),
+            resp: Stream::new(state),
+            pending: VecDeque::new(),
+            next_id: 0,
+            cur_req: None,
+            cur_resp: None,
+            dead: false,
+            closed: false,
+            last_activity_ns: 0,
+        }
+    }
+
+    /// Feeds a chunk the client sent.
+    pub fn on_request_chunk(&mut self, c: &Chunk<'_>, out: &mut Vec<Exchange>, stats: &mut HttpStats) {
+        self.on_chunk(Dir::Req, c, out, stats);
+    }
+
+    /// Feeds a chunk the server sent.
+    pub fn on_response_chunk(&mut self, c: &Chunk<'_>, out: &mut Vec<Exchange>, stats: &mut HttpStats) {
+        self.on_chunk(Dir::Resp, c, out, stats);
+    }
+
+    /// The connection closed (or EOF): ends close-delimited responses and responses of
+    /// unknown end (last byte = last chunk's `last_ns`, not `ts_ns`); a response cut mid-body
+    /// is emitted as is (counted `incomplete_at_close`); requests never answered are emitted
+    /// with `response: None`. Later chunks are ignored.
+    pub fn on_close(&mut self, ts_ns: u64, out: &mut Vec<Exchange>, stats: &mut HttpStats) {
+        if self.dead || self.closed {
+            return;
+        }
+        self.closed = true;
+        self.last_activity_ns = self.last_activity_ns.max(ts_ns);
+        match self.resp.state {
+            State::Body(Body::UntilClose) | State::UnknownEnd => self.complete_response(out),
+            State::Body(_) => {
+                stats.incomplete_at_close += 1;
+                self.complete_response(out);
+            }
+            State::Headers if self.resp.validated => stats.incomplete_at_close += 1,
+            _ => {}
+        }
+        if self.req.state == State::Headers && self.req.validated {
+            stats.incomplete_at_close += 1;
+        }
+        for (_, request) in self.pending.drain(..) {
+            stats.unanswered_requests += 1;
+            out.push(Exchange {
+                request,
+                response: None,
+            });
+        }
+        self.cur_req = None;
+        self.cur_resp = None;
+        self.req = Stream::new(State::Resync);
+        self.resp = Stream::new(State::Resync);
+    }
+
+    /// Ends a response whose end could not be known (headers truncated, framing lost) once
+    /// nothing arrived on the connection for `idle_ns`.
+    pub fn flush_idle(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<Exchange>, _stats: &mut HttpStats) {
+        if self.dead || self.closed || self.resp.state != State::UnknownEnd {
+            return;
+        }
+        if now_ns.saturating_sub(self.last_activity_ns) >= idle_ns {
+            self.complete_response(out);
+            self.resp.state = State::Resync;
+        }
+    }
+
+    /// Parsing stopped: the connection is not HTTP (or was upgraded to another protocol).
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Requests waiting for a response.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn stream(&self, dir: Dir) -> &Stream {
+        match dir {
+            Dir::Req => &self.req,
+            Dir::Resp => &self.resp,
+        }
+    }
+
+    fn stream_mut(&mut self, dir: Dir) -> &mut Stream {
+        match dir {
+            Dir::Req => &mut self.req,
+            Dir::Resp => &mut self.resp,
+        }
+    }
+
+    fn set_state(&mut self, dir: Dir, state: State) {
+        self.stream_mut(dir).state = state;
+    }
+
+    fn on_chunk(&mut self, dir: Dir, c: &Chunk<'_>, out: &mut Vec<Exchange>, st: &mut HttpStats) {
+        if self.dead || self.closed {
+            return;
+        }
+        self.last_activity_ns = self.last_activity_ns.max(c.last_ns);
+        let data = c.captured;
+        let gap = c.total.saturating_sub(data.len() as u64);
+        match self.stream(dir).state {
+            State::Resync => {
+                let starts = match dir {
+                    Dir::Req => looks_like_request(data),
+                    Dir::Resp => looks_like_response(data),
+                };
+                if !starts {
+                    st.resync_skipped_chunks += 1;
+                    return;
+                }
+                self.set_state(dir, State::Start);
+            }
+            State::UnknownEnd => {
+                if dir == Dir::Resp && looks_like_response(data) {
+                    // The unknown-end response ended with the previous chunk.
+                    self.complete_response(out);
+                    self.set_state(dir, State::Start);
+                } else {
+                    self.touch(dir, c, 0);
+                    return;
+                }
+            }
+            _ => {}
+        }
+        if self.feed_captured(dir, c, out, st) && gap > 0 {
+            self.feed_gap(dir, c, gap, out, st);
+        }
+    }
+
+    /// Feeds the captured bytes; false if the rest of the chunk (and its gap) is to be ignored.
+    fn feed_captured(&mut self, dir: Dir, c: &Chunk<'_>, out: &mut Vec<Exchange>, st: &mut HttpStats) -> bool {
+        let data = c.captured;
+        let mut pos = 0usize;
+        while let Some(rest) = data.get(pos..) {
+            if rest.is_empty() || self.dead {
+                break;
+            }
+            match self.stream(dir).state {
+                State::Start => {
+                    let skip = rest.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                    pos += skip;
+                    if skip == rest.len() {
+                        break;
+                    }
+                    let s = self.stream_mut(dir);
+                    s.buf.clear();
+                    s.validated = false;
+                    s.line_nonempty = false;
+                    s.first_ns = c.first_ns;
+                    s.first_tid = c.tid;
+                    s.state = State::Headers;
+                }
+                State::Headers => {
+                    pos += self.feed_headers(dir, c, rest, out, st);
+                    if self.dead || matches!(self.stream(dir).state, State::Resync | State::UnknownEnd) {
+                        return false;
+                    }
+                }
+                State::Body(mut body) => {
+                    let fed = body.feed(rest);
+                    pos += fed.consumed;
+                    self.set_state(dir, State::Body(body));
+                    self.touch(dir, c, fed.payload);
+                    match fed.outcome {
+                        Outcome::More if fed.consumed == 0 => break, // defensive: no progress
+                        Outcome::More => {}
+                        Outcome::Done => self.body_done(dir, out),
+                        Outcome::Bad => {
+                            st.bad_framing += 1;
+                            self.lose_sync(dir, c);
+                            return false;
+                        }
+                    }
+                }
+                State::UnknownEnd | State::Resync => return false,
+            }
+        }
+        !self.dead
+    }
+
+    /// Appends header bytes up to the end of the header section; returns bytes consumed.
+    fn feed_headers(
+        &mut self,
+        dir: Dir,
+        c: &Chunk<'_>,
+        rest: &[u8],
+        out: &mut Vec<Exchange>,
+        st: &mut HttpStats,
+    ) -> usize {
+        let s = self.stream_mut(dir);
+        let mut end = None;
+        for (i, &b) in rest.iter().enumerate() {
+            if b == b'\n' {
+                if !s.line_nonempty {
+                    end = Some(i + 1);
+                    break;
+                }
+                s.line_nonempty = false;
+            } else if b != b'\r' {
+                s.line_nonempty = true;
+            }
+        }
+        let take = end.unwrap_or(rest.len());
+        let room = MAX_HEADER_BYTES.saturating_sub(s.buf.len());
+        let too_large = take > room;
+        s.buf.extend_from_slice(rest.get(..take.min(room)).unwrap_or_default());
+        if !s.validated {
+            let class = match dir {
+                Dir::Req => parse::classify_request(&s.buf),
+                Dir::Resp => parse::classify_response(&s.buf),
+            };
+            match class {
+                Prefix::Match => {
+                    s.validated = true;
+                    self.on_message_start(dir, out);
+                }
+                Prefix::NeedMore if end.is_none() && !too_large => {}
+                Prefix::NoMatch | Prefix::NeedMore => {
+                    st.not_http += 1;
+                    self.die(st);
+                    return rest.len();
+                }
+            }
+        }
+        if too_large {
+            st.header_too_large += 1;
+            self.finish_headers(dir, c, true, out, st);
+            return rest.len();
+        }
+        if end.is_some() {
+            self.finish_headers(dir, c, false, out, st);
+        }
+        take
+    }
+
+    /// Skips the chunk's gap (bytes past the captured prefix).
+    fn feed_gap(&mut self, dir: Dir, c: &Chunk<'_>, gap: u64, out: &mut Vec<Exchange>, st: &mut HttpStats) {
+        match self.stream(dir).state {
+            State::Start => {
+                // The next message starts inside the gap: its start line is unknown.
+                st.sync_lost += 1;
+                self.set_state(dir, State::Resync);
+            }
+            State::Headers => {
+                if self.stream(dir).validated {
+                    st.truncated_headers += 1;
+                    self.finish_headers(dir, c, true, out, st);
+                } else {
+                    st.sync_lost += 1;
+                    self.set_state(dir, State::Resync);
+                }
+            }
+            State::Body(mut body) => {
+                let (payload, outcome) = body.gap(gap);
+                self.set_state(dir, State::Body(body));
+                self.touch(dir, c, payload);
+                match outcome {
+                    GapOutcome::More => {}
+                    GapOutcome::Done { leftover } => {
+                        self.body_done(dir, out);
+                        if leftover > 0 {
+                            st.sync_lost += 1;
+                            self.set_state(dir, State::Resync);
+                        }
+                    }
+                    GapOutcome::LostSync => {
+                        st.sync_lost += 1;
+                        self.lose_sync(dir, c);
+                    }
+                }
+            }
+            State::UnknownEnd | State::Resync => {}
+        }
+    }
+
+    /// A start line was recognized. A new request ends a response of unknown end: the client
+    /// only sends once it got the answer (unless pipelining).
+    fn on_message_start(&mut self, dir: Dir, out: &mut Vec<Exchange>) {
+        if dir == Dir::Req && self.resp.state == State::UnknownEnd {
+            self.complete_response(out);
+            self.resp.state = State::Resync;
+        }
+    }
+
+    fn finish_headers(
+        &mut self,
+        dir: Dir,
+        c: &Chunk<'_>,
+        truncated: bool,
+        out: &mut Vec<Exchange>,
+        st: &mut HttpStats,
+    ) {
+        let buf = std::mem::take(&mut self.stream_mut(dir).buf);
+        match dir {
+            Dir::Req => self.finish_request(&buf, c, truncated, out, st),
+            Dir::Resp => self.finish_response(&buf, c, truncated, out, st),
+        }
+        if !self.dead {
+            let s = self.stream_mut(dir);
+            s.buf = buf;
+            s.release_buf();
+        }
+    }
+
+    fn finish_request(
+        &mut self,
+        buf: &[u8],
+        c: &Chunk<'_>,
+        truncated: bool,
+        out: &mut Vec<Exchange>,
+        st: &mut HttpStats,
+    ) {
+        let (line, block, line_complete) = parse::split_first_line(buf);
+        let parsed = if line_complete {
+            parse::parse_request_line(line)
+        } else {
+            parse::parse_partial_request_line(line)
+        };
+        let Some(rl) = parsed else {
+            st.not_http += 1;
+            self.die(st);
+            return;
+        };
+        // A truncated section's last line may be cut mid-value: use complete lines only.
+        let block = if truncated {
+            let end = block.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            block.get(..end).unwrap_or_default()
+        } else {
+            block
+        };
+        let f = parse::parse_headers(block, true);
+        let content_length = match f.content_length {
+            ContentLength::Value(n) => Some(n),
+            _ => None,
+        };
+        let mut resync = truncated;
+        let body = if truncated {
+            None // assume no body
+        } else if f.te_present {
+            if f.te_chunked {
+                Some(Body::Chunked(Chunked::START))
+            } else {
+                // A request body must be chunked or sized (RFC 9112 6.3).
+                st.bad_framing += 1;
+                resync = true;
+                None
+            }
+        } else {
+            match f.content_length {
+                ContentLength::Absent | ContentLength::Value(0) => None,
+                ContentLength::Value(n) => Some(Body::Length { remaining: n }),
+                ContentLength::Invalid => {
+                    st.bad_framing += 1;
+                    resync = true;
+                    None
+                }
+            }
+        };
+        let request = Request {
+            method: rl.method,
+            target: rl.target,
+            version_minor: rl.version_minor,
+            host: f.host,
+            user_agent: f.user_agent,
+            traceparent: f.traceparent,
+            tracestate: f.tracestate,
+            b3: f.b3,
+            x_b3_trace_id: f.x_b3_trace_id,
+            x_b3_span_id: f.x_b3_span_id,
+            x_b3_parent_span_id: f.x_b3_parent_span_id,
+            x_b3_sampled: f.x_b3_sampled,
+            content_length,
+            body_bytes: 0,
+            first_ns: self.req.first_ns,
+            last_ns: c.last_ns,
+            first_tid: self.req.first_tid,
+            headers_truncated: truncated,
+        };
+        st.requests += 1;
+        if self.pending.len() >= MAX_PENDING_REQUESTS
+            && let Some((_, request)) = self.pending.pop_front()
+        {
+            st.pending_overflow += 1;
+            out.push(Exchange {
+                request,
+                response: None,
+            });
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.pending.push_back((id, request));
+        self.cur_req = None;
+        self.req.state = if resync {
+            State::Resync
+        } else if let Some(body) = body {
+            self.cur_req = Some(id);
+            State::Body(body)
+        } else {
+            State::Start
+        };
+    }
+
+    fn finish_response(
+        &mut self,
+        buf: &[u8],
+        c: &Chunk<'_>,
+        truncated: bool,
+        out: &mut Vec<Exchange>,
+        st: &mut HttpStats,
+    ) {
+        let (line, block, _) = parse::split_first_line(buf);
+        let Some((version_minor, status)) = parse::parse_status_line(line) else {
+            st.not_http += 1;
+            self.die(st);
+            return;
+        };
+        let block = if truncated {
+            let end = block.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            block.get(..end).unwrap_or_default()
+        } else {
+            block
+        };
+        let f = parse::parse_headers(block, false);
+        if (100..200).contains(&status) && status != 101 {
+            st.interim_responses += 1;
+            self.resp.state = if truncated { State::Resync } else { State::Start };
+            return;
+        }
+        st.responses += 1;
+        let front = self
+            .pending
+            .front()
+            .map(|(id, r)| (*id, r.method == "HEAD", r.method == "CONNECT"));
+        if front.is_none() {
+            st.unmatched_responses += 1;
+        }
+        let (is_head, is_connect) = front.map_or((false, false), |(_, h, c)| (h, c));
+        self.cur_resp = Some(CurResp {
+            resp: Response {
+                status,
+                version_minor,
+                body_bytes: 0,
+                first_ns: self.resp.first_ns,
+                last_ns: c.last_ns,
+                last_tid: c.tid,
+                headers_truncated: truncated,
+                interim: false,
+            },
+            req_id: front.map(|(id, _, _)| id),
+        });
+        if status == 101 || (is_connect && (200..300).contains(&status)) {
+            // The connection now carries another protocol.
+            self.complete_response(out);
+            st.upgrades += 1;
+            self.die(st);
+            return;
+        }
+        if truncated {
+            self.resp.state = State::UnknownEnd;
+            return;
+        }
+        let body = if is_head || status == 204 || status == 304 {
+            None
+        } else if f.te_present {
+            Some(if f.te_chunked {
+                Body::Chunked(Chunked::START)
+            } else {
+                Body::UntilClose
+            })
+        } else {
+            match f.content_length {
+                ContentLength::Absent => Some(Body::UntilClose),
+                ContentLength::Value(0) => None,
+                ContentLength::Value(n) => Some(Body::Length { remaining: n }),
+                ContentLength::Invalid => {
+                    st.bad_framing += 1;
+                    self.resp.state = State::UnknownEnd;
+                    return;
+                }
+            }
+        };
+        match body {
+            Some(body) => self.resp.state = State::Body(body),
+            None => {
+                self.complete_response(out);
+                self.resp.state = State::Start;
+            }
+        }
+    }
+
+    /// The body of the stream's current message ended.
+    fn body_done(&mut self, dir: Dir, out: &mut Vec<Exchange>) {
+        match dir {
+            Dir::Req => self.cur_req = None,
+            Dir::Resp => self.complete_response(out),
+        }
+        self.set_state(dir, State::Start);
+    }
+
+    /// Sync lost inside a message: a request ends here (its stream resyncs); a response's end
+    /// becomes unknown.
+    fn lose_sync(&mut self, dir: Dir, c: &Chunk<'_>) {
+        self.touch(dir, c, 0);
+        match dir {
+            Dir::Req => {
+                self.cur_req = None;
+                self.req.state = State::Resync;
+            }
+            Dir::Resp => {
+                self.resp.state = if self.cur_resp.is_some() {
+                    State::UnknownEnd
+                } else {
+                    State::Resync
+                };
+            }
+        }
+    }
+
+    /// Bytes of the stream's current message were in chunk `c`.
+    fn touch(&mut self, dir: Dir, c: &Chunk<'_>, payload: u64) {
+        match dir {
+            Dir::Req => {
+                let Some(id) = self.cur_req else { return };
+                if let Some((_, r)) = self.pending.iter_mut().rev().find(|(i, _)| *i == id) {
+                    r.last_ns = c.last_ns;
+                    r.body_bytes = r.body_bytes.saturating_add(payload);
+                }
+            }
+            Dir::Resp => {
+                if let Some(cur) = &mut self.cur_resp {
+                    cur.resp.last_ns = c.last_ns;
+                    cur.resp.last_tid = c.tid;
+                    cur.resp.body_bytes = cur.resp.body_bytes.saturating_add(payload);
+                }
+            }
+        }
+    }
+
+    /// The current response is complete: pair it with its request and emit.
+    fn complete_response(&mut self, out: &mut Vec<Exchange>) {
+        let Some(cur) = self.cur_resp.take() else {
+            return;
+        };
+        let Some(id) = cur.req_id else { return };
+        if self.pending.front().map(|(i, _)| *i) == Some(id)
+            && let Some((_, request)) = self.pending.pop_front()
+        {
+            out.push(Exchange {
+                request,
+                response: Some(cur.resp),
+            });
+        }
+    }
+
+    /// Stops parsing this connection for good.
+    fn die(&mut self, st: &mut HttpStats) {
+        self.dead = true;
+        st.abandoned_requests += self.pending.len() as u64;
+        self.pending.clear();
+        self.cur_req = None;
+        self.cur_resp = None;
+        self.req = Stream::new(State::Resync);
+        self.resp = Stream::new(State::Resync);
+    }
+}

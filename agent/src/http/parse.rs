@@ -1,0 +1,338 @@
+//! Start lines and header fields. Everything here works on a bounded header buffer and copies
+//! out only the few values sockspan exports (capped); credentials and bodies are never copied.
+
+use super::{MAX_METHOD_LEN, MAX_TARGET_BYTES, MAX_VALUE_BYTES};
+
+/// Whether a (possibly partial) message start is a valid start line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Prefix {
+    Match,
+    NoMatch,
+    /// Too short to tell, and no line end yet.
+    NeedMore,
+}
+
+const KNOWN_METHODS: [&[u8]; 9] = [
+    b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT",
+];
+
+fn is_ws(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+fn trim_start(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if is_ws(*first) {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+fn trim_end(mut s: &[u8]) -> &[u8] {
+    while let [rest @ .., last] = s {
+        if is_ws(*last) || *last == b'\r' {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+fn trim(s: &[u8]) -> &[u8] {
+    trim_end(trim_start(s))
+}
+
+/// Classifies the start of a request: a known method and a space, or another all-uppercase
+/// token (at most [`MAX_METHOD_LEN`]) followed by " /" or " http".
+pub(super) fn classify_request(b: &[u8]) -> Prefix {
+    let need = if b.contains(&b'\n') {
+        Prefix::NoMatch
+    } else {
+        Prefix::NeedMore
+    };
+    if b.is_empty() {
+        return need;
+    }
+    let m = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    if m == 0 || m > MAX_METHOD_LEN {
+        return Prefix::NoMatch;
+    }
+    let Some(&sep) = b.get(m) else { return need };
+    if sep != b' ' {
+        return Prefix::NoMatch;
+    }
+    let method = b.get(..m).unwrap_or_default();
+    if KNOWN_METHODS.contains(&method) {
+        return Prefix::Match;
+    }
+    let after = b.get(m + 1..).unwrap_or_default();
+    match after.first() {
+        None => need,
+        Some(b'/') => Prefix::Match,
+        Some(_) => {
+            let n = after.len().min(4);
+            let (Some(have), Some(want)) = (after.get(..n), b"http".get(..n)) else {
+                return Prefix::NoMatch;
+            };
+            if !have.eq_ignore_ascii_case(want) {
+                Prefix::NoMatch
+            } else if n == 4 {
+                Prefix::Match
+            } else {
+                need
+            }
+        }
+    }
+}
+
+/// Classifies the start of a response: "HTTP/1.0 " or "HTTP/1.1 " and three digits.
+pub(super) fn classify_response(b: &[u8]) -> Prefix {
+    const HEAD: &[u8] = b"HTTP/1.";
+    for (i, &c) in b.iter().take(12).enumerate() {
+        let ok = match i {
+            0..=6 => HEAD.get(i) == Some(&c),
+            7 => c == b'0' || c == b'1',
+            8 => c == b' ',
+            _ => c.is_ascii_digit(),
+        };
+        if !ok {
+            return Prefix::NoMatch;
+        }
+    }
+    if b.len() >= 12 { Prefix::Match } else { Prefix::NeedMore }
+}
+
+/// Splits a header block into its first line (without "\n") and the rest; `true` if the first
+/// line is complete.
+pub(super) fn split_first_line(buf: &[u8]) -> (&[u8], &[u8], bool) {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => (
+            buf.get(..i).unwrap_or_default(),
+            buf.get(i + 1..).unwrap_or_default(),
+            true,
+        ),
+        None => (buf, &[], false),
+    }
+}
+
+/// A parsed request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RequestLine {
+    pub method: String,
+    pub target: String,
+    pub version_minor: u8,
+}
+
+/// Parses a complete request line: `METHOD SP target SP HTTP/1.x` (extra spaces tolerated).
+pub(super) fn parse_request_line(line: &[u8]) -> Option<RequestLine> {
+    let line = trim_end(line);
+    let m = line.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    if m == 0 || m > MAX_METHOD_LEN {
+        return None;
+    }
+    let method = line.get(..m)?;
+    let rest = line.get(m..)?;
+    if !is_ws(*rest.first()?) {
+        return None;
+    }
+    let rest = trim_start(rest);
+    let v_start = rest.iter().rposition(|&b| is_ws(b))? + 1;
+    let version_minor = match rest.get(v_start..)? {
+        b"HTTP/1.0" => 0,
+        b"HTTP/1.1" => 1,
+        _ => return None,
+    };
+    let target = trim_end(rest.get(..v_start)?);
+    if target.is_empty() {
+        return None;
+    }
+    Some(RequestLine {
+        method: cap_string(method, MAX_METHOD_LEN),
+        target: cap_string(target, MAX_TARGET_BYTES),
+        version_minor,
+    })
+}
+
+/// Best effort for a request line cut short by the capture limit: the method and as much of
+/// the target as was captured; the version is assumed to be 1.1.
+pub(super) fn parse_partial_request_line(line: &[u8]) -> Option<RequestLine> {
+    if let Some(full) = parse_request_line(line) {
+        return Some(full);
+    }
+    let m = line.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    if m == 0 || m > MAX_METHOD_LEN {
+        return None;
+    }
+    let rest = trim_start(line.get(m..)?);
+    let end = rest.iter().position(|&b| is_ws(b) || b == b'\r').unwrap_or(rest.len());
+    Some(RequestLine {
+        method: cap_string(line.get(..m)?, MAX_METHOD_LEN),
+        target: cap_string(rest.get(..end)?, MAX_TARGET_BYTES),
+        version_minor: 1,
+    })
+}
+
+/// Parses a status line (complete or cut after the status code): `(version_minor, status)`.
+pub(super) fn parse_status_line(line: &[u8]) -> Option<(u8, u16)> {
+    let line = trim_end(line);
+    if classify_response(line) != Prefix::Match {
+        return None;
+    }
+    let minor = line.get(7)?.checked_sub(b'0')?;
+    let mut status: u16 = 0;
+    for &d in line.get(9..12)? {
+        status = status * 10 + u16::from(d.checked_sub(b'0')?);
+    }
+    if let Some(&c) = line.get(12)
+        && !is_ws(c)
+    {
+        return None;
+    }
+    if status < 100 {
+        return None;
+    }
+    Some((minor, status))
+}
+
+/// Content-Length as seen across all its header fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum ContentLength {
+    #[default]
+    Absent,
+    Value(u64),
+    Invalid,
+}
+
+/// The header fields sockspan keeps, plus what framing needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Fields {
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    pub b3: Option<String>,
+    pub x_b3_trace_id: Option<String>,
+    pub x_b3_span_id: Option<String>,
+    pub x_b3_parent_span_id: Option<String>,
+    pub x_b3_sampled: Option<String>,
+    pub content_length: ContentLength,
+    pub te_present: bool,
+    /// The last transfer coding is "chunked".
+    pub te_chunked: bool,
+}
+
+/// Parses header lines (the block after the start line). `keep_values`: copy out the request
+/// header values sockspan exports; otherwise only framing is read. Lines without a colon and
+/// obs-fold continuation lines are ignored.
+pub(super) fn parse_headers(block: &[u8], keep_values: bool) -> Fields {
+    let mut f = Fields::default();
+    for raw in block.split(|&b| b == b'\n') {
+        let line = trim_end(raw);
+        let Some(&first) = line.first() else { continue };
+        if is_ws(first) {
+            continue;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = trim(line.get(..colon).unwrap_or_default());
+        let value = trim(line.get(colon + 1..).unwrap_or_default());
+        let eq = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if eq("content-length") {
+            f.content_length = merge_content_length(f.content_length, value);
+            continue;
+        }
+        if eq("transfer-encoding") {
+            f.te_present = true;
+            if let Some(last) = value.split(|&b| b == b',').map(trim).rfind(|c| !c.is_empty()) {
+                f.te_chunked = last.eq_ignore_ascii_case(b"chunked");
+            }
+            continue;
+        }
+        if !keep_values {
+            continue;
+        }
+        let slot = if eq("host") {
+            &mut f.host
+        } else if eq("user-agent") {
+            &mut f.user_agent
+        } else if eq("traceparent") {
+            &mut f.traceparent
+        } else if eq("tracestate") {
+            &mut f.tracestate
+        } else if eq("b3") {
+            &mut f.b3
+        } else if eq("x-b3-traceid") {
+            &mut f.x_b3_trace_id
+        } else if eq("x-b3-spanid") {
+            &mut f.x_b3_span_id
+        } else if eq("x-b3-parentspanid") {
+            &mut f.x_b3_parent_span_id
+        } else if eq("x-b3-sampled") {
+            &mut f.x_b3_sampled
+        } else {
+            continue;
+        };
+        if slot.is_none() {
+            *slot = Some(cap_string(value, MAX_VALUE_BYTES));
+        }
+    }
+    f
+}
+
+/// Content-Length may be repeated (or a list) only with identical values (RFC 9110 8.6).
+fn merge_content_length(prev: ContentLength, value: &[u8]) -> ContentLength {
+    let mut acc = prev;
+    for part in value.split(|&b| b == b',') {
+        let n = match parse_decimal(trim(part)) {
+            Some(n) => n,
+            None => return ContentLength::Invalid,
+        };
+        acc = match acc {
+            ContentLength::Absent => ContentLength::Value(n),
+            ContentLength::Value(v) if v == n => acc,
+            _ => return ContentLength::Invalid,
+        };
+    }
+    acc
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &d in s {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(v)
+}
+
+/// Copies at most `cap` bytes as UTF-8 (lossy), control characters replaced, result at most
+/// `cap` bytes.
+pub(super) fn cap_string(b: &[u8], cap: usize) -> String {
+    let b = b.get(..cap.min(b.len())).unwrap_or_default();
+    let mut s: String = String::from_utf8_lossy(b)
+        .chars()
+        .map(|ch| match ch {
+            '\t' => ' ',
+            c if c.is_control() => '\u{FFFD}',
+            c => c,
+        })
+        .collect();
+    if s.len() > cap {
+        let mut end = cap;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}

@@ -1,0 +1,1051 @@
+//! Table-driven tests for the HTTP parser and pairing, plus property-style checks.
+//!
+//! Time convention: an event at tick `t` is a chunk with `first_ns = 10 * t`,
+//! `last_ns = 10 * t + 5` and `tid = 1000 + t`, so expectations are written in ticks.
+
+use super::*;
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Req,
+    Resp,
+    Close,
+    Flush { idle: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Ev {
+    kind: Kind,
+    bytes: Vec<u8>,
+    total: u64,
+    t: u64,
+}
+
+fn ev(kind: Kind, t: u64, b: &[u8], total: Option<u64>) -> Ev {
+    Ev {
+        kind,
+        bytes: b.to_vec(),
+        total: total.unwrap_or(b.len() as u64),
+        t,
+    }
+}
+/// Request-stream chunk at tick `t`.
+fn q(t: u64, b: &[u8]) -> Ev {
+    ev(Kind::Req, t, b, None)
+}
+/// Response-stream chunk at tick `t`.
+fn s(t: u64, b: &[u8]) -> Ev {
+    ev(Kind::Resp, t, b, None)
+}
+/// Request-stream chunk with a gap: `total` bytes moved, `b` captured.
+fn qg(t: u64, b: &[u8], total: u64) -> Ev {
+    ev(Kind::Req, t, b, Some(total))
+}
+/// Response-stream chunk with a gap.
+fn sg(t: u64, b: &[u8], total: u64) -> Ev {
+    ev(Kind::Resp, t, b, Some(total))
+}
+fn close(t: u64) -> Ev {
+    ev(Kind::Close, t, b"", None)
+}
+fn flush(t: u64, idle: u64) -> Ev {
+    ev(Kind::Flush { idle }, t, b"", None)
+}
+
+fn first(t: u64) -> u64 {
+    10 * t
+}
+fn last(t: u64) -> u64 {
+    10 * t + 5
+}
+fn tid(t: u64) -> u32 {
+    1000 + t as u32
+}
+
+fn feed(conn: &mut HttpConn, e: &Ev, out: &mut Vec<Exchange>, stats: &mut HttpStats) {
+    let c = Chunk {
+        captured: &e.bytes,
+        total: e.total,
+        tid: tid(e.t),
+        first_ns: first(e.t),
+        last_ns: last(e.t),
+    };
+    match e.kind {
+        Kind::Req => conn.on_request_chunk(&c, out, stats),
+        Kind::Resp => conn.on_response_chunk(&c, out, stats),
+        Kind::Close => conn.on_close(first(e.t), out, stats),
+        Kind::Flush { idle } => conn.flush_idle(first(e.t), idle, out, stats),
+    }
+}
+
+fn run(resync: bool, evs: &[Ev]) -> (Vec<Exchange>, HttpStats, HttpConn) {
+    let mut conn = if resync {
+        HttpConn::new_resync()
+    } else {
+        HttpConn::new()
+    };
+    let mut out = Vec::new();
+    let mut stats = HttpStats::default();
+    for e in evs {
+        feed(&mut conn, e, &mut out, &mut stats);
+    }
+    (out, stats, conn)
+}
+
+/// Expected exchange, times in ticks.
+#[derive(Debug, Clone)]
+struct Ex {
+    method: &'static str,
+    target: &'static str,
+    req: (u64, u64),
+    req_body: u64,
+    req_trunc: bool,
+    /// (status, first tick, last tick, body bytes)
+    resp: Option<(u16, u64, u64, u64)>,
+    resp_trunc: bool,
+}
+
+fn ex(method: &'static str, target: &'static str, req: (u64, u64)) -> Ex {
+    Ex {
+        method,
+        target,
+        req,
+        req_body: 0,
+        req_trunc: false,
+        resp: None,
+        resp_trunc: false,
+    }
+}
+impl Ex {
+    fn resp(mut self, status: u16, first: u64, last: u64, body: u64) -> Self {
+        self.resp = Some((status, first, last, body));
+        self
+    }
+    fn req_body(mut self, n: u64) -> Self {
+        self.req_body = n;
+        self
+    }
+    fn req_trunc(mut self) -> Self {
+        self.req_trunc = true;
+        self
+    }
+    fn resp_trunc(mut self) -> Self {
+        self.resp_trunc = true;
+        self
+    }
+}
+
+fn stat(s: &HttpStats, name: &str) -> u64 {
+    match name {
+        "requests" => s.requests,
+        "responses" => s.responses,
+        "not_http" => s.not_http,
+        "header_too_large" => s.header_too_large,
+        "bad_framing" => s.bad_framing,
+        "truncated_headers" => s.truncated_headers,
+        "unmatched_responses" => s.unmatched_responses,
+        "resync_skipped_chunks" => s.resync_skipped_chunks,
+        "interim_responses" => s.interim_responses,
+        "upgrades" => s.upgrades,
+        "sync_lost" => s.sync_lost,
+        "unanswered_requests" => s.unanswered_requests,
+        "pending_overflow" => s.pending_overflow,
+        "incomplete_at_close" => s.incomplete_at_close,
+        "abandoned_requests" => s.abandoned_requests,
+        other => panic!("unknown stat {other}"),
+    }
+}
+
+struct Case {
+    name: &'static str,
+    resync: bool,
+    evs: Vec<Ev>,
+    want: Vec<Ex>,
+    stats: Vec<(&'static str, u64)>,
+    dead: bool,
+}
+
+fn case(name: &'static str, evs: Vec<Ev>, want: Vec<Ex>) -> Case {
+    Case {
+        name,
+        resync: false,
+        evs,
+        want,
+        stats: Vec::new(),
+        dead: false,
+    }
+}
+impl Case {
+    fn stats(mut self, s: &[(&'static str, u64)]) -> Self {
+        self.stats = s.to_vec();
+        self
+    }
+    fn dead(mut self) -> Self {
+        self.dead = true;
+        self
+    }
+    fn resync(mut self) -> Self {
+        self.resync = true;
+        self
+    }
+}
+
+fn check(c: &Case) {
+    let (got, stats, conn) = run(c.resync, &c.evs);
+    assert_eq!(
+        got.len(),
+        c.want.len(),
+        "{}: exchange count; got {got:#?}\nstats {stats:?}",
+        c.name
+    );
+    for (i, (g, w)) in got.iter().zip(&c.want).enumerate() {
+        let ctx = format!("{} #{i}: got {g:#?}", c.name);
+        let r = &g.request;
+        assert_eq!(r.method, w.method, "{ctx}");
+        assert_eq!(r.target, w.target, "{ctx}");
+        assert_eq!((r.first_ns, r.last_ns), (first(w.req.0), last(w.req.1)), "{ctx}");
+        assert_eq!(r.first_tid, tid(w.req.0), "{ctx}");
+        assert_eq!(r.body_bytes, w.req_body, "{ctx}");
+        assert_eq!(r.headers_truncated, w.req_trunc, "{ctx}");
+        match (&g.response, w.resp) {
+            (None, None) => {}
+            (Some(p), Some((status, f, l, body))) => {
+                assert_eq!(p.status, status, "{ctx}");
+                assert_eq!((p.first_ns, p.last_ns), (first(f), last(l)), "{ctx}");
+                assert_eq!(p.last_tid, tid(l), "{ctx}");
+                assert_eq!(p.body_bytes, body, "{ctx}");
+                assert_eq!(p.headers_truncated, w.resp_trunc, "{ctx}");
+                assert!(!p.interim, "{ctx}");
+            }
+            _ => panic!("{ctx}: response presence differs from {:?}", w.resp),
+        }
+    }
+    for (name, want) in &c.stats {
+        assert_eq!(stat(&stats, name), *want, "{}: stat {name}; {stats:?}", c.name);
+    }
+    assert_eq!(conn.is_dead(), c.dead, "{}: is_dead; {stats:?}", c.name);
+}
+
+const GET: &[u8] = b"GET /a?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n";
+const OK5: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
+fn chunked_resp() -> Vec<u8> {
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+      4;name=val;x=\"q\"\r\nWiki\r\n\
+      5\r\npedia\r\n\
+      E ; ext\r\n in\r\n\r\nchunks.\r\n\
+      0\r\nX-Trailer: 1\r\nOther: 2\r\n\r\n"
+        .to_vec()
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn cases() -> Vec<Case> {
+    let ka3_req = |t, p: &'static str| q(t, format!("GET {p} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes());
+    let pipelined_reqs = cat(&[
+        b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+        b"HEAD /3 HTTP/1.1\r\n\r\n",
+    ]);
+    let pipelined_resps = cat(&[
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+    ]);
+    // Cuts: inside the first body, inside the second response's chunk data.
+    let (pr1, pr2) = pipelined_resps.split_at(39);
+    let (pr2, pr3) = pr2.split_at(56);
+    let fake = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nGET /evil HTTP/1.1\r\n\r\n";
+    let cl_fake_body = cat(&[
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", fake.len()).as_bytes(),
+        fake,
+    ]);
+    let chunked_fake = cat(&[
+        b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        format!("{:x}\r\n", fake.len()).as_bytes(),
+        fake,
+        b"\r\n0\r\n\r\n",
+    ]);
+    let big_headers = cat(&[
+        b"GET /big HTTP/1.1\r\n",
+        "X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n"
+            .repeat(300)
+            .as_bytes(),
+        b"\r\n",
+    ]);
+    vec![
+        case(
+            "simple GET",
+            vec![q(1, GET), s(2, OK5)],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 2, 5)],
+        )
+        .stats(&[("requests", 1), ("responses", 1)]),
+        case(
+            "keep-alive 3 exchanges",
+            vec![
+                ka3_req(1, "/1"),
+                s(2, OK5),
+                ka3_req(3, "/2"),
+                s(4, b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
+                ka3_req(5, "/3"),
+                s(6, b"HTTP/1.1 500 Oops\r\nContent-Length: 3\r\n\r\n"),
+                s(7, b"err"),
+            ],
+            vec![
+                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 5),
+                ex("GET", "/2", (3, 3)).resp(404, 4, 4, 0),
+                ex("GET", "/3", (5, 5)).resp(500, 6, 7, 3),
+            ],
+        ),
+        case(
+            "pipelining: 3 requests in one chunk, responses in one chunk",
+            vec![q(1, &pipelined_reqs), s(2, &pipelined_resps), close(9)],
+            vec![
+                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 2),
+                ex("POST", "/2", (1, 1)).req_body(3).resp(201, 2, 2, 3),
+                ex("HEAD", "/3", (1, 1)).resp(200, 2, 2, 0),
+            ],
+        ),
+        case(
+            "pipelining: responses split oddly",
+            vec![q(1, &pipelined_reqs), s(2, pr1), s(3, pr2), s(4, pr3)],
+            vec![
+                ex("GET", "/1", (1, 1)).resp(200, 2, 3, 2),
+                ex("POST", "/2", (1, 1)).req_body(3).resp(201, 3, 4, 3),
+                ex("HEAD", "/3", (1, 1)).resp(200, 4, 4, 0),
+            ],
+        ),
+        case(
+            "pipelining: second response arrives before third request",
+            vec![
+                q(1, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"),
+                s(2, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+                q(3, b"GET /3 HTTP/1.1\r\n\r\n"),
+                s(
+                    4,
+                    b"HTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 202 OK\r\nContent-Length: 0\r\n\r\n",
+                ),
+            ],
+            vec![
+                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 0),
+                ex("GET", "/2", (1, 1)).resp(201, 4, 4, 0),
+                ex("GET", "/3", (3, 3)).resp(202, 4, 4, 0),
+            ],
+        ),
+        {
+            let mut evs = Vec::new();
+            for (i, b) in GET.iter().enumerate() {
+                evs.push(q(1 + i as u64, &[*b]));
+            }
+            let base = 1 + GET.len() as u64;
+            for (i, b) in OK5.iter().enumerate() {
+                evs.push(s(base + i as u64, &[*b]));
+            }
+            let end = base + OK5.len() as u64 - 1;
+            case(
+                "1-byte chunks",
+                evs,
+                vec![ex("GET", "/a?x=1", (1, base - 1)).resp(200, base, end, 5)],
+            )
+        },
+        case(
+            "Content-Length body containing a fake response and request",
+            vec![q(1, GET), s(2, &cl_fake_body), q(3, GET), s(4, OK5)],
+            vec![
+                ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 2, fake.len() as u64),
+                ex("GET", "/a?x=1", (3, 3)).resp(200, 4, 4, 5),
+            ],
+        )
+        .stats(&[("responses", 2), ("unmatched_responses", 0)]),
+        case(
+            "chunked body with extensions and trailers",
+            vec![q(1, GET), s(2, &chunked_resp()), q(3, GET), s(4, OK5)],
+            vec![
+                ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 2, 23),
+                ex("GET", "/a?x=1", (3, 3)).resp(200, 4, 4, 5),
+            ],
+        ),
+        case(
+            "chunked request body containing fake requests",
+            vec![q(1, &chunked_fake), s(2, b"HTTP/1.1 204 No Content\r\n\r\n")],
+            vec![ex("POST", "/up", (1, 1)).req_body(fake.len() as u64).resp(204, 2, 2, 0)],
+        )
+        .stats(&[("requests", 1)]),
+        case(
+            "response body in a gap: captured 100 of 100000",
+            vec![
+                q(1, GET),
+                sg(
+                    2,
+                    &cat(&[b"HTTP/1.1 200 OK\r\nContent-Length: 99958\r\n\r\n", &[b'x'; 58]]),
+                    100_000,
+                ),
+                q(3, GET),
+                s(4, OK5),
+            ],
+            vec![
+                ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 2, 99_958),
+                ex("GET", "/a?x=1", (3, 3)).resp(200, 4, 4, 5),
+            ],
+        ),
+        case(
+            "body in gaps across several chunks",
+            vec![
+                qg(1, b"POST /up HTTP/1.1\r\nContent-Length: 5000\r\n\r\nab", 1000),
+                qg(2, b"cdef", 3000),
+                qg(3, b"", 1043),
+                q(4, GET),
+                s(5, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+                s(6, OK5),
+            ],
+            vec![
+                ex("POST", "/up", (1, 3)).req_body(5000).resp(200, 5, 5, 0),
+                ex("GET", "/a?x=1", (4, 4)).resp(200, 6, 6, 5),
+            ],
+        ),
+        case(
+            "chunked body data in a gap stays in sync",
+            vec![
+                q(1, GET),
+                sg(
+                    2,
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2710\r\nxx",
+                    53 + 10_000,
+                ),
+                s(3, b"\r\n0\r\n\r\n"),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 10_000)],
+        ),
+        case(
+            "chunked: gap over a size line loses sync, response ends at close",
+            vec![
+                q(1, GET),
+                sg(2, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxx", 200),
+                s(3, b"more"),
+                close(9),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 2)],
+        )
+        .stats(&[("sync_lost", 1)]),
+        case(
+            "HEAD with Content-Length has no body",
+            vec![
+                q(1, b"HEAD / HTTP/1.1\r\n\r\n"),
+                s(2, b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"),
+                q(3, GET),
+                s(4, OK5),
+            ],
+            vec![
+                ex("HEAD", "/", (1, 1)).resp(200, 2, 2, 0),
+                ex("GET", "/a?x=1", (3, 3)).resp(200, 4, 4, 5),
+            ],
+        ),
+        case(
+            "204 and 304 have no body",
+            vec![
+                q(1, b"DELETE /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n"),
+                s(2, b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"),
+                s(3, b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            ],
+            vec![
+                ex("DELETE", "/x", (1, 1)).resp(204, 2, 2, 0),
+                ex("GET", "/y", (1, 1)).resp(304, 3, 3, 0),
+            ],
+        )
+        .stats(&[("pending_overflow", 0)]),
+        case(
+            "100-continue then 200",
+            vec![
+                q(
+                    1,
+                    b"PUT /f HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+                ),
+                s(2, b"HTTP/1.1 100 Continue\r\n\r\n"),
+                q(3, b"data"),
+                s(
+                    4,
+                    b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                ),
+            ],
+            vec![ex("PUT", "/f", (1, 3)).req_body(4).resp(200, 4, 4, 2)],
+        )
+        .stats(&[("interim_responses", 2), ("responses", 1)]),
+        case(
+            "HTTP/1.0 close-delimited response ends at last chunk, not close",
+            vec![
+                q(1, b"GET /old HTTP/1.0\r\n\r\n"),
+                s(2, b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nbody"),
+                s(3, b"HTTP/1.1 200 OK\r\n\r\nnot a message"),
+                close(20),
+            ],
+            vec![ex("GET", "/old", (1, 1)).resp(200, 2, 3, 4 + 32)],
+        ),
+        case(
+            "101 upgrade emits and stops parsing",
+            vec![
+                q(
+                    1,
+                    b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                ),
+                s(
+                    2,
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+                ),
+                q(3, b"\x81\x85garbage"),
+                close(4),
+            ],
+            vec![ex("GET", "/ws", (1, 1)).resp(101, 2, 2, 0)],
+        )
+        .stats(&[("upgrades", 1), ("not_http", 0)])
+        .dead(),
+        case(
+            "CONNECT 200 becomes a tunnel",
+            vec![
+                q(1, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"),
+                s(2, b"HTTP/1.1 200 Connection established\r\n\r\n"),
+                q(3, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+            ],
+            vec![ex("CONNECT", "example.com:443", (1, 1)).resp(200, 2, 2, 0)],
+        )
+        .stats(&[("upgrades", 1), ("not_http", 0)])
+        .dead(),
+        case(
+            "truncated request headers: no body assumed, stream resyncs",
+            vec![
+                qg(1, b"POST /t HTTP/1.1\r\nHost: h\r\nX-Lo", 5000),
+                q(2, b"body bytes that are not a request"),
+                s(3, OK5),
+                q(4, GET),
+                s(5, OK5),
+            ],
+            vec![
+                ex("POST", "/t", (1, 1)).req_trunc().resp(200, 3, 3, 5),
+                ex("GET", "/a?x=1", (4, 4)).resp(200, 5, 5, 5),
+            ],
+        )
+        .stats(&[("truncated_headers", 1), ("resync_skipped_chunks", 1)]),
+        case(
+            "truncated request line keeps method and target prefix",
+            vec![qg(1, b"GET /very/long/pa", 3000), s(2, OK5)],
+            vec![ex("GET", "/very/long/pa", (1, 1)).req_trunc().resp(200, 2, 2, 5)],
+        ),
+        case(
+            "truncated response headers: end at next status line",
+            vec![
+                q(1, GET),
+                sg(2, b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nX-", 5000),
+                s(3, b"more body"),
+                sg(4, b"", 100),
+                q(5, b"GET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n"),
+                s(6, b"still ignored"),
+                s(7, OK5),
+                sg(8, b"HTTP/1.1 500 Error\r\n", 100),
+                s(9, b"x"),
+                s(10, OK5),
+            ],
+            vec![
+                ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 4, 0).resp_trunc(),
+                ex("GET", "/2", (5, 5)).resp(200, 7, 7, 5),
+                ex("GET", "/3", (5, 5)).resp(500, 8, 9, 0).resp_trunc(),
+            ],
+        )
+        .stats(&[("truncated_headers", 2), ("resync_skipped_chunks", 1)]),
+        case(
+            "truncated response headers: end at close",
+            vec![q(1, GET), sg(2, b"HTTP/1.1 200 OK\r\n", 500), s(3, b"..."), close(9)],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 0).resp_trunc()],
+        ),
+        case(
+            "truncated response headers: end at flush_idle",
+            vec![
+                q(1, GET),
+                sg(2, b"HTTP/1.1 200 OK\r\n", 500),
+                s(3, b"..."),
+                flush(4, 100),
+                flush(20, 100),
+                s(21, OK5),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 0).resp_trunc()],
+        )
+        .stats(&[("unmatched_responses", 1)]),
+        case(
+            "header too large: request kept truncated, stream resyncs",
+            vec![q(1, &big_headers), s(2, OK5), q(3, GET), s(4, OK5)],
+            vec![
+                ex("GET", "/big", (1, 1)).req_trunc().resp(200, 2, 2, 5),
+                ex("GET", "/a?x=1", (3, 3)).resp(200, 4, 4, 5),
+            ],
+        )
+        .stats(&[("header_too_large", 1)]),
+        case(
+            "garbage request stream",
+            vec![q(1, b"hello world\r\n\r\n"), s(2, OK5), close(3)],
+            vec![],
+        )
+        .stats(&[("not_http", 1)])
+        .dead(),
+        case(
+            "TLS ClientHello",
+            vec![
+                q(1, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03GET / HTTP/1.1\r\n\r\n"),
+                s(2, b"\x16\x03\x03\x00\x7a\x02"),
+            ],
+            vec![],
+        )
+        .stats(&[("not_http", 1)])
+        .dead(),
+        case(
+            "redis",
+            vec![q(1, b"*1\r\n$4\r\nPING\r\n"), s(2, b"+PONG\r\n"), close(3)],
+            vec![],
+        )
+        .stats(&[("not_http", 1)])
+        .dead(),
+        case("NUL bytes", vec![q(1, &[0u8; 64]), s(2, &[0u8; 64])], vec![])
+            .stats(&[("not_http", 1)])
+            .dead(),
+        case(
+            "server speaks first (SMTP)",
+            vec![s(1, b"220 mail.example.com ESMTP\r\n"), q(2, b"HELO x\r\n")],
+            vec![],
+        )
+        .stats(&[("not_http", 1)])
+        .dead(),
+        case(
+            "HTTP/2 prior knowledge preface is not HTTP/1",
+            vec![q(1, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")],
+            vec![],
+        )
+        .stats(&[("not_http", 1)])
+        .dead(),
+        case(
+            "garbage after a valid exchange kills the connection",
+            vec![
+                q(1, GET),
+                s(2, OK5),
+                q(3, GET),
+                q(4, b"\x00\x01binary"),
+                s(5, OK5),
+                close(6),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 2, 5)],
+        )
+        .stats(&[("not_http", 1), ("abandoned_requests", 1)])
+        .dead(),
+        case(
+            "response with no request",
+            vec![s(1, OK5), q(2, GET), s(3, OK5)],
+            vec![ex("GET", "/a?x=1", (2, 2)).resp(200, 3, 3, 5)],
+        )
+        .stats(&[("unmatched_responses", 1), ("responses", 2)]),
+        case(
+            "request with no response, then close",
+            vec![q(1, GET), q(2, b"GET /b HTTP/1.1\r\n\r\n"), close(5)],
+            vec![ex("GET", "/a?x=1", (1, 1)), ex("GET", "/b", (2, 2))],
+        )
+        .stats(&[("unanswered_requests", 2)]),
+        case(
+            "response cut mid-body by close is emitted",
+            vec![
+                q(1, GET),
+                s(2, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"),
+                close(3),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 2, 3)],
+        )
+        .stats(&[("incomplete_at_close", 1)]),
+        case(
+            "resync: join mid-body",
+            vec![
+                q(1, b"tail of some earlier request body"),
+                s(2, b"rest of an earlier response body HTTP/1.1 200 OK\r\n"),
+                s(3, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+                q(4, GET),
+                s(5, OK5),
+            ],
+            vec![ex("GET", "/a?x=1", (4, 4)).resp(200, 5, 5, 5)],
+        )
+        .stats(&[
+            ("resync_skipped_chunks", 2),
+            ("unmatched_responses", 1),
+            ("not_http", 0),
+        ])
+        .resync(),
+        case(
+            "lenient: bare LF, lowercase names, extra spaces, leading CRLF",
+            vec![
+                q(1, b"\r\nGET   /lf   HTTP/1.1\nhost:h\n\n"),
+                s(2, b"HTTP/1.1 200 OK\ncontent-length:   2  \n\nok"),
+            ],
+            vec![ex("GET", "/lf", (1, 1)).resp(200, 2, 2, 2)],
+        ),
+        case(
+            "request without length has no body; unknown method token with /",
+            vec![
+                q(1, b"PROPFIND /dav HTTP/1.1\r\n\r\n"),
+                s(2, b"HTTP/1.1 207 Multi-Status\r\nContent-Length: 1\r\n\r\nx"),
+            ],
+            vec![ex("PROPFIND", "/dav", (1, 1)).resp(207, 2, 2, 1)],
+        ),
+        case(
+            "absolute-form target (proxy)",
+            vec![q(1, b"GET http://example.com/p?q HTTP/1.1\r\n\r\n"), s(2, OK5)],
+            vec![ex("GET", "http://example.com/p?q", (1, 1)).resp(200, 2, 2, 5)],
+        ),
+        case(
+            "bad Content-Length on request: counted, resync",
+            vec![q(1, b"POST /x HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\nab"), s(2, OK5)],
+            vec![ex("POST", "/x", (1, 1)).resp(200, 2, 2, 5)],
+        )
+        .stats(&[("bad_framing", 1)]),
+        case(
+            "bad chunk size on response: counted, end unknown",
+            vec![
+                q(1, GET),
+                s(2, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+                s(3, b"junk"),
+                s(4, OK5),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 0)],
+        )
+        .stats(&[("bad_framing", 1), ("unmatched_responses", 1)]),
+        case(
+            "next message starting inside a gap loses sync",
+            vec![
+                q(
+                    1,
+                    b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n",
+                ),
+                sg(2, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 80),
+                s(3, b"HTTP/1.1 202 OK\r\nContent-Length: 0\r\n\r\n"),
+                close(4),
+            ],
+            vec![
+                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 2),
+                ex("GET", "/2", (1, 1)).resp(202, 3, 3, 0),
+                ex("GET", "/3", (1, 1)),
+            ],
+        )
+        .stats(&[("sync_lost", 1)]),
+    ]
+}
+
+#[test]
+fn table() {
+    for c in cases() {
+        check(&c);
+    }
+}
+
+#[test]
+fn header_values_are_kept_and_capped() {
+    let long = "v".repeat(2000);
+    let target = format!("/{}", "p".repeat(5000));
+    let req = format!(
+        "GET {target} HTTP/1.0\r\nHOST: example.com:8080\r\nuser-agent: curl/8.0\r\n\
+         Cookie: secret=1\r\nAuthorization: Bearer secret\r\nProxy-Authorization: Basic secret\r\n\
+         traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+         TraceState: congo=t61rcWkgMzE\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n\
+         X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\n\
+         X-B3-ParentSpanId: 0020000000000001\r\nX-B3-Sampled: 1\r\nX-Long: {long}\r\n\
+         Host: second-ignored\r\nContent-Length: 0\r\n\r\n"
+    );
+    let (out, _, _) = run(false, &[q(1, req.as_bytes()), s(2, OK5)]);
+    assert_eq!(out.len(), 1);
+    let r = &out[0].request;
+    assert_eq!(r.target.len(), MAX_TARGET_BYTES);
+    assert!(r.target.starts_with("/ppp"));
+    assert_eq!(r.version_minor, 0);
+    assert_eq!(r.host.as_deref(), Some("example.com:8080"));
+    assert_eq!(r.user_agent.as_deref(), Some("curl/8.0"));
+    assert_eq!(
+        r.traceparent.as_deref(),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
+    assert_eq!(r.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+    assert_eq!(
+        r.b3.as_deref(),
+        Some("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")
+    );
+    assert_eq!(r.x_b3_trace_id.as_deref(), Some("463ac35c9f6413ad"));
+    assert_eq!(r.x_b3_span_id.as_deref(), Some("a2fb4a1d1a96d312"));
+    assert_eq!(r.x_b3_parent_span_id.as_deref(), Some("0020000000000001"));
+    assert_eq!(r.x_b3_sampled.as_deref(), Some("1"));
+    assert_eq!(r.content_length, Some(0));
+    let dbg = format!("{out:?}");
+    assert!(!dbg.contains("secret"), "credentials leaked: {dbg}");
+    assert_eq!(out[0].response.as_ref().map(|p| p.version_minor), Some(1));
+}
+
+#[test]
+fn values_with_control_bytes_and_bad_utf8_are_sanitized() {
+    let (out, _, _) = run(
+        false,
+        &[q(1, b"GET /\xff\x01 HTTP/1.1\r\nHost: a\x00b\xc3\r\n\r\n"), s(2, OK5)],
+    );
+    assert_eq!(out.len(), 1);
+    let r = &out[0].request;
+    assert!(!r.target.chars().any(char::is_control));
+    assert_eq!(r.host.as_deref(), Some("a\u{FFFD}b\u{FFFD}"));
+}
+
+#[test]
+fn looks_like_start_lines() {
+    for (b, want) in [
+        (&b"GET / HTTP/1.1"[..], true),
+        (b"GET ", true),
+        (b"OPTIONS * HTTP/1.1", true),
+        (b"MKCOL /x", true),
+        (b"FOO http://x/", true),
+        (b"FOO HTTP://x/", true),
+        (b"FOO *", false),
+        (b"FOO", false),
+        (b"GET", false),
+        (b"get / HTTP/1.1", false),
+        (b"ABCDEFGHIJKLMNOPQRSTU /", false),
+        (b"ABCDEFGHIJKLMNOPQRST /", true),
+        (b"\x16\x03\x01", false),
+        (b"", false),
+    ] {
+        assert_eq!(looks_like_request(b), want, "{:?}", String::from_utf8_lossy(b));
+    }
+    for (b, want) in [
+        (&b"HTTP/1.1 200 OK"[..], true),
+        (b"HTTP/1.0 404", true),
+        (b"HTTP/1.1 20", false),
+        (b"HTTP/2 200", false),
+        (b"HTTP/1.1 2x0", false),
+        (b"http/1.1 200", false),
+        (b"", false),
+    ] {
+        assert_eq!(looks_like_response(b), want, "{:?}", String::from_utf8_lossy(b));
+    }
+}
+
+#[test]
+fn pipelined_overflow_is_bounded() {
+    let mut evs = Vec::new();
+    for i in 0..(MAX_PENDING_REQUESTS as u64 + 10) {
+        evs.push(q(i + 1, b"GET / HTTP/1.1\r\n\r\n"));
+    }
+    let (out, stats, conn) = run(false, &evs);
+    assert_eq!(conn.pending_requests(), MAX_PENDING_REQUESTS);
+    assert_eq!(out.len(), 10);
+    assert!(out.iter().all(|e| e.response.is_none()));
+    assert_eq!(stats.pending_overflow, 10);
+}
+
+// ---- property-style tests ----
+
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+}
+
+/// Splits every data event into pieces at the given cut points (same times, so the expected
+/// exchanges are identical).
+fn split_events(evs: &[Ev], mut cuts_for: impl FnMut(usize, usize) -> Vec<usize>) -> Vec<Ev> {
+    let mut res = Vec::new();
+    for (i, e) in evs.iter().enumerate() {
+        if matches!(e.kind, Kind::Close | Kind::Flush { .. }) || e.bytes.is_empty() {
+            res.push(e.clone());
+            continue;
+        }
+        let mut cuts = cuts_for(i, e.bytes.len());
+        cuts.retain(|&c| c > 0 && c < e.bytes.len());
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut start = 0;
+        for c in cuts.into_iter().chain(std::iter::once(e.bytes.len())) {
+            let mut piece = e.clone();
+            piece.bytes = e.bytes[start..c].to_vec();
+            piece.total = piece.bytes.len() as u64;
+            res.push(piece);
+            start = c;
+        }
+    }
+    res
+}
+
+/// Gap-free valid conversations from the table, fed in `new()` mode, that never resync
+/// (resyncing looks at chunk starts, so it depends on chunk boundaries by design).
+fn valid_streams() -> Vec<(&'static str, Vec<Ev>)> {
+    cases()
+        .into_iter()
+        .filter(|c| {
+            let (_, st, _) = run(c.resync, &c.evs);
+            !c.resync
+                && !c.dead
+                && st.header_too_large + st.truncated_headers + st.sync_lost + st.bad_framing == 0
+                && c.evs
+                    .iter()
+                    .all(|e| e.total == e.bytes.len() as u64 && !matches!(e.kind, Kind::Flush { .. }))
+        })
+        .map(|c| (c.name, c.evs))
+        .collect()
+}
+
+#[test]
+fn split_at_every_position_gives_same_exchanges() {
+    let streams = valid_streams();
+    assert!(streams.len() >= 15, "only {} valid streams", streams.len());
+    for (name, evs) in &streams {
+        let (whole, whole_stats, _) = run(false, evs);
+        assert!(!whole.is_empty(), "{name}");
+        for (i, e) in evs.iter().enumerate() {
+            for p in 1..e.bytes.len() {
+                let split = split_events(evs, |j, _| if j == i { vec![p] } else { vec![] });
+                let (got, stats, _) = run(false, &split);
+                assert_eq!(got, whole, "{name}: split at {p}");
+                assert_eq!(stats.requests, whole_stats.requests, "{name}: split at {p}");
+            }
+        }
+        let one_byte = split_events(evs, |_, len| (1..len).collect());
+        let (got, _, _) = run(false, &one_byte);
+        assert_eq!(got, whole, "{name}: 1-byte chunks");
+    }
+}
+
+#[test]
+fn chunked_split_at_every_pair_of_positions() {
+    let body = chunked_resp();
+    let evs = vec![q(1, GET), s(2, &body), q(3, GET), s(4, OK5)];
+    let (whole, _, _) = run(false, &evs);
+    assert_eq!(whole.len(), 2);
+    for a in 1..body.len() {
+        for b in a..body.len() {
+            let split = split_events(&evs, |j, _| if j == 1 { vec![a, b] } else { vec![] });
+            let (got, _, _) = run(false, &split);
+            assert_eq!(got, whole, "cuts {a},{b}");
+        }
+    }
+}
+
+#[test]
+fn random_splits_of_valid_streams() {
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    for (name, evs) in valid_streams() {
+        let (whole, _, _) = run(false, &evs);
+        for _ in 0..200 {
+            let split = split_events(&evs, |_, len| {
+                let n = rng.below(6) as usize;
+                (0..n).map(|_| rng.below(len as u64) as usize).collect()
+            });
+            let (got, _, _) = run(false, &split);
+            assert_eq!(got, whole, "{name}");
+        }
+    }
+}
+
+fn assert_bounded(out: &[Exchange]) {
+    for e in out {
+        let r = &e.request;
+        assert!(r.method.len() <= MAX_METHOD_LEN);
+        assert!(r.target.len() <= MAX_TARGET_BYTES);
+        for v in [
+            &r.host,
+            &r.user_agent,
+            &r.traceparent,
+            &r.tracestate,
+            &r.b3,
+            &r.x_b3_trace_id,
+            &r.x_b3_span_id,
+            &r.x_b3_parent_span_id,
+            &r.x_b3_sampled,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            assert!(v.len() <= MAX_VALUE_BYTES);
+        }
+        if let Some(p) = &e.response {
+            assert!(!p.interim);
+            assert!((100..=999).contains(&p.status));
+        }
+    }
+}
+
+#[test]
+fn random_byte_soup_never_panics_or_emits() {
+    let mut rng = XorShift(0xDEAD_BEEF_1234_5678);
+    for round in 0..3000 {
+        let resync = round % 2 == 1;
+        let mut conn = if resync {
+            HttpConn::new_resync()
+        } else {
+            HttpConn::new()
+        };
+        let mut out = Vec::new();
+        let mut stats = HttpStats::default();
+        for i in 0..rng.below(20) {
+            let len = rng.below(300) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let c = Chunk {
+                captured: &bytes,
+                total: if rng.below(4) == 0 {
+                    len as u64 + rng.below(1 << 20)
+                } else {
+                    len as u64
+                },
+                tid: 1,
+                first_ns: i,
+                last_ns: i,
+            };
+            if rng.below(2) == 0 {
+                conn.on_request_chunk(&c, &mut out, &mut stats);
+            } else {
+                conn.on_response_chunk(&c, &mut out, &mut stats);
+            }
+            conn.flush_idle(i, 1, &mut out, &mut stats);
+        }
+        conn.on_close(100, &mut out, &mut stats);
+        // Random bytes essentially never start with a start line.
+        assert!(out.is_empty(), "round {round}: {out:?}");
+    }
+}
+
+#[test]
+fn mutated_valid_streams_never_panic() {
+    let mut rng = XorShift(0x0123_4567_89AB_CDEF);
+    let streams = valid_streams();
+    for round in 0..4000 {
+        let (_, evs) = &streams[round % streams.len()];
+        let mut evs = split_events(evs, |_, len| {
+            let n = rng.below(4) as usize;
+            (0..n).map(|_| rng.below(len as u64) as usize).collect()
+        });
+        for e in &mut evs {
+            if e.bytes.is_empty() {
+                continue;
+            }
+            for _ in 0..rng.below(3) {
+                let i = rng.below(e.bytes.len() as u64) as usize;
+                e.bytes[i] = match rng.below(4) {
+                    0 => b'\r',
+                    1 => b'\n',
+                    2 => b'0' + rng.below(10) as u8,
+                    _ => rng.next() as u8,
+                };
+            }
+            if rng.below(5) == 0 {
+                let keep = rng.below(e.bytes.len() as u64 + 1) as usize;
+                e.bytes.truncate(keep);
+            }
+        }
+        let (out, _, conn) = run(round % 7 == 0, &evs);
+        assert_bounded(&out);
+        assert!(conn.pending_requests() <= MAX_PENDING_REQUESTS);
+    }
+}

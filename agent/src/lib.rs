@@ -1,0 +1,21 @@
+//! sockspan's userspace library: every pipeline stage, testable without a kernel.
+//!
+//! ```text
+//! loader/reader ─▶ decode ─▶ conn ─▶ http ─▶ process/span ─▶ export (OTLP, print, metrics)
+//! ```
+//! Each stage is a plain type; `pipeline` wires them together for the binary, and `replay`
+//! pushes a recorded event stream through the same stages for tests and benchmarks.
+
+pub mod config;
+pub mod conn;
+pub mod decode;
+pub mod export;
+pub mod http;
+pub mod loader;
+pub mod pipeline;
+pub mod process;
+pub mod reader;
+pub mod replay;
+pub mod run;
+pub mod span;
+pub mod telemetry;

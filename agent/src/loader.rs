@@ -1,0 +1,203 @@
+//! Loads the kernel programs, sets their load-time configuration and attaches every hook.
+//! Owns the `Ebpf` handle: dropping it detaches all programs.
+use std::path::Path;
+
+use agent_common::{
+    MAX_CAPTURE,
+    config::{GLOBAL_CAPTURE_BYTES, GLOBAL_SELF_TGID, GLOBAL_WAKEUP_BYTES},
+    maps::{COUNTERS_MAP, EVENTS_MAP, counter},
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+
+/// The eBPF object built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Every program and the tracepoint it attaches to (category, name); program name = name.
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("sock", "sock_send_length"),
+    ("sock", "sock_recv_length"),
+    ("sock", "inet_sock_set_state"),
+    ("syscalls", "sys_enter_accept"),
+    ("syscalls", "sys_exit_accept"),
+    ("syscalls", "sys_enter_accept4"),
+    ("syscalls", "sys_exit_accept4"),
+    ("syscalls", "sys_enter_connect"),
+    ("syscalls", "sys_exit_connect"),
+    ("syscalls", "sys_enter_close"),
+    ("syscalls", "sys_enter_read"),
+    ("syscalls", "sys_exit_read"),
+    ("syscalls", "sys_enter_readv"),
+    ("syscalls", "sys_exit_readv"),
+    ("syscalls", "sys_enter_recvfrom"),
+    ("syscalls", "sys_exit_recvfrom"),
+    ("syscalls", "sys_enter_recvmsg"),
+    ("syscalls", "sys_exit_recvmsg"),
+    ("syscalls", "sys_enter_write"),
+    ("syscalls", "sys_exit_write"),
+    ("syscalls", "sys_enter_writev"),
+    ("syscalls", "sys_exit_writev"),
+    ("syscalls", "sys_enter_sendto"),
+    ("syscalls", "sys_exit_sendto"),
+    ("syscalls", "sys_enter_sendmsg"),
+    ("syscalls", "sys_exit_sendmsg"),
+    ("syscalls", "sys_enter_sendfile64"),
+    ("syscalls", "sys_exit_sendfile64"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("sockspan must run as root (it loads eBPF programs and reads other processes' /proc)")]
+    NotRoot,
+    #[error(
+        "this binary was built without its eBPF object (SOCKSPAN_EBPF_SKIP was set): rebuild with the BPF toolchain (`cargo xtask setup`)"
+    )]
+    NoObject,
+    #[error("the kernel exposes no BTF at /sys/kernel/btf/vmlinux (needs CONFIG_DEBUG_INFO_BTF=y)")]
+    NoBtf,
+    #[error(
+        "tracefs is not mounted at {TRACEFS} and mounting it failed ({0}); mount it with `mount -t tracefs nodev {TRACEFS}`"
+    )]
+    NoTracefs(std::io::Error),
+    #[error(
+        "the kernel has no tracepoint {category}:{name} (sockspan needs Linux 6.3 or later with syscall tracepoints)"
+    )]
+    MissingTracepoint { category: &'static str, name: &'static str },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel refused program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Load-time settings of the kernel programs.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelConfig {
+    pub capture_bytes: u32,
+    pub ring_bytes: u32,
+    pub wakeup_bytes: u32,
+}
+
+/// The loaded, attached programs and the maps userspace reads.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+/// Checks what the programs need, with one precise message per missing piece.
+pub fn preflight() -> Result<(), LoaderError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LoaderError::NotRoot);
+    }
+    if EBPF_OBJECT.is_empty() {
+        return Err(LoaderError::NoObject);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(LoaderError::NoBtf);
+    }
+    ensure_tracefs()?;
+    for &(category, name) in PROGRAMS {
+        if !Path::new(TRACEFS).join("events").join(category).join(name).exists() {
+            return Err(LoaderError::MissingTracepoint { category, name });
+        }
+    }
+    Ok(())
+}
+
+fn ensure_tracefs() -> Result<(), LoaderError> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "nodev", TRACEFS])
+        .status()
+        .map_err(LoaderError::NoTracefs)?;
+    if status.success() && Path::new(TRACEFS).join("events").exists() {
+        Ok(())
+    } else {
+        Err(LoaderError::NoTracefs(std::io::Error::other(format!(
+            "mount exited with {status}"
+        ))))
+    }
+}
+
+/// Loads and attaches everything. The agent's own process is excluded in the kernel.
+pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
+    preflight()?;
+    let self_tgid = std::process::id();
+    let capture = cfg.capture_bytes.min(MAX_CAPTURE as u32);
+    let mut ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_SELF_TGID, &self_tgid, true)
+        .override_global(GLOBAL_CAPTURE_BYTES, &capture, true)
+        .override_global(GLOBAL_WAKEUP_BYTES, &cfg.wakeup_bytes, true)
+        .map_max_entries(EVENTS_MAP, cfg.ring_bytes)
+        .load(EBPF_OBJECT)
+        .map_err(LoaderError::Load)?;
+    for &(category, name) in PROGRAMS {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoaderError::MissingTracepoint { category, name })?
+            .try_into()
+            .map_err(|source| LoaderError::Program { name, source })?;
+        program.load().map_err(|source| LoaderError::Program { name, source })?;
+        program
+            .attach(category, name)
+            .map_err(|source| LoaderError::Program { name, source })?;
+    }
+    let events = ebpf.take_map(EVENTS_MAP).ok_or(LoaderError::Map {
+        name: EVENTS_MAP,
+        source: aya::maps::MapError::InvalidName {
+            name: EVENTS_MAP.into(),
+        },
+    })?;
+    let events = RingBuf::try_from(events).map_err(|source| LoaderError::Map {
+        name: EVENTS_MAP,
+        source,
+    })?;
+    let counters = ebpf.take_map(COUNTERS_MAP).ok_or(LoaderError::Map {
+        name: COUNTERS_MAP,
+        source: aya::maps::MapError::InvalidName {
+            name: COUNTERS_MAP.into(),
+        },
+    })?;
+    let counters = PerCpuArray::try_from(counters).map_err(|source| LoaderError::Map {
+        name: COUNTERS_MAP,
+        source,
+    })?;
+    Ok(Loaded { ebpf, events, counters })
+}
+
+/// Kernel-side counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelCounters {
+    pub ringbuf_full: u64,
+    pub pending_full: u64,
+    pub payload_read_failed: u64,
+    pub events_submitted: u64,
+}
+
+pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
+    let sum = |slot: u32| map.get(&slot, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+    KernelCounters {
+        ringbuf_full: sum(counter::RINGBUF_FULL),
+        pending_full: sum(counter::PENDING_FULL),
+        payload_read_failed: sum(counter::PAYLOAD_READ_FAILED),
+        events_submitted: sum(counter::EVENTS_SUBMITTED),
+    }
+}

@@ -1,0 +1,81 @@
+//! `sockspan`: the binary edge — parse flags, set up logging, dispatch.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use sockspan::config::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One clear line, not clap's usage block.
+            let msg = e.to_string();
+            let first = msg
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("sockspan: {first} (see `sockspan --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.log_format);
+    match cli.command {
+        Some(Command::Replay { ref file, format }) => report(sockspan::run::replay(file, format.into())),
+        Some(Command::BenchPipeline {
+            connections,
+            per_conn,
+            rounds,
+        }) => {
+            sockspan::run::bench_pipeline(connections, per_conn, rounds);
+            ExitCode::SUCCESS
+        }
+        None => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return report(Err(anyhow::Error::new(e).context("tokio runtime"))),
+            };
+            report(runtime.block_on(sockspan::run::run(cli)))
+        }
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sockspan: {e:#}");
+            // Bad configuration is a usage error; anything else a runtime failure.
+            if e.chain().any(|c| c.is::<sockspan::export::otlp::ConfigError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKSPAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

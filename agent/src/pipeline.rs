@@ -1,0 +1,154 @@
+//! The userspace stages wired in order: decode → conn (+http) → span → (stitch) → sinks.
+//! `Processor` is the synchronous core, shared by the live agent, replays and benchmarks.
+use std::{io::Write, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    conn::{ConnExchange, ConnTable},
+    decode::decode,
+    export::{PrintFormat, Printer},
+    process::ProcessTable,
+    reader::RawBatch,
+    span::{Span, SpanFactory, monotonic_ns},
+    telemetry::Metrics,
+};
+
+/// A response whose end could not be seen (headers past the capture limit) ends after this idle time.
+const IDLE_FLUSH_NS: u64 = 1_000_000_000;
+/// Connections silent this long are forgotten.
+const IDLE_EVICT_NS: u64 = 300 * 1_000_000_000;
+/// How often the idle work runs.
+pub const TICK: Duration = Duration::from_millis(250);
+
+pub struct Processor {
+    pub conns: ConnTable,
+    procs: ProcessTable,
+    spans: SpanFactory,
+    metrics: Arc<Metrics>,
+    exchanges: Vec<ConnExchange>,
+}
+
+impl Processor {
+    pub fn new(conns: ConnTable, procs: ProcessTable, spans: SpanFactory, metrics: Arc<Metrics>) -> Self {
+        Self {
+            conns,
+            procs,
+            spans,
+            metrics,
+            exchanges: Vec::new(),
+        }
+    }
+
+    /// Processes one batch of raw records; finished spans are appended to `out`.
+    pub fn process(&mut self, batch: &RawBatch, out: &mut Vec<Span>) {
+        for record in batch.iter() {
+            match decode(record) {
+                Ok(ev) => self.conns.on_event(&ev, &mut self.exchanges),
+                Err(e) => {
+                    self.metrics.events_decode_failed.inc();
+                    tracing::debug!(reason = e.reason(), error = %e, "Dropped an undecodable event");
+                }
+            }
+        }
+        self.build_spans(out);
+    }
+
+    /// Idle work: ends responses whose end can't be seen, forgets silent connections.
+    pub fn tick(&mut self, now_mono_ns: u64, out: &mut Vec<Span>) {
+        self.conns
+            .tick(now_mono_ns, IDLE_FLUSH_NS, IDLE_EVICT_NS, &mut self.exchanges);
+        self.build_spans(out);
+        self.publish_stats();
+    }
+
+    fn build_spans(&mut self, out: &mut Vec<Span>) {
+        self.metrics.exchanges.add(self.exchanges.len() as u64);
+        for cx in self.exchanges.drain(..) {
+            let resource = self.procs.get(cx.pid, &cx.comm);
+            out.push(self.spans.build(&cx, resource));
+        }
+        self.metrics.spans_created.add(out.len() as u64);
+    }
+
+    pub fn publish_stats(&self) {
+        let s = &self.conns.http_stats;
+        self.metrics.connections_opened.set(self.conns.opened);
+        self.metrics.connections_evicted.set(self.conns.evicted);
+        self.metrics.set_http_rejected(vec![
+            ("not_http", s.not_http + self.conns.not_http_undecided),
+            ("header_too_large", s.header_too_large),
+            ("bad_framing", s.bad_framing),
+            ("truncated_headers", s.truncated_headers),
+            ("unmatched_response", s.unmatched_responses),
+            ("resync_skipped_chunk", s.resync_skipped_chunks),
+        ]);
+    }
+}
+
+/// Where finished spans go.
+pub struct Sinks {
+    pub printer: Option<Printer<std::io::Stdout>>,
+    pub otlp: Option<mpsc::Sender<Vec<Span>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Sinks {
+    pub fn new(print: Option<PrintFormat>, otlp: Option<mpsc::Sender<Vec<Span>>>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            printer: print.map(|f| Printer::new(f, std::io::stdout())),
+            otlp,
+            metrics,
+        }
+    }
+
+    pub fn send(&mut self, spans: Vec<Span>) {
+        if spans.is_empty() {
+            return;
+        }
+        if let Some(p) = &mut self.printer {
+            let n = p.print(&spans);
+            self.metrics.spans_printed.add(n as u64);
+        }
+        if let Some(tx) = &self.otlp {
+            let n = spans.len() as u64;
+            if tx.try_send(spans).is_err() {
+                self.metrics.spans_dropped_channel_full.add(n);
+            }
+        }
+    }
+}
+
+/// Runs the processor on batches from the reader until the reader is done.
+pub async fn run(
+    mut processor: Processor,
+    mut rx: mpsc::Receiver<RawBatch>,
+    mut sinks: Sinks,
+    mut record: Option<Box<dyn Write + Send>>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut spans = Vec::new();
+        tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(batch) => {
+                    if let Some(w) = &mut record
+                        && let Err(e) = crate::replay::write_batch(w, &batch)
+                    {
+                        tracing::warn!(error = %e, "Recording failed; recording stops");
+                        record = None;
+                    }
+                    processor.process(&batch, &mut spans);
+                }
+                None => break,
+            },
+            _ = tick.tick() => processor.tick(monotonic_ns(), &mut spans),
+        }
+        sinks.send(spans);
+    }
+    processor.publish_stats();
+    if let Some(w) = &mut record {
+        let _ = w.flush();
+    }
+}

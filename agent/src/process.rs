@@ -1,0 +1,142 @@
+//! Per-process resource: `service.name` from the process's own `OTEL_SERVICE_NAME` (or
+//! `service.name` in its `OTEL_RESOURCE_ATTRIBUTES`), else its executable name; read once per
+//! process from /proc. Short-lived processes that are gone by then fall back to their `comm`.
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub service_name: String,
+    pub executable_name: String,
+    pub host_name: Arc<str>,
+}
+
+/// Cache of process resources, keyed by pid; refreshed when the thread name changes (exec or
+/// pid reuse), bounded in size.
+pub struct ProcessTable {
+    root: PathBuf,
+    host_name: Arc<str>,
+    cache: HashMap<u32, (CommKey, Arc<ProcessInfo>)>,
+}
+
+type CommKey = [u8; 16];
+const MAX_PROCESSES: usize = 8192;
+
+impl ProcessTable {
+    pub fn new() -> Self {
+        Self::with_root("/proc")
+    }
+
+    /// A table reading a different /proc (tests).
+    pub fn with_root(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            host_name: host_name().into(),
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn get(&mut self, pid: u32, comm: &[u8; 16]) -> Arc<ProcessInfo> {
+        if let Some((c, info)) = self.cache.get(&pid)
+            && (c == comm || comm[0] == 0)
+        {
+            return info.clone();
+        }
+        if self.cache.len() >= MAX_PROCESSES {
+            self.cache.clear();
+        }
+        let info = Arc::new(self.read(pid, comm));
+        self.cache.insert(pid, (*comm, info.clone()));
+        info
+    }
+
+    fn read(&self, pid: u32, comm: &[u8; 16]) -> ProcessInfo {
+        let dir = self.root.join(pid.to_string());
+        let comm_name = {
+            let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+            String::from_utf8_lossy(&comm[..end]).into_owned()
+        };
+        let executable_name = std::fs::read_link(dir.join("exe"))
+            .ok()
+            .and_then(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
+            })
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| comm_name.clone());
+        let env = std::fs::read(dir.join("environ")).unwrap_or_default();
+        let service_name = service_name_from_environ(&env).unwrap_or_else(|| executable_name.clone());
+        ProcessInfo {
+            pid,
+            service_name,
+            executable_name,
+            host_name: self.host_name.clone(),
+        }
+    }
+}
+
+impl Default for ProcessTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `OTEL_SERVICE_NAME`, else `service.name` inside `OTEL_RESOURCE_ATTRIBUTES`, from a
+/// NUL-separated environment block.
+pub fn service_name_from_environ(env: &[u8]) -> Option<String> {
+    let mut from_attrs = None;
+    for var in env.split(|&b| b == 0) {
+        if let Some(v) = var.strip_prefix(b"OTEL_SERVICE_NAME=") {
+            let v = String::from_utf8_lossy(v).trim().to_owned();
+            if !v.is_empty() {
+                return Some(v);
+            }
+        } else if let Some(v) = var.strip_prefix(b"OTEL_RESOURCE_ATTRIBUTES=") {
+            from_attrs = String::from_utf8_lossy(v)
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| k.trim() == "service.name")
+                .map(|(_, v)| v.trim().to_owned())
+                .filter(|v| !v.is_empty());
+        }
+    }
+    from_attrs
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_name_precedence() {
+        assert_eq!(
+            service_name_from_environ(b"A=1\0OTEL_SERVICE_NAME=shop\0"),
+            Some("shop".into())
+        );
+        assert_eq!(
+            service_name_from_environ(b"OTEL_RESOURCE_ATTRIBUTES=a=b,service.name=cart\0"),
+            Some("cart".into())
+        );
+        assert_eq!(
+            service_name_from_environ(b"OTEL_RESOURCE_ATTRIBUTES=service.name=cart\0OTEL_SERVICE_NAME=shop\0"),
+            Some("shop".into())
+        );
+        assert_eq!(service_name_from_environ(b"OTEL_SERVICE_NAME=\0PATH=/bin\0"), None);
+    }
+
+    #[test]
+    fn own_process_resolves() {
+        let mut t = ProcessTable::new();
+        let info = t.get(std::process::id(), b"x\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0");
+        assert!(!info.executable_name.is_empty());
+        assert_eq!(info.pid, std::process::id());
+    }
+}

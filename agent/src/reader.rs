@@ -1,0 +1,106 @@
+//! Drains the kernel ring buffer into batches of raw records. Does the minimum: wait, copy,
+//! hand over; never decodes, never blocks on the next stage (a full channel drops the batch,
+//! counted).
+use std::{sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::Metrics;
+
+/// Raw records copied out of the ring buffer, back to back.
+#[derive(Default, Debug, Clone)]
+pub struct RawBatch {
+    pub bytes: Vec<u8>,
+    /// End offset of each record in `bytes`.
+    pub ends: Vec<u32>,
+}
+
+impl RawBatch {
+    pub fn push(&mut self, record: &[u8]) {
+        self.bytes.extend_from_slice(record);
+        self.ends.push(self.bytes.len() as u32);
+    }
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0usize;
+        self.ends.iter().map(move |&end| {
+            let r = &self.bytes[start..end as usize];
+            start = end as usize;
+            r
+        })
+    }
+}
+
+/// Records per batch before it is handed over.
+const BATCH_RECORDS: usize = 1024;
+/// The kernel wakes us only once enough bytes wait; this poll bounds the latency otherwise.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+pub struct Reader {
+    pub ring: RingBuf<MapData>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reader {
+    pub async fn run(self, tx: mpsc::Sender<RawBatch>, cancel: CancellationToken) -> std::io::Result<()> {
+        let metrics = self.metrics;
+        // SAFETY: the RingBuf owns its map fd, which stays open as long as the AsyncFd owns it.
+        let mut fd = unsafe { AsyncFd::register_with_interest(self.ring, Interest::READABLE) }?;
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let woke = tokio::select! {
+                r = fd.readable_mut() => Some(r?),
+                _ = tick.tick() => None,
+                () = cancel.cancelled() => None,
+            };
+            let cancelled = cancel.is_cancelled();
+            let ring = match woke {
+                Some(mut guard) => {
+                    guard.clear_ready();
+                    drain(guard.get_inner_mut(), &tx, &metrics)
+                }
+                None => drain(fd.get_mut(), &tx, &metrics),
+            };
+            if !ring || cancelled {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Drains everything waiting; returns false once the next stage is gone.
+fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics) -> bool {
+    let mut batch = RawBatch::default();
+    while let Some(item) = ring.next() {
+        batch.push(&item);
+        drop(item);
+        if batch.len() >= BATCH_RECORDS && !send(std::mem::take(&mut batch), tx, metrics) {
+            return false;
+        }
+    }
+    batch.is_empty() || send(batch, tx, metrics)
+}
+
+fn send(batch: RawBatch, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics) -> bool {
+    let n = batch.len() as u64;
+    metrics.events_read.add(n);
+    match tx.try_send(batch) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            metrics.events_dropped_channel_full.add(n);
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}

@@ -1,0 +1,311 @@
+//! Recorded event streams: the exact bytes the kernel sent, replayable through the userspace
+//! stages with no kernel (bug reports, tests, benchmarks), and a synthetic stream generator.
+//!
+//! File format: a magic line, then records as `u32 little-endian length` + bytes.
+use std::io::{self, Read, Write};
+
+use agent_common::{AF_INET, EventHeader, SockEvent, direction, kind, side, syscall, tcp_state};
+
+use crate::{
+    decode::{encode_data, encode_sock},
+    reader::RawBatch,
+};
+
+pub const MAGIC: &[u8; 16] = b"sockspan-rec-v1\n";
+
+pub fn write_header(w: &mut impl Write) -> io::Result<()> {
+    w.write_all(MAGIC)
+}
+
+pub fn write_batch(w: &mut (impl Write + ?Sized), batch: &RawBatch) -> io::Result<()> {
+    for record in batch.iter() {
+        w.write_all(&(record.len() as u32).to_le_bytes())?;
+        w.write_all(record)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("not a sockspan recording (bad magic)")]
+    BadMagic,
+    #[error("recording is truncated at record {0}")]
+    Truncated(usize),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Reads a whole recording into batches of at most `batch_records` records.
+pub fn read_recording(mut r: impl Read, batch_records: usize) -> Result<Vec<RawBatch>, ReplayError> {
+    let mut magic = [0u8; 16];
+    r.read_exact(&mut magic).map_err(|_| ReplayError::BadMagic)?;
+    if &magic != MAGIC {
+        return Err(ReplayError::BadMagic);
+    }
+    let mut data = Vec::new();
+    r.read_to_end(&mut data)?;
+    let mut batches = vec![RawBatch::default()];
+    let mut at = 0usize;
+    let mut n = 0usize;
+    while at < data.len() {
+        let len_bytes: [u8; 4] = data
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(ReplayError::Truncated(n))?;
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        let rec = data.get(at + 4..at + 4 + len).ok_or(ReplayError::Truncated(n))?;
+        if batches.last().is_some_and(|b| b.len() >= batch_records) {
+            batches.push(RawBatch::default());
+        }
+        if let Some(b) = batches.last_mut() {
+            b.push(rec);
+        }
+        at += 4 + len;
+        n += 1;
+    }
+    Ok(batches)
+}
+
+/// Builds event streams as the kernel would report them (for tests and benchmarks).
+pub struct StreamBuilder {
+    pub batch: RawBatch,
+    buf: Vec<u8>,
+    pub now_ns: u64,
+    next_sock: u64,
+}
+
+impl Default for StreamBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One simulated TCP connection between two local processes.
+#[derive(Debug, Clone, Copy)]
+pub struct SimConn {
+    pub client_pid: u32,
+    pub client_fd: i32,
+    pub client_sock: u64,
+    pub server_pid: u32,
+    pub server_fd: i32,
+    pub server_sock: u64,
+    pub client_port: u16,
+    pub server_port: u16,
+}
+
+impl StreamBuilder {
+    pub fn new() -> Self {
+        Self {
+            batch: RawBatch::default(),
+            buf: Vec::new(),
+            now_ns: 1_000_000_000,
+            next_sock: 0xffff_0000_0000_1000,
+        }
+    }
+
+    fn tick(&mut self, ns: u64) -> u64 {
+        self.now_ns += ns;
+        self.now_ns
+    }
+
+    /// Opens a loopback connection (both ESTABLISHED events); the fds are marked by side.
+    pub fn connect(
+        &mut self,
+        client_pid: u32,
+        client_fd: i32,
+        server_pid: u32,
+        server_fd: i32,
+        client_port: u16,
+        server_port: u16,
+    ) -> SimConn {
+        let c = SimConn {
+            client_pid,
+            client_fd,
+            client_sock: self.next_sock,
+            server_pid,
+            server_fd,
+            server_sock: self.next_sock + 0x800,
+            client_port,
+            server_port,
+        };
+        self.next_sock += 0x1000;
+        let lo = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        for (sock, lp, rp) in [
+            (c.client_sock, client_port, server_port),
+            (c.server_sock, server_port, client_port),
+        ] {
+            let t = self.tick(1_000);
+            let ev = SockEvent {
+                header: EventHeader {
+                    kind: kind::TCP_STATE,
+                    fd: -1,
+                    sock,
+                    ts_enter_ns: t,
+                    ts_exit_ns: t,
+                    ..Default::default()
+                },
+                family: AF_INET,
+                local_port: lp,
+                remote_port: rp,
+                old_state: tcp_state::SYN_SENT,
+                new_state: tcp_state::ESTABLISHED,
+                local_addr: lo,
+                remote_addr: lo,
+            };
+            self.buf.clear();
+            encode_sock(&ev, &mut self.buf);
+            self.batch.push(&self.buf);
+        }
+        c
+    }
+
+    /// One syscall's worth of bytes (`captured` ≤ `total`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn data(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        fd: i32,
+        sock: u64,
+        fd_side: u8,
+        egress: bool,
+        captured: &[u8],
+        total: usize,
+        comm: &str,
+    ) {
+        let enter = self.tick(2_000);
+        let exit = self.tick(3_000);
+        let mut c = [0u8; 16];
+        let n = comm.len().min(15);
+        c[..n].copy_from_slice(&comm.as_bytes()[..n]);
+        let header = EventHeader {
+            kind: kind::DATA,
+            direction: if egress { direction::EGRESS } else { direction::INGRESS },
+            syscall: if egress { syscall::WRITE } else { syscall::READ },
+            side: fd_side,
+            pid,
+            tid,
+            fd,
+            sock,
+            ts_enter_ns: enter,
+            ts_exit_ns: exit,
+            bytes: total as i64,
+            comm: c,
+        };
+        self.buf.clear();
+        encode_data(&header, 0, captured, &mut self.buf);
+        self.batch.push(&self.buf);
+    }
+
+    /// A full exchange on `c`: client writes the request, server reads it, writes the
+    /// response, client reads it.
+    pub fn exchange(&mut self, c: &SimConn, request: &[u8], response: &[u8]) {
+        self.data(
+            c.client_pid,
+            c.client_pid,
+            c.client_fd,
+            c.client_sock,
+            side::CONNECTED,
+            true,
+            request,
+            request.len(),
+            "client",
+        );
+        self.data(
+            c.server_pid,
+            c.server_pid,
+            c.server_fd,
+            c.server_sock,
+            side::ACCEPTED,
+            false,
+            request,
+            request.len(),
+            "server",
+        );
+        self.data(
+            c.server_pid,
+            c.server_pid,
+            c.server_fd,
+            c.server_sock,
+            side::ACCEPTED,
+            true,
+            response,
+            response.len(),
+            "server",
+        );
+        self.data(
+            c.client_pid,
+            c.client_pid,
+            c.client_fd,
+            c.client_sock,
+            side::CONNECTED,
+            false,
+            response,
+            response.len(),
+            "client",
+        );
+    }
+
+    /// Both ends close their fds.
+    pub fn close(&mut self, c: &SimConn) {
+        for (pid, fd, sock, s) in [
+            (c.client_pid, c.client_fd, c.client_sock, side::CONNECTED),
+            (c.server_pid, c.server_fd, c.server_sock, side::ACCEPTED),
+        ] {
+            let t = self.tick(1_000);
+            let ev = SockEvent {
+                header: EventHeader {
+                    kind: kind::CLOSE,
+                    syscall: syscall::CLOSE,
+                    side: s,
+                    pid,
+                    tid: pid,
+                    fd,
+                    sock,
+                    ts_enter_ns: t,
+                    ts_exit_ns: t,
+                    ..Default::default()
+                },
+                new_state: tcp_state::CLOSE,
+                ..Default::default()
+            };
+            self.buf.clear();
+            encode_sock(&ev, &mut self.buf);
+            self.batch.push(&self.buf);
+        }
+    }
+}
+
+/// A synthetic workload: `connections` keep-alive connections, each with `per_conn` exchanges
+/// of realistic small requests and responses, interleaved as a busy server would see them.
+pub fn synthetic(connections: u32, per_conn: u32) -> RawBatch {
+    let mut b = StreamBuilder::new();
+    let conns: Vec<SimConn> = (0..connections)
+        .map(|i| {
+            b.connect(
+                1000,
+                10 + i as i32,
+                2000,
+                10 + i as i32,
+                40000 + (i % 20000) as u16,
+                8080,
+            )
+        })
+        .collect();
+    let response = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 06:00:00 GMT\r\nContent-Type: text/html\r\nContent-Length: 615\r\nConnection: keep-alive\r\n\r\n";
+    let mut body = response.to_vec();
+    body.extend(std::iter::repeat_n(b'x', 615));
+    for r in 0..per_conn {
+        for (i, c) in conns.iter().enumerate() {
+            let req = format!(
+                "GET /api/items/{}/detail?page={r} HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: wrk/4.2\r\nAccept: */*\r\n\r\n",
+                i as u32 * per_conn + r
+            );
+            b.exchange(c, req.as_bytes(), &body);
+        }
+    }
+    for c in &conns {
+        b.close(c);
+    }
+    b.batch
+}

@@ -1,0 +1,201 @@
+//! The live agent: load the kernel programs, start every stage, stop cleanly on a signal.
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Cli,
+    conn::ConnTable,
+    export::{BspConfig, OtlpExporter, PrintFormat, otlp},
+    loader::{self, KernelConfig},
+    pipeline::{self, Processor, Sinks},
+    process::ProcessTable,
+    reader::Reader,
+    span::{SpanFactory, SpanOptions},
+    telemetry::{self, Metrics},
+};
+
+/// Batches of raw records waiting between the reader and the processor.
+const READER_TO_PROCESSOR: usize = 256;
+/// Span batches waiting for the OTLP exporter.
+const PROCESSOR_TO_EXPORT: usize = 1024;
+/// After a signal, the whole shutdown (drain, flush, export) must fit in this.
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let bsp = BspConfig::from_lookup(env)?;
+    let exporting = otlp::endpoint_configured(env);
+    otlp::check_protocol(env)?;
+    let print: Option<PrintFormat> = match (cli.print, exporting) {
+        (Some(p), _) => Some(p.into()),
+        (None, false) => Some(PrintFormat::Text),
+        (None, true) => None,
+    };
+
+    let metrics = Metrics::new();
+    let loaded = loader::load(KernelConfig {
+        capture_bytes: cli.capture_bytes,
+        ring_bytes: cli.ring_bytes,
+        wakeup_bytes: (cli.ring_bytes / 64).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
+    })?;
+    let loader::Loaded { ebpf, events, counters } = loaded;
+
+    let cancel = CancellationToken::new();
+    let (raw_tx, raw_rx) = mpsc::channel(READER_TO_PROCESSOR);
+    let reader = Reader {
+        ring: events,
+        metrics: metrics.clone(),
+    };
+    let reader_task = tokio::spawn(reader.run(raw_tx, cancel.clone()));
+
+    let (otlp_tx, export_task) = if exporting {
+        let exporter = OtlpExporter::from_env(bsp, metrics.clone()).context("OTLP exporter")?;
+        let (tx, rx) = mpsc::channel(PROCESSOR_TO_EXPORT);
+        (Some(tx), Some(tokio::spawn(exporter.run(rx))))
+    } else {
+        (None, None)
+    };
+    let sinks = Sinks::new(print, otlp_tx, metrics.clone());
+    let processor = Processor::new(
+        ConnTable::new(),
+        ProcessTable::new(),
+        SpanFactory::new(SpanOptions {
+            keep_query_values: cli.keep_query_values,
+        }),
+        metrics.clone(),
+    );
+    let record: Option<Box<dyn std::io::Write + Send>> = match &cli.record {
+        Some(path) => {
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+            );
+            crate::replay::write_header(&mut f)?;
+            Some(Box::new(f))
+        }
+        None => None,
+    };
+    let pipeline_task = tokio::spawn(pipeline::run(processor, raw_rx, sinks, record));
+
+    if let Some(addr) = cli.metrics_addr {
+        let m = metrics.clone();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics address {addr}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(listener, m).await {
+                tracing::warn!(error = %e, "Metrics endpoint stopped");
+            }
+        });
+    }
+    let kernel_metrics = metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            kernel_metrics.set_kernel(&loader::read_counters(&counters));
+        }
+    });
+
+    tracing::info!(
+        programs = loader::PROGRAMS.len(),
+        capture_bytes = cli.capture_bytes,
+        export = if exporting { "otlp" } else { "none" },
+        print = ?print,
+        "sockspan ready"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("Stopping: flushing pending spans");
+    cancel.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_BUDGET, async {
+        let _ = reader_task.await;
+        let _ = pipeline_task.await;
+        if let Some(t) = export_task {
+            let _ = t.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("Shutdown budget exceeded; exiting with spans still queued");
+    }
+    drop(ebpf); // detaches every program
+    tracing::info!(summary = %metrics.summary(), "sockspan stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+/// Replays a recording and prints its spans.
+pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let batches = crate::replay::read_recording(std::io::BufReader::new(file), 1024)
+        .with_context(|| format!("read {}", path.display()))?;
+    let metrics = Metrics::new();
+    let mut processor = Processor::new(
+        ConnTable::without_proc(),
+        ProcessTable::new(),
+        SpanFactory::new(SpanOptions::default()),
+        metrics.clone(),
+    );
+    let mut sinks = Sinks::new(Some(format), None, metrics.clone());
+    for batch in &batches {
+        let mut spans = Vec::new();
+        processor.process(batch, &mut spans);
+        sinks.send(spans);
+    }
+    let mut spans = Vec::new();
+    processor.tick(u64::MAX / 2, &mut spans);
+    sinks.send(spans);
+    eprintln!("{}", metrics.summary());
+    Ok(())
+}
+
+/// Pipeline throughput on a synthetic stream, one thread: prints events/s and spans/s.
+pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
+    let stream = crate::replay::synthetic(connections, per_conn);
+    let mut best: Option<(f64, usize, usize)> = None;
+    for _ in 0..rounds.max(1) {
+        let metrics = Metrics::new();
+        let mut processor = Processor::new(
+            ConnTable::without_proc(),
+            ProcessTable::new(),
+            SpanFactory::deterministic(SpanOptions::default(), 0, 1),
+            metrics,
+        );
+        let mut spans = Vec::new();
+        let start = std::time::Instant::now();
+        // Batches as the reader hands them over.
+        let mut batch = crate::reader::RawBatch::default();
+        for rec in stream.iter() {
+            batch.push(rec);
+            if batch.len() == 1024 {
+                processor.process(&batch, &mut spans);
+                batch = crate::reader::RawBatch::default();
+            }
+        }
+        processor.process(&batch, &mut spans);
+        let secs = start.elapsed().as_secs_f64();
+        if best.is_none_or(|(b, _, _)| secs < b) {
+            best = Some((secs, stream.len(), spans.len()));
+        }
+    }
+    if let Some((secs, events, spans)) = best {
+        println!(
+            "events={events} spans={spans} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
+            events as f64 / secs,
+            spans as f64 / secs
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! Exchange → span: kind, name, stable HTTP semantic-convention attributes, status, resource.
+//! Bodies, cookies and credentials never get here (the parser keeps none); query values are
+//! redacted unless asked otherwise.
+use std::{net::SocketAddr, sync::Arc};
+
+use crate::{
+    conn::{ConnExchange, Side},
+    process::ProcessInfo,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+impl SpanKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpanKind::Server => "SERVER",
+            SpanKind::Client => "CLIENT",
+        }
+    }
+}
+
+/// A finished span, ready for stitching and export. Times are Unix ns.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub kind: SpanKind,
+    pub name: String,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Vec<(&'static str, AttrValue)>,
+    pub error: bool,
+    pub resource: Arc<ProcessInfo>,
+}
+
+impl Span {
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+}
+
+/// Span-building options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpanOptions {
+    /// Export query values as sent instead of `REDACTED`.
+    pub keep_query_values: bool,
+}
+
+/// Maps monotonic kernel timestamps to Unix time, and makes ids.
+pub struct SpanFactory {
+    opts: SpanOptions,
+    /// Unix time minus CLOCK_MONOTONIC, ns.
+    clock_offset_ns: i128,
+    ids: IdGenerator,
+}
+
+impl SpanFactory {
+    pub fn new(opts: SpanOptions) -> Self {
+        Self {
+            opts,
+            clock_offset_ns: clock_offset_ns(),
+            ids: IdGenerator::from_entropy(),
+        }
+    }
+
+    /// A factory with a fixed clock offset and id seed (replays, tests, benchmarks).
+    pub fn deterministic(opts: SpanOptions, clock_offset_ns: i128, seed: u64) -> Self {
+        Self {
+            opts,
+            clock_offset_ns,
+            ids: IdGenerator(seed),
+        }
+    }
+
+    pub fn to_unix(&self, mono_ns: u64) -> u64 {
+        (i128::from(mono_ns) + self.clock_offset_ns).clamp(0, i128::from(u64::MAX)) as u64
+    }
+
+    pub fn new_trace_id(&mut self) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.ids.next_nonzero().to_be_bytes());
+        id[8..].copy_from_slice(&self.ids.next_nonzero().to_be_bytes());
+        id
+    }
+
+    pub fn new_span_id(&mut self) -> [u8; 8] {
+        self.ids.next_nonzero().to_be_bytes()
+    }
+
+    pub fn build(&mut self, cx: &ConnExchange, resource: Arc<ProcessInfo>) -> Span {
+        let req = &cx.exchange.request;
+        let resp = cx.exchange.response.as_ref();
+        let kind = match cx.side {
+            Side::Server => SpanKind::Server,
+            Side::Client => SpanKind::Client,
+        };
+        let (path, query) = split_target(&req.target);
+        let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(18);
+        let s = |v: &str| AttrValue::Str(v.to_owned());
+        attrs.push(("http.request.method", s(&req.method)));
+        attrs.push(("url.path", s(path)));
+        if let Some(q) = query {
+            let q = if self.opts.keep_query_values {
+                q.to_owned()
+            } else {
+                redact_query(q)
+            };
+            attrs.push(("url.query", AttrValue::Str(q)));
+        }
+        attrs.push(("url.scheme", s("http")));
+        attrs.push((
+            "network.protocol.version",
+            s(if req.version_minor == 0 { "1.0" } else { "1.1" }),
+        ));
+        let host = req.host.as_deref().map(split_host_port);
+        match kind {
+            SpanKind::Server => {
+                let addr = host
+                    .map(|(h, _)| h.to_owned())
+                    .or_else(|| cx.local.map(|l| l.ip().to_string()));
+                if let Some(a) = addr {
+                    attrs.push(("server.address", AttrValue::Str(a)));
+                }
+                if let Some(port) = cx.local.map(|l| l.port()).or_else(|| host.and_then(|(_, p)| p)) {
+                    attrs.push(("server.port", AttrValue::Int(i64::from(port))));
+                }
+                if let Some(r) = cx.remote {
+                    attrs.push(("client.address", AttrValue::Str(r.ip().to_string())));
+                    attrs.push(("client.port", AttrValue::Int(i64::from(r.port()))));
+                }
+            }
+            SpanKind::Client => {
+                let addr = host
+                    .map(|(h, _)| h.to_owned())
+                    .or_else(|| cx.remote.map(|r| r.ip().to_string()));
+                if let Some(a) = addr {
+                    attrs.push(("server.address", AttrValue::Str(a)));
+                }
+                if let Some(port) = cx.remote.map(|r| r.port()).or_else(|| host.and_then(|(_, p)| p)) {
+                    attrs.push(("server.port", AttrValue::Int(i64::from(port))));
+                }
+            }
+        }
+        if let Some(r) = cx.remote {
+            push_peer(&mut attrs, r);
+        }
+        if let Some(ua) = &req.user_agent {
+            attrs.push(("user_agent.original", s(ua)));
+        }
+        if req.content_length.is_some() || req.body_bytes > 0 {
+            attrs.push(("http.request.body.size", AttrValue::Int(req.body_bytes as i64)));
+        }
+        let mut error = false;
+        match resp {
+            Some(r) => {
+                attrs.push(("http.response.status_code", AttrValue::Int(i64::from(r.status))));
+                attrs.push(("http.response.body.size", AttrValue::Int(r.body_bytes as i64)));
+                let failed = match kind {
+                    SpanKind::Server => r.status >= 500,
+                    SpanKind::Client => r.status >= 400,
+                };
+                if failed {
+                    error = true;
+                    attrs.push(("error.type", AttrValue::Str(r.status.to_string())));
+                }
+            }
+            None => {
+                error = true;
+                attrs.push(("error.type", s("no_response")));
+            }
+        }
+        let start = req.first_ns;
+        let end = resp.map_or(req.last_ns, |r| r.last_ns).max(start);
+        Span {
+            trace_id: self.new_trace_id(),
+            span_id: self.new_span_id(),
+            parent_span_id: None,
+            kind,
+            name: format!("{} {}", req.method, route(path)),
+            start_unix_ns: self.to_unix(start),
+            end_unix_ns: self.to_unix(end),
+            attributes: attrs,
+            error,
+            resource,
+        }
+    }
+}
+
+fn push_peer(attrs: &mut Vec<(&'static str, AttrValue)>, r: SocketAddr) {
+    attrs.push(("network.peer.address", AttrValue::Str(r.ip().to_string())));
+    attrs.push(("network.peer.port", AttrValue::Int(i64::from(r.port()))));
+}
+
+/// Path and query of a request target (origin-form or absolute-form).
+pub fn split_target(target: &str) -> (&str, Option<&str>) {
+    let mut t = target;
+    if let Some(rest) = t.strip_prefix("http://").or_else(|| t.strip_prefix("https://")) {
+        t = rest.find('/').map_or("/", |i| &rest[i..]);
+    }
+    let t = t.split('#').next().unwrap_or(t);
+    match t.split_once('?') {
+        Some((p, q)) => (if p.is_empty() { "/" } else { p }, Some(q)),
+        None => (if t.is_empty() { "/" } else { t }, None),
+    }
+}
+
+/// `a=1&b=2` → `a=REDACTED&b=REDACTED` (keys are kept: they are low-risk and useful).
+pub fn redact_query(q: &str) -> String {
+    q.split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) => format!("{k}=REDACTED"),
+            None => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// "host:port" / "[v6]:port" / "host".
+fn split_host_port(h: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = h.strip_prefix('[') {
+        if let Some((ip, tail)) = rest.split_once(']') {
+            return (ip, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
+        _ => (h, None),
+    }
+}
+
+/// Low-cardinality route: identifier-like path segments become `{id}`.
+pub fn route(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(if is_identifier(seg) { "{id}" } else { seg });
+    }
+    if out.is_empty() { "/".to_owned() } else { out }
+}
+
+/// All digits, a UUID, or ≥ 8 characters with at least one digit (hashes, tokens, ids).
+fn is_identifier(seg: &str) -> bool {
+    if seg.is_empty() {
+        return false;
+    }
+    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+    digits == seg.len()
+        || (seg.len() == 36
+            && seg.bytes().filter(|&b| b == b'-').count() == 4
+            && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+        || (seg.len() >= 8 && digits > 0)
+}
+
+/// Unix time minus CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads), in ns.
+fn clock_offset_ns() -> i128 {
+    let mono = monotonic_ns();
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    unix - i128::from(mono)
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// splitmix64: fast, statistically good ids (not for secrets).
+struct IdGenerator(u64);
+
+impl IdGenerator {
+    fn from_entropy() -> Self {
+        let mut seed = [0u8; 8];
+        let ok = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+            .is_ok();
+        let mut s = u64::from_ne_bytes(seed);
+        if !ok {
+            s = monotonic_ns() ^ (u64::from(std::process::id()) << 32);
+        }
+        Self(s)
+    }
+
+    fn next_nonzero(&mut self) -> u64 {
+        loop {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            if z != 0 {
+                return z;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_generalise_identifiers() {
+        for (path, want) in [
+            ("/", "/"),
+            ("/api/v1/users", "/api/v1/users"),
+            ("/users/123", "/users/{id}"),
+            ("/item/r000123x9f", "/item/{id}"),
+            ("/o/550e8400-e29b-41d4-a716-446655440000/x", "/o/{id}/x"),
+            ("/static/index.html", "/static/index.html"),
+            ("/page2", "/page2"),
+        ] {
+            assert_eq!(route(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn targets_and_queries() {
+        assert_eq!(split_target("/a/b?x=1&y"), ("/a/b", Some("x=1&y")));
+        assert_eq!(split_target("http://h:8/p?q=1"), ("/p", Some("q=1")));
+        assert_eq!(split_target("http://h"), ("/", None));
+        assert_eq!(split_target("?q"), ("/", Some("q")));
+        assert_eq!(redact_query("token=SECRET&x=1&flag"), "token=REDACTED&x=REDACTED&flag");
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(split_host_port("example.com:8080"), ("example.com", Some(8080)));
+        assert_eq!(split_host_port("[::1]:80"), ("::1", Some(80)));
+        assert_eq!(split_host_port("localhost"), ("localhost", None));
+    }
+}
