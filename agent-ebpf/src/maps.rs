@@ -24,6 +24,12 @@ pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(PENDIN
 #[map]
 pub static FD_INFO: LruHashMap<u64, FdInfo> = LruHashMap::with_max_entries(FD_INFO_MAX_ENTRIES, 0);
 
+/// The agent's own client sockets (its OTLP connections): their ESTABLISHED events are flagged
+/// so userspace can ignore the peer side (a collector on this node), which would otherwise
+/// turn every export into a span, and that span into the next export.
+#[map]
+pub static OWN_SOCKS: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
 /// Scratch space to build a data event: bigger than the stack allows. Twice the capture bound
 /// so the verifier can prove `offset < MAX_CAPTURE` plus `len <= MAX_CAPTURE` stays inside.
 #[map]

@@ -48,6 +48,8 @@ struct Connection {
     last_activity_ns: u64,
     exchanges: u64,
     undecided_chunks: u32,
+    /// The peer is the agent itself: never parsed, never a span.
+    own: bool,
 }
 
 /// Chunks looked at before a connection of unknown side is declared not HTTP.
@@ -63,6 +65,11 @@ pub struct ConnTable {
     pub opened: u64,
     pub evicted: u64,
     pub not_http_undecided: u64,
+    /// Connections ignored because their peer is the agent itself (its exports).
+    pub own_traffic: u64,
+    /// Local endpoints of the agent's own connections (flagged by the kernel).
+    own_endpoints: HashMap<SocketAddr, u64>,
+    own_pid: u32,
     proc_root: String,
 }
 
@@ -81,6 +88,9 @@ impl ConnTable {
             opened: 0,
             evicted: 0,
             not_http_undecided: 0,
+            own_traffic: 0,
+            own_endpoints: HashMap::new(),
+            own_pid: std::process::id(),
             proc_root: "/proc".into(),
         }
     }
@@ -130,6 +140,9 @@ impl ConnTable {
                 let Some(c) = self.conns.get_mut(&key) else { return };
                 c.last_activity_ns = h.ts_exit_ns;
                 c.comm = h.comm;
+                if c.own {
+                    return;
+                }
                 let ingress = h.direction == direction::INGRESS;
                 if h.bytes == 0 {
                     // End of the peer's stream: ends close-delimited responses.
@@ -198,6 +211,10 @@ impl ConnTable {
         } else {
             HttpConn::new_resync()
         };
+        let own = remote.is_some_and(|r| self.own_endpoints.contains_key(&r));
+        if own {
+            self.own_traffic += 1;
+        }
         Connection {
             sock,
             side,
@@ -208,23 +225,35 @@ impl ConnTable {
             last_activity_ns: 0,
             exchanges: 0,
             undecided_chunks: 0,
+            own,
         }
     }
 
     fn on_state(&mut self, s: &SockEvent) {
         if s.new_state == tcp_state::ESTABLISHED {
-            if let (Some(l), Some(r)) = (
-                sock_addr(s.family, &s.local_addr, s.local_port),
-                sock_addr(s.family, &s.remote_addr, s.remote_port),
-            ) {
+            let local = sock_addr(s.family, &s.local_addr, s.local_port);
+            let remote = sock_addr(s.family, &s.remote_addr, s.remote_port);
+            if let (Some(l), Some(r)) = (local, remote) {
                 if self.tuples.len() >= MAX_CONNECTIONS * 2 {
                     self.tuples.clear();
                 }
                 self.tuples.insert(s.header.sock, (l, r));
+                // The kernel sets pid only on the agent's own sockets.
+                if s.header.pid != 0 && s.header.pid == self.own_pid {
+                    self.own_endpoints.insert(l, s.header.sock);
+                }
             }
-        } else if s.new_state == tcp_state::CLOSE {
-            self.tuples.remove(&s.header.sock);
+        } else if s.new_state == tcp_state::CLOSE
+            && let Some((l, _)) = self.tuples.remove(&s.header.sock)
+            && self.own_endpoints.get(&l) == Some(&s.header.sock)
+        {
+            self.own_endpoints.remove(&l);
         }
+    }
+
+    /// Treats `pid` as the agent (replays of another agent's recording, tests).
+    pub fn set_own_pid(&mut self, pid: u32) {
+        self.own_pid = pid;
     }
 
     /// Ends responses whose end could not be seen once idle, and forgets idle connections.

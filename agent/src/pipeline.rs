@@ -77,6 +77,7 @@ impl Processor {
         self.metrics.connections_evicted.set(self.conns.evicted);
         self.metrics.set_http_rejected(vec![
             ("not_http", s.not_http + self.conns.not_http_undecided),
+            ("agent_own_traffic", self.conns.own_traffic),
             ("header_too_large", s.header_too_large),
             ("bad_framing", s.bad_framing),
             ("truncated_headers", s.truncated_headers),

@@ -228,10 +228,10 @@ pub fn redact_query(q: &str) -> String {
 
 /// "host:port" / "[v6]:port" / "host".
 fn split_host_port(h: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = h.strip_prefix('[') {
-        if let Some((ip, tail)) = rest.split_once(']') {
-            return (ip, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
-        }
+    if let Some(rest) = h.strip_prefix('[')
+        && let Some((ip, tail)) = rest.split_once(']')
+    {
+        return (ip, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
     }
     match h.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),

@@ -6,7 +6,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::{capture::submit, probes::syscalls::mark_pending};
+use crate::{
+    capture::submit,
+    maps::{OWN_SOCKS, self_tgid},
+    probes::syscalls::mark_pending,
+};
 
 const IPPROTO_TCP: u16 = 6;
 
@@ -52,7 +56,12 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let sk: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
     if newstate == i32::from(tcp_state::SYN_SENT) {
         // Process context of connect(): mark that syscall as TCP.
-        mark_pending(bpf_get_current_pid_tgid(), sk, true);
+        let pid_tgid = bpf_get_current_pid_tgid();
+        if (pid_tgid >> 32) as u32 == self_tgid() {
+            let _ = OWN_SOCKS.insert(sk, 1, 0);
+        } else {
+            mark_pending(pid_tgid, sk, true);
+        }
         return Ok(0);
     }
     if newstate != i32::from(tcp_state::ESTABLISHED) && newstate != i32::from(tcp_state::CLOSE) {
@@ -75,14 +84,21 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // Often softirq context: pid/comm are whoever was on the CPU, so they are left out.
+    // Often softirq context: pid/comm are whoever was on the CPU, so they are left out; pid is
+    // set to the agent's own tgid for the agent's own sockets.
+    // SAFETY: the value is copied at once.
+    let own = unsafe { OWN_SOCKS.get(sk).is_some() };
+    if own && newstate == i32::from(tcp_state::CLOSE) {
+        let _ = OWN_SOCKS.remove(sk);
+    }
+    let pid = if own { self_tgid() } else { 0 };
     let ev = SockEvent {
         header: EventHeader {
             kind: kind::TCP_STATE,
             direction: 0,
             syscall: 0,
             side: 0,
-            pid: 0,
+            pid,
             tid: 0,
             fd: -1,
             sock: sk,

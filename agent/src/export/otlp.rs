@@ -197,7 +197,7 @@ impl OtlpExporter {
         let failures = self.metrics.export_requests_failed.get();
         self.metrics.export_requests_failed.inc();
         // Rate-limited: the first failure, then every 100th.
-        if failures % 100 == 0 {
+        if failures.is_multiple_of(100) {
             tracing::warn!(
                 error,
                 spans = count,

@@ -580,6 +580,20 @@ fn cases() -> Vec<Case> {
         )
         .stats(&[("header_too_large", 1)]),
         case(
+            "header too large on a response: end unknown, ends at next status line",
+            vec![
+                q(1, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"),
+                s(2, &cat(&[b"HTTP/1.1 200 OK\r\n", &big_headers[19..]])),
+                s(3, b"body"),
+                s(4, OK5),
+            ],
+            vec![
+                ex("GET", "/1", (1, 1)).resp(200, 2, 3, 0).resp_trunc(),
+                ex("GET", "/2", (1, 1)).resp(200, 4, 4, 5),
+            ],
+        )
+        .stats(&[("header_too_large", 1)]),
+        case(
             "garbage request stream",
             vec![q(1, b"hello world\r\n\r\n"), s(2, OK5), close(3)],
             vec![],
@@ -854,6 +868,14 @@ impl XorShift {
     }
 }
 
+/// Rounds for the randomized tests: `SOCKSPAN_HTTP_FUZZ_ROUNDS` (default `default`).
+fn rounds(default: usize) -> usize {
+    std::env::var("SOCKSPAN_HTTP_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Splits every data event into pieces at the given cut points (same times, so the expected
 /// exchanges are identical).
 fn split_events(evs: &[Ev], mut cuts_for: impl FnMut(usize, usize) -> Vec<usize>) -> Vec<Ev> {
@@ -979,8 +1001,8 @@ fn assert_bounded(out: &[Exchange]) {
 
 #[test]
 fn random_byte_soup_never_panics_or_emits() {
-    let mut rng = XorShift(0xDEAD_BEEF_1234_5678);
-    for round in 0..3000 {
+    let mut rng = XorShift(0xDEAD_BEEF_1234_5678 ^ rounds(0) as u64);
+    for round in 0..rounds(3000) {
         let resync = round % 2 == 1;
         let mut conn = if resync {
             HttpConn::new_resync()
@@ -1018,9 +1040,9 @@ fn random_byte_soup_never_panics_or_emits() {
 
 #[test]
 fn mutated_valid_streams_never_panic() {
-    let mut rng = XorShift(0x0123_4567_89AB_CDEF);
+    let mut rng = XorShift(0x0123_4567_89AB_CDEF ^ rounds(0) as u64);
     let streams = valid_streams();
-    for round in 0..4000 {
+    for round in 0..rounds(4000) {
         let (_, evs) = &streams[round % streams.len()];
         let mut evs = split_events(evs, |_, len| {
             let n = rng.below(4) as usize;
