@@ -18,4 +18,5 @@ pub mod reader;
 pub mod replay;
 pub mod run;
 pub mod span;
+pub mod stitch;
 pub mod telemetry;

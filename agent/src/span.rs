@@ -88,14 +88,11 @@ impl SpanFactory {
     }
 
     pub fn new_trace_id(&mut self) -> [u8; 16] {
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&self.ids.next_nonzero().to_be_bytes());
-        id[8..].copy_from_slice(&self.ids.next_nonzero().to_be_bytes());
-        id
+        self.ids.trace_id()
     }
 
     pub fn new_span_id(&mut self) -> [u8; 8] {
-        self.ids.next_nonzero().to_be_bytes()
+        self.ids.span_id()
     }
 
     pub fn build(&mut self, cx: &ConnExchange, resource: Arc<ProcessInfo>) -> Span {
@@ -281,10 +278,25 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// splitmix64: fast, statistically good ids (not for secrets).
-struct IdGenerator(u64);
+pub struct IdGenerator(u64);
 
 impl IdGenerator {
-    fn from_entropy() -> Self {
+    pub fn seeded(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn trace_id(&mut self) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.next_nonzero().to_be_bytes());
+        id[8..].copy_from_slice(&self.next_nonzero().to_be_bytes());
+        id
+    }
+
+    pub fn span_id(&mut self) -> [u8; 8] {
+        self.next_nonzero().to_be_bytes()
+    }
+
+    pub fn from_entropy() -> Self {
         let mut seed = [0u8; 8];
         let ok = std::fs::File::open("/dev/urandom")
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))

@@ -1,0 +1,246 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::{process::ProcessInfo, span::SpanKind};
+
+fn ep(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[expect(clippy::too_many_arguments, reason = "test fixture mirrors the struct")]
+fn start(
+    conn_id: u64,
+    seq: u64,
+    side: Side,
+    pid: u32,
+    tid: u32,
+    t: u64,
+    target: &str,
+    link: (u16, u16),
+) -> RequestStart {
+    RequestStart {
+        conn_id,
+        seq,
+        side,
+        pid,
+        tid,
+        start_ns: t,
+        method: "GET".into(),
+        target: target.into(),
+        context: None,
+        link: Some((ep(link.0), ep(link.1))),
+        aligned: true,
+        peer: Some(ep(if side == Side::Client { link.1 } else { link.0 })),
+    }
+}
+
+fn done(conn_id: u64, seq: u64, side: Side, t: u64) -> Finished {
+    let resource = Arc::new(ProcessInfo {
+        pid: 1,
+        service_name: "s".into(),
+        executable_name: "s".into(),
+        host_name: "h".into(),
+    });
+    let span = Span {
+        trace_id: [9; 16],
+        span_id: [9; 8],
+        parent_span_id: None,
+        kind: if side == Side::Server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        },
+        name: format!("{conn_id}/{seq}"),
+        start_unix_ns: 0,
+        end_unix_ns: 0,
+        attributes: Vec::new(),
+        error: false,
+        resource,
+    };
+    Finished {
+        span,
+        conn_id,
+        seq,
+        side,
+        end_ns: t,
+    }
+}
+
+fn source(s: &Span) -> Option<&str> {
+    match s.attr("sockspan.parent.source") {
+        Some(AttrValue::Str(v)) => Some(v.as_str()),
+        _ => None,
+    }
+}
+
+/// One step of a scripted stream.
+type Step = Box<dyn FnOnce(&mut Stitcher)>;
+
+fn run(items: Vec<Step>) -> HashMap<String, Span> {
+    let mut st = Stitcher::new(IdGenerator::seeded(7));
+    for f in items {
+        f(&mut st);
+    }
+    let mut out = Vec::new();
+    st.flush(&mut out);
+    out.into_iter().map(|s| (s.name.clone(), s)).collect()
+}
+
+/// curl (pid 1) → A (pid 2, thread 20) → B (pid 3): connection, thread, connection.
+#[test]
+fn chain_across_processes() {
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Client, 1, 10, 100, "/a", (5000, 8000)))),
+        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/a", (5000, 8000)))),
+        Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 120, "/b", (5001, 9000)))),
+        Box::new(|s| s.push_start(start(4, 0, Side::Server, 3, 30, 130, "/b", (5001, 9000)))),
+        Box::new(|s| s.push_done(done(4, 0, Side::Server, 140))),
+        Box::new(|s| s.push_done(done(3, 0, Side::Client, 150))),
+        Box::new(|s| s.push_answering(2, 0, 155)),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 160))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Client, 170))),
+    ]);
+    let (c1, s1, c2, s2) = (&spans["1/0"], &spans["2/0"], &spans["3/0"], &spans["4/0"]);
+    assert_eq!(c1.parent_span_id, None);
+    assert_eq!(s1.parent_span_id, Some(c1.span_id));
+    assert_eq!(source(s1), Some("connection"));
+    assert_eq!(c2.parent_span_id, Some(s1.span_id));
+    assert_eq!(source(c2), Some("thread"));
+    assert_eq!(s2.parent_span_id, Some(c2.span_id));
+    for s in [s1, c2, s2] {
+        assert_eq!(s.trace_id, c1.trace_id);
+    }
+}
+
+/// Items arrive out of order (server read before the client's write event): sorted by time.
+#[test]
+fn reorders_by_timestamp() {
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/a", (5000, 8000)))),
+        Box::new(|s| s.push_start(start(1, 0, Side::Client, 1, 10, 100, "/a", (5000, 8000)))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 160))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Client, 170))),
+    ]);
+    assert_eq!(spans["2/0"].parent_span_id, Some(spans["1/0"].span_id));
+}
+
+#[test]
+fn keep_alive_pairs_by_order() {
+    let mut items: Vec<Step> = Vec::new();
+    for seq in 0..3u64 {
+        let t = 1000 * (seq + 1);
+        items.push(Box::new(move |s| {
+            s.push_start(start(1, seq, Side::Client, 1, 10, t, "/k", (5000, 8000)))
+        }));
+        items.push(Box::new(move |s| {
+            s.push_start(start(2, seq, Side::Server, 2, 20, t + 10, "/k", (5000, 8000)))
+        }));
+        items.push(Box::new(move |s| s.push_done(done(2, seq, Side::Server, t + 20))));
+        items.push(Box::new(move |s| s.push_done(done(1, seq, Side::Client, t + 30))));
+    }
+    let spans = run(items);
+    for seq in 0..3 {
+        assert_eq!(
+            spans[&format!("2/{seq}")].parent_span_id,
+            Some(spans[&format!("1/{seq}")].span_id)
+        );
+    }
+}
+
+#[test]
+fn traceparent_wins() {
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Client, 1, 10, 100, "/a", (5000, 8000)))),
+        Box::new(|s| {
+            let mut r = start(2, 0, Side::Server, 2, 20, 110, "/a", (5000, 8000));
+            r.context = context::parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+            s.push_start(r)
+        }),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 160))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Client, 170))),
+    ]);
+    let s1 = &spans["2/0"];
+    assert_eq!(
+        s1.parent_span_id,
+        Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+    );
+    assert_eq!(s1.trace_id[0], 0x4b);
+    assert_eq!(source(s1), Some("traceparent"));
+}
+
+/// An event loop with two requests in flight on one thread: the thread rule abstains, the
+/// request line decides; with no match, no parent.
+#[test]
+fn event_loop_uses_request_line_or_abstains() {
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/x/r0001abc", (5000, 8000)))),
+        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 101, "/x/r0002bcd", (5001, 8000)))),
+        Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 110, "/x/r0002bcd", (5002, 9000)))),
+        Box::new(|s| s.push_start(start(4, 0, Side::Client, 2, 20, 111, "/other", (5003, 9000)))),
+        Box::new(|s| {
+            s.push_start(start(
+                5,
+                0,
+                Side::Client,
+                2,
+                20,
+                112,
+                "/inventory/r0001abc?x=1",
+                (5004, 9000),
+            ))
+        }),
+        Box::new(|s| s.push_done(done(3, 0, Side::Client, 150))),
+        Box::new(|s| s.push_done(done(4, 0, Side::Client, 151))),
+        Box::new(|s| s.push_done(done(5, 0, Side::Client, 152))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Server, 160))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 161))),
+    ]);
+    assert_eq!(spans["3/0"].parent_span_id, Some(spans["2/0"].span_id));
+    assert_eq!(source(&spans["3/0"]), Some("proxy"));
+    assert_eq!(source(&spans["4/0"]), None);
+    assert_eq!(spans["4/0"].parent_span_id, None);
+    assert_eq!(spans["5/0"].parent_span_id, Some(spans["1/0"].span_id));
+}
+
+/// A server that already began answering is no longer the context of its thread's calls.
+#[test]
+fn answered_request_is_not_a_parent() {
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/a", (5000, 8000)))),
+        Box::new(|s| s.push_answering(1, 0, 105)),
+        Box::new(|s| s.push_start(start(2, 0, Side::Client, 2, 20, 110, "/background", (5001, 9000)))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Server, 120))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Client, 130))),
+    ]);
+    assert_eq!(spans["2/0"].parent_span_id, None);
+}
+
+#[test]
+fn retries_carry_resend_count() {
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/a", (5000, 8000)))),
+        Box::new(|s| s.push_start(start(2, 0, Side::Client, 2, 20, 110, "/slow", (5001, 9000)))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Client, 120))),
+        Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 130, "/slow", (5002, 9000)))),
+        Box::new(|s| s.push_done(done(3, 0, Side::Client, 140))),
+        Box::new(|s| s.push_start(start(4, 0, Side::Client, 2, 20, 150, "/slow", (5003, 9000)))),
+        Box::new(|s| s.push_done(done(4, 0, Side::Client, 160))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Server, 170))),
+    ]);
+    assert_eq!(spans["2/0"].attr("http.request.resend_count"), None);
+    assert_eq!(spans["3/0"].attr("http.request.resend_count"), Some(&AttrValue::Int(1)));
+    assert_eq!(spans["4/0"].attr("http.request.resend_count"), Some(&AttrValue::Int(2)));
+}
+
+#[test]
+fn release_waits_for_the_reorder_window() {
+    let mut st = Stitcher::new(IdGenerator::seeded(1));
+    st.push_start(start(1, 0, Side::Client, 1, 10, 1_000_000_000, "/a", (5000, 8000)));
+    st.push_done(done(1, 0, Side::Client, 1_001_000_000));
+    let mut out = Vec::new();
+    st.release(1_001_000_000, &mut out);
+    assert!(out.is_empty(), "held within the window");
+    st.release(2_000_000_000, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(st.in_flight(), 0);
+}
