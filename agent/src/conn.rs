@@ -5,7 +5,7 @@
 //! comes from the kernel's ESTABLISHED event for the socket, or, for connections that predate
 //! the agent, from /proc once.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -13,7 +13,7 @@ use agent_common::{AF_INET, AF_INET6, SockEvent, direction, side, tcp_state};
 
 use crate::{
     decode::Event,
-    http::{Chunk, Exchange, HttpConn, HttpStats, looks_like_request, looks_like_response},
+    http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,21 +24,65 @@ pub enum Side {
     Client,
 }
 
-/// An exchange with the facts of the connection it happened on.
+/// What the connection stage reports, in stream order.
 #[derive(Debug)]
-pub struct ConnExchange {
-    pub exchange: Exchange,
+pub enum ConnOutput {
+    /// A request's headers were parsed: it is in flight.
+    Started(ConnStart),
+    /// A server began writing its answer to request `seq`.
+    Answering { conn_id: u64, seq: u64, ts_ns: u64 },
+    /// A request and its response (or none) are complete.
+    Exchange(ConnExchange),
+}
+
+/// Facts of the connection an HTTP message travelled on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnFacts {
+    /// Unique for the agent's lifetime.
+    pub conn_id: u64,
     pub side: Side,
     pub pid: u32,
     pub comm: [u8; 16],
     pub sock: u64,
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
-    /// 0-based index of this exchange on its connection (pairs both ends of a keep-alive link).
-    pub seq: u64,
+    /// Seen from its first byte with a kernel-reported 4-tuple: request numbers on both ends of
+    /// the connection agree, so the two ends can be paired by order.
+    pub aligned: bool,
+}
+
+impl ConnFacts {
+    /// (client endpoint, server endpoint): the same from both ends of a connection.
+    pub fn link(&self) -> Option<(SocketAddr, SocketAddr)> {
+        match (self.local, self.remote, self.side) {
+            (Some(l), Some(r), Side::Client) => Some((l, r)),
+            (Some(l), Some(r), Side::Server) => Some((r, l)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ConnStart {
+    pub request: Request,
+    pub facts: ConnFacts,
+}
+
+/// An exchange with the facts of the connection it happened on.
+#[derive(Debug)]
+pub struct ConnExchange {
+    pub exchange: Exchange,
+    pub facts: ConnFacts,
+    /// Emitted because the agent is stopping, not because the connection ended.
+    pub at_shutdown: bool,
 }
 
 struct Connection {
+    id: u64,
+    pid: u32,
+    aligned: bool,
+    /// Started requests not yet being answered (server side), oldest first.
+    unanswered: VecDeque<u64>,
     sock: u64,
     side: Option<Side>,
     http: HttpConn,
@@ -46,7 +90,6 @@ struct Connection {
     local: Option<SocketAddr>,
     remote: Option<SocketAddr>,
     last_activity_ns: u64,
-    exchanges: u64,
     undecided_chunks: u32,
     /// The peer is the agent itself: never parsed, never a span.
     own: bool,
@@ -54,6 +97,8 @@ struct Connection {
 
 /// Chunks looked at before a connection of unknown side is declared not HTTP.
 const MAX_UNDECIDED_CHUNKS: u32 = 8;
+/// Server requests remembered as "not yet answered" per connection (pipelining depth).
+const MAX_UNANSWERED: usize = 256;
 /// Connections tracked at once; the least recently active are evicted beyond this.
 const MAX_CONNECTIONS: usize = 65536;
 
@@ -111,13 +156,13 @@ impl ConnTable {
         self.conns.is_empty()
     }
 
-    pub fn on_event(&mut self, ev: &Event<'_>, out: &mut Vec<ConnExchange>) {
+    pub fn on_event(&mut self, ev: &Event<'_>, out: &mut Vec<ConnOutput>) {
         match ev {
             Event::TcpState(s) => self.on_state(s),
             Event::Close(s) => {
                 let key = (s.header.pid, s.header.fd);
                 if let Some(mut c) = self.conns.remove(&key) {
-                    close(&mut c, key.0, s.header.ts_exit_ns, &mut self.http_stats, out);
+                    c.close(s.header.ts_exit_ns, false, &mut self.http_stats, out);
                 }
             }
             Event::Data { header: h, payload, .. } => {
@@ -128,7 +173,7 @@ impl ConnTable {
                 {
                     // The fd now names another socket: the old connection ended unseen.
                     let at = old.last_activity_ns;
-                    close(&mut old, key.0, at, &mut self.http_stats, out);
+                    old.close(at, false, &mut self.http_stats, out);
                 }
                 if !self.conns.contains_key(&key) {
                     if self.conns.len() >= MAX_CONNECTIONS {
@@ -149,7 +194,7 @@ impl ConnTable {
                     if ingress {
                         let mut ex = Vec::new();
                         c.http.on_close(h.ts_exit_ns, &mut ex, &mut self.http_stats);
-                        emit(c, key.0, ex, out);
+                        c.emit(ex, false, out);
                     }
                     return;
                 }
@@ -175,17 +220,26 @@ impl ConnTable {
                     first_ns,
                     last_ns,
                 };
-                let requests = matches!(
-                    (c.side, ingress),
-                    (Some(Side::Server), true) | (Some(Side::Client), false)
-                );
                 let mut ex = Vec::new();
-                if requests {
-                    c.http.on_request_chunk(&chunk, &mut ex, &mut self.http_stats);
-                } else {
-                    c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats);
+                match (c.side, ingress) {
+                    (Some(Side::Server), true) | (Some(Side::Client), false) => {
+                        c.http.on_request_chunk(&chunk, &mut ex, &mut self.http_stats);
+                        c.report_started(out);
+                    }
+                    (Some(Side::Server), false) => {
+                        // The server writes: it is answering its oldest unanswered request.
+                        if let Some(seq) = c.unanswered.pop_front() {
+                            out.push(ConnOutput::Answering {
+                                conn_id: c.id,
+                                seq,
+                                ts_ns: first_ns,
+                            });
+                        }
+                        c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats);
+                    }
+                    _ => c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats),
                 }
-                emit(c, key.0, ex, out);
+                c.emit(ex, false, out);
             }
         }
     }
@@ -197,8 +251,9 @@ impl ConnTable {
             side::CONNECTED => Some(Side::Client),
             _ => None,
         };
-        let (local, remote) = match self.tuples.get(&sock) {
-            Some(&(l, r)) => (Some(l), Some(r)),
+        let from_kernel = self.tuples.get(&sock).copied();
+        let (local, remote) = match from_kernel {
+            Some((l, r)) => (Some(l), Some(r)),
             None if !self.proc_root.is_empty() => {
                 tuple_from_proc(&self.proc_root, pid, fd).map_or((None, None), |(l, r)| (Some(l), Some(r)))
             }
@@ -216,6 +271,10 @@ impl ConnTable {
             self.own_traffic += 1;
         }
         Connection {
+            id: self.opened,
+            pid,
+            aligned: side.is_some() && from_kernel.is_some(),
+            unanswered: VecDeque::new(),
             sock,
             side,
             http,
@@ -223,7 +282,6 @@ impl ConnTable {
             local,
             remote,
             last_activity_ns: 0,
-            exchanges: 0,
             undecided_chunks: 0,
             own,
         }
@@ -257,12 +315,12 @@ impl ConnTable {
     }
 
     /// Ends responses whose end could not be seen once idle, and forgets idle connections.
-    pub fn tick(&mut self, now_ns: u64, idle_flush_ns: u64, idle_evict_ns: u64, out: &mut Vec<ConnExchange>) {
+    pub fn tick(&mut self, now_ns: u64, idle_flush_ns: u64, idle_evict_ns: u64, out: &mut Vec<ConnOutput>) {
         let mut gone = Vec::new();
         for (key, c) in self.conns.iter_mut() {
             let mut ex = Vec::new();
             c.http.flush_idle(now_ns, idle_flush_ns, &mut ex, &mut self.http_stats);
-            emit(c, key.0, ex, out);
+            c.emit(ex, false, out);
             if now_ns.saturating_sub(c.last_activity_ns) > idle_evict_ns || c.http.is_dead() {
                 gone.push(*key);
             }
@@ -273,20 +331,21 @@ impl ConnTable {
                     self.evicted += 1;
                 }
                 let at = c.last_activity_ns;
-                close(&mut c, key.0, at, &mut self.http_stats, out);
+                c.close(at, false, &mut self.http_stats, out);
             }
         }
     }
 
-    /// Ends every connection (shutdown): requests still unanswered come out without response.
-    pub fn close_all(&mut self, out: &mut Vec<ConnExchange>) {
-        for ((pid, _), mut c) in std::mem::take(&mut self.conns) {
+    /// Ends every connection because the agent stops: requests still in flight come out
+    /// without a response, marked as cut short by the shutdown.
+    pub fn close_all(&mut self, out: &mut Vec<ConnOutput>) {
+        for (_, mut c) in std::mem::take(&mut self.conns) {
             let at = c.last_activity_ns;
-            close(&mut c, pid, at, &mut self.http_stats, out);
+            c.close(at, true, &mut self.http_stats, out);
         }
     }
 
-    fn evict_oldest(&mut self, out: &mut Vec<ConnExchange>) {
+    fn evict_oldest(&mut self, out: &mut Vec<ConnOutput>) {
         if let Some(key) = self
             .conns
             .iter()
@@ -296,33 +355,66 @@ impl ConnTable {
         {
             self.evicted += 1;
             let at = c.last_activity_ns;
-            close(&mut c, key.0, at, &mut self.http_stats, out);
+            c.close(at, false, &mut self.http_stats, out);
         }
     }
 }
 
-fn close(c: &mut Connection, pid: u32, at_ns: u64, stats: &mut HttpStats, out: &mut Vec<ConnExchange>) {
-    let mut ex = Vec::new();
-    if c.side.is_some() {
-        c.http.on_close(at_ns, &mut ex, stats);
-    }
-    emit(c, pid, ex, out);
-}
-
-fn emit(c: &mut Connection, pid: u32, exchanges: Vec<Exchange>, out: &mut Vec<ConnExchange>) {
-    let Some(side) = c.side else { return };
-    for exchange in exchanges {
-        out.push(ConnExchange {
-            exchange,
+impl Connection {
+    fn facts(&self, side: Side) -> ConnFacts {
+        ConnFacts {
+            conn_id: self.id,
             side,
-            pid,
-            comm: c.comm,
-            sock: c.sock,
-            local: c.local,
-            remote: c.remote,
-            seq: c.exchanges,
-        });
-        c.exchanges += 1;
+            pid: self.pid,
+            comm: self.comm,
+            sock: self.sock,
+            local: self.local,
+            remote: self.remote,
+            aligned: self.aligned,
+        }
+    }
+
+    fn close(&mut self, at_ns: u64, at_shutdown: bool, stats: &mut HttpStats, out: &mut Vec<ConnOutput>) {
+        let mut ex = Vec::new();
+        if self.side.is_some() && !self.own {
+            self.http.on_close(at_ns, &mut ex, stats);
+            self.report_started(out);
+        }
+        self.emit(ex, at_shutdown, out);
+    }
+
+    /// Reports requests whose headers just became complete.
+    fn report_started(&mut self, out: &mut Vec<ConnOutput>) {
+        let Some(side) = self.side else { return };
+        let mut started = Vec::new();
+        self.http.take_started(&mut started);
+        for request in started {
+            if side == Side::Server {
+                if self.unanswered.len() >= MAX_UNANSWERED {
+                    self.unanswered.pop_front();
+                }
+                self.unanswered.push_back(request.seq);
+            }
+            out.push(ConnOutput::Started(ConnStart {
+                request,
+                facts: self.facts(side),
+            }));
+        }
+    }
+
+    fn emit(&mut self, exchanges: Vec<Exchange>, at_shutdown: bool, out: &mut Vec<ConnOutput>) {
+        let Some(side) = self.side else { return };
+        for exchange in exchanges {
+            let seq = exchange.request.seq;
+            if let Some(i) = self.unanswered.iter().position(|&s| s == seq) {
+                self.unanswered.remove(i);
+            }
+            out.push(ConnOutput::Exchange(ConnExchange {
+                exchange,
+                facts: self.facts(side),
+                at_shutdown,
+            }));
+        }
     }
 }
 

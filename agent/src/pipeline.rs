@@ -5,12 +5,13 @@ use std::{io::Write, sync::Arc, time::Duration};
 use tokio::sync::mpsc;
 
 use crate::{
-    conn::{ConnExchange, ConnTable},
+    conn::{ConnOutput, ConnTable},
     decode::decode,
     export::{PrintFormat, Printer},
     process::ProcessTable,
     reader::RawBatch,
     span::{Span, SpanFactory, monotonic_ns},
+    stitch::{self, Finished, RequestStart, Stitcher},
     telemetry::Metrics,
 };
 
@@ -25,18 +26,33 @@ pub struct Processor {
     pub conns: ConnTable,
     procs: ProcessTable,
     spans: SpanFactory,
+    pub stitcher: Stitcher,
     metrics: Arc<Metrics>,
-    exchanges: Vec<ConnExchange>,
+    outputs: Vec<ConnOutput>,
+    /// Monotonic clock for the reorder window (a replay uses a stopped clock: event time only).
+    clock: fn() -> u64,
 }
 
 impl Processor {
     pub fn new(conns: ConnTable, procs: ProcessTable, spans: SpanFactory, metrics: Arc<Metrics>) -> Self {
+        let stitcher = Stitcher::new(crate::span::IdGenerator::from_entropy());
         Self {
             conns,
             procs,
             spans,
+            stitcher,
             metrics,
-            exchanges: Vec::new(),
+            outputs: Vec::new(),
+            clock: monotonic_ns,
+        }
+    }
+
+    /// For replays and benchmarks: deterministic ids, event time only.
+    pub fn offline(conns: ConnTable, spans: SpanFactory, metrics: Arc<Metrics>) -> Self {
+        Self {
+            stitcher: Stitcher::new(crate::span::IdGenerator::seeded(1)),
+            clock: || 0,
+            ..Self::new(conns, ProcessTable::new(), spans, metrics)
         }
     }
 
@@ -44,7 +60,7 @@ impl Processor {
     pub fn process(&mut self, batch: &RawBatch, out: &mut Vec<Span>) {
         for record in batch.iter() {
             match decode(record) {
-                Ok(ev) => self.conns.on_event(&ev, &mut self.exchanges),
+                Ok(ev) => self.conns.on_event(&ev, &mut self.outputs),
                 Err(e) => {
                     self.metrics.events_decode_failed.inc();
                     tracing::debug!(reason = e.reason(), error = %e, "Dropped an undecodable event");
@@ -57,18 +73,66 @@ impl Processor {
     /// Idle work: ends responses whose end can't be seen, forgets silent connections.
     pub fn tick(&mut self, now_mono_ns: u64, out: &mut Vec<Span>) {
         self.conns
-            .tick(now_mono_ns, IDLE_FLUSH_NS, IDLE_EVICT_NS, &mut self.exchanges);
+            .tick(now_mono_ns, IDLE_FLUSH_NS, IDLE_EVICT_NS, &mut self.outputs);
         self.build_spans(out);
         self.publish_stats();
     }
 
+    /// Ends everything (shutdown, end of a replay): in-flight requests come out marked
+    /// incomplete, so no exported span points at a parent that is never exported.
+    pub fn finish(&mut self, out: &mut Vec<Span>) {
+        self.conns.close_all(&mut self.outputs);
+        self.build_spans(out);
+        let before = out.len();
+        self.stitcher.flush(out);
+        self.metrics.spans_created.add((out.len() - before) as u64);
+        self.publish_stats();
+    }
+
+    /// Feeds the connection stage's outputs to the stitcher, then takes what it released.
     fn build_spans(&mut self, out: &mut Vec<Span>) {
-        self.metrics.exchanges.add(self.exchanges.len() as u64);
-        for cx in self.exchanges.drain(..) {
-            let resource = self.procs.get(cx.pid, &cx.comm);
-            out.push(self.spans.build(&cx, resource));
+        for o in self.outputs.drain(..) {
+            match o {
+                ConnOutput::Started(s) => {
+                    let r = &s.request;
+                    self.stitcher.push_start(RequestStart {
+                        conn_id: s.facts.conn_id,
+                        seq: r.seq,
+                        side: s.facts.side,
+                        pid: s.facts.pid,
+                        tid: r.first_tid,
+                        start_ns: r.first_ns,
+                        context: stitch::extract(r),
+                        link: s.facts.link(),
+                        aligned: s.facts.aligned,
+                        peer: s.facts.remote,
+                        method: s.request.method,
+                        target: s.request.target,
+                    });
+                }
+                ConnOutput::Answering { conn_id, seq, ts_ns } => self.stitcher.push_answering(conn_id, seq, ts_ns),
+                ConnOutput::Exchange(cx) => {
+                    self.metrics.exchanges.inc();
+                    let resource = self.procs.get(cx.facts.pid, &cx.facts.comm);
+                    let end_ns = cx
+                        .exchange
+                        .response
+                        .as_ref()
+                        .map_or(cx.exchange.request.last_ns, |r| r.last_ns);
+                    let span = self.spans.build(&cx, resource);
+                    self.stitcher.push_done(Finished {
+                        span,
+                        conn_id: cx.facts.conn_id,
+                        seq: cx.exchange.request.seq,
+                        side: cx.facts.side,
+                        end_ns,
+                    });
+                }
+            }
         }
-        self.metrics.spans_created.add(out.len() as u64);
+        let before = out.len();
+        self.stitcher.release((self.clock)(), out);
+        self.metrics.spans_created.add((out.len() - before) as u64);
     }
 
     pub fn publish_stats(&self) {
@@ -148,7 +212,9 @@ pub async fn run(
         }
         sinks.send(spans);
     }
-    processor.publish_stats();
+    let mut spans = Vec::new();
+    processor.finish(&mut spans);
+    sinks.send(spans);
     if let Some(w) = &mut record {
         let _ = w.flush();
     }

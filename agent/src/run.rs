@@ -143,9 +143,8 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
     let batches = crate::replay::read_recording(std::io::BufReader::new(file), 1024)
         .with_context(|| format!("read {}", path.display()))?;
     let metrics = Metrics::new();
-    let mut processor = Processor::new(
+    let mut processor = Processor::offline(
         ConnTable::without_proc(),
-        ProcessTable::new(),
         SpanFactory::new(SpanOptions::default()),
         metrics.clone(),
     );
@@ -156,7 +155,7 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
         sinks.send(spans);
     }
     let mut spans = Vec::new();
-    processor.tick(u64::MAX / 2, &mut spans);
+    processor.finish(&mut spans);
     sinks.send(spans);
     eprintln!("{}", metrics.summary());
     Ok(())
@@ -168,9 +167,8 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
     let mut best: Option<(f64, usize, usize)> = None;
     for _ in 0..rounds.max(1) {
         let metrics = Metrics::new();
-        let mut processor = Processor::new(
+        let mut processor = Processor::offline(
             ConnTable::without_proc(),
-            ProcessTable::new(),
             SpanFactory::deterministic(SpanOptions::default(), 0, 1),
             metrics,
         );
@@ -186,6 +184,7 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
             }
         }
         processor.process(&batch, &mut spans);
+        processor.finish(&mut spans);
         let secs = start.elapsed().as_secs_f64();
         if best.is_none_or(|(b, _, _)| secs < b) {
             best = Some((secs, stream.len(), spans.len()));

@@ -12,6 +12,7 @@ use crate::{
 pub enum AttrValue {
     Str(String),
     Int(i64),
+    Bool(bool),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +99,8 @@ impl SpanFactory {
     pub fn build(&mut self, cx: &ConnExchange, resource: Arc<ProcessInfo>) -> Span {
         let req = &cx.exchange.request;
         let resp = cx.exchange.response.as_ref();
-        let kind = match cx.side {
+        let f = &cx.facts;
+        let kind = match f.side {
             Side::Server => SpanKind::Server,
             Side::Client => SpanKind::Client,
         };
@@ -125,14 +127,14 @@ impl SpanFactory {
             SpanKind::Server => {
                 let addr = host
                     .map(|(h, _)| h.to_owned())
-                    .or_else(|| cx.local.map(|l| l.ip().to_string()));
+                    .or_else(|| f.local.map(|l| l.ip().to_string()));
                 if let Some(a) = addr {
                     attrs.push(("server.address", AttrValue::Str(a)));
                 }
-                if let Some(port) = cx.local.map(|l| l.port()).or_else(|| host.and_then(|(_, p)| p)) {
+                if let Some(port) = f.local.map(|l| l.port()).or_else(|| host.and_then(|(_, p)| p)) {
                     attrs.push(("server.port", AttrValue::Int(i64::from(port))));
                 }
-                if let Some(r) = cx.remote {
+                if let Some(r) = f.remote {
                     attrs.push(("client.address", AttrValue::Str(r.ip().to_string())));
                     attrs.push(("client.port", AttrValue::Int(i64::from(r.port()))));
                 }
@@ -140,16 +142,16 @@ impl SpanFactory {
             SpanKind::Client => {
                 let addr = host
                     .map(|(h, _)| h.to_owned())
-                    .or_else(|| cx.remote.map(|r| r.ip().to_string()));
+                    .or_else(|| f.remote.map(|r| r.ip().to_string()));
                 if let Some(a) = addr {
                     attrs.push(("server.address", AttrValue::Str(a)));
                 }
-                if let Some(port) = cx.remote.map(|r| r.port()).or_else(|| host.and_then(|(_, p)| p)) {
+                if let Some(port) = f.remote.map(|r| r.port()).or_else(|| host.and_then(|(_, p)| p)) {
                     attrs.push(("server.port", AttrValue::Int(i64::from(port))));
                 }
             }
         }
-        if let Some(r) = cx.remote {
+        if let Some(r) = f.remote {
             push_peer(&mut attrs, r);
         }
         if let Some(ua) = &req.user_agent {
@@ -171,6 +173,10 @@ impl SpanFactory {
                     error = true;
                     attrs.push(("error.type", AttrValue::Str(r.status.to_string())));
                 }
+            }
+            None if cx.at_shutdown => {
+                // Still in flight when the agent stopped: not a failure of the service.
+                attrs.push(("sockspan.incomplete", AttrValue::Bool(true)));
             }
             None => {
                 error = true;

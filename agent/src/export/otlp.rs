@@ -237,6 +237,7 @@ fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
                 match v {
                     AttrValue::Str(s) => Value::from(s),
                     AttrValue::Int(i) => Value::I64(i),
+                    AttrValue::Bool(b) => Value::Bool(b),
                 },
             )
         })

@@ -52,6 +52,7 @@ fn attr_str(span: &Span, key: &str) -> String {
     match span.attr(key) {
         Some(AttrValue::Str(s)) => s.clone(),
         Some(AttrValue::Int(i)) => i.to_string(),
+        Some(AttrValue::Bool(b)) => b.to_string(),
         None => "-".to_owned(),
     }
 }
@@ -113,6 +114,7 @@ fn attr_json(v: &AttrValue) -> Value {
     match v {
         AttrValue::Str(s) => Value::String(s.clone()),
         AttrValue::Int(i) => Value::from(*i),
+        AttrValue::Bool(b) => Value::Bool(*b),
     }
 }
 

@@ -116,6 +116,9 @@ impl Body {
                 }
             }
             Body::UntilClose => (gap, GapOutcome::More),
+            // A gap may also cover the CRLF that ends chunk data: those bytes are fixed, so
+            // the stream stays in sync when the gap ends right after them (a writer that
+            // sends each chunk as one syscall: size line, data, CRLF).
             Body::Chunked(st) => match *st {
                 Chunked::Data { remaining } => {
                     if gap < remaining {
@@ -123,17 +126,119 @@ impl Body {
                             remaining: remaining - gap,
                         };
                         (gap, GapOutcome::More)
-                    } else if gap == remaining {
-                        *st = Chunked::DataEnd { seen_cr: false };
-                        (gap, GapOutcome::More)
                     } else {
-                        (remaining, GapOutcome::LostSync)
+                        match data_end_gap(false, gap - remaining) {
+                            Some(next) => {
+                                *st = next;
+                                (remaining, GapOutcome::More)
+                            }
+                            None => (remaining, GapOutcome::LostSync),
+                        }
                     }
                 }
+                Chunked::DataEnd { seen_cr } => match data_end_gap(seen_cr, gap) {
+                    Some(next) => {
+                        *st = next;
+                        (0, GapOutcome::More)
+                    }
+                    None => (0, GapOutcome::LostSync),
+                },
                 _ => (0, GapOutcome::LostSync),
             },
         }
     }
+}
+
+/// State after `gap` unseen bytes in [`Chunked::DataEnd`] (`seen_cr`: its CR was seen):
+/// `None` if the gap reaches past the CRLF (into a chunk-size line).
+fn data_end_gap(seen_cr: bool, gap: u64) -> Option<Chunked> {
+    match (seen_cr, gap) {
+        (_, 0) => Some(Chunked::DataEnd { seen_cr }),
+        (false, 1) => Some(Chunked::DataEnd { seen_cr: true }),
+        (false, 2) | (true, 1) => Some(Chunked::START),
+        _ => None,
+    }
+}
+
+/// Trailer lines accepted by [`last_chunk_start`].
+const MAX_TRAILER_LINES: usize = 64;
+/// Resync points tried by [`find_resync`] before the last-chunk line itself.
+const MAX_RESYNC_CANDIDATES: usize = 32;
+
+/// If `data` ends with a chunked body's end — the last-chunk line (`0`, optional extensions),
+/// optional trailer lines, then an empty line — returns where the last-chunk line starts.
+/// That line must start `data` or follow a line feed (e.g. the CRLF ending chunk data).
+pub(super) fn last_chunk_start(data: &[u8]) -> Option<usize> {
+    let d = data.strip_suffix(b"\n")?;
+    let d = d.strip_suffix(b"\r").unwrap_or(d);
+    // `d` ends with the line feed of the last-chunk line or of the last trailer line.
+    let mut end = d.len();
+    for _ in 0..=MAX_TRAILER_LINES {
+        let nl = end.checked_sub(1)?;
+        if d.get(nl) != Some(&b'\n') {
+            return None;
+        }
+        let head = d.get(..nl)?;
+        let start = head.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let line = head.get(start..)?;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if is_last_chunk_line(line) {
+            return Some(start);
+        }
+        if data.len() - start > MAX_TRAILER_BYTES || !is_trailer_line(line) {
+            return None;
+        }
+        end = start;
+    }
+    None
+}
+
+/// `0` (up to 16 zeros), optionally followed by extensions.
+fn is_last_chunk_line(line: &[u8]) -> bool {
+    let zeros = line.iter().take_while(|&&b| b == b'0').count();
+    (1..=16).contains(&zeros)
+        && line.len() <= MAX_CHUNK_LINE
+        && line.get(zeros).is_none_or(|b| matches!(b, b';' | b' ' | b'\t'))
+}
+
+/// `name: value` (leniently: starts with a visible non-colon byte and has a colon).
+fn is_trailer_line(line: &[u8]) -> bool {
+    line.first().is_some_and(|&b| b.is_ascii_graphic() && b != b':') && line.contains(&b':')
+}
+
+/// Where a chunked parser can restart in `data` (a fully captured chunk whose last-chunk line
+/// starts at `last_chunk`, see [`last_chunk_start`]) so that the body parses to its end: at
+/// the end of `data`, or where a status line (the next response) starts. Tries the start and
+/// each line start before `last_chunk` (at most [`MAX_RESYNC_CANDIDATES`]), earliest first,
+/// then `last_chunk` itself.
+pub(super) fn find_resync(data: &[u8], last_chunk: usize) -> Option<usize> {
+    let line_starts = std::iter::once(0)
+        .chain(
+            data.iter()
+                .take(last_chunk)
+                .enumerate()
+                .filter(|&(_, &b)| b == b'\n')
+                .map(|(i, _)| i + 1),
+        )
+        .filter(|&p| p < last_chunk)
+        .take(MAX_RESYNC_CANDIDATES);
+    line_starts
+        .chain(std::iter::once(last_chunk))
+        .find(|&p| parses_to_end(data.get(p..).unwrap_or_default()))
+}
+
+/// A chunked body starting at `data[0]` ends inside `data`, followed by nothing but line ends
+/// or the (possibly partial) start of a response.
+fn parses_to_end(data: &[u8]) -> bool {
+    let mut body = Body::Chunked(Chunked::START);
+    let fed = body.feed(data);
+    if fed.outcome != Outcome::Done {
+        return false;
+    }
+    let rest = data.get(fed.consumed..).unwrap_or_default();
+    let skip = rest.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    let rest = rest.get(skip..).unwrap_or_default();
+    rest.is_empty() || super::parse::classify_response(rest) != super::parse::Prefix::NoMatch
 }
 
 fn feed_chunked(st: &mut Chunked, data: &[u8]) -> Fed {

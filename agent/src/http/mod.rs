@@ -17,7 +17,15 @@
 //!   mark `headers_truncated`; a request is assumed to have no body and its stream resyncs; a
 //!   response's end becomes unknown (see [`HttpConn::flush_idle`]);
 //! - a gap where framing bytes (chunk-size lines, the next message's start) would be, or bad
-//!   chunked framing → sync lost: the stream skips chunks until one starts with a start line.
+//!   chunked framing → sync lost: a request stream skips chunks until one starts with a
+//!   request line; a response's end becomes unknown. A chunked response whose framing was lost
+//!   also ends at the first fully captured chunk that ends with the last-chunk terminator
+//!   (`0\r\n\r\n`, or `0\r\n` + trailer lines + `\r\n`); when that chunk parses from a
+//!   chunk-size line onward, the chunked parser resumes there instead (so a next response in
+//!   the same chunk is parsed too).
+//!
+//! Requests are numbered ([`Request::seq`]) and can be observed as soon as their headers are
+//! parsed ([`HttpConn::take_started`]), long before their response.
 
 mod body;
 mod parse;
@@ -40,6 +48,9 @@ pub const MAX_METHOD_LEN: usize = 20;
 /// Requests kept waiting for a response per connection; beyond this the oldest is emitted
 /// unanswered (counted `pending_overflow`).
 pub const MAX_PENDING_REQUESTS: usize = 64;
+/// Started requests kept until [`HttpConn::take_started`]; beyond this the oldest is dropped
+/// (counted `started_overflow`).
+pub const MAX_STARTED_REQUESTS: usize = 256;
 
 /// One syscall's worth of bytes on one direction of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +93,12 @@ pub struct Request {
     pub last_ns: u64,
     pub first_tid: u32,
     pub headers_truncated: bool,
+    /// 0-based index of this request on its connection, in stream order, assigned when its
+    /// request line is recognized (pipelined requests get consecutive numbers). Requests that
+    /// are dropped (cut mid-headers by close, abandoned when parsing stops) still consume
+    /// their number, so gaps are possible. For [`HttpConn::new_resync`] connections numbering
+    /// starts at 0 with the first request seen, not with the connection's first request.
+    pub seq: u64,
 }
 
 /// A parsed final response.
@@ -90,7 +107,9 @@ pub struct Response {
     pub status: u16,
     pub version_minor: u8,
     /// Body bytes seen, by length (gaps included; chunked: chunk data only). 0 when the
-    /// headers were truncated (the body's start is unknown).
+    /// headers were truncated (the body's start is unknown). Approximate when the end was
+    /// unknown because chunked framing was lost (or Content-Length was invalid): chunk data
+    /// up to the loss, then every byte the server sent after it (chunked framing included).
     pub body_bytes: u64,
     pub first_ns: u64,
     pub last_ns: u64,
@@ -140,6 +159,8 @@ pub struct HttpStats {
     pub incomplete_at_close: u64,
     /// Requests waiting for a response when the connection stopped being parsed (dropped).
     pub abandoned_requests: u64,
+    /// Started requests dropped from the [`HttpConn::take_started`] queue (not taken in time).
+    pub started_overflow: u64,
 }
 
 impl HttpStats {
@@ -161,6 +182,7 @@ impl HttpStats {
             pending_overflow,
             incomplete_at_close,
             abandoned_requests,
+            started_overflow,
         } = other;
         self.requests += requests;
         self.responses += responses;
@@ -177,6 +199,7 @@ impl HttpStats {
         self.pending_overflow += pending_overflow;
         self.incomplete_at_close += incomplete_at_close;
         self.abandoned_requests += abandoned_requests;
+        self.started_overflow += started_overflow;
     }
 }
 
@@ -206,10 +229,23 @@ enum State {
     /// Skipping a body.
     Body(Body),
     /// Response only: headers were truncated or framing lost; the current response absorbs
-    /// chunks until one starts with a status line, a request starts, close or idle flush.
-    UnknownEnd,
+    /// chunks until one starts with a status line, a request starts, close or idle flush (or,
+    /// for [`Unknown::Chunked`], a chunk ends with the last-chunk terminator).
+    UnknownEnd(Unknown),
     /// Skipping chunks until one starts with a start line.
     Resync,
+}
+
+/// Why a response's end is unknown; decides what later chunks count for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unknown {
+    /// Headers cut or too large: where the body starts is unknown; nothing is counted.
+    Headers,
+    /// Headers complete but the body's length invalid: every later byte is counted.
+    Length,
+    /// Chunked framing lost: every later byte is counted, and a fully captured chunk ending
+    /// with the last-chunk terminator ends the response.
+    Chunked,
 }
 
 /// One direction of a connection.
@@ -224,6 +260,8 @@ struct Stream {
     line_nonempty: bool,
     first_ns: u64,
     first_tid: u32,
+    /// Request stream: sequence number of the current message.
+    seq: u64,
 }
 
 impl Stream {
@@ -235,6 +273,7 @@ impl Stream {
             line_nonempty: false,
             first_ns: 0,
             first_tid: 0,
+            seq: 0,
         }
     }
 
@@ -260,6 +299,11 @@ pub struct HttpConn {
     resp: Stream,
     pending: VecDeque<(u64, Request)>,
     next_id: u64,
+    /// Sequence number of the next request line recognized.
+    next_seq: u64,
+    /// Requests whose headers were parsed, not yet taken (bounded by
+    /// [`MAX_STARTED_REQUESTS`]).
+    started: VecDeque<Request>,
     /// Request whose body is still arriving on the request stream.
     cur_req: Option<u64>,
     /// Response being received.
@@ -293,6 +337,8 @@ impl HttpConn {
             resp: Stream::new(state),
             pending: VecDeque::new(),
             next_id: 0,
+            next_seq: 0,
+            started: VecDeque::new(),
             cur_req: None,
             cur_resp: None,
             dead: false,
@@ -322,7 +368,7 @@ impl HttpConn {
         self.closed = true;
         self.last_activity_ns = self.last_activity_ns.max(ts_ns);
         match self.resp.state {
-            State::Body(Body::UntilClose) | State::UnknownEnd => self.complete_response(out),
+            State::Body(Body::UntilClose) | State::UnknownEnd(_) => self.complete_response(out),
             State::Body(_) => {
                 stats.incomplete_at_close += 1;
                 self.complete_response(out);
@@ -349,7 +395,7 @@ impl HttpConn {
     /// Ends a response whose end could not be known (headers truncated, framing lost) once
     /// nothing arrived on the connection for `idle_ns`.
     pub fn flush_idle(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<Exchange>, _stats: &mut HttpStats) {
-        if self.dead || self.closed || self.resp.state != State::UnknownEnd {
+        if self.dead || self.closed || !matches!(self.resp.state, State::UnknownEnd(_)) {
             return;
         }
         if now_ns.saturating_sub(self.last_activity_ns) >= idle_ns {
@@ -366,6 +412,22 @@ impl HttpConn {
     /// Requests waiting for a response.
     pub fn pending_requests(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Moves out (appends to `out`, in stream order) a copy of each request whose headers were
+    /// parsed since the last call, truncated header sections included: callers learn of a
+    /// request long before its response. The copy holds what was known when its headers
+    /// ended (`body_bytes` 0, `last_ns` = end of the headers); its [`Request::seq`] matches
+    /// the request in the [`Exchange`] emitted later. Requests whose headers never end are
+    /// never reported. Taking right after each `on_*` call sees a start no later than its
+    /// exchange. At most [`MAX_STARTED_REQUESTS`] are kept; older ones are dropped (counted
+    /// `started_overflow`), so a caller not interested should still drain (or ignore the
+    /// counter). Survives `on_close` and the connection dying.
+    pub fn take_started(&mut self, out: &mut Vec<Request>) {
+        out.extend(self.started.drain(..));
+        if self.started.capacity() > 32 {
+            self.started.shrink_to(8);
+        }
     }
 
     fn stream(&self, dir: Dir) -> &Stream {
@@ -405,13 +467,28 @@ impl HttpConn {
                 }
                 self.set_state(dir, State::Start);
             }
-            State::UnknownEnd => {
+            State::UnknownEnd(why) => {
                 if dir == Dir::Resp && looks_like_response(data) {
                     // The unknown-end response ended with the previous chunk.
                     self.complete_response(out);
                     self.set_state(dir, State::Start);
                 } else {
-                    self.touch(dir, c, 0);
+                    let last_chunk = if why == Unknown::Chunked && gap == 0 {
+                        body::last_chunk_start(data)
+                    } else {
+                        None
+                    };
+                    match last_chunk {
+                        Some(at) => self.end_lost_chunked(c, at, out, st),
+                        None => {
+                            let counted = if why == Unknown::Headers {
+                                0
+                            } else {
+                                c.total.max(data.len() as u64)
+                            };
+                            self.touch(dir, c, counted);
+                        }
+                    }
                     return;
                 }
             }
@@ -447,12 +524,23 @@ impl HttpConn {
                 }
                 State::Headers => {
                     pos += self.feed_headers(dir, c, rest, out, st);
-                    if self.dead || matches!(self.stream(dir).state, State::Resync | State::UnknownEnd) {
+                    if self.dead {
                         return false;
+                    }
+                    match self.stream(dir).state {
+                        State::Resync | State::UnknownEnd(Unknown::Headers) => return false,
+                        State::UnknownEnd(_) => {
+                            // The body starts here; the rest of the chunk counts.
+                            let rest_len = (data.len() - pos) as u64 + c.total.saturating_sub(data.len() as u64);
+                            self.touch(dir, c, rest_len);
+                            return false;
+                        }
+                        _ => {}
                     }
                 }
                 State::Body(mut body) => {
                     let fed = body.feed(rest);
+                    let body_start = pos;
                     pos += fed.consumed;
                     self.set_state(dir, State::Body(body));
                     self.touch(dir, c, fed.payload);
@@ -462,12 +550,14 @@ impl HttpConn {
                         Outcome::Done => self.body_done(dir, out),
                         Outcome::Bad => {
                             st.bad_framing += 1;
-                            self.lose_sync(dir, c);
+                            // Every byte from here on counts (the payload fed is counted).
+                            let rest_len = (data.len() - body_start) as u64 + c.total.saturating_sub(data.len() as u64);
+                            self.lose_sync(dir, c, rest_len.saturating_sub(fed.payload));
                             return false;
                         }
                     }
                 }
-                State::UnknownEnd | State::Resync => return false,
+                State::UnknownEnd(_) | State::Resync => return false,
             }
         }
         !self.dead
@@ -560,18 +650,55 @@ impl HttpConn {
                     }
                     GapOutcome::LostSync => {
                         st.sync_lost += 1;
-                        self.lose_sync(dir, c);
+                        self.lose_sync(dir, c, gap - payload);
                     }
                 }
             }
-            State::UnknownEnd | State::Resync => {}
+            State::UnknownEnd(_) | State::Resync => {}
+        }
+    }
+
+    /// A fully captured response chunk in [`Unknown::Chunked`] mode ends with the last-chunk
+    /// terminator (its last-chunk line starts at `last_chunk`): the response ends here. If the
+    /// chunk parses from a chunk-size line onward, the chunked parser resumes there (its bytes
+    /// before that point are counted as body); otherwise the whole chunk is counted. The end
+    /// is a guess (body data may look like a terminator), so the stream then resyncs (waits
+    /// for a chunk starting with a status line) rather than requiring the next chunk to start
+    /// a message, unless it is already parsing a next response found in this chunk.
+    fn end_lost_chunked(&mut self, c: &Chunk<'_>, last_chunk: usize, out: &mut Vec<Exchange>, st: &mut HttpStats) {
+        let data = c.captured;
+        let split = body::find_resync(data, last_chunk).and_then(|p| Some((p, data.get(p..)?)));
+        match split {
+            Some((p, rest)) => {
+                self.touch(Dir::Resp, c, p as u64);
+                self.resp.state = State::Body(Body::Chunked(Chunked::START));
+                let sub = Chunk {
+                    captured: rest,
+                    total: rest.len() as u64,
+                    ..*c
+                };
+                self.feed_captured(Dir::Resp, &sub, out, st);
+                if self.resp.state == State::Start {
+                    self.resp.state = State::Resync;
+                }
+            }
+            None => {
+                self.touch(Dir::Resp, c, data.len() as u64);
+                self.complete_response(out);
+                self.resp.state = State::Resync;
+            }
         }
     }
 
     /// A start line was recognized. A new request ends a response of unknown end: the client
     /// only sends once it got the answer (unless pipelining).
     fn on_message_start(&mut self, dir: Dir, out: &mut Vec<Exchange>) {
-        if dir == Dir::Req && self.resp.state == State::UnknownEnd {
+        if dir != Dir::Req {
+            return;
+        }
+        self.req.seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        if matches!(self.resp.state, State::UnknownEnd(_)) {
             self.complete_response(out);
             self.resp.state = State::Resync;
         }
@@ -670,8 +797,14 @@ impl HttpConn {
             last_ns: c.last_ns,
             first_tid: self.req.first_tid,
             headers_truncated: truncated,
+            seq: self.req.seq,
         };
         st.requests += 1;
+        if self.started.len() >= MAX_STARTED_REQUESTS {
+            self.started.pop_front();
+            st.started_overflow += 1;
+        }
+        self.started.push_back(request.clone());
         if self.pending.len() >= MAX_PENDING_REQUESTS
             && let Some((_, request)) = self.pending.pop_front()
         {
@@ -751,7 +884,7 @@ impl HttpConn {
             return;
         }
         if truncated {
-            self.resp.state = State::UnknownEnd;
+            self.resp.state = State::UnknownEnd(Unknown::Headers);
             return;
         }
         let body = if is_head || status == 204 || status == 304 {
@@ -769,7 +902,7 @@ impl HttpConn {
                 ContentLength::Value(n) => Some(Body::Length { remaining: n }),
                 ContentLength::Invalid => {
                     st.bad_framing += 1;
-                    self.resp.state = State::UnknownEnd;
+                    self.resp.state = State::UnknownEnd(Unknown::Length);
                     return;
                 }
             }
@@ -792,18 +925,20 @@ impl HttpConn {
         self.set_state(dir, State::Start);
     }
 
-    /// Sync lost inside a message: a request ends here (its stream resyncs); a response's end
-    /// becomes unknown.
-    fn lose_sync(&mut self, dir: Dir, c: &Chunk<'_>) {
-        self.touch(dir, c, 0);
+    /// Sync lost inside a (chunked: only those can lose it) body: a request ends here (its
+    /// stream resyncs); a response's end becomes unknown, and `unaccounted` (the chunk's bytes
+    /// after those already counted) is added to its body.
+    fn lose_sync(&mut self, dir: Dir, c: &Chunk<'_>, unaccounted: u64) {
         match dir {
             Dir::Req => {
+                self.touch(dir, c, 0);
                 self.cur_req = None;
                 self.req.state = State::Resync;
             }
             Dir::Resp => {
+                self.touch(dir, c, unaccounted);
                 self.resp.state = if self.cur_resp.is_some() {
-                    State::UnknownEnd
+                    State::UnknownEnd(Unknown::Chunked)
                 } else {
                     State::Resync
                 };

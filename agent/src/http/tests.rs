@@ -103,6 +103,7 @@ struct Ex {
     /// (status, first tick, last tick, body bytes)
     resp: Option<(u16, u64, u64, u64)>,
     resp_trunc: bool,
+    seq: Option<u64>,
 }
 
 fn ex(method: &'static str, target: &'static str, req: (u64, u64)) -> Ex {
@@ -114,6 +115,7 @@ fn ex(method: &'static str, target: &'static str, req: (u64, u64)) -> Ex {
         req_trunc: false,
         resp: None,
         resp_trunc: false,
+        seq: None,
     }
 }
 impl Ex {
@@ -131,6 +133,10 @@ impl Ex {
     }
     fn resp_trunc(mut self) -> Self {
         self.resp_trunc = true;
+        self
+    }
+    fn seq(mut self, n: u64) -> Self {
+        self.seq = Some(n);
         self
     }
 }
@@ -152,6 +158,7 @@ fn stat(s: &HttpStats, name: &str) -> u64 {
         "pending_overflow" => s.pending_overflow,
         "incomplete_at_close" => s.incomplete_at_close,
         "abandoned_requests" => s.abandoned_requests,
+        "started_overflow" => s.started_overflow,
         other => panic!("unknown stat {other}"),
     }
 }
@@ -207,6 +214,9 @@ fn check(c: &Case) {
         assert_eq!(r.first_tid, tid(w.req.0), "{ctx}");
         assert_eq!(r.body_bytes, w.req_body, "{ctx}");
         assert_eq!(r.headers_truncated, w.req_trunc, "{ctx}");
+        if let Some(seq) = w.seq {
+            assert_eq!(r.seq, seq, "{ctx}");
+        }
         match (&g.response, w.resp) {
             (None, None) => {}
             (Some(p), Some((status, f, l, body))) => {
@@ -303,9 +313,9 @@ fn cases() -> Vec<Case> {
             "pipelining: 3 requests in one chunk, responses in one chunk",
             vec![q(1, &pipelined_reqs), s(2, &pipelined_resps), close(9)],
             vec![
-                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 2),
-                ex("POST", "/2", (1, 1)).req_body(3).resp(201, 2, 2, 3),
-                ex("HEAD", "/3", (1, 1)).resp(200, 2, 2, 0),
+                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 2).seq(0),
+                ex("POST", "/2", (1, 1)).req_body(3).resp(201, 2, 2, 3).seq(1),
+                ex("HEAD", "/3", (1, 1)).resp(200, 2, 2, 0).seq(2),
             ],
         ),
         case(
@@ -329,9 +339,9 @@ fn cases() -> Vec<Case> {
                 ),
             ],
             vec![
-                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 0),
-                ex("GET", "/2", (1, 1)).resp(201, 4, 4, 0),
-                ex("GET", "/3", (3, 3)).resp(202, 4, 4, 0),
+                ex("GET", "/1", (1, 1)).resp(200, 2, 2, 0).seq(0),
+                ex("GET", "/2", (1, 1)).resp(201, 4, 4, 0).seq(1),
+                ex("GET", "/3", (3, 3)).resp(202, 4, 4, 0).seq(2),
             ],
         ),
         {
@@ -426,7 +436,8 @@ fn cases() -> Vec<Case> {
                 s(3, b"more"),
                 close(9),
             ],
-            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 2)],
+            // 2 bytes of chunk data, then every byte after the loss (gap and "more").
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 2 + (200 - 52) + 4)],
         )
         .stats(&[("sync_lost", 1)]),
         case(
@@ -679,7 +690,7 @@ fn cases() -> Vec<Case> {
                 q(4, GET),
                 s(5, OK5),
             ],
-            vec![ex("GET", "/a?x=1", (4, 4)).resp(200, 5, 5, 5)],
+            vec![ex("GET", "/a?x=1", (4, 4)).resp(200, 5, 5, 5).seq(0)],
         )
         .stats(&[
             ("resync_skipped_chunks", 2),
@@ -722,9 +733,21 @@ fn cases() -> Vec<Case> {
                 s(3, b"junk"),
                 s(4, OK5),
             ],
-            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 0)],
+            // Bytes from the bad framing on: "zz\r\n" and "junk".
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 8)],
         )
         .stats(&[("bad_framing", 1), ("unmatched_responses", 1)]),
+        case(
+            "bad Content-Length on response: end unknown, later bytes counted",
+            vec![
+                q(1, GET),
+                s(2, b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\nabc"),
+                sg(3, b"defg", 10),
+                close(9),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 13)],
+        )
+        .stats(&[("bad_framing", 1)]),
         case(
             "next message starting inside a gap loses sync",
             vec![
@@ -743,7 +766,256 @@ fn cases() -> Vec<Case> {
             ],
         )
         .stats(&[("sync_lost", 1)]),
+        case(
+            "chunked: gap ending right after the data's CRLF stays in sync",
+            vec![
+                q(1, GET),
+                sg(
+                    2,
+                    &cat(&[CHUNKED_HEAD, b"5\r\nab"]),
+                    CHUNKED_HEAD.len() as u64 + 3 + 5 + 2,
+                ),
+                sg(3, b"3\r\nxy", 7),
+                s(4, b"\n0\r\n\r\n"),
+            ],
+            vec![ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 4, 8)],
+        )
+        .stats(&[("sync_lost", 0)]),
+        case(
+            "lost chunked: a chunk with a gap never ends the response",
+            vec![
+                q(1, GET),
+                sg(2, &cat(&[CHUNKED_HEAD, b"2\r\nxx"]), 500),
+                sg(3, b"\r\n0\r\n\r\n", 10),
+                q(4, GET),
+                s(5, OK5),
+            ],
+            vec![
+                ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 2 + (500 - 52) + 10),
+                ex("GET", "/a?x=1", (4, 4)).resp(200, 5, 5, 5),
+            ],
+        )
+        .stats(&[("sync_lost", 1)]),
+        case(
+            "lost chunked: only a chunk ending with the terminator ends the response",
+            vec![
+                q(1, GET),
+                sg(2, &cat(&[CHUNKED_HEAD, b"2\r\nxx"]), 500),
+                s(3, b"5\r\nhello\r\n"),
+                s(4, b"0\r\n\r\n\r\n"),
+                s(5, b"10\r\n\r\n"),
+                s(6, b"x0\r\n\r\n"),
+                s(7, b"1\r\nz\r\n0\r\n\r\n"),
+                q(8, GET),
+                s(9, OK5),
+            ],
+            vec![
+                // Resyncs at "1\r\n": 1 byte of chunk data.
+                ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 7, 2 + (500 - 52) + 10 + 7 + 6 + 6 + 1),
+                ex("GET", "/a?x=1", (8, 8)).resp(200, 9, 9, 5),
+            ],
+        )
+        .stats(&[("sync_lost", 1), ("unmatched_responses", 0)]),
+        case(
+            "lost chunked: final chunk holds the terminator and the next response",
+            vec![
+                q(1, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"),
+                sg(2, &cat(&[CHUNKED_HEAD, b"2\r\nxx"]), 500),
+                s(3, &cat(&[b"\r\n0\r\n\r\n", CHUNKED_HEAD, b"3\r\nabc\r\n0\r\n\r\n"])),
+                q(4, GET),
+                s(5, OK5),
+            ],
+            vec![
+                ex("GET", "/1", (1, 1)).resp(200, 2, 3, 2 + (500 - 52) + 2).seq(0),
+                ex("GET", "/2", (1, 1)).resp(200, 3, 3, 3).seq(1),
+                ex("GET", "/a?x=1", (4, 4)).resp(200, 5, 5, 5).seq(2),
+            ],
+        )
+        .stats(&[("sync_lost", 1), ("responses", 3)]),
+        case(
+            "lost chunked: trailer-less terminator with extension, bare LF",
+            vec![
+                q(1, GET),
+                sg(2, &cat(&[CHUNKED_HEAD, b"2\r\nxx"]), 500),
+                s(3, b"00;done\n\n"),
+                s(4, b"stray bytes"),
+                q(5, GET),
+                s(6, OK5),
+            ],
+            vec![
+                ex("GET", "/a?x=1", (1, 1)).resp(200, 2, 3, 2 + (500 - 52)),
+                ex("GET", "/a?x=1", (5, 5)).resp(200, 6, 6, 5),
+            ],
+        )
+        // After a guessed end the stream resyncs: stray bytes are skipped, not fatal.
+        .stats(&[
+            ("sync_lost", 1),
+            ("resync_skipped_chunks", 1),
+            ("unmatched_responses", 0),
+        ]),
     ]
+}
+
+/// Header section of a chunked 200 response (47 bytes).
+const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+/// The Node.js pattern: 100 `res.write()` calls of 10000 bytes coalesced into large writev
+/// syscalls, of which only 1024 bytes are captured; the chunk-size lines after the first
+/// writev fall into gaps. Returns the events (ticks 1..=9) and the first response's expected
+/// body bytes.
+fn node_pattern(final_chunk: &[u8]) -> (Vec<Ev>, u64) {
+    let first = cat(&[CHUNKED_HEAD, b"2710\r\n", &[b'a'; 10_000], b"\r\n"]);
+    let writev = cat(&[b"2710\r\n", &[b'b'; 1018]]);
+    let mut evs = vec![q(1, GET), sg(2, &first[..1024], first.len() as u64)];
+    for t in 3..=6 {
+        evs.push(sg(t, &writev, 40_012));
+    }
+    evs.extend([s(7, final_chunk), q(8, GET), s(9, OK5)]);
+    // First writev in sync (10000); second: 1018 captured + 8982 in the gap, then the rest of
+    // its gap (38988 - 8982) and three whole writevs are counted after the loss.
+    let body = 10_000 + 10_000 + (38_988 - 8_982) + 3 * 40_012;
+    (evs, body)
+}
+
+#[test]
+fn node_chunked_writev_pattern() {
+    let last_data = cat(&[b"118\r\n", &[b'c'; 280], b"\r\n0\r\n\r\n"]);
+    for (name, final_chunk, extra) in [
+        ("bare terminator", &b"0\r\n\r\n"[..], 0),
+        ("terminator after CRLF", b"\r\n0\r\n\r\n", 2),
+        (
+            "terminator with trailers",
+            b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n",
+            0,
+        ),
+        ("300-byte final writev with a data chunk", &last_data, 280),
+    ] {
+        let (evs, body) = node_pattern(final_chunk);
+        let (out, stats, conn) = run(false, &evs);
+        assert_eq!(out.len(), 2, "{name}: {out:#?}");
+        let r0 = out[0].response.as_ref().expect("first response");
+        assert_eq!((r0.status, r0.first_ns, r0.last_ns), (200, first(2), last(7)), "{name}");
+        assert_eq!(r0.last_tid, tid(7), "{name}");
+        assert_eq!(r0.body_bytes, body + extra, "{name}");
+        assert!(!r0.headers_truncated, "{name}");
+        assert_eq!((out[0].request.seq, out[1].request.seq), (0, 1), "{name}");
+        assert_eq!(out[1].request.first_ns, first(8), "{name}");
+        let r1 = out[1].response.as_ref().expect("second response");
+        assert_eq!(
+            (r1.status, r1.first_ns, r1.last_ns, r1.body_bytes),
+            (200, first(9), last(9), 5),
+            "{name}"
+        );
+        assert_eq!(stats.sync_lost, 1, "{name}: {stats:?}");
+        assert_eq!(stats.unmatched_responses, 0, "{name}: {stats:?}");
+        assert_eq!(conn.pending_requests(), 0, "{name}");
+        assert!(!conn.is_dead(), "{name}");
+    }
+}
+
+#[test]
+fn started_requests_are_reported_after_their_headers() {
+    let mut conn = HttpConn::new();
+    let mut out = Vec::new();
+    let mut stats = HttpStats::default();
+    let mut started = Vec::new();
+    let feed_ev = |conn: &mut HttpConn, e: Ev, out: &mut Vec<Exchange>, stats: &mut HttpStats| {
+        feed(conn, &e, out, stats);
+    };
+    feed_ev(
+        &mut conn,
+        q(
+            1,
+            b"GET /1 HTTP/1.1\r\nHost: h\r\ntraceparent: tp1\r\n\r\n\
+              POST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc\
+              HEAD /3 HTTP/1.1\r\nHo",
+        ),
+        &mut out,
+        &mut stats,
+    );
+    conn.take_started(&mut started);
+    assert!(out.is_empty());
+    let names: Vec<_> = started
+        .iter()
+        .map(|r| (r.method.as_str(), r.target.as_str(), r.seq))
+        .collect();
+    assert_eq!(names, [("GET", "/1", 0), ("POST", "/2", 1)]);
+    assert_eq!(started[0].host.as_deref(), Some("h"));
+    assert_eq!(started[0].traceparent.as_deref(), Some("tp1"));
+    assert_eq!((started[0].first_ns, started[0].first_tid), (first(1), tid(1)));
+    assert_eq!((started[1].content_length, started[1].body_bytes), (Some(3), 0));
+
+    let mut more = Vec::new();
+    conn.take_started(&mut more);
+    assert!(more.is_empty(), "taken twice: {more:?}");
+
+    feed_ev(&mut conn, q(2, b"st: x\r\n\r\n"), &mut out, &mut stats);
+    conn.take_started(&mut more);
+    assert_eq!(more.len(), 1);
+    assert_eq!((more[0].target.as_str(), more[0].seq), ("/3", 2));
+    assert_eq!((more[0].first_ns, more[0].last_ns), (first(1), last(2)));
+    assert_eq!(more[0].host.as_deref(), Some("x"));
+    started.append(&mut more);
+    assert!(out.is_empty());
+
+    // A request cut mid-headers by close is never reported.
+    feed_ev(&mut conn, q(3, b"GET /4 HTTP/1.1\r\nHost"), &mut out, &mut stats);
+    feed_ev(
+        &mut conn,
+        s(
+            4,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+        ),
+        &mut out,
+        &mut stats,
+    );
+    feed_ev(&mut conn, close(5), &mut out, &mut stats);
+    conn.take_started(&mut more);
+    assert!(more.is_empty(), "{more:?}");
+    assert_eq!(out.len(), 3);
+    for (e, st) in out.iter().zip(&started) {
+        assert_eq!(e.request.seq, st.seq);
+        assert_eq!((&e.request.method, &e.request.target), (&st.method, &st.target));
+        assert_eq!(e.request.first_ns, st.first_ns);
+        assert!(e.response.is_some());
+    }
+    assert_eq!(out[1].request.body_bytes, 3);
+    assert_eq!(stats.incomplete_at_close, 1);
+    assert_eq!(stats.started_overflow, 0);
+}
+
+#[test]
+fn started_requests_are_bounded() {
+    let evs: Vec<Ev> = (0..300).map(|i| q(i + 1, b"GET / HTTP/1.1\r\n\r\n")).collect();
+    let (_, stats, mut conn) = run(false, &evs);
+    let mut started = Vec::new();
+    conn.take_started(&mut started);
+    assert_eq!(started.len(), MAX_STARTED_REQUESTS);
+    assert_eq!(stats.started_overflow, 300 - MAX_STARTED_REQUESTS as u64);
+    let seqs: Vec<u64> = started.iter().map(|r| r.seq).collect();
+    let want: Vec<u64> = (300 - MAX_STARTED_REQUESTS as u64..300).collect();
+    assert_eq!(seqs, want);
+}
+
+#[test]
+fn truncated_and_resync_requests_are_started_and_numbered() {
+    let (out, _, mut conn) = run(
+        true,
+        &[
+            q(1, b"body of an earlier request"),
+            qg(2, b"POST /t HTTP/1.1\r\nHost: h\r\nX-Lo", 5000),
+            q(3, GET),
+        ],
+    );
+    assert!(out.is_empty());
+    let mut started = Vec::new();
+    conn.take_started(&mut started);
+    let got: Vec<_> = started
+        .iter()
+        .map(|r| (r.target.as_str(), r.seq, r.headers_truncated))
+        .collect();
+    assert_eq!(got, [("/t", 0, true), ("/a?x=1", 1, false)]);
 }
 
 #[test]
@@ -1069,5 +1341,117 @@ fn mutated_valid_streams_never_panic() {
         let (out, _, conn) = run(round % 7 == 0, &evs);
         assert_bounded(&out);
         assert!(conn.pending_requests() <= MAX_PENDING_REQUESTS);
+    }
+}
+
+#[test]
+fn last_chunk_terminator_detection() {
+    for (b, want) in [
+        (&b"0\r\n\r\n"[..], Some(0)),
+        (b"\r\n0\r\n\r\n", Some(2)),
+        (b"0000;ext=1\r\n\r\n", Some(0)),
+        (b"0\n\n", Some(0)),
+        (b"xyz\r\n0\r\nA: 1\r\nB-c: x:y\r\n\r\n", Some(5)),
+        (b"0\r\n", None),
+        (b"0\r\n\r\n\r\n", None),
+        (b"10\r\n\r\n", None),
+        (b"x0\r\n\r\n", None),
+        (b"0x\r\n\r\n", None),
+        (b"00000000000000000\r\n\r\n", None), // 17 digits
+        (b"0\r\nnot a trailer\r\n\r\n", None),
+        (b"0\r\n: no name\r\n\r\n", None),
+        (b"\r\n\r\n", None),
+        (b"", None),
+        (b"\n", None),
+    ] {
+        assert_eq!(body::last_chunk_start(b), want, "{:?}", String::from_utf8_lossy(b));
+    }
+    // Too many trailer lines.
+    let many = cat(&[b"0\r\n", "T: 1\r\n".repeat(100).as_bytes(), b"\r\n"]);
+    assert_eq!(body::last_chunk_start(&many), None);
+}
+
+#[test]
+fn resync_point_search() {
+    let cases: [(&[u8], Option<usize>); 5] = [
+        // Earliest parseable chunk-size line wins.
+        (b"ab\r\n3\r\nabc\r\n0\r\n\r\n", Some(4)),
+        // "abc\r\n" parses as a size line, but its chunk does not end in the data.
+        (b"abc\r\n0\r\n\r\n", Some(5)),
+        // Done before the end, then a response start: accepted.
+        (b"0\r\n\r\nHTTP/1.1 204 No\r\n\r\n5\r\nx\r\n0\r\n\r\n", Some(0)),
+        // Done before the end, then garbage: only the last-chunk line itself.
+        (b"0\r\n\r\njunk\r\n0\r\n\r\n", Some(11)),
+        (b"1\r\nz\r\n0\r\n\r\n", Some(0)),
+    ];
+    for (b, want) in cases {
+        let at = body::last_chunk_start(b).expect("terminator");
+        assert_eq!(body::find_resync(b, at), want, "{:?}", String::from_utf8_lossy(b));
+    }
+}
+
+#[test]
+fn lost_chunked_soup_never_panics() {
+    const PIECES: [&[u8]; 12] = [
+        b"0",
+        b"\r\n",
+        b"\n",
+        b"1a",
+        b"ff;x",
+        b"zz",
+        b"X-T: 1",
+        b"HTTP/1.1 200 OK\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"GET / HTTP/1.1\r\n",
+        b"0\r\n\r\n",
+        b"\r\n0\r\n\r\n",
+    ];
+    let mut rng = XorShift(0x5EED_0FC4_A7A7 ^ rounds(0) as u64);
+    for round in 0..rounds(3000) {
+        let mut conn = HttpConn::new();
+        let mut out = Vec::new();
+        let mut stats = HttpStats::default();
+        let mut started = Vec::new();
+        let mut t = 1;
+        feed(
+            &mut conn,
+            &q(t, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"),
+            &mut out,
+            &mut stats,
+        );
+        t += 1;
+        feed(
+            &mut conn,
+            &sg(t, &cat(&[CHUNKED_HEAD, b"2\r\nxx"]), 500),
+            &mut out,
+            &mut stats,
+        );
+        for _ in 0..rng.below(12) {
+            t += 1;
+            let bytes: Vec<u8> = (0..rng.below(10))
+                .flat_map(|_| PIECES[rng.below(12) as usize].to_vec())
+                .collect();
+            let total = if rng.below(3) == 0 {
+                bytes.len() as u64 + rng.below(5000)
+            } else {
+                bytes.len() as u64
+            };
+            let kind = if rng.below(6) == 0 { Kind::Req } else { Kind::Resp };
+            feed(&mut conn, &ev(kind, t, &bytes, Some(total)), &mut out, &mut stats);
+            conn.take_started(&mut started);
+        }
+        feed(&mut conn, &close(t + 1), &mut out, &mut stats);
+        conn.take_started(&mut started);
+        assert_bounded(&out);
+        assert_eq!(conn.pending_requests(), 0, "round {round}");
+        // Every request is reported once, in order; numbers increase.
+        let seqs: Vec<u64> = started.iter().map(|r| r.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "round {round}: {seqs:?}");
+        for e in &out {
+            assert!(seqs.contains(&e.request.seq), "round {round}");
+        }
+        if let Some(p) = out.first().and_then(|e| e.response.as_ref()) {
+            assert!(p.body_bytes <= 500 + 12 * 5000 + 12 * 10 * 30, "round {round}");
+        }
     }
 }

@@ -22,7 +22,7 @@ pub mod context;
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, HashSet},
     net::SocketAddr,
 };
 
@@ -94,19 +94,22 @@ enum Item {
     Done(Finished),
 }
 
+type LinkKey = ((SocketAddr, SocketAddr), u64);
+
 #[derive(Debug, Clone, Copy)]
 struct Decided {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     parent: Option<([u8; 8], ParentSource)>,
     resend_count: u32,
+    /// Where a client request is indexed for the connection rule.
+    link_key: Option<LinkKey>,
 }
 
 /// A server request in flight in some process: a candidate parent.
 #[derive(Debug)]
 struct InFlight {
-    conn_id: u64,
-    seq: u64,
+    pid: u32,
     tid: u32,
     start_ns: u64,
     method: String,
@@ -135,6 +138,7 @@ const REORDER_WALL_NS: u64 = 250_000_000;
 const MAX_PENDING_ITEMS: usize = 200_000;
 const MAX_DECIDED: usize = 200_000;
 const MAX_INFLIGHT_PER_PROCESS: usize = 50_000;
+const MAX_FINISHED_CLIENTS: usize = 65_536;
 
 /// Heap entry ordered by (timestamp, arrival).
 #[derive(Debug)]
@@ -168,9 +172,14 @@ pub struct Stitcher {
     last_released: u64,
     /// Ids decided at start, by (connection, request seq), until the span is done.
     decided: HashMap<(u64, u64), Decided>,
-    inflight: HashMap<u32, Vec<InFlight>>,
+    /// Server requests in flight by (connection, seq), and their keys per process.
+    inflight: HashMap<(u64, u64), InFlight>,
+    by_process: HashMap<u32, HashSet<(u64, u64)>>,
     /// Client requests by (link, seq), for the connection rule; removed when the client is done.
-    client_by_link: HashMap<((SocketAddr, SocketAddr), u64), Decided>,
+    client_by_link: HashMap<LinkKey, Decided>,
+    /// Times (Unix ns) of linkable client spans that finished before their server span did.
+    finished_clients: HashMap<[u8; 8], (u64, u64)>,
+    finished_order: std::collections::VecDeque<[u8; 8]>,
     pub stats: StitchStats,
 }
 
@@ -184,7 +193,10 @@ impl Stitcher {
             last_released: 0,
             decided: HashMap::new(),
             inflight: HashMap::new(),
+            by_process: HashMap::new(),
             client_by_link: HashMap::new(),
+            finished_clients: HashMap::new(),
+            finished_order: std::collections::VecDeque::new(),
             stats: StitchStats::default(),
         }
     }
@@ -252,11 +264,8 @@ impl Stitcher {
         match q.item {
             Item::Start(s) => self.on_start(s),
             Item::Answering { conn_id, seq } => {
-                for list in self.inflight.values_mut() {
-                    if let Some(f) = list.iter_mut().find(|f| f.conn_id == conn_id && f.seq == seq) {
-                        f.answering = true;
-                        return;
-                    }
+                if let Some(f) = self.inflight.get_mut(&(conn_id, seq)) {
+                    f.answering = true;
                 }
             }
             Item::Done(f) => out.push(self.on_done(f)),
@@ -270,6 +279,7 @@ impl Stitcher {
             span_id: self.ids.span_id(),
             parent: None,
             resend_count: 0,
+            link_key: None,
         }
     }
 
@@ -279,11 +289,12 @@ impl Stitcher {
             span_id: self.ids.span_id(),
             parent: Some((parent, source)),
             resend_count: 0,
+            link_key: None,
         }
     }
 
     fn on_start(&mut self, s: RequestStart) {
-        let d = match s.side {
+        let mut d = match s.side {
             Side::Server => self.decide_server(&s),
             Side::Client => self.decide_client(&s),
         };
@@ -291,34 +302,38 @@ impl Stitcher {
             Some((_, src)) => self.stats.parents[src as usize] += 1,
             None => self.stats.roots += 1,
         }
+        if s.side == Side::Client
+            && s.aligned
+            && let Some(link) = s.link
+            && self.client_by_link.len() < MAX_DECIDED
+        {
+            d.link_key = Some((link, s.seq));
+            self.client_by_link.insert((link, s.seq), d);
+        }
         if self.decided.len() < MAX_DECIDED {
             self.decided.insert((s.conn_id, s.seq), d);
         }
         match s.side {
             Side::Server => {
-                let list = self.inflight.entry(s.pid).or_default();
-                if list.len() < MAX_INFLIGHT_PER_PROCESS {
-                    list.push(InFlight {
-                        conn_id: s.conn_id,
-                        seq: s.seq,
-                        tid: s.tid,
-                        start_ns: s.start_ns,
-                        method: s.method,
-                        target: s.target,
-                        ids: d,
-                        answering: false,
-                        calls: HashMap::new(),
-                    });
+                let keys = self.by_process.entry(s.pid).or_default();
+                if keys.len() < MAX_INFLIGHT_PER_PROCESS {
+                    keys.insert((s.conn_id, s.seq));
+                    self.inflight.insert(
+                        (s.conn_id, s.seq),
+                        InFlight {
+                            pid: s.pid,
+                            tid: s.tid,
+                            start_ns: s.start_ns,
+                            method: s.method,
+                            target: s.target,
+                            ids: d,
+                            answering: false,
+                            calls: HashMap::new(),
+                        },
+                    );
                 }
             }
-            Side::Client => {
-                if s.aligned
-                    && let Some(link) = s.link
-                    && self.client_by_link.len() < MAX_DECIDED
-                {
-                    self.client_by_link.insert((link, s.seq), d);
-                }
-            }
+            Side::Client => {}
         }
     }
 
@@ -339,50 +354,59 @@ impl Stitcher {
         if let Some(cx) = s.context {
             return self.child_of(cx.trace_id, cx.span_id, source_of(cx.format));
         }
-        let Some(list) = self.inflight.get_mut(&s.pid) else {
+        let Some(keys) = self.by_process.get(&s.pid) else {
             return self.new_root();
         };
-        let candidates = |f: &&mut InFlight| !f.answering && f.start_ns <= s.start_ns;
-        // Rule 2: same thread, exactly one request in flight on it.
-        let mut on_thread = list.iter_mut().filter(|f| f.tid == s.tid).filter(candidates);
-        let chosen = match (on_thread.next(), on_thread.next()) {
-            (Some(f), None) => Some((f, ParentSource::Thread)),
-            (Some(_), Some(_)) => None,
-            (None, _) => None,
+        // Candidates: server requests of this process read before this request was written
+        // and not yet being answered.
+        let candidates: Vec<(u64, u64)> = keys
+            .iter()
+            .copied()
+            .filter(|k| {
+                self.inflight
+                    .get(k)
+                    .is_some_and(|f| !f.answering && f.start_ns <= s.start_ns)
+            })
+            .collect();
+        let pick = |pred: &dyn Fn(&InFlight) -> bool| -> (usize, Option<(u64, u64)>) {
+            let matching: Vec<(u64, u64)> = candidates
+                .iter()
+                .copied()
+                .filter(|k| self.inflight.get(k).is_some_and(pred))
+                .collect();
+            (matching.len(), (matching.len() == 1).then(|| matching[0]))
         };
-        let chosen = match chosen {
-            Some(c) => Some(c),
-            None => {
-                // Rule 4: same request line, else one shared identifier, in exactly one.
-                let same_line: Vec<usize> = (0..list.len())
-                    .filter(|&i| candidates(&&mut list[i]) && list[i].method == s.method && list[i].target == s.target)
-                    .collect();
-                let pick = if same_line.len() == 1 {
-                    Some(same_line[0])
-                } else if same_line.is_empty() {
-                    let ids = identifiers(&s.target);
-                    let sharing: Vec<usize> = (0..list.len())
-                        .filter(|&i| {
-                            candidates(&&mut list[i]) && ids.iter().any(|id| identifiers(&list[i].target).contains(id))
-                        })
-                        .collect();
-                    (sharing.len() == 1).then(|| sharing[0])
-                } else {
-                    None
-                };
-                if pick.is_none() {
-                    self.stats.ambiguous += 1;
-                }
-                pick.map(|i| (&mut list[i], ParentSource::Proxy))
+        // Rule 2: the writing thread has exactly one request in flight.
+        let (_, by_thread) = pick(&|f| f.tid == s.tid);
+        let chosen = by_thread.map(|k| (k, ParentSource::Thread)).or_else(|| {
+            // Rule 4: the same request line in exactly one, else one shared identifier.
+            let (n, same_line) = pick(&|f| f.method == s.method && f.target == s.target);
+            if n > 0 {
+                return same_line.map(|k| (k, ParentSource::Proxy));
             }
-        };
-        let Some((parent, source)) = chosen else {
+            let ids = identifiers(&s.target);
+            if ids.is_empty() {
+                return None;
+            }
+            pick(&|f| identifiers(&f.target).iter().any(|id| ids.contains(id)))
+                .1
+                .map(|k| (k, ParentSource::Proxy))
+        });
+        let Some((key, source)) = chosen else {
+            if !candidates.is_empty() {
+                self.stats.ambiguous += 1;
+            }
             return self.new_root();
         };
-        let key = (s.peer, s.method.clone(), s.target.clone());
-        let previous = parent.calls.entry(key).or_insert(0);
-        let resend_count = *previous;
-        *previous += 1;
+        let Some(parent) = self.inflight.get_mut(&key) else {
+            return self.new_root();
+        };
+        let calls = parent
+            .calls
+            .entry((s.peer, s.method.clone(), s.target.clone()))
+            .or_insert(0);
+        let resend_count = *calls;
+        *calls += 1;
         let (trace_id, parent_id) = (parent.ids.trace_id, parent.ids.span_id);
         let mut d = self.child_of(trace_id, parent_id, source);
         d.resend_count = resend_count;
@@ -400,17 +424,31 @@ impl Stitcher {
         };
         match f.side {
             Side::Server => {
-                for list in self.inflight.values_mut() {
-                    if let Some(i) = list.iter().position(|x| x.conn_id == f.conn_id && x.seq == f.seq) {
-                        list.swap_remove(i);
-                        break;
+                if let Some(gone) = self.inflight.remove(&(f.conn_id, f.seq))
+                    && let Some(keys) = self.by_process.get_mut(&gone.pid)
+                {
+                    keys.remove(&(f.conn_id, f.seq));
+                    if keys.is_empty() {
+                        self.by_process.remove(&gone.pid);
                     }
                 }
-                self.inflight.retain(|_, l| !l.is_empty());
             }
             Side::Client => {
-                self.client_by_link.retain(|_, v| v.span_id != d.span_id);
+                if let Some(key) = d.link_key
+                    && self.client_by_link.remove(&key).is_some()
+                {
+                    self.remember_finished_client(d.span_id, span.start_unix_ns, span.end_unix_ns);
+                }
             }
+        }
+        // Both ends of one connection: the server's last write returns a little after the
+        // client may already have read the last byte. The byte left the server before the
+        // client read it, so the server span ends no later than its client span.
+        if let Some((parent, ParentSource::Connection)) = d.parent
+            && let Some((start, end)) = self.finished_clients.remove(&parent)
+        {
+            span.end_unix_ns = span.end_unix_ns.min(end).max(start);
+            span.start_unix_ns = span.start_unix_ns.clamp(start, span.end_unix_ns);
         }
         span.trace_id = d.trace_id;
         span.span_id = d.span_id;
@@ -424,6 +462,18 @@ impl Stitcher {
                 .push(("http.request.resend_count", AttrValue::Int(i64::from(d.resend_count))));
         }
         span
+    }
+}
+
+impl Stitcher {
+    fn remember_finished_client(&mut self, span_id: [u8; 8], start: u64, end: u64) {
+        if self.finished_order.len() >= MAX_FINISHED_CLIENTS
+            && let Some(old) = self.finished_order.pop_front()
+        {
+            self.finished_clients.remove(&old);
+        }
+        self.finished_clients.insert(span_id, (start, end));
+        self.finished_order.push_back(span_id);
     }
 }
 
