@@ -73,6 +73,19 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// Measure stitching throughput on a two-hop chain and memory with requests in flight.
+    #[command(hide = true)]
+    BenchStitch {
+        /// Requests in the chain workload.
+        #[arg(long, default_value_t = 100_000)]
+        requests: u32,
+        /// Requests in flight at once in the chain workload.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+        /// Requests held in flight for the memory measurement.
+        #[arg(long, default_value_t = 10_000)]
+        in_flight: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -31,6 +31,14 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Some(Command::Replay { ref file, format }) => report(sockspan::run::replay(file, format.into())),
+        Some(Command::BenchStitch {
+            requests,
+            concurrency,
+            in_flight,
+        }) => {
+            sockspan::run::bench_stitch(requests, concurrency, in_flight);
+            ExitCode::SUCCESS
+        }
         Some(Command::BenchPipeline {
             connections,
             per_conn,

@@ -42,7 +42,7 @@ impl RawBatch {
 }
 
 /// Records per batch before it is handed over.
-const BATCH_RECORDS: usize = 1024;
+pub const BATCH_RECORDS: usize = 1024;
 /// The kernel wakes us only once enough bytes wait; this poll bounds the latency otherwise.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 

@@ -197,53 +197,64 @@ impl StreamBuilder {
         self.batch.push(&self.buf);
     }
 
-    /// A full exchange on `c`: client writes the request, server reads it, writes the
-    /// response, client reads it.
+    /// The client writes a request (thread `client_tid`), the server reads it (`server_tid`).
+    pub fn send_request(&mut self, c: &SimConn, client_tid: u32, server_tid: u32, request: &[u8]) {
+        let n = request.len();
+        self.data(
+            c.client_pid,
+            client_tid,
+            c.client_fd,
+            c.client_sock,
+            side::CONNECTED,
+            true,
+            request,
+            n,
+            "client",
+        );
+        self.data(
+            c.server_pid,
+            server_tid,
+            c.server_fd,
+            c.server_sock,
+            side::ACCEPTED,
+            false,
+            request,
+            n,
+            "server",
+        );
+    }
+
+    /// The server writes a response, the client reads it.
+    pub fn send_response(&mut self, c: &SimConn, server_tid: u32, client_tid: u32, response: &[u8]) {
+        let n = response.len();
+        self.data(
+            c.server_pid,
+            server_tid,
+            c.server_fd,
+            c.server_sock,
+            side::ACCEPTED,
+            true,
+            response,
+            n,
+            "server",
+        );
+        self.data(
+            c.client_pid,
+            client_tid,
+            c.client_fd,
+            c.client_sock,
+            side::CONNECTED,
+            false,
+            response,
+            n,
+            "client",
+        );
+    }
+
+    /// A full exchange on `c`, each side on its process's main thread.
     pub fn exchange(&mut self, c: &SimConn, request: &[u8], response: &[u8]) {
-        self.data(
-            c.client_pid,
-            c.client_pid,
-            c.client_fd,
-            c.client_sock,
-            side::CONNECTED,
-            true,
-            request,
-            request.len(),
-            "client",
-        );
-        self.data(
-            c.server_pid,
-            c.server_pid,
-            c.server_fd,
-            c.server_sock,
-            side::ACCEPTED,
-            false,
-            request,
-            request.len(),
-            "server",
-        );
-        self.data(
-            c.server_pid,
-            c.server_pid,
-            c.server_fd,
-            c.server_sock,
-            side::ACCEPTED,
-            true,
-            response,
-            response.len(),
-            "server",
-        );
-        self.data(
-            c.client_pid,
-            c.client_pid,
-            c.client_fd,
-            c.client_sock,
-            side::CONNECTED,
-            false,
-            response,
-            response.len(),
-            "client",
-        );
+        self.send_request(c, c.client_pid, c.server_pid, request);
+        self.send_response(c, c.server_pid, c.client_pid, response);
     }
 
     /// Both ends close their fds.
@@ -308,4 +319,73 @@ pub fn synthetic(connections: u32, per_conn: u32) -> RawBatch {
         b.close(c);
     }
     b.batch
+}
+
+const SMALL_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+
+/// A two-hop workload for the stitcher: a load generator (`concurrency` threads, keep-alive
+/// connections) calls a thread-per-request service, whose handling thread calls a leaf. Each
+/// round starts `concurrency` requests before any is answered, so that many are in flight.
+pub fn synthetic_chain(requests: u32, concurrency: u32) -> RawBatch {
+    let concurrency = concurrency.max(1);
+    let mut b = StreamBuilder::new();
+    let front: Vec<SimConn> = (0..concurrency)
+        .map(|i| b.connect(1000, 10 + i as i32, 2000, 10 + i as i32, 30000 + i as u16, 8080))
+        .collect();
+    let back: Vec<SimConn> = (0..concurrency)
+        .map(|i| b.connect(2000, 5000 + i as i32, 3000, 10 + i as i32, 40000 + i as u16, 9090))
+        .collect();
+    let mut r = 0;
+    while r < requests {
+        let n = concurrency.min(requests - r);
+        for i in 0..n {
+            let req = format!(
+                "GET /checkout/r{:08}x HTTP/1.1\r\nHost: mid:8080\r\nUser-Agent: loadgen\r\n\r\n",
+                r + i
+            );
+            b.send_request(&front[i as usize], 1000 + i, 2000 + i, req.as_bytes());
+        }
+        for i in 0..n {
+            let req = format!("GET /price/r{:08}x HTTP/1.1\r\nHost: leaf:9090\r\n\r\n", r + i);
+            b.send_request(&back[i as usize], 2000 + i, 3000 + i, req.as_bytes());
+        }
+        for i in 0..n {
+            b.send_response(&back[i as usize], 3000 + i, 2000 + i, SMALL_RESPONSE);
+        }
+        for i in 0..n {
+            b.send_response(&front[i as usize], 2000 + i, 1000 + i, SMALL_RESPONSE);
+        }
+        r += n;
+    }
+    for c in front.iter().chain(&back) {
+        b.close(c);
+    }
+    b.batch
+}
+
+/// `n` connections each with one request started and not answered (and, separately, the
+/// answers): the in-flight state the agent holds for a slow service.
+pub fn synthetic_in_flight(n: u32) -> (RawBatch, RawBatch) {
+    let mut b = StreamBuilder::new();
+    let conns: Vec<SimConn> = (0..n)
+        .map(|i| {
+            b.connect(
+                1000,
+                10 + i as i32,
+                2000,
+                10 + i as i32,
+                (20000 + i % 40000) as u16,
+                8080,
+            )
+        })
+        .collect();
+    for (i, c) in conns.iter().enumerate() {
+        let req = format!("GET /slow/r{i:08}x HTTP/1.1\r\nHost: slow:8080\r\nUser-Agent: loadgen\r\n\r\n");
+        b.send_request(c, 1000 + i as u32, 2000 + i as u32, req.as_bytes());
+    }
+    let started = std::mem::take(&mut b.batch);
+    for (i, c) in conns.iter().enumerate() {
+        b.send_response(c, 2000 + i as u32, 1000 + i as u32, SMALL_RESPONSE);
+    }
+    (started, b.batch)
 }

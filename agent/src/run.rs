@@ -174,16 +174,7 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
         );
         let mut spans = Vec::new();
         let start = std::time::Instant::now();
-        // Batches as the reader hands them over.
-        let mut batch = crate::reader::RawBatch::default();
-        for rec in stream.iter() {
-            batch.push(rec);
-            if batch.len() == 1024 {
-                processor.process(&batch, &mut spans);
-                batch = crate::reader::RawBatch::default();
-            }
-        }
-        processor.process(&batch, &mut spans);
+        process_in_batches(&mut processor, &stream, &mut spans);
         processor.finish(&mut spans);
         let secs = start.elapsed().as_secs_f64();
         if best.is_none_or(|(b, _, _)| secs < b) {
@@ -197,4 +188,83 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
             spans as f64 / secs
         );
     }
+}
+
+/// Stitching throughput (spans/s, one thread, whole userspace pipeline on a two-hop chain) and
+/// memory held per in-flight request.
+pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
+    let stream = crate::replay::synthetic_chain(requests, concurrency);
+    let metrics = Metrics::new();
+    let mut processor = Processor::offline(
+        ConnTable::without_proc(),
+        SpanFactory::deterministic(SpanOptions::default(), 0, 1),
+        metrics,
+    );
+    let mut spans = Vec::new();
+    let start = std::time::Instant::now();
+    process_in_batches(&mut processor, &stream, &mut spans);
+    processor.finish(&mut spans);
+    let secs = start.elapsed().as_secs_f64();
+    let with_parent = spans.iter().filter(|s| s.parent_span_id.is_some()).count();
+    println!(
+        "stitch: requests={requests} concurrency={concurrency} spans={} with_parent={with_parent} seconds={secs:.3} spans_per_sec={:.0} events_per_sec={:.0}",
+        spans.len(),
+        spans.len() as f64 / secs,
+        stream.len() as f64 / secs
+    );
+
+    let (started, answers) = crate::replay::synthetic_in_flight(in_flight);
+    let metrics = Metrics::new();
+    let mut processor = Processor::offline(
+        ConnTable::without_proc(),
+        SpanFactory::deterministic(SpanOptions::default(), 0, 1),
+        metrics,
+    );
+    let mut spans = Vec::new();
+    let (rss_before, heap_before) = (rss_bytes(), heap_in_use());
+    process_in_batches(&mut processor, &started, &mut spans);
+    let held = processor.stitcher.in_flight() + processor.stitcher.queued();
+    let (rss_held, heap_held) = (rss_bytes(), heap_in_use());
+    process_in_batches(&mut processor, &answers, &mut spans);
+    processor.finish(&mut spans);
+    let heap = heap_held.saturating_sub(heap_before);
+    println!(
+        "in_flight: requests={in_flight} held_starts={held} heap_bytes={heap} heap_bytes_per_request={} rss_growth_bytes={} spans_after_answers={} left_in_flight={}",
+        heap / u64::from(in_flight.max(1)),
+        rss_held.saturating_sub(rss_before),
+        spans.len(),
+        processor.stitcher.in_flight()
+    );
+}
+
+/// Feeds a stream in batches of the size the reader hands over.
+fn process_in_batches(processor: &mut Processor, stream: &crate::reader::RawBatch, out: &mut Vec<crate::span::Span>) {
+    let mut batch = crate::reader::RawBatch::default();
+    for rec in stream.iter() {
+        batch.push(rec);
+        if batch.len() == crate::reader::BATCH_RECORDS {
+            processor.process(&batch, out);
+            batch = crate::reader::RawBatch::default();
+        }
+    }
+    processor.process(&batch, out);
+}
+
+/// Bytes allocated and not freed (glibc's view; excludes allocator slack that RSS includes).
+fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
+}
+
+/// Resident set size of this process.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -279,8 +279,8 @@ impl Stream {
 
     fn release_buf(&mut self) {
         self.buf.clear();
-        if self.buf.capacity() > 4096 {
-            self.buf.shrink_to(1024);
+        if self.buf.capacity() > 512 {
+            self.buf = Vec::new();
         }
     }
 }
@@ -297,7 +297,9 @@ struct CurResp {
 pub struct HttpConn {
     req: Stream,
     resp: Stream,
-    pending: VecDeque<(u64, Request)>,
+    /// Requests awaiting their response, oldest first (boxed: an idle queue's spare slots
+    /// then cost a pointer each, not a whole request).
+    pending: VecDeque<(u64, Box<Request>)>,
     next_id: u64,
     /// Sequence number of the next request line recognized.
     next_seq: u64,
@@ -382,7 +384,7 @@ impl HttpConn {
         for (_, request) in self.pending.drain(..) {
             stats.unanswered_requests += 1;
             out.push(Exchange {
-                request,
+                request: *request,
                 response: None,
             });
         }
@@ -424,10 +426,9 @@ impl HttpConn {
     /// `started_overflow`), so a caller not interested should still drain (or ignore the
     /// counter). Survives `on_close` and the connection dying.
     pub fn take_started(&mut self, out: &mut Vec<Request>) {
-        out.extend(self.started.drain(..));
-        if self.started.capacity() > 32 {
-            self.started.shrink_to(8);
-        }
+        // Taking the queue (not draining it) frees its capacity: thousands of idle keep-alive
+        // connections then hold no request-sized slots.
+        out.extend(std::mem::take(&mut self.started));
     }
 
     fn stream(&self, dir: Dir) -> &Stream {
@@ -810,13 +811,13 @@ impl HttpConn {
         {
             st.pending_overflow += 1;
             out.push(Exchange {
-                request,
+                request: *request,
                 response: None,
             });
         }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        self.pending.push_back((id, request));
+        self.pending.push_back((id, Box::new(request)));
         self.cur_req = None;
         self.req.state = if resync {
             State::Resync
@@ -976,9 +977,13 @@ impl HttpConn {
             && let Some((_, request)) = self.pending.pop_front()
         {
             out.push(Exchange {
-                request,
+                request: *request,
                 response: Some(cur.resp),
             });
+            if self.pending.is_empty() {
+                // Free the slots of an idle keep-alive connection.
+                self.pending = VecDeque::new();
+            }
         }
     }
 
