@@ -52,7 +52,7 @@ impl Processor {
         Self {
             stitcher: Stitcher::new(crate::span::IdGenerator::seeded(1)),
             clock: || 0,
-            ..Self::new(conns, ProcessTable::new(), spans, metrics)
+            ..Self::new(conns, ProcessTable::without_proc(), spans, metrics)
         }
     }
 

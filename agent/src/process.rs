@@ -27,6 +27,12 @@ impl ProcessTable {
         Self::with_root("/proc")
     }
 
+    /// A table that never reads /proc: names come from the thread name alone (replays of a
+    /// recording, whose pids mean nothing on this machine).
+    pub fn without_proc() -> Self {
+        Self::with_root("")
+    }
+
     /// A table reading a different /proc (tests).
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
         Self {
@@ -51,11 +57,17 @@ impl ProcessTable {
     }
 
     fn read(&self, pid: u32, comm: &[u8; 16]) -> ProcessInfo {
+        if self.root.as_os_str().is_empty() {
+            let name = comm_name(comm);
+            return ProcessInfo {
+                pid,
+                service_name: name.clone(),
+                executable_name: name,
+                host_name: self.host_name.clone(),
+            };
+        }
         let dir = self.root.join(pid.to_string());
-        let comm_name = {
-            let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-            String::from_utf8_lossy(&comm[..end]).into_owned()
-        };
+        let comm_name = comm_name(comm);
         let executable_name = std::fs::read_link(dir.join("exe"))
             .ok()
             .and_then(|p| {
@@ -79,6 +91,11 @@ impl Default for ProcessTable {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn comm_name(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 /// `OTEL_SERVICE_NAME`, else `service.name` inside `OTEL_RESOURCE_ATTRIBUTES`, from a
