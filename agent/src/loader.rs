@@ -10,7 +10,7 @@ use agent_common::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
 
 /// The eBPF object built by build.rs.
@@ -95,8 +95,40 @@ pub struct KernelConfig {
 /// The loaded, attached programs and the maps userspace reads.
 pub struct Loaded {
     pub ebpf: Ebpf,
+    pub links: Vec<(&'static str, TracePointLinkId)>,
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
+}
+
+impl Loaded {
+    /// [`Loaded::detach`] for callers that moved the maps out already.
+    pub fn detach_parts(ebpf: Ebpf, links: Vec<(&'static str, TracePointLinkId)>) {
+        detach_all(ebpf, links);
+    }
+
+    /// Detaches every program. Each detach waits for the kernel to retire the hook (tens of
+    /// milliseconds), so they run side by side: a clean stop stays within its time budget.
+    pub fn detach(self) {
+        detach_all(self.ebpf, self.links);
+    }
+}
+
+fn detach_all(mut ebpf: Ebpf, ids: Vec<(&'static str, TracePointLinkId)>) {
+    let mut links = Vec::with_capacity(ids.len());
+    for (name, id) in ids {
+        let program: Option<&mut TracePoint> = ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+        if let Some(link) = program.and_then(|p| p.take_link(id).ok()) {
+            links.push(link);
+        }
+    }
+    let per_thread = links.len().div_ceil(8).max(1);
+    std::thread::scope(|scope| {
+        while !links.is_empty() {
+            let batch: Vec<_> = links.drain(..per_thread.min(links.len())).collect();
+            scope.spawn(move || drop(batch));
+        }
+    });
+    drop(ebpf);
 }
 
 /// Checks what the programs need, with one precise message per missing piece.
@@ -149,6 +181,7 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         .map_max_entries(EVENTS_MAP, cfg.ring_bytes)
         .load(EBPF_OBJECT)
         .map_err(LoaderError::Load)?;
+    let mut links = Vec::with_capacity(PROGRAMS.len());
     for &(category, name) in PROGRAMS {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
@@ -156,9 +189,10 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
             .try_into()
             .map_err(|source| LoaderError::Program { name, source })?;
         program.load().map_err(|source| LoaderError::Program { name, source })?;
-        program
+        let link = program
             .attach(category, name)
             .map_err(|source| LoaderError::Program { name, source })?;
+        links.push((name, link));
     }
     let events = ebpf.take_map(EVENTS_MAP).ok_or(LoaderError::Map {
         name: EVENTS_MAP,
@@ -180,7 +214,12 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         name: COUNTERS_MAP,
         source,
     })?;
-    Ok(Loaded { ebpf, events, counters })
+    Ok(Loaded {
+        ebpf,
+        links,
+        events,
+        counters,
+    })
 }
 
 /// Kernel-side counters summed over CPUs.

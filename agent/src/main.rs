@@ -56,7 +56,10 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return report(Err(anyhow::Error::new(e).context("tokio runtime"))),
             };
-            report(runtime.block_on(sockspan::run::run(cli)))
+            let result = runtime.block_on(sockspan::run::run(cli));
+            // Everything was flushed already; don't wait for idle connection tasks.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            report(result)
         }
     }
 }

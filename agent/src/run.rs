@@ -21,8 +21,9 @@ use crate::{
 const READER_TO_PROCESSOR: usize = 256;
 /// Span batches waiting for the OTLP exporter.
 const PROCESSOR_TO_EXPORT: usize = 1024;
-/// After a signal, the whole shutdown (drain, flush, export) must fit in this.
-const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+/// After a signal, draining and the final export must fit in this; detaching the programs
+/// (well under a second) follows, all within the 5 s a stop may take.
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(3500);
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let env = |k: &str| std::env::var(k).ok();
@@ -41,7 +42,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         ring_bytes: cli.ring_bytes,
         wakeup_bytes: (cli.ring_bytes / 64).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
     })?;
-    let loader::Loaded { ebpf, events, counters } = loaded;
+    let loader::Loaded {
+        ebpf,
+        links,
+        events,
+        counters,
+    } = loaded;
 
     let cancel = CancellationToken::new();
     let (raw_tx, raw_rx) = mpsc::channel(READER_TO_PROCESSOR);
@@ -110,18 +116,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("Stopping: flushing pending spans");
     cancel.cancel();
+    let stopping = std::time::Instant::now();
     let drained = tokio::time::timeout(SHUTDOWN_BUDGET, async {
         let _ = reader_task.await;
+        tracing::debug!(elapsed = ?stopping.elapsed(), "Reader stopped");
         let _ = pipeline_task.await;
+        tracing::debug!(elapsed = ?stopping.elapsed(), "Pipeline drained");
         if let Some(t) = export_task {
             let _ = t.await;
+            tracing::debug!(elapsed = ?stopping.elapsed(), "Exporter flushed");
         }
     })
     .await;
     if drained.is_err() {
         tracing::warn!("Shutdown budget exceeded; exiting with spans still queued");
     }
-    drop(ebpf); // detaches every program
+    loader::Loaded::detach_parts(ebpf, links);
+    tracing::debug!(elapsed = ?stopping.elapsed(), "Programs detached");
     tracing::info!(summary = %metrics.summary(), "sockspan stopped");
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `sock:*` tracepoints: tie in-flight syscalls to TCP sockets, and report 4-tuples.
-use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, kind, tcp_state};
+use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, direction, kind, tcp_state};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
@@ -17,16 +17,16 @@ const IPPROTO_TCP: u16 = 6;
 // sock_send_length / sock_recv_length: sk@8, family@16 u16, protocol@18 u16, ret@20, flags@24.
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    on_sock_io(&ctx).unwrap_or(0)
+    on_sock_io(&ctx, direction::EGRESS).unwrap_or(0)
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    on_sock_io(&ctx).unwrap_or(0)
+    on_sock_io(&ctx, direction::INGRESS).unwrap_or(0)
 }
 
 #[inline(always)]
-fn on_sock_io(ctx: &TracePointContext) -> Result<u32, i64> {
+fn on_sock_io(ctx: &TracePointContext, dir: u8) -> Result<u32, i64> {
     // SAFETY: offsets from the tracepoint format.
     let family: u16 = unsafe { ctx.read_at(16) }.map_err(i64::from)?;
     let protocol: u16 = unsafe { ctx.read_at(18) }.map_err(i64::from)?;
@@ -34,7 +34,7 @@ fn on_sock_io(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     }
     let sk: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
-    mark_pending(bpf_get_current_pid_tgid(), sk, false);
+    mark_pending(bpf_get_current_pid_tgid(), sk, false, dir);
     Ok(0)
 }
 
@@ -60,7 +60,7 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
         if (pid_tgid >> 32) as u32 == self_tgid() {
             let _ = OWN_SOCKS.insert(sk, 1, 0);
         } else {
-            mark_pending(pid_tgid, sk, true);
+            mark_pending(pid_tgid, sk, true, 0);
         }
         return Ok(0);
     }

@@ -26,6 +26,11 @@ const EINPROGRESS: i64 = 115;
 /// Pseudo syscall ids for stashes that don't produce data events.
 const ACCEPT: u8 = 100;
 const CONNECT: u8 = 101;
+/// A stash made by a sock tracepoint for a syscall whose entry was never seen: it began
+/// before the programs were attached (a server blocked in recv() on an idle keep-alive
+/// connection when the agent starts). Its arguments are recovered at exit from the saved user
+/// registers.
+pub const LATE: u8 = 0;
 
 #[inline(always)]
 fn arg<T>(ctx: &TracePointContext, off: usize) -> Result<T, i64> {
@@ -72,26 +77,84 @@ fn stash(
     Ok(0)
 }
 
-/// Takes the stash of the current thread's syscall, if it is `sys`.
+/// Takes the stash of the current thread's syscall, if it is `sys` (or a late stash).
 #[inline(always)]
 fn take(sys: u8) -> Option<(u64, PendingCall)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let p = unsafe { *PENDING.get(pid_tgid)? };
     let _ = PENDING.remove(pid_tgid);
-    if p.syscall != sys {
+    if p.syscall != sys && p.syscall != LATE {
         return None;
     }
     Some((pid_tgid, p))
 }
 
+/// The first four syscall arguments from the user registers saved at syscall entry.
+#[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
-fn exit_data(ctx: &TracePointContext, sys: u8) -> Result<u32, i64> {
-    let Some((pid_tgid, p)) = take(sys) else {
+fn user_args() -> Option<[u64; 4]> {
+    use aya_ebpf::{
+        bindings::pt_regs,
+        helpers::{
+            bpf_probe_read_kernel,
+            generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+        },
+    };
+    // SAFETY: helpers on the current task; the register block is read through
+    // bpf_probe_read_kernel, which tolerates any pointer.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        if regs.is_null() {
+            return None;
+        }
+        // x86_64 syscall ABI: rdi, rsi, rdx, r10.
+        Some([
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rdi)).ok()?,
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rsi)).ok()?,
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rdx)).ok()?,
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).r10)).ok()?,
+        ])
+    }
+}
+
+/// Other architectures: syscalls begun before attach are not recovered.
+#[cfg(not(bpf_target_arch = "x86_64"))]
+#[inline(always)]
+fn user_args() -> Option<[u64; 4]> {
+    None
+}
+
+#[inline(always)]
+fn exit_data(
+    ctx: &TracePointContext,
+    sys: u8,
+    dir: u8,
+    kind: u8,
+    buf_off: usize,
+    count_off: usize,
+    flags_off: usize,
+) -> Result<u32, i64> {
+    let Some((pid_tgid, mut p)) = take(sys) else {
         return Ok(0);
     };
     if p.is_tcp == 0 {
         return Ok(0);
+    }
+    if p.syscall == LATE {
+        if p.direction != dir {
+            return Ok(0);
+        }
+        let Some(args) = user_args() else {
+            return Ok(0);
+        };
+        let at = |off: usize| if off == 0 { 0 } else { args[((off - ARG0) / 8) & 3] };
+        p.syscall = sys;
+        p.buf_kind = kind;
+        p.fd = args[0] as i32;
+        p.buf = at(buf_off);
+        p.count = at(count_off);
+        p.recv_flags = at(flags_off) as u32;
     }
     let ret: i64 = arg(ctx, RET)?;
     // Errors (EAGAIN...) moved nothing; a zero-byte write means nothing; a zero-byte read is the
@@ -130,7 +193,7 @@ macro_rules! data_syscall {
         }
         #[tracepoint(category = "syscalls", name = $name_exit)]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_data(&ctx, $sys).unwrap_or(0)
+            exit_data(&ctx, $sys, $dir, $kind, $buf, $cnt, $flags).unwrap_or(0)
         }
     };
 }
@@ -364,9 +427,10 @@ fn enter_close(ctx: &TracePointContext) -> Result<u32, i64> {
 }
 
 /// Marks the current thread's pending syscall as running on a TCP socket (called by the sock
-/// tracepoints). Returns whether there was a matching pending syscall.
+/// tracepoints). With no pending syscall (it began before attach), a late stash is made for a
+/// send/receive (`late_dir` ≠ 0), completed at its exit.
 #[inline(always)]
-pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool) {
+pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool, late_dir: u8) {
     if let Some(p) = PENDING.get_ptr_mut(pid_tgid) {
         // SAFETY: this thread's own entry; no other thread writes it.
         unsafe {
@@ -376,5 +440,21 @@ pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool) {
             (*p).sock = sock;
             (*p).is_tcp = 1;
         }
+    } else if late_dir != 0 && (pid_tgid >> 32) as u32 != self_tgid() {
+        let late = PendingCall {
+            // SAFETY: helper without preconditions.
+            ts_enter_ns: unsafe { bpf_ktime_get_ns() },
+            buf: 0,
+            count: 0,
+            sock,
+            fd: -1,
+            recv_flags: 0,
+            syscall: LATE,
+            direction: late_dir,
+            buf_kind: buf_kind::NONE,
+            is_tcp: 1,
+            _pad: [0; 4],
+        };
+        let _ = PENDING.insert(pid_tgid, late, 0);
     }
 }

@@ -117,7 +117,19 @@ pub struct OtlpExporter {
     bsp: BspConfig,
     metrics: Arc<Metrics>,
     scope: InstrumentationScope,
+    /// After a failed export, batches are dropped (counted) without trying until this time, and
+    /// the wait doubles with each further failure: an unreachable collector costs one attempt
+    /// per backoff period, not one per batch, and the queue never backs up behind it.
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
+    /// Set when the agent stops: the final flush ends by then, dropping (counting) the rest.
+    deadline: Option<tokio::time::Instant>,
 }
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Time the final flush may take after the span channel closes.
+pub const FINAL_FLUSH: Duration = Duration::from_millis(2500);
 
 impl OtlpExporter {
     /// Builds the exporter from the standard environment. Needs a tokio runtime (gRPC).
@@ -134,6 +146,9 @@ impl OtlpExporter {
             bsp,
             metrics,
             scope,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+            deadline: None,
         })
     }
 
@@ -167,15 +182,25 @@ impl OtlpExporter {
                 }
             }
         }
+        // Final flush: one more attempt even if the collector looked down, within the deadline.
+        self.deadline = Some(tokio::time::Instant::now() + FINAL_FLUSH);
+        self.retry_at = None;
         while !queue.is_empty() {
             self.export_some(&mut queue).await;
         }
-        let _ = self.exporter.shutdown_with_timeout(Duration::from_secs(1));
+        let _ = self.exporter.shutdown_with_timeout(Duration::from_millis(200));
     }
 
     async fn export_some(&mut self, queue: &mut VecDeque<Span>) {
         let n = queue.len().min(self.bsp.max_export_batch_size);
         let batch: Vec<Span> = queue.drain(..n).collect();
+        let now = tokio::time::Instant::now();
+        if self.retry_at.is_some_and(|t| now < t) || self.deadline.is_some_and(|d| now >= d) {
+            self.metrics.spans_dropped_export_failed.add(batch.len() as u64);
+            return;
+        }
+        // The backoff is over: try again (a failure below starts a new one).
+        self.retry_at = None;
         let mut groups: HashMap<Arc<ProcessInfo>, Vec<SpanData>> = HashMap::new();
         for span in batch {
             let res = span.resource.clone();
@@ -184,16 +209,33 @@ impl OtlpExporter {
         for (process, spans) in groups {
             let count = spans.len() as u64;
             self.exporter.set_resource(&resource(&process));
-            match tokio::time::timeout(self.bsp.export_timeout, self.exporter.export(spans)).await {
-                Ok(Ok(())) => self.metrics.spans_exported.add(count),
+            if self.retry_at.is_some() || self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                // The collector just failed (or time is up): the rest of this batch is dropped.
+                self.metrics.spans_dropped_export_failed.add(count);
+                continue;
+            }
+            let timeout = match self.deadline {
+                Some(d) => self
+                    .bsp
+                    .export_timeout
+                    .min(d.saturating_duration_since(tokio::time::Instant::now())),
+                None => self.bsp.export_timeout,
+            };
+            match tokio::time::timeout(timeout, self.exporter.export(spans)).await {
+                Ok(Ok(())) => {
+                    self.metrics.spans_exported.add(count);
+                    self.backoff = BACKOFF_MIN;
+                }
                 Ok(Err(e)) => self.failed(count, &e.to_string()),
                 Err(_) => self.failed(count, "export timed out"),
             }
         }
     }
 
-    fn failed(&self, count: u64, error: &str) {
+    fn failed(&mut self, count: u64, error: &str) {
         self.metrics.spans_dropped_export_failed.add(count);
+        self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         let failures = self.metrics.export_requests_failed.get();
         self.metrics.export_requests_failed.inc();
         // Rate-limited: the first failure, then every 100th.
