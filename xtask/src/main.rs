@@ -1,1 +1,117 @@
-fn main() {}
+//! `cargo xtask`: set-up, run, test and benchmark sockspan on a Debian 12 machine (as root).
+//! The eBPF object itself is built by `agent/build.rs` during a plain `cargo build`.
+mod bench;
+mod report;
+mod setup;
+mod testsuite;
+mod util;
+
+use std::{ffi::OsString, os::unix::process::CommandExt, process::Command};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Development tasks for sockspan (run as root)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain and test/bench dependencies (idempotent; fast when done).
+    Setup {
+        /// Also install the benchmark tools (wrk, bpftrace).
+        #[arg(long)]
+        bench: bool,
+    },
+    /// Set up, build the agent (release) and run it in the foreground.
+    Run {
+        /// Arguments for `sockspan` (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the whole test suite: fmt, clippy, unit + replay tests, release build, end-to-end tests.
+    Test {
+        /// Only fmt, clippy and the unit + replay tests (no root needed beyond set-up).
+        #[arg(long, conflicts_with = "e2e")]
+        unit: bool,
+        /// Only the release build and the end-to-end tests.
+        #[arg(long)]
+        e2e: bool,
+    },
+    /// Benchmarks: pipeline throughput, overhead under wrk vs a bpftrace floor, agent memory.
+    Bench {
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Rounds of (off, floor, agent) runs; figures are medians over the rounds.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+        /// Print the figures only; leave docs/benchmarks.md unchanged.
+        #[arg(long)]
+        no_write: bool,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup { bench } => setup::setup(if bench { setup::BENCH } else { &[] }),
+        Cmd::Run { args } => run(&args),
+        Cmd::Test { unit, e2e } => {
+            let all = !unit && !e2e;
+            testsuite::test(&testsuite::Selection {
+                unit: unit || all,
+                e2e: e2e || all,
+            })
+        }
+        Cmd::Bench {
+            duration,
+            connections,
+            rounds,
+            no_write,
+        } => {
+            let command = std::iter::once("cargo xtask".to_owned())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ");
+            bench::bench(&bench::Opts {
+                duration,
+                connections,
+                rounds,
+                no_write,
+                command,
+            })
+        }
+    }
+}
+
+fn run(args: &[OsString]) -> Result<()> {
+    setup::setup(&[])?;
+    println!("run: cargo build --release -p agent");
+    util::run(
+        "cargo build --release -p agent",
+        util::cargo().args(["build", "--release", "-p", "agent"]),
+    )?;
+    let bin = util::target_dir().join("release/sockspan");
+    println!(
+        "run: {} {}",
+        bin.display(),
+        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    );
+    // exec: the agent takes over this process, so Ctrl-C and SIGTERM reach it directly.
+    let err = Command::new(&bin).args(args).exec();
+    bail!("cannot exec {}: {err}", bin.display())
+}

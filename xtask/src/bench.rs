@@ -1,0 +1,564 @@
+//! `cargo xtask bench`: (a) userspace pipeline throughput, (b) wrk against nginx with the agent
+//! off / the bpftrace floor / the agent on, (c) the agent's memory. Prints the figures and records
+//! them in docs/benchmarks.md. Every phase has a time limit and every process it starts is owned
+//! by a `Guard`, so errors and Ctrl-C leave nothing running.
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    report, setup,
+    util::{self, Guard, TempDir},
+};
+
+pub struct Opts {
+    /// Seconds per wrk run.
+    pub duration: u64,
+    /// wrk connections.
+    pub connections: u32,
+    /// Rounds of (off, floor, agent); figures are medians over rounds.
+    pub rounds: u32,
+    /// Print only; leave docs/benchmarks.md alone.
+    pub no_write: bool,
+    /// The `cargo xtask bench ...` command line, for the report.
+    pub command: String,
+}
+
+/// CPU layout: the server on core 0, the load generator (and the pipeline benchmark) on core 1.
+const SERVER_CPU: &str = "0";
+const CLIENT_CPU: &str = "1";
+/// Targets printed next to the figures.
+pub const PIPELINE_TARGET_EVENTS: f64 = 300_000.0;
+pub const LOSS_RATIO_TARGET: f64 = 2.0;
+
+#[derive(Clone, Debug, Default)]
+pub struct Wrk {
+    pub rps: f64,
+    pub p99_ms: f64,
+    pub requests: u64,
+    pub errors: String,
+    /// Tracers this bench did not start that were running when the run began.
+    pub foreign: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Floor {
+    pub wrk: Wrk,
+    /// Tracepoint hits bpftrace counted during the run (all processes).
+    pub hits: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Agent {
+    pub wrk: Wrk,
+    pub sink_requests: u64,
+    pub spans_total: u64,
+    pub get_server: u64,
+    pub get_client: u64,
+    pub vm_hwm_kb: u64,
+    pub vm_rss_kb: u64,
+    /// `sockspan_*` counters about events, drops and exports from /metrics.
+    pub metrics: Vec<String>,
+}
+
+pub enum Pipeline {
+    Ok { line: String, events_per_sec: f64 },
+    Missing(String),
+}
+
+/// Everything one `cargo xtask bench` measured; (b) has one entry per round and configuration.
+pub struct Results {
+    pub pipeline: Pipeline,
+    pub off: Vec<Wrk>,
+    pub floor: Vec<Floor>,
+    pub agent: Vec<Agent>,
+    /// Why the agent run failed (the bench then stops and fails).
+    pub agent_error: Option<String>,
+    pub wrk_cmd: String,
+    pub opts_command: String,
+}
+
+pub fn bench(opts: &Opts) -> Result<()> {
+    util::require_root("bench")?;
+    setup::setup(setup::BENCH)?;
+    let bin = util::sockspan_bin();
+    if std::env::var_os("SOCKSPAN_BIN").is_none() {
+        println!("bench: building the agent (cargo build --release -p agent)");
+        util::run(
+            "cargo build --release -p agent",
+            util::cargo().args(["build", "--release", "-p", "agent"]),
+        )?;
+    }
+    if !bin.exists() {
+        bail!("{} does not exist", bin.display());
+    }
+    let tmp = TempDir::new("sockspan-bench")?;
+
+    println!(
+        "\nbench (a): userspace pipeline, `taskset -c {CLIENT_CPU} {} bench-pipeline`",
+        bin.display()
+    );
+    let pipeline = pipeline(&bin, &tmp.0);
+    match &pipeline {
+        Pipeline::Ok { line, .. } => println!("bench (a): {line}"),
+        Pipeline::Missing(why) => println!("bench (a): not available: {why}"),
+    }
+
+    println!("\nbench (b): nginx on core {SERVER_CPU}, wrk on core {CLIENT_CPU}");
+    let port = util::free_port(18099)?;
+    let _nginx = start_nginx(&tmp.0, port)?;
+    let url = format!("http://127.0.0.1:{port}/index.html");
+    let wrk_args = |secs: u64| {
+        vec![
+            "-c".to_owned(),
+            CLIENT_CPU.to_owned(),
+            "wrk".to_owned(),
+            "-t1".to_owned(),
+            format!("-c{}", opts.connections),
+            format!("-d{secs}s"),
+            "--latency".to_owned(),
+            url.clone(),
+        ]
+    };
+    let wrk_cmd = format!("taskset {}", wrk_args(opts.duration).join(" "));
+    println!("bench (b): warm-up (2 s)");
+    run_wrk(&wrk_args(2), 2)?;
+
+    // Rounds of off → floor → agent, so that slow drifts of a shared machine hit every
+    // configuration alike; the report uses medians over rounds.
+    let mut r = Results {
+        pipeline,
+        off: Vec::new(),
+        floor: Vec::new(),
+        agent: Vec::new(),
+        agent_error: None,
+        wrk_cmd,
+        opts_command: opts.command.clone(),
+    };
+    let load = || run_wrk(&wrk_args(opts.duration), opts.duration);
+    for round in 1..=opts.rounds {
+        let n = opts.rounds;
+        let dir = tmp.0.join(format!("round-{round}"));
+        fs::create_dir_all(&dir)?;
+        println!("bench (b): round {round}/{n}: agent off");
+        r.off.push(load()?);
+        print_wrk("off", r.off.last().expect("pushed"));
+
+        println!("bench (b): round {round}/{n}: floor (bpftrace count-only probes on the agent's tracepoints)");
+        r.floor.push(run_floor(&dir, load)?);
+        print_wrk("floor", &r.floor.last().expect("pushed").wrk);
+
+        println!("bench (b): round {round}/{n}: agent on (OTLP http/protobuf to a local sink)");
+        match run_agent(&bin, &dir, load) {
+            Ok(a) => {
+                print_wrk("agent", &a.wrk);
+                r.agent.push(a);
+            }
+            Err(e) => {
+                println!("bench (b): agent run FAILED: {e:#}");
+                r.agent_error = Some(format!("{e:#}"));
+                break;
+            }
+        }
+    }
+
+    let text = report::render(&r);
+    println!("\n{text}");
+    if let Some(e) = &r.agent_error {
+        bail!("the agent run failed, docs/benchmarks.md left unchanged: {e}");
+    }
+    if !opts.no_write {
+        report::write(&util::root().join("docs/benchmarks.md"), &r, &text)?;
+        println!("bench: results written to docs/benchmarks.md");
+    }
+    Ok(())
+}
+
+fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
+    let out = tmp.join("pipeline.out");
+    let child = Command::new("taskset")
+        .args(["-c", CLIENT_CPU])
+        .arg(bin)
+        .arg("bench-pipeline")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return Pipeline::Missing(format!("cannot start: {e}")),
+    };
+    let stdout = util::lines_to_channel(child.stdout.take().expect("piped"), Some(out));
+    let stderr = util::lines_to_channel(child.stderr.take().expect("piped"), None);
+    let mut g = Guard::new("sockspan bench-pipeline", child);
+    let status = match g.wait(Duration::from_secs(300)) {
+        Ok(s) => s,
+        Err(e) => return Pipeline::Missing(format!("{e:#}")),
+    };
+    let lines: Vec<String> = stdout.iter().chain(stderr.iter()).collect();
+    let found = lines.iter().find(|l| l.contains("events_per_sec="));
+    match found {
+        Some(line) => match kv(line, "events_per_sec") {
+            Some(eps) if status.success() => Pipeline::Ok {
+                line: line.trim().to_owned(),
+                events_per_sec: eps,
+            },
+            _ => Pipeline::Missing(format!("{status}, output: {line}")),
+        },
+        None => {
+            let tail: Vec<&str> = lines.iter().rev().take(3).rev().map(String::as_str).collect();
+            Pipeline::Missing(format!(
+                "the subcommand printed no `events_per_sec=` line ({status}; last output: {:?})",
+                tail.join(" | ")
+            ))
+        }
+    }
+}
+
+/// `key=value` from a line of `k=v` tokens.
+fn kv(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+fn start_nginx(tmp: &Path, port: u16) -> Result<Guard> {
+    let dir = tmp.join("nginx");
+    fs::create_dir_all(dir.join("www"))?;
+    // A small static page (~600 bytes, like nginx's default index.html).
+    let page = format!(
+        "<!doctype html><title>sockspan bench</title><p>{}</p>\n",
+        "hello ".repeat(90)
+    );
+    fs::write(dir.join("www/index.html"), page)?;
+    let d = dir.display();
+    // master_process off: one process that is the worker, so stopping it stops everything.
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  default_type text/html;\n\
+         \x20 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+         \x20 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         \x20 server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n}}\n"
+    );
+    fs::write(dir.join("nginx.conf"), conf)?;
+    let child = Command::new("taskset")
+        .args(["-c", SERVER_CPU, "/usr/sbin/nginx", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("start nginx")?;
+    let mut g = Guard::new("nginx", child);
+    let ok = util::poll_until(Duration::from_secs(10), || {
+        util::http_get(port, "/index.html", Duration::from_secs(1)).is_ok_and(|(c, _)| c == 200)
+    });
+    if !ok {
+        let log = fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+        bail!(
+            "nginx did not serve 127.0.0.1:{port} within 10 s (alive: {}); error.log: {log}",
+            g.alive()
+        );
+    }
+    println!(
+        "bench (b): nginx serving http://127.0.0.1:{port}/index.html (pid {})",
+        g.pid()
+    );
+    Ok(g)
+}
+
+fn run_wrk(args: &[String], secs: u64) -> Result<Wrk> {
+    let foreign = util::foreign_tracers();
+    let mut child = Command::new("taskset")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start wrk")?;
+    let out = util::lines_to_channel(child.stdout.take().expect("piped"), None);
+    let err = util::lines_to_channel(child.stderr.take().expect("piped"), None);
+    let status = Guard::new("wrk", child).wait(Duration::from_secs(secs + 30))?;
+    let text: Vec<String> = out.iter().chain(err.iter()).collect();
+    if !status.success() {
+        bail!("wrk failed ({status}): {}", text.join("\n"));
+    }
+    let mut w = parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{}", text.join("\n")))?;
+    // Checked at both ends of the run: a tracer may start or stop in between.
+    w.foreign = foreign;
+    w.foreign.extend(util::foreign_tracers());
+    w.foreign.sort_unstable();
+    w.foreign.dedup();
+    Ok(w)
+}
+
+fn parse_wrk(lines: &[String]) -> Result<Wrk> {
+    let mut w = Wrk::default();
+    let mut errors = Vec::new();
+    for l in lines {
+        let t = l.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            w.rps = v.trim().parse()?;
+        } else if let Some(v) = t.strip_prefix("99%") {
+            w.p99_ms = duration_ms(v.trim()).context("p99")?;
+        } else if t.contains(" requests in ") {
+            w.requests = t.split_whitespace().next().unwrap_or("0").parse()?;
+        } else if t.starts_with("Socket errors") || t.starts_with("Non-2xx") {
+            errors.push(t.to_owned());
+        }
+    }
+    if w.rps == 0.0 || w.requests == 0 {
+        bail!("no Requests/sec or request count");
+    }
+    w.errors = errors.join("; ");
+    Ok(w)
+}
+
+/// wrk's "1.23ms" / "456.00us" / "1.01s" in milliseconds.
+fn duration_ms(s: &str) -> Option<f64> {
+    let (num, mul) = if let Some(n) = s.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else {
+        (s.strip_suffix('s')?, 1000.0)
+    };
+    Some(num.parse::<f64>().ok()? * mul)
+}
+
+fn print_wrk(name: &str, w: &Wrk) {
+    let errs = if w.errors.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", w.errors)
+    };
+    let errs = if w.foreign.is_empty() {
+        errs
+    } else {
+        format!("{errs}  WARNING: other tracers running: {}", w.foreign.join(" "))
+    };
+    println!(
+        "bench (b): {name:<5} {:>10.0} req/s  p99 {:>7.3} ms  {} requests{errs}",
+        w.rps, w.p99_ms, w.requests
+    );
+}
+
+fn run_floor(tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<Floor> {
+    let script = util::root().join("scripts/bench-floor.bt");
+    let mut child = Command::new("bpftrace")
+        .args(["-B", "line"])
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start bpftrace")?;
+    let out = util::lines_to_channel(child.stdout.take().expect("piped"), Some(tmp.join("bpftrace.out")));
+    let err = util::lines_to_channel(child.stderr.take().expect("piped"), Some(tmp.join("bpftrace.err")));
+    let mut g = Guard::new("bpftrace", child);
+    if let Err(seen) = util::wait_for_line(&out, "floor: attached", Duration::from_secs(120)) {
+        let errs: Vec<String> = err.try_iter().collect();
+        bail!(
+            "bpftrace did not attach within 120 s: {}\n{}",
+            seen.join("\n"),
+            errs.join("\n")
+        );
+    }
+    let wrk = load()?;
+    // SIGINT makes bpftrace print its maps and exit.
+    g.stop("INT", Duration::from_secs(30));
+    let hits = out
+        .iter()
+        .filter(|l| l.starts_with("@["))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    Ok(Floor { wrk, hits })
+}
+
+fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<Agent> {
+    // The OTLP sink.
+    let sink_dir = tmp.join("sink");
+    fs::create_dir_all(&sink_dir)?;
+    let sink_py = util::root().join("scripts/otlp-sink.py");
+    let mut child = Command::new("python3")
+        .arg(&sink_py)
+        .arg("serve")
+        .arg(&sink_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the OTLP sink (python3 scripts/otlp-sink.py)")?;
+    let sink_out = util::lines_to_channel(child.stdout.take().expect("piped"), None);
+    let mut sink = Guard::new("otlp-sink", child);
+    let line = sink_out
+        .recv_timeout(Duration::from_secs(10))
+        .context("the OTLP sink did not say where it listens within 10 s")?;
+    let sink_port: u16 = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .context("sink port")?;
+
+    // The agent.
+    let metrics_port = util::free_port(18098)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{sink_port}"))
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(tmp.join("agent.stdout"))?)
+        .stderr(Stdio::piped());
+    println!("bench (b): starting `{}`", util::show(&cmd));
+    let mut child = cmd.spawn().with_context(|| format!("start {}", bin.display()))?;
+    let agent_err = util::lines_to_channel(child.stderr.take().expect("piped"), Some(tmp.join("agent.stderr")));
+    let mut agent = Guard::new("sockspan", child);
+    if let Err(seen) = util::wait_for_line(&agent_err, "sockspan ready", Duration::from_secs(120)) {
+        let tail: Vec<&String> = seen
+            .iter()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let what = if agent.alive() {
+            "did not print `sockspan ready` within 120 s"
+        } else {
+            "exited before printing `sockspan ready`"
+        };
+        let tail = tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n");
+        bail!("the agent {what}; its last stderr lines:\n{tail}");
+    }
+    // Keep draining the agent's stderr (into the log) so it never blocks on a full pipe.
+    thread::spawn(move || for _ in agent_err {});
+
+    let wrk = load()?;
+    if !agent.alive() {
+        bail!(
+            "the agent exited during the run; its last stderr lines:\n{}",
+            tail_file(&tmp.join("agent.stderr"), 15)
+        );
+    }
+    // Let exports settle: wait until the sink has had no new export for 3 s (at most 60 s).
+    let settle_start = Instant::now();
+    let mut last = (sink_stats(sink_port).unwrap_or(0), Instant::now());
+    while settle_start.elapsed() < Duration::from_secs(60) && last.1.elapsed() < Duration::from_secs(3) {
+        thread::sleep(Duration::from_millis(250));
+        let now = sink_stats(sink_port).unwrap_or(last.0);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+    let field = |k: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (vm_hwm_kb, vm_rss_kb) = (field("VmHWM:"), field("VmRSS:"));
+    let metrics = match util::http_get(metrics_port, "/metrics", Duration::from_secs(5)) {
+        Ok((200, body)) => body
+            .lines()
+            .filter(|l| l.starts_with("sockspan_"))
+            .map(str::to_owned)
+            .collect(),
+        Ok((code, _)) => vec![format!("(/metrics answered {code})")],
+        Err(e) => vec![format!("(/metrics unavailable: {e})")],
+    };
+    match agent.stop("TERM", Duration::from_secs(30)) {
+        Some(st) if st.success() => {}
+        Some(st) => bail!(
+            "the agent exited with {st} after SIGTERM; its last stderr lines:\n{}",
+            tail_file(&tmp.join("agent.stderr"), 15)
+        ),
+        None => bail!("the agent did not exit within 30 s of SIGTERM"),
+    }
+    sink.stop("TERM", Duration::from_secs(5));
+
+    let counted = util::output(Command::new("python3").arg(&sink_py).arg("count").arg(&sink_dir))
+        .context("counting the exported spans failed")?;
+    let num = |k: &str| json_u64(&counted, k).unwrap_or(0);
+    let a = Agent {
+        wrk,
+        sink_requests: num("\"requests\""),
+        spans_total: num("\"spans\""),
+        get_server: num("\"GET SERVER\""),
+        get_client: num("\"GET CLIENT\""),
+        vm_hwm_kb,
+        vm_rss_kb,
+        metrics,
+    };
+    println!(
+        "bench (b): agent exported {} spans in {} OTLP requests ({} GET SERVER, {} GET CLIENT); {counted}",
+        a.spans_total, a.sink_requests, a.get_server, a.get_client
+    );
+    Ok(a)
+}
+
+fn tail_file(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn sink_stats(port: u16) -> Option<u64> {
+    let (code, body) = util::http_get(port, "/stats", Duration::from_secs(2)).ok()?;
+    (code == 200).then(|| json_u64(&body, "\"requests\""))?
+}
+
+/// The number after `key:` in a flat JSON text (enough for the sink's output).
+fn json_u64(json: &str, key: &str) -> Option<u64> {
+    let rest = &json[json.find(key)? + key.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())]
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk() {
+        let out = "Running 10s test @ http://127.0.0.1:18099/index.html
+  1 threads and 32 connections
+  Latency Distribution
+     50%  370.00us
+     99%    1.52ms
+  229874 requests in 10.00s, 176.47MB read
+Requests/sec:  22984.81
+Transfer/sec:     17.64MB";
+        let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+        let w = parse_wrk(&lines).unwrap();
+        assert_eq!(w.requests, 229_874);
+        assert!((w.rps - 22984.81).abs() < 1e-6);
+        assert!((w.p99_ms - 1.52).abs() < 1e-9);
+        assert_eq!(duration_ms("370.00us"), Some(0.37));
+        assert_eq!(duration_ms("1.00s"), Some(1000.0));
+    }
+
+    #[test]
+    fn reads_flat_json_and_kv() {
+        let j = r#"{"by_method_kind": {"GET CLIENT": 7, "GET SERVER": 9}, "requests": 3, "spans": 16}"#;
+        assert_eq!(json_u64(j, "\"GET SERVER\""), Some(9));
+        assert_eq!(json_u64(j, "\"requests\""), Some(3));
+        assert_eq!(
+            kv("events_per_sec=123.5 spans_per_sec=9", "events_per_sec"),
+            Some(123.5)
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! `cargo xtask test`: the whole suite, in the order that fails fastest.
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use crate::{setup, util};
+
+pub struct Selection {
+    pub unit: bool,
+    pub e2e: bool,
+}
+
+struct Step {
+    name: &'static str,
+    cmd: Command,
+}
+
+pub fn test(sel: &Selection) -> Result<()> {
+    let bin = util::target_dir().join("release/sockspan");
+    let mut steps = Vec::new();
+    if sel.unit {
+        steps.push(Step {
+            name: "fmt",
+            cmd: cargo(&["fmt", "--all", "--", "--check"]),
+        });
+        steps.push(Step {
+            name: "clippy",
+            cmd: cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
+        });
+        steps.push(Step {
+            name: "unit + replay tests",
+            cmd: cargo(&["test"]),
+        });
+    }
+    if sel.e2e {
+        steps.push(Step {
+            name: "release build",
+            cmd: cargo(&["build", "--release", "-p", "agent"]),
+        });
+        let mut e2e = cargo(&[
+            "test",
+            "-p",
+            "agent-integration-tests",
+            "--release",
+            "--",
+            "--test-threads=1",
+        ]);
+        e2e.env("SOCKSPAN_BIN", &bin);
+        steps.push(Step {
+            name: "end-to-end tests",
+            cmd: e2e,
+        });
+    }
+
+    let names: Vec<&'static str> = steps.iter().map(|s| s.name).collect();
+    let mut done: Vec<(&str, Duration, bool)> = Vec::new();
+    let t = Instant::now();
+    let res = setup::setup(&[]);
+    done.push(("setup", t.elapsed(), res.is_ok()));
+    if let Err(e) = res {
+        summary(&done, &names);
+        return Err(e.context("test step `setup` failed"));
+    }
+    for (i, step) in steps.iter_mut().enumerate() {
+        println!("\n==> xtask test: {} ({})", step.name, util::show(&step.cmd));
+        let t = Instant::now();
+        let res = util::run(&format!("test step `{}`", step.name), &mut step.cmd);
+        done.push((step.name, t.elapsed(), res.is_ok()));
+        if let Err(e) = res {
+            summary(&done, &names[i + 1..]);
+            return Err(e);
+        }
+    }
+    summary(&done, &[]);
+    println!("xtask test: all {} steps passed", done.len());
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = util::cargo();
+    c.args(args);
+    c
+}
+
+fn summary(done: &[(&str, Duration, bool)], skipped: &[&str]) {
+    println!("\n==> xtask test summary");
+    for (name, d, ok) in done {
+        println!(
+            "  {:<22} {:<8} {:>8}",
+            name,
+            if *ok { "ok" } else { "FAILED" },
+            util::secs(*d)
+        );
+    }
+    for s in skipped {
+        println!("  {:<22} {:<8} {:>8}", s, "skipped", "-");
+    }
+    let total: Duration = done.iter().map(|d| d.1).sum();
+    println!("  {:<22} {:<8} {:>8}", "total", "", util::secs(total));
+}
