@@ -1,0 +1,608 @@
+//! An in-process OTLP trace receiver built on the official protobuf definitions.
+//!
+//! [`Receiver::start`] listens on two ephemeral ports on 127.0.0.1: one serves the OTLP/gRPC
+//! `TraceService` (opentelemetry-proto's generated `TraceServiceServer`), the other OTLP/HTTP
+//! (`POST /v1/traces`, `application/x-protobuf`, decoded with prost into
+//! `ExportTraceServiceRequest`). Every span received is flattened with its resource into a
+//! [`CollectedSpan`]; the raw request bodies and headers are kept too (privacy checks search the
+//! raw bytes, header tests look at the headers).
+//!
+//! The receiver runs on its own tokio runtime, so tests stay plain synchronous `#[test]`s.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, KeyValue, any_value},
+    trace::v1::{span::SpanKind, status::StatusCode},
+};
+use prost::Message as _;
+
+/// An attribute value, typed as it arrived.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Double(f64),
+    Bool(bool),
+    Bytes(Vec<u8>),
+    Array(Vec<AttrValue>),
+    Map(BTreeMap<String, AttrValue>),
+    Empty,
+}
+
+impl AttrValue {
+    fn from_any(v: Option<&AnyValue>) -> Self {
+        let Some(v) = v.and_then(|v| v.value.as_ref()) else {
+            return AttrValue::Empty;
+        };
+        match v {
+            any_value::Value::StringValue(s) => AttrValue::Str(s.clone()),
+            any_value::Value::BoolValue(b) => AttrValue::Bool(*b),
+            any_value::Value::IntValue(i) => AttrValue::Int(*i),
+            any_value::Value::DoubleValue(d) => AttrValue::Double(*d),
+            any_value::Value::BytesValue(b) => AttrValue::Bytes(b.clone()),
+            any_value::Value::ArrayValue(a) => {
+                AttrValue::Array(a.values.iter().map(|v| AttrValue::from_any(Some(v))).collect())
+            }
+            any_value::Value::KvlistValue(kv) => AttrValue::Map(attrs_to_map(&kv.values)),
+            #[allow(unreachable_patterns)]
+            _ => AttrValue::Empty,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            AttrValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            AttrValue::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// Every string reachable from this value (for privacy checks).
+    fn collect_strings(&self, out: &mut Vec<String>) {
+        match self {
+            AttrValue::Str(s) => out.push(s.clone()),
+            AttrValue::Bytes(b) => out.push(String::from_utf8_lossy(b).into_owned()),
+            AttrValue::Array(a) => a.iter().for_each(|v| v.collect_strings(out)),
+            AttrValue::Map(m) => m.iter().for_each(|(k, v)| {
+                out.push(k.clone());
+                v.collect_strings(out)
+            }),
+            _ => {}
+        }
+    }
+}
+
+impl fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttrValue::Str(s) => write!(f, "{s:?}"),
+            AttrValue::Int(i) => write!(f, "{i}"),
+            AttrValue::Double(d) => write!(f, "{d}"),
+            AttrValue::Bool(b) => write!(f, "{b}"),
+            AttrValue::Bytes(b) => write!(f, "bytes{b:?}"),
+            AttrValue::Array(a) => write!(f, "{a:?}"),
+            AttrValue::Map(m) => write!(f, "{m:?}"),
+            AttrValue::Empty => write!(f, "<empty>"),
+        }
+    }
+}
+
+fn attrs_to_map(kvs: &[KeyValue]) -> BTreeMap<String, AttrValue> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), AttrValue::from_any(kv.value.as_ref())))
+        .collect()
+}
+
+/// Which OTLP transport delivered a span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    Http,
+}
+
+/// One span, flattened with its resource and scope.
+#[derive(Clone, Debug)]
+pub struct CollectedSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    /// `None` when the parent span id is empty.
+    pub parent_span_id: Option<String>,
+    pub name: String,
+    /// "SERVER", "CLIENT", "INTERNAL", "PRODUCER", "CONSUMER" or "UNSPECIFIED".
+    pub kind: String,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// "UNSET", "OK" or "ERROR".
+    pub status: String,
+    pub status_message: String,
+    pub attributes: BTreeMap<String, AttrValue>,
+    pub resource: BTreeMap<String, AttrValue>,
+    pub scope_name: String,
+    pub events: Vec<(String, BTreeMap<String, AttrValue>)>,
+    pub transport: Transport,
+}
+
+impl CollectedSpan {
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes.get(key)
+    }
+    pub fn attr_str(&self, key: &str) -> Option<&str> {
+        self.attr(key).and_then(AttrValue::as_str)
+    }
+    pub fn attr_int(&self, key: &str) -> Option<i64> {
+        self.attr(key).and_then(AttrValue::as_int)
+    }
+    pub fn res_str(&self, key: &str) -> Option<&str> {
+        self.resource.get(key).and_then(AttrValue::as_str)
+    }
+    pub fn res_int(&self, key: &str) -> Option<i64> {
+        self.resource.get(key).and_then(AttrValue::as_int)
+    }
+    pub fn service_name(&self) -> Option<&str> {
+        self.res_str("service.name")
+    }
+    pub fn url_path(&self) -> Option<&str> {
+        self.attr_str("url.path")
+    }
+    pub fn is_server(&self) -> bool {
+        self.kind == "SERVER"
+    }
+    pub fn is_client(&self) -> bool {
+        self.kind == "CLIENT"
+    }
+    pub fn duration(&self) -> Duration {
+        Duration::from_nanos(self.end_ns.saturating_sub(self.start_ns))
+    }
+
+    /// Every string this span carries: ids, names, attribute keys and values, resource, events.
+    pub fn all_strings(&self) -> Vec<String> {
+        let mut out = vec![
+            self.trace_id.clone(),
+            self.span_id.clone(),
+            self.name.clone(),
+            self.status_message.clone(),
+            self.scope_name.clone(),
+        ];
+        for (k, v) in self.attributes.iter().chain(self.resource.iter()) {
+            out.push(k.clone());
+            v.collect_strings(&mut out);
+        }
+        for (name, attrs) in &self.events {
+            out.push(name.clone());
+            for (k, v) in attrs {
+                out.push(k.clone());
+                v.collect_strings(&mut out);
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for CollectedSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:?} status={} dur={:?} trace={} span={} parent={:?} svc={:?} attrs={{",
+            self.kind,
+            self.name,
+            self.status,
+            self.duration(),
+            self.trace_id,
+            self.span_id,
+            self.parent_span_id,
+            self.service_name()
+        )?;
+        for (i, (k, v)) in self.attributes.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{k}={v}")?;
+        }
+        write!(f, "}}")
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Flatten an export request into spans.
+pub fn flatten(req: &ExportTraceServiceRequest, transport: Transport) -> Vec<CollectedSpan> {
+    let mut out = Vec::new();
+    for rs in &req.resource_spans {
+        let resource = rs
+            .resource
+            .as_ref()
+            .map(|r| attrs_to_map(&r.attributes))
+            .unwrap_or_default();
+        for ss in &rs.scope_spans {
+            let scope_name = ss.scope.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            for s in &ss.spans {
+                let kind = match SpanKind::try_from(s.kind).unwrap_or(SpanKind::Unspecified) {
+                    SpanKind::Unspecified => "UNSPECIFIED",
+                    SpanKind::Internal => "INTERNAL",
+                    SpanKind::Server => "SERVER",
+                    SpanKind::Client => "CLIENT",
+                    SpanKind::Producer => "PRODUCER",
+                    SpanKind::Consumer => "CONSUMER",
+                };
+                let (status, status_message) = match &s.status {
+                    Some(st) => (
+                        match StatusCode::try_from(st.code).unwrap_or(StatusCode::Unset) {
+                            StatusCode::Unset => "UNSET",
+                            StatusCode::Ok => "OK",
+                            StatusCode::Error => "ERROR",
+                        },
+                        st.message.clone(),
+                    ),
+                    None => ("UNSET", String::new()),
+                };
+                out.push(CollectedSpan {
+                    trace_id: hex(&s.trace_id),
+                    span_id: hex(&s.span_id),
+                    parent_span_id: (!s.parent_span_id.is_empty()).then(|| hex(&s.parent_span_id)),
+                    name: s.name.clone(),
+                    kind: kind.to_string(),
+                    start_ns: s.start_time_unix_nano,
+                    end_ns: s.end_time_unix_nano,
+                    status: status.to_string(),
+                    status_message,
+                    attributes: attrs_to_map(&s.attributes),
+                    resource: resource.clone(),
+                    scope_name: scope_name.clone(),
+                    events: s
+                        .events
+                        .iter()
+                        .map(|e| (e.name.clone(), attrs_to_map(&e.attributes)))
+                        .collect(),
+                    transport,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One export request as it arrived.
+#[derive(Clone, Debug)]
+pub struct RawRequest {
+    pub transport: Transport,
+    /// Lower-cased header names with their values.
+    pub headers: Vec<(String, String)>,
+    pub path: String,
+    pub content_type: String,
+    pub body: Vec<u8>,
+    /// Number of spans decoded, or the decode error.
+    pub decoded: std::result::Result<usize, String>,
+}
+
+#[derive(Default)]
+struct State {
+    spans: Vec<CollectedSpan>,
+    requests: Vec<RawRequest>,
+}
+
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<State>>);
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Clone)]
+struct GrpcService(Shared);
+
+#[tonic::async_trait]
+impl TraceService for GrpcService {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> std::result::Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let headers: Vec<(String, String)> = request
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let content_type = headers
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let req = request.into_inner();
+        let spans = flatten(&req, Transport::Grpc);
+        let mut st = self.0.lock();
+        st.requests.push(RawRequest {
+            transport: Transport::Grpc,
+            headers,
+            path: "/opentelemetry.proto.collector.trace.v1.TraceService/Export".into(),
+            content_type,
+            body: req.encode_to_vec(),
+            decoded: Ok(spans.len()),
+        });
+        st.spans.extend(spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn http_handler(
+    shared: Shared,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Full<hyper::body::Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) => {
+            return Ok(Response::builder()
+                .status(400)
+                .body(Full::new(format!("body: {e}").into_bytes().into()))
+                .unwrap());
+        }
+    };
+    let reply = |status: u16, body: Vec<u8>, ct: &str| {
+        Ok(Response::builder()
+            .status(status)
+            .header("content-type", ct)
+            .body(Full::new(body.into()))
+            .unwrap())
+    };
+    if method != hyper::Method::POST || path != "/v1/traces" {
+        shared.lock().requests.push(RawRequest {
+            transport: Transport::Http,
+            headers,
+            path: path.clone(),
+            content_type,
+            body,
+            decoded: Err(format!("unexpected {method} {path}")),
+        });
+        return reply(404, b"not found".to_vec(), "text/plain");
+    }
+    let decoded = ExportTraceServiceRequest::decode(body.as_slice());
+    let mut st = shared.lock();
+    match decoded {
+        Ok(req) => {
+            let spans = flatten(&req, Transport::Http);
+            st.requests.push(RawRequest {
+                transport: Transport::Http,
+                headers,
+                path,
+                content_type,
+                body,
+                decoded: Ok(spans.len()),
+            });
+            st.spans.extend(spans);
+            drop(st);
+            reply(
+                200,
+                ExportTraceServiceResponse::default().encode_to_vec(),
+                "application/x-protobuf",
+            )
+        }
+        Err(e) => {
+            st.requests.push(RawRequest {
+                transport: Transport::Http,
+                headers,
+                path,
+                content_type,
+                body,
+                decoded: Err(format!("prost decode: {e}")),
+            });
+            reply(400, format!("decode: {e}").into_bytes(), "text/plain")
+        }
+    }
+}
+
+/// The running receiver. Dropping it shuts the runtime down.
+pub struct Receiver {
+    shared: Shared,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Receiver {
+    /// Start both the gRPC and the HTTP receiver on ephemeral 127.0.0.1 ports.
+    pub fn start() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("otlp-receiver")
+            .build()
+            .context("tokio runtime")?;
+        let shared = Shared::default();
+
+        let (grpc_listener, http_listener) = runtime.block_on(async {
+            let g = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let h = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            Ok::<_, std::io::Error>((g, h))
+        })?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let svc = TraceServiceServer::new(GrpcService(shared.clone()));
+        runtime.spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                eprintln!("[receiver] gRPC server stopped: {e}");
+            }
+        });
+
+        let http_shared = shared.clone();
+        runtime.spawn(async move {
+            loop {
+                let (stream, _) = match http_listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("[receiver] accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let shared = http_shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| http_handler(shared.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+
+        Ok(Self {
+            shared,
+            grpc_addr,
+            http_addr,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` of the gRPC receiver.
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+    /// `http://127.0.0.1:PORT` of the HTTP receiver (the exporter appends `/v1/traces`).
+    pub fn http_endpoint(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_addr.port()
+    }
+    pub fn http_port(&self) -> u16 {
+        self.http_addr.port()
+    }
+
+    /// Snapshot of every span received so far.
+    pub fn spans(&self) -> Vec<CollectedSpan> {
+        self.shared.lock().spans.clone()
+    }
+    /// Run `f` on the spans received so far, without copying them (the agent also reports the
+    /// rest of the machine's traffic, which can be a lot).
+    pub fn with_spans<R>(&self, f: impl FnOnce(&[CollectedSpan]) -> R) -> R {
+        f(&self.shared.lock().spans)
+    }
+    /// Copies of the spans that satisfy `filter`.
+    pub fn matching(&self, filter: impl Fn(&CollectedSpan) -> bool) -> Vec<CollectedSpan> {
+        self.with_spans(|spans| spans.iter().filter(|s| filter(s)).cloned().collect())
+    }
+    /// Snapshot of every export request received so far.
+    pub fn requests(&self) -> Vec<RawRequest> {
+        self.shared.lock().requests.clone()
+    }
+    pub fn request_count(&self) -> usize {
+        self.shared.lock().requests.len()
+    }
+
+    /// Poll (every 50 ms) until `pred` holds for the spans received so far.
+    pub fn wait_for<F>(&self, timeout: Duration, mut pred: F) -> Result<()>
+    where
+        F: FnMut(&[CollectedSpan]) -> bool,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (ok, n) = self.with_spans(|spans| (pred(spans), spans.len()));
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for spans ({n} received in {} requests)",
+                    self.request_count()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until at least `count` spans match `filter`, then let `settle` pass (so duplicates
+    /// would show up) and return every matching span. On timeout the error lists what matched.
+    pub fn wait_for_matching<F>(
+        &self,
+        count: usize,
+        timeout: Duration,
+        settle: Duration,
+        filter: F,
+    ) -> Result<Vec<CollectedSpan>>
+    where
+        F: Fn(&CollectedSpan) -> bool,
+    {
+        let res = self.wait_for(timeout, |spans| spans.iter().filter(|s| filter(s)).count() >= count);
+        if let Err(e) = res {
+            let matched: Vec<String> = self.matching(&filter).iter().map(|s| format!("  {s}")).collect();
+            bail!(
+                "{e}; wanted {count} matching spans, got {}:\n{}",
+                matched.len(),
+                matched.join("\n")
+            );
+        }
+        std::thread::sleep(settle);
+        Ok(self.matching(&filter))
+    }
+
+    /// Whether any export request carried `name: value` (case-insensitive name).
+    pub fn saw_header(&self, name: &str, value: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.requests()
+            .iter()
+            .any(|r| r.headers.iter().any(|(k, v)| *k == name && v == value))
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
