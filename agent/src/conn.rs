@@ -75,6 +75,22 @@ pub struct ConnExchange {
     pub facts: ConnFacts,
     /// Emitted because the agent is stopping, not because the connection ended.
     pub at_shutdown: bool,
+    /// When the connection ended, for exchanges that came out because it did.
+    pub closed_ns: Option<u64>,
+}
+
+impl ConnExchange {
+    /// Monotonic ns of the exchange's end: the last response byte; without a response, the
+    /// moment the connection ended (a client that gave up waited until then), else the last
+    /// request byte.
+    pub fn end_ns(&self) -> u64 {
+        let req = &self.exchange.request;
+        match (&self.exchange.response, self.closed_ns) {
+            (Some(r), _) => r.last_ns,
+            (None, Some(closed)) if !self.at_shutdown => closed.max(req.last_ns),
+            (None, _) => req.last_ns,
+        }
+    }
 }
 
 struct Connection {
@@ -194,7 +210,7 @@ impl ConnTable {
                     if ingress {
                         let mut ex = Vec::new();
                         c.http.on_close(h.ts_exit_ns, &mut ex, &mut self.http_stats);
-                        c.emit(ex, false, out);
+                        c.emit(ex, false, Some(h.ts_exit_ns), out);
                     }
                     return;
                 }
@@ -239,7 +255,7 @@ impl ConnTable {
                     }
                     _ => c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats),
                 }
-                c.emit(ex, false, out);
+                c.emit(ex, false, None, out);
             }
         }
     }
@@ -320,7 +336,7 @@ impl ConnTable {
         for (key, c) in self.conns.iter_mut() {
             let mut ex = Vec::new();
             c.http.flush_idle(now_ns, idle_flush_ns, &mut ex, &mut self.http_stats);
-            c.emit(ex, false, out);
+            c.emit(ex, false, None, out);
             if now_ns.saturating_sub(c.last_activity_ns) > idle_evict_ns || c.http.is_dead() {
                 gone.push(*key);
             }
@@ -380,7 +396,7 @@ impl Connection {
             self.http.on_close(at_ns, &mut ex, stats);
             self.report_started(out);
         }
-        self.emit(ex, at_shutdown, out);
+        self.emit(ex, at_shutdown, Some(at_ns), out);
     }
 
     /// Reports requests whose headers just became complete.
@@ -402,7 +418,7 @@ impl Connection {
         }
     }
 
-    fn emit(&mut self, exchanges: Vec<Exchange>, at_shutdown: bool, out: &mut Vec<ConnOutput>) {
+    fn emit(&mut self, exchanges: Vec<Exchange>, at_shutdown: bool, closed_ns: Option<u64>, out: &mut Vec<ConnOutput>) {
         let Some(side) = self.side else { return };
         for exchange in exchanges {
             let seq = exchange.request.seq;
@@ -413,6 +429,7 @@ impl Connection {
                 exchange,
                 facts: self.facts(side),
                 at_shutdown,
+                closed_ns,
             }));
         }
     }

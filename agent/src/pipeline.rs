@@ -114,13 +114,10 @@ impl Processor {
                 ConnOutput::Exchange(cx) => {
                     self.metrics.exchanges.inc();
                     let resource = self.procs.get(cx.facts.pid, &cx.facts.comm);
-                    let end_ns = cx
-                        .exchange
-                        .response
-                        .as_ref()
-                        .map_or(cx.exchange.request.last_ns, |r| r.last_ns);
+                    let end_ns = cx.end_ns();
                     let span = self.spans.build(&cx, resource);
                     self.stitcher.push_done(Finished {
+                        answered: cx.exchange.response.is_some(),
                         span,
                         conn_id: cx.facts.conn_id,
                         seq: cx.exchange.request.seq,

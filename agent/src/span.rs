@@ -184,7 +184,7 @@ impl SpanFactory {
             }
         }
         let start = req.first_ns;
-        let end = resp.map_or(req.last_ns, |r| r.last_ns).max(start);
+        let end = cx.end_ns().max(start);
         Span {
             trace_id: self.new_trace_id(),
             span_id: self.new_span_id(),

@@ -197,9 +197,17 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> 
         let (mut sock, _) = listener.accept().await?;
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            // One request per connection; the request itself is not needed beyond its arrival.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
+            // One request per connection: read it to its end (bounded) before answering, so
+            // the client never sees its unread request reset the connection.
+            let mut buf = [0u8; 4096];
+            let mut seen = 0usize;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            while seen < buf.len() && !buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout_at(deadline, sock.read(&mut buf[seen..])).await {
+                    Ok(Ok(n)) if n > 0 => seen += n,
+                    _ => break,
+                }
+            }
             let body = metrics.render();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -83,8 +83,10 @@ pub struct Finished {
     pub conn_id: u64,
     pub seq: u64,
     pub side: Side,
-    /// Monotonic ns of the exchange's last byte.
+    /// Monotonic ns of the exchange's end.
     pub end_ns: u64,
+    /// A response came back (a client that gave up does not bound its server's time).
+    pub answered: bool,
 }
 
 #[derive(Debug)]
@@ -436,6 +438,7 @@ impl Stitcher {
             Side::Client => {
                 if let Some(key) = d.link_key
                     && self.client_by_link.remove(&key).is_some()
+                    && f.answered
                 {
                     self.remember_finished_client(d.span_id, span.start_unix_ns, span.end_unix_ns);
                 }

@@ -63,6 +63,7 @@ fn done(conn_id: u64, seq: u64, side: Side, t: u64) -> Finished {
         seq,
         side,
         end_ns: t,
+        answered: true,
     }
 }
 
@@ -243,4 +244,29 @@ fn release_waits_for_the_reorder_window() {
     st.release(2_000_000_000, &mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(st.in_flight(), 0);
+}
+
+/// A client that gives up (no response) does not unlink or cut short the server span, which
+/// answers later to a closed connection.
+#[test]
+fn client_that_gave_up_keeps_its_server_child() {
+    let mut gave_up = done(1, 0, Side::Client, 400);
+    gave_up.answered = false;
+    gave_up.span.start_unix_ns = 100;
+    gave_up.span.end_unix_ns = 400;
+    let mut late = done(2, 0, Side::Server, 700);
+    late.span.start_unix_ns = 110;
+    late.span.end_unix_ns = 700;
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Client, 1, 10, 100, "/pay", (5000, 8000)))),
+        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/pay", (5000, 8000)))),
+        Box::new(move |s| s.push_done(gave_up)),
+        Box::new(move |s| s.push_done(late)),
+    ]);
+    let server = &spans["2/0"];
+    assert_eq!(server.parent_span_id, Some(spans["1/0"].span_id));
+    assert_eq!(
+        server.end_unix_ns, 700,
+        "not clamped into a client that stopped waiting"
+    );
 }

@@ -172,6 +172,23 @@ fn check_common(s: &CollectedSpan, e: &Expect, problems: &mut Vec<String>) {
 
 /// Check a SERVER/CLIENT pair against `e`; every problem found is listed in the error.
 pub fn check_exchange(ex: &Exchange, e: &Expect) -> Result<()> {
+    let problems = exchange_problems(ex, e);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "exchange {} {} has problems:\n  - {}\nspans:\n  {}\n  {}",
+            e.method,
+            e.path,
+            problems.join("\n  - "),
+            ex.server,
+            ex.client
+        )
+    }
+}
+
+/// Every way a SERVER/CLIENT pair differs from `e` (empty when it matches).
+pub fn exchange_problems(ex: &Exchange, e: &Expect) -> Vec<String> {
     let mut problems = Vec::new();
     let (s, c) = (&ex.server, &ex.client);
     check_common(s, e, &mut problems);
@@ -264,16 +281,7 @@ pub fn check_exchange(ex: &Exchange, e: &Expect) -> Result<()> {
         ));
     }
 
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        bail!(
-            "exchange {} {} has problems:\n  - {}\nspans:\n  {s}\n  {c}",
-            e.method,
-            e.path,
-            problems.join("\n  - ")
-        )
-    }
+    problems
 }
 
 /// Whether a span belongs to the test that owns `prefix` (by url.path).

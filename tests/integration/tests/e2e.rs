@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use agent_integration_tests::{
     CollectedSpan, Receiver,
-    checks::{Exchange, Expect, Svc, check_exchange, describe, one_exchange, under, with_path},
+    checks::{Exchange, Expect, Svc, check_exchange, describe, exchange_problems, one_exchange, under, with_path},
     harness::{
         Agent, AgentBuilder, NGINX_BIG_FILE_SIZE, PreexistingClient, Protocol, Server, curl, free_port, node_client,
         now_ns, python_client, serial, statuses, tcp_peer_client, tcp_peer_server, unique_path,
@@ -487,7 +487,24 @@ fn preexisting_connection_is_traced() -> Result<()> {
         (t0, t1),
     );
     e.client_port = rest["local_port"].as_u64().map(|p| p as u16);
-    check_exchange(&ex, &e)?;
+    // The agent never saw this connection's connect/accept: peer addresses may be unknown. That
+    // is reported, not failed; everything else must hold.
+    let (tolerated, problems): (Vec<String>, Vec<String>) = exchange_problems(&ex, &e)
+        .into_iter()
+        .partition(|p| p.contains("client.address") || p.contains("client.port") || p.contains("network.peer."));
+    if !tolerated.is_empty() {
+        eprintln!(
+            "pre-existing connection, peer details missing:\n  - {}",
+            tolerated.join("\n  - ")
+        );
+    }
+    ensure!(
+        problems.is_empty(),
+        "pre-existing connection, exchange {p2}:\n  - {}\nspans:\n  {}\n  {}",
+        problems.join("\n  - "),
+        ex.server,
+        ex.client
+    );
     agent.stop()?;
     Ok(())
 }
