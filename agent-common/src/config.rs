@@ -12,3 +12,26 @@ pub const GLOBAL_WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 pub const DEFAULT_CAPTURE_BYTES: u32 = 1024;
 /// Default wake-up threshold.
 pub const DEFAULT_WAKEUP_BYTES: u32 = 256 * 1024;
+
+/// Global: where `struct sock_common` keeps a socket's addresses and ports on the running kernel
+/// (read from its BTF by userspace; Rust eBPF has no CO-RE relocations).
+pub const GLOBAL_SOCK_OFFSETS: &str = "SOCK_OFFSETS";
+
+/// Byte offsets in `struct sock_common`; `valid` = 0 disables reading them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub valid: u32,
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    pub dport: u32,
+    pub num: u32,
+    pub family: u32,
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockOffsets>() == 32);
+
+#[cfg(feature = "user")]
+// SAFETY: plain #[repr(C)] u32 fields, no padding.
+unsafe impl aya::Pod for SockOffsets {}

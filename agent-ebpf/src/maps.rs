@@ -88,6 +88,24 @@ static CAPTURE_BYTES: u32 = agent_common::config::DEFAULT_CAPTURE_BYTES;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u32 = agent_common::config::DEFAULT_WAKEUP_BYTES;
 
+#[unsafe(no_mangle)]
+static SOCK_OFFSETS: agent_common::config::SockOffsets = agent_common::config::SockOffsets {
+    valid: 0,
+    daddr: 0,
+    rcv_saddr: 0,
+    dport: 0,
+    num: 0,
+    family: 0,
+    v6_daddr: 0,
+    v6_rcv_saddr: 0,
+};
+
+#[inline(always)]
+pub fn sock_offsets() -> agent_common::config::SockOffsets {
+    // SAFETY: a plain read of a load-time constant.
+    unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) }
+}
+
 #[inline(always)]
 pub fn self_tgid() -> u32 {
     // SAFETY: a plain read of a load-time constant; volatile so the compiler can't fold it.

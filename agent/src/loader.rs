@@ -4,7 +4,7 @@ use std::path::Path;
 
 use agent_common::{
     MAX_CAPTURE,
-    config::{GLOBAL_CAPTURE_BYTES, GLOBAL_SELF_TGID, GLOBAL_WAKEUP_BYTES},
+    config::{GLOBAL_CAPTURE_BYTES, GLOBAL_SELF_TGID, GLOBAL_SOCK_OFFSETS, GLOBAL_WAKEUP_BYTES},
     maps::{COUNTERS_MAP, EVENTS_MAP, counter},
 };
 use aya::{
@@ -174,10 +174,27 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
     preflight()?;
     let self_tgid = std::process::id();
     let capture = cfg.capture_bytes.min(MAX_CAPTURE as u32);
+    // Without them, connections that predate the agent lack their 4-tuple when they are too
+    // short-lived for /proc: worth a warning, not a refusal to run.
+    let sock_offsets = match crate::btf::Btf::from_sys_fs() {
+        Ok(Ok(btf)) => crate::btf::sock_offsets(&btf).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "No socket field offsets in the kernel's BTF");
+            Default::default()
+        }),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Kernel BTF unreadable");
+            Default::default()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Kernel BTF unreadable");
+            Default::default()
+        }
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_SELF_TGID, &self_tgid, true)
         .override_global(GLOBAL_CAPTURE_BYTES, &capture, true)
         .override_global(GLOBAL_WAKEUP_BYTES, &cfg.wakeup_bytes, true)
+        .override_global(GLOBAL_SOCK_OFFSETS, &sock_offsets, true)
         .map_max_entries(EVENTS_MAP, cfg.ring_bytes)
         .load(EBPF_OBJECT)
         .map_err(LoaderError::Load)?;

@@ -75,6 +75,9 @@ pub enum Pipeline {
 /// Everything one `cargo xtask bench` measured; (b) has one entry per round and configuration.
 pub struct Results {
     pub pipeline: Pipeline,
+    /// `sockspan bench-stitch` output lines (stitching throughput; memory with requests in
+    /// flight), or why it could not run.
+    pub stitch: std::result::Result<Vec<String>, String>,
     pub off: Vec<Wrk>,
     pub floor: Vec<Floor>,
     pub agent: Vec<Agent>,
@@ -110,6 +113,16 @@ pub fn bench(opts: &Opts) -> Result<()> {
         Pipeline::Missing(why) => println!("bench (a): not available: {why}"),
     }
 
+    println!(
+        "\nbench (d, e): stitching and in-flight memory, `taskset -c {CLIENT_CPU} {} bench-stitch`",
+        bin.display()
+    );
+    let stitch = stitch(&bin);
+    match &stitch {
+        Ok(lines) => lines.iter().for_each(|l| println!("bench (d, e): {l}")),
+        Err(why) => println!("bench (d, e): not available: {why}"),
+    }
+
     println!("\nbench (b): nginx on core {SERVER_CPU}, wrk on core {CLIENT_CPU}");
     let port = util::free_port(18099)?;
     let _nginx = start_nginx(&tmp.0, port)?;
@@ -134,6 +147,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
     // configuration alike; the report uses medians over rounds.
     let mut r = Results {
         pipeline,
+        stitch,
         off: Vec::new(),
         floor: Vec::new(),
         agent: Vec::new(),
@@ -221,8 +235,35 @@ fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
     }
 }
 
+/// Runs `sockspan bench-stitch` on one core: a two-hop chain replayed through every stage
+/// (spans/s), then 10,000 requests held in flight (heap bytes per request).
+fn stitch(bin: &Path) -> std::result::Result<Vec<String>, String> {
+    let out = Command::new("taskset")
+        .args(["-c", CLIENT_CPU])
+        .arg(bin)
+        .args(["bench-stitch", "--in-flight", "10000"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("stitch:") || l.starts_with("in_flight:"))
+        .map(str::to_owned)
+        .collect();
+    if out.status.success() && lines.len() == 2 {
+        Ok(lines)
+    } else {
+        Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// `key=value` from a line of `k=v` tokens.
-fn kv(line: &str, key: &str) -> Option<f64> {
+pub fn kv(line: &str, key: &str) -> Option<f64> {
     line.split_whitespace()
         .find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }

@@ -183,6 +183,34 @@ pub fn render(r: &Results) -> String {
             );
         }
     }
+    match &r.stitch {
+        Ok(lines) => {
+            for line in lines {
+                let (what, key, unit) = if line.starts_with("stitch:") {
+                    (
+                        "(d) stitching, whole pipeline on a two-hop chain, one thread",
+                        "spans_per_sec",
+                        "spans/s",
+                    )
+                } else {
+                    (
+                        "(e) heap held per request in flight (10,000 in flight)",
+                        "heap_bytes_per_request",
+                        "bytes",
+                    )
+                };
+                let figure = crate::bench::kv(line, key).map_or("?".to_owned(), |v| format!("{v:.0} {unit}"));
+                let _ = writeln!(s, "| {what} | {figure} (`{line}`) | bounded | |");
+            }
+        }
+        Err(why) => {
+            let _ = writeln!(
+                s,
+                "| (d, e) stitching | not available: {} | | n/a |",
+                why.replace('|', "\\|").replace('\n', " ")
+            );
+        }
+    }
     if let Some(e) = &r.agent_error {
         let _ = writeln!(
             s,
@@ -368,6 +396,7 @@ mod tests {
                 line: "events_per_sec=400000".into(),
                 events_per_sec: 400_000.0,
             },
+            stitch: Err("not run".into()),
             off: vec![wrk(100.0), wrk(120.0), wrk(80.0)],
             floor: [90.0, 70.0, 95.0]
                 .map(|r| Floor {

@@ -1,7 +1,7 @@
 //! `sock:*` tracepoints: tie in-flight syscalls to TCP sockets, and report 4-tuples.
 use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, direction, kind, tcp_state};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -124,4 +124,66 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     };
     submit(bytes)?;
     Ok(0)
+}
+
+/// Reports the 4-tuple of a socket the agent never saw established (opened before it started),
+/// read from the socket itself, as a synthetic ESTABLISHED event (old state 0). Userspace could
+/// look it up in /proc, but a short exchange is over, and its socket gone, by then.
+#[inline(always)]
+pub fn report_tuple(sk: u64) -> Result<(), i64> {
+    let o = crate::maps::sock_offsets();
+    if o.valid == 0 || sk == 0 {
+        return Ok(());
+    }
+    let at = |off: u32| (sk + u64::from(off)) as *const u8;
+    // SAFETY: kernel memory read through bpf_probe_read_kernel, which tolerates any address.
+    let family: u16 = unsafe { bpf_probe_read_kernel(at(o.family).cast()) }.map_err(i64::from)?;
+    let dport: u16 = unsafe { bpf_probe_read_kernel(at(o.dport).cast()) }.map_err(i64::from)?;
+    let num: u16 = unsafe { bpf_probe_read_kernel(at(o.num).cast()) }.map_err(i64::from)?;
+    let mut local_addr = [0u8; 16];
+    let mut remote_addr = [0u8; 16];
+    if family == AF_INET {
+        let s: [u8; 4] = unsafe { bpf_probe_read_kernel(at(o.rcv_saddr).cast()) }.map_err(i64::from)?;
+        let d: [u8; 4] = unsafe { bpf_probe_read_kernel(at(o.daddr).cast()) }.map_err(i64::from)?;
+        local_addr[..4].copy_from_slice(&s);
+        remote_addr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        local_addr = unsafe { bpf_probe_read_kernel(at(o.v6_rcv_saddr).cast()) }.map_err(i64::from)?;
+        remote_addr = unsafe { bpf_probe_read_kernel(at(o.v6_daddr).cast()) }.map_err(i64::from)?;
+    } else {
+        return Ok(());
+    }
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ev = SockEvent {
+        header: EventHeader {
+            kind: kind::TCP_STATE,
+            direction: 0,
+            syscall: 0,
+            side: 0,
+            pid: 0,
+            tid: 0,
+            fd: -1,
+            sock: sk,
+            ts_enter_ns: now,
+            ts_exit_ns: now,
+            bytes: 0,
+            comm: [0; 16],
+        },
+        family,
+        local_port: num,
+        remote_port: u16::from_be(dport),
+        old_state: 0,
+        new_state: tcp_state::ESTABLISHED,
+        local_addr,
+        remote_addr,
+    };
+    // SAFETY: plain #[repr(C)] value without padding.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (&ev as *const SockEvent).cast::<u8>(),
+            core::mem::size_of::<SockEvent>(),
+        )
+    };
+    submit(bytes)
 }

@@ -170,6 +170,10 @@ fn exit_data(
         Some(info) if info.sock == p.sock || info.sock == 0 => info.side,
         _ => side::UNKNOWN,
     };
+    if known.is_none() {
+        // First sight of this fd: a connection that predates the agent (or an LRU eviction).
+        let _ = crate::probes::sock::report_tuple(p.sock);
+    }
     if known.is_none_or(|info| info.sock != p.sock) {
         let _ = FD_INFO.insert(
             key,
