@@ -16,6 +16,8 @@ pub struct Selection {
 struct Step {
     name: &'static str,
     cmd: Command,
+    /// Runs Rust tests: its `test result:` lines are added up.
+    counts: bool,
 }
 
 pub fn test(sel: &Selection) -> Result<()> {
@@ -25,20 +27,24 @@ pub fn test(sel: &Selection) -> Result<()> {
         steps.push(Step {
             name: "fmt",
             cmd: cargo(&["fmt", "--all", "--", "--check"]),
+            counts: false,
         });
         steps.push(Step {
             name: "clippy",
             cmd: cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
+            counts: false,
         });
         steps.push(Step {
             name: "unit + replay tests",
             cmd: cargo(&["test"]),
+            counts: true,
         });
     }
     if sel.e2e {
         steps.push(Step {
             name: "release build",
             cmd: cargo(&["build", "--release", "-p", "agent"]),
+            counts: false,
         });
         let mut e2e = cargo(&[
             "test",
@@ -52,6 +58,7 @@ pub fn test(sel: &Selection) -> Result<()> {
         steps.push(Step {
             name: "end-to-end tests",
             cmd: e2e,
+            counts: true,
         });
     }
 
@@ -64,18 +71,30 @@ pub fn test(sel: &Selection) -> Result<()> {
         summary(&done, &names);
         return Err(e.context("test step `setup` failed"));
     }
+    let (mut passed, mut failed) = (0, 0);
     for (i, step) in steps.iter_mut().enumerate() {
         println!("\n==> xtask test: {} ({})", step.name, util::show(&step.cmd));
         let t = Instant::now();
-        let res = util::run(&format!("test step `{}`", step.name), &mut step.cmd);
+        let what = format!("test step `{}`", step.name);
+        let res = if step.counts {
+            util::run_counting(&what, &mut step.cmd).map(|(p, f)| {
+                passed += p;
+                failed += f;
+            })
+        } else {
+            util::run(&what, &mut step.cmd)
+        };
         done.push((step.name, t.elapsed(), res.is_ok()));
         if let Err(e) = res {
             summary(&done, &names[i + 1..]);
+            println!("tests: {passed} passed, {} failed", failed.max(1));
             return Err(e);
         }
     }
     summary(&done, &[]);
     println!("xtask test: all {} steps passed", done.len());
+    // The closing line: every Rust test harness result, added up.
+    println!("tests: {passed} passed, {failed} failed");
     Ok(())
 }
 

@@ -93,6 +93,48 @@ pub fn run(what: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a test command, echoing its stdout while adding up the `test result:` lines of the
+/// Rust test harness. Returns (passed, failed).
+pub fn run_counting(what: &str, cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{what}: cannot start `{}`", show(cmd)))?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        let mut stdout = std::io::stdout();
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = writeln!(stdout, "{line}");
+            if let Some(rest) = line.trim_start().strip_prefix("test result:") {
+                let count = |key: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .trim_start_matches("ok.")
+                                .trim_start_matches("FAILED.")
+                                .trim()
+                                .strip_suffix(key)
+                        })
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                passed += count("passed");
+                failed += count("failed");
+            }
+        }
+    }
+    let status = child.wait().with_context(|| format!("{what}: wait"))?;
+    if !status.success() {
+        bail!(
+            "{what} failed ({status}): `{}` ({passed} passed, {failed} failed)",
+            show(cmd)
+        );
+    }
+    Ok((passed, failed))
+}
+
 /// Runs `cmd` quietly and returns its stdout, or None if it cannot start or fails.
 pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
