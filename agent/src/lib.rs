@@ -6,6 +6,7 @@
 //! Each stage is a plain type; `pipeline` wires them together for the binary, and `replay`
 //! pushes a recorded event stream through the same stages for tests and benchmarks.
 
+pub mod alloc;
 pub mod btf;
 pub mod config;
 pub mod conn;

@@ -2,6 +2,9 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
+
+#[global_allocator]
+static GLOBAL: sockspan::alloc::Counting = sockspan::alloc::Counting;
 use sockspan::config::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
@@ -48,11 +51,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
+            // One thread: the stages hand batches to each other without waking other threads,
+            // and the agent never competes for more than one core with the services it watches.
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return report(Err(anyhow::Error::new(e).context("tokio runtime"))),
             };

@@ -185,6 +185,7 @@ impl Sinks {
 pub async fn run(
     mut processor: Processor,
     mut rx: mpsc::Receiver<RawBatch>,
+    pool: Arc<crate::reader::BatchPool>,
     mut sinks: Sinks,
     mut record: Option<Box<dyn Write + Send>>,
 ) {
@@ -202,6 +203,7 @@ pub async fn run(
                         record = None;
                     }
                     processor.process(&batch, &mut spans);
+                    pool.put(batch);
                 }
                 None => break,
             },

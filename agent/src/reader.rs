@@ -41,6 +41,31 @@ impl RawBatch {
     }
 }
 
+/// Batches handed back after processing, so their buffers are reused: allocating and freeing
+/// a few hundred KiB per batch made the kernel zero fresh pages at every batch.
+#[derive(Default, Debug)]
+pub struct BatchPool {
+    free: std::sync::Mutex<Vec<RawBatch>>,
+}
+
+impl BatchPool {
+    const KEEP: usize = 8;
+
+    pub fn get(&self) -> RawBatch {
+        self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_default()
+    }
+
+    pub fn put(&self, mut batch: RawBatch) {
+        batch.bytes.clear();
+        batch.ends.clear();
+        if let Ok(mut f) = self.free.lock()
+            && f.len() < Self::KEEP
+        {
+            f.push(batch);
+        }
+    }
+}
+
 /// Records per batch before it is handed over.
 pub const BATCH_RECORDS: usize = 1024;
 /// The kernel wakes us only once enough bytes wait; this poll bounds the latency otherwise.
@@ -49,11 +74,12 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 pub struct Reader {
     pub ring: RingBuf<MapData>,
     pub metrics: Arc<Metrics>,
+    pub pool: Arc<BatchPool>,
 }
 
 impl Reader {
     pub async fn run(self, tx: mpsc::Sender<RawBatch>, cancel: CancellationToken) -> std::io::Result<()> {
-        let metrics = self.metrics;
+        let (metrics, pool) = (self.metrics, self.pool);
         // SAFETY: the RingBuf owns its map fd, which stays open as long as the AsyncFd owns it.
         let mut fd = unsafe { AsyncFd::register_with_interest(self.ring, Interest::READABLE) }?;
         let mut tick = tokio::time::interval(POLL_INTERVAL);
@@ -68,9 +94,9 @@ impl Reader {
             let ring = match woke {
                 Some(mut guard) => {
                     guard.clear_ready();
-                    drain(guard.get_inner_mut(), &tx, &metrics)
+                    drain(guard.get_inner_mut(), &tx, &metrics, &pool)
                 }
-                None => drain(fd.get_mut(), &tx, &metrics),
+                None => drain(fd.get_mut(), &tx, &metrics, &pool),
             };
             if !ring || cancelled {
                 return Ok(());
@@ -80,16 +106,20 @@ impl Reader {
 }
 
 /// Drains everything waiting; returns false once the next stage is gone.
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics) -> bool {
-    let mut batch = RawBatch::default();
+fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics, pool: &BatchPool) -> bool {
+    let mut batch = pool.get();
     while let Some(item) = ring.next() {
         batch.push(&item);
         drop(item);
-        if batch.len() >= BATCH_RECORDS && !send(std::mem::take(&mut batch), tx, metrics) {
+        if batch.len() >= BATCH_RECORDS && !send(std::mem::replace(&mut batch, pool.get()), tx, metrics) {
             return false;
         }
     }
-    batch.is_empty() || send(batch, tx, metrics)
+    if batch.is_empty() {
+        pool.put(batch);
+        return true;
+    }
+    send(batch, tx, metrics)
 }
 
 fn send(batch: RawBatch, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics) -> bool {

@@ -1,5 +1,5 @@
 //! The live agent: load the kernel programs, start every stage, stop cleanly on a signal.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
@@ -51,9 +51,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let cancel = CancellationToken::new();
     let (raw_tx, raw_rx) = mpsc::channel(READER_TO_PROCESSOR);
+    let pool = Arc::new(crate::reader::BatchPool::default());
     let reader = Reader {
         ring: events,
         metrics: metrics.clone(),
+        pool: pool.clone(),
     };
     let reader_task = tokio::spawn(reader.run(raw_tx, cancel.clone()));
 
@@ -83,7 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let pipeline_task = tokio::spawn(pipeline::run(processor, raw_rx, sinks, record));
+    let pipeline_task = tokio::spawn(pipeline::run(processor, raw_rx, pool, sinks, record));
 
     if let Some(addr) = cli.metrics_addr {
         let m = metrics.clone();
@@ -261,11 +263,9 @@ fn process_in_batches(processor: &mut Processor, stream: &crate::reader::RawBatc
     processor.process(&batch, out);
 }
 
-/// Bytes allocated and not freed (glibc's view; excludes allocator slack that RSS includes).
+/// Bytes allocated and not freed (excludes allocator slack that RSS includes).
 fn heap_in_use() -> u64 {
-    // SAFETY: mallinfo2 only reads the allocator's statistics.
-    let info = unsafe { libc::mallinfo2() };
-    (info.uordblks + info.hblkhd) as u64
+    crate::alloc::live_bytes()
 }
 
 /// Resident set size of this process.

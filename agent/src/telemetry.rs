@@ -172,6 +172,12 @@ impl Metrics {
             "OTLP export requests that failed.",
             &[("", "", self.export_requests_failed.get())],
         );
+        let _ = writeln!(
+            s,
+            "# HELP sockspan_heap_bytes Bytes the agent has allocated and not freed.\n\
+             # TYPE sockspan_heap_bytes gauge\nsockspan_heap_bytes {}",
+            crate::alloc::live_bytes()
+        );
         s
     }
 

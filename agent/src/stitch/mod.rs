@@ -142,33 +142,14 @@ const MAX_DECIDED: usize = 200_000;
 const MAX_INFLIGHT_PER_PROCESS: usize = 50_000;
 const MAX_FINISHED_CLIENTS: usize = 65_536;
 
-/// Heap entry ordered by (timestamp, arrival).
-#[derive(Debug)]
-struct Queued {
-    key: u64,
-    order: u64,
-    item: Item,
-}
-impl PartialEq for Queued {
-    fn eq(&self, other: &Self) -> bool {
-        (self.key, self.order) == (other.key, other.order)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.key, self.order).cmp(&(other.key, other.order))
-    }
-}
-
 pub struct Stitcher {
     ids: IdGenerator,
-    queue: BinaryHeap<Reverse<Queued>>,
+    /// Reorder buffer: (timestamp, arrival order) in a heap; the items themselves stay put in
+    /// `items`, indexed by arrival order from `items_base` (moving whole items through heap
+    /// sifts cost more than everything else the stitcher does).
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    items: std::collections::VecDeque<Option<Item>>,
+    items_base: u64,
     next_order: u64,
     max_key_seen: u64,
     last_released: u64,
@@ -190,6 +171,8 @@ impl Stitcher {
         Self {
             ids,
             queue: BinaryHeap::new(),
+            items: std::collections::VecDeque::new(),
+            items_base: 0,
             next_order: 0,
             max_key_seen: 0,
             last_released: 0,
@@ -233,7 +216,18 @@ impl Stitcher {
         let order = self.next_order;
         self.next_order += 1;
         self.max_key_seen = self.max_key_seen.max(key);
-        self.queue.push(Reverse(Queued { key, order, item }));
+        self.queue.push(Reverse((key, order)));
+        self.items.push_back(Some(item));
+    }
+
+    /// Takes the item of `order` out of the ring, dropping released slots at its front.
+    fn take_item(&mut self, order: u64) -> Option<Item> {
+        let item = self.items.get_mut(order.checked_sub(self.items_base)? as usize)?.take();
+        while let Some(None) = self.items.front() {
+            self.items.pop_front();
+            self.items_base += 1;
+        }
+        item
     }
 
     /// Processes every item old enough that nothing earlier can still arrive; finished spans
@@ -242,28 +236,31 @@ impl Stitcher {
         let by_events = self.max_key_seen.saturating_sub(REORDER_EVENT_NS);
         let by_wall = now_mono_ns.saturating_sub(REORDER_WALL_NS);
         let watermark = by_events.max(by_wall);
-        while let Some(Reverse(head)) = self.queue.peek() {
-            if head.key >= watermark && self.queue.len() <= MAX_PENDING_ITEMS {
+        while let Some(&Reverse((key, _))) = self.queue.peek() {
+            if key >= watermark && self.queue.len() <= MAX_PENDING_ITEMS {
                 break;
             }
-            let Some(Reverse(q)) = self.queue.pop() else { break };
-            self.process(q, out);
+            let Some(Reverse((key, order))) = self.queue.pop() else {
+                break;
+            };
+            self.process(key, order, out);
         }
     }
 
     /// Processes everything queued (shutdown, replays).
     pub fn flush(&mut self, out: &mut Vec<Span>) {
-        while let Some(Reverse(q)) = self.queue.pop() {
-            self.process(q, out);
+        while let Some(Reverse((key, order))) = self.queue.pop() {
+            self.process(key, order, out);
         }
     }
 
-    fn process(&mut self, q: Queued, out: &mut Vec<Span>) {
-        if q.key < self.last_released {
+    fn process(&mut self, key: u64, order: u64, out: &mut Vec<Span>) {
+        if key < self.last_released {
             self.stats.late_items += 1;
         }
-        self.last_released = self.last_released.max(q.key);
-        match q.item {
+        self.last_released = self.last_released.max(key);
+        let Some(item) = self.take_item(order) else { return };
+        match item {
             Item::Start(s) => self.on_start(s),
             Item::Answering { conn_id, seq } => {
                 if let Some(f) = self.inflight.get_mut(&(conn_id, seq)) {
