@@ -2,7 +2,7 @@
 //! truncated to the bytes actually captured.
 use core::ffi::c_void;
 
-use agent_common::{DataEvent, EventHeader, MAX_CAPTURE, MAX_IOVECS, kind, maps::counter};
+use agent_common::{DataEvent, EventHeader, MAX_CAPTURE, MAX_IOVECS, SockEvent, kind, maps::counter};
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
@@ -95,6 +95,46 @@ pub fn submit(bytes: &[u8]) -> Result<(), i64> {
             Err(i64::from(e))
         }
     }
+}
+
+/// A socket-level record stamped now, with no tuple yet.
+#[inline(always)]
+pub fn sock_event(kind: u8, sock: u64, tid: u32, pid: u32) -> SockEvent {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    SockEvent {
+        header: EventHeader {
+            kind,
+            direction: 0,
+            syscall: 0,
+            side: 0,
+            pid,
+            tid,
+            fd: -1,
+            sock,
+            ts_enter_ns: now,
+            ts_exit_ns: now,
+            bytes: 0,
+            comm: [0; 16],
+        },
+        family: 0,
+        local_port: 0,
+        remote_port: 0,
+        old_state: 0,
+        new_state: 0,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    }
+}
+
+/// Sends a socket-level record.
+#[inline(always)]
+pub fn submit_sock(ev: &SockEvent) -> Result<(), i64> {
+    // SAFETY: a plain #[repr(C)] value without padding, viewed as its bytes.
+    let bytes = unsafe {
+        core::slice::from_raw_parts((ev as *const SockEvent).cast::<u8>(), core::mem::size_of::<SockEvent>())
+    };
+    submit(bytes)
 }
 
 /// Copies `want` (≤ MAX_CAPTURE) bytes from user address `src`; returns the bytes copied.

@@ -72,6 +72,27 @@ pub struct PendingCall {
     pub _pad: [u8; 4],
 }
 
+impl PendingCall {
+    /// A stash of syscall `syscall` made now; the caller fills in what it knows.
+    #[inline(always)]
+    pub fn now(syscall: u8, direction: u8, buf_kind: u8) -> Self {
+        Self {
+            // SAFETY: helper without preconditions.
+            ts_enter_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+            buf: 0,
+            count: 0,
+            sock: 0,
+            fd: -1,
+            recv_flags: 0,
+            syscall,
+            direction,
+            buf_kind,
+            is_tcp: 0,
+            _pad: [0; 4],
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FdInfo {

@@ -47,12 +47,18 @@ impl Processor {
         }
     }
 
-    /// For replays and benchmarks: deterministic ids, event time only.
-    pub fn offline(conns: ConnTable, spans: SpanFactory, metrics: Arc<Metrics>) -> Self {
+    /// For replays and benchmarks: nothing read from this machine (/proc, clock), deterministic
+    /// ids, event time only.
+    pub fn offline(metrics: Arc<Metrics>) -> Self {
         Self {
             stitcher: Stitcher::new(crate::span::IdGenerator::seeded(1)),
             clock: || 0,
-            ..Self::new(conns, ProcessTable::without_proc(), spans, metrics)
+            ..Self::new(
+                ConnTable::without_proc(),
+                ProcessTable::without_proc(),
+                SpanFactory::deterministic(crate::span::SpanOptions::default(), 0, 1),
+                metrics,
+            )
         }
     }
 

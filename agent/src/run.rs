@@ -156,11 +156,7 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
     let batches = crate::replay::read_recording(std::io::BufReader::new(file), 1024)
         .with_context(|| format!("read {}", path.display()))?;
     let metrics = Metrics::new();
-    let mut processor = Processor::offline(
-        ConnTable::without_proc(),
-        SpanFactory::new(SpanOptions::default()),
-        metrics.clone(),
-    );
+    let mut processor = Processor::offline(metrics.clone());
     let mut sinks = Sinks::new(Some(format), None, metrics.clone());
     for batch in &batches {
         let mut spans = Vec::new();
@@ -180,11 +176,7 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
     let mut best: Option<(f64, usize, usize)> = None;
     for _ in 0..rounds.max(1) {
         let metrics = Metrics::new();
-        let mut processor = Processor::offline(
-            ConnTable::without_proc(),
-            SpanFactory::deterministic(SpanOptions::default(), 0, 1),
-            metrics,
-        );
+        let mut processor = Processor::offline(metrics);
         let mut spans = Vec::new();
         let start = std::time::Instant::now();
         process_in_batches(&mut processor, &stream, &mut spans);
@@ -208,11 +200,7 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
 pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
     let stream = crate::replay::synthetic_chain(requests, concurrency);
     let metrics = Metrics::new();
-    let mut processor = Processor::offline(
-        ConnTable::without_proc(),
-        SpanFactory::deterministic(SpanOptions::default(), 0, 1),
-        metrics,
-    );
+    let mut processor = Processor::offline(metrics);
     let mut spans = Vec::new();
     let start = std::time::Instant::now();
     process_in_batches(&mut processor, &stream, &mut spans);
@@ -228,11 +216,7 @@ pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
 
     let (started, answers) = crate::replay::synthetic_in_flight(in_flight);
     let metrics = Metrics::new();
-    let mut processor = Processor::offline(
-        ConnTable::without_proc(),
-        SpanFactory::deterministic(SpanOptions::default(), 0, 1),
-        metrics,
-    );
+    let mut processor = Processor::offline(metrics);
     let mut spans = Vec::new();
     let (rss_before, heap_before) = (rss_bytes(), heap_in_use());
     process_in_batches(&mut processor, &started, &mut spans);

@@ -3,20 +3,15 @@
 use std::collections::HashMap;
 
 use sockspan::{
-    conn::ConnTable,
     pipeline::Processor,
     reader::RawBatch,
     replay::{StreamBuilder, read_recording},
-    span::{AttrValue, Span, SpanFactory, SpanKind, SpanOptions},
+    span::{AttrValue, Span, SpanKind},
     telemetry::Metrics,
 };
 
 fn run(batches: &[RawBatch]) -> Vec<Span> {
-    let mut p = Processor::offline(
-        ConnTable::without_proc(),
-        SpanFactory::deterministic(SpanOptions::default(), 0, 1),
-        Metrics::new(),
-    );
+    let mut p = Processor::offline(Metrics::new());
     let mut spans = Vec::new();
     for b in batches {
         p.process(b, &mut spans);
@@ -189,11 +184,7 @@ fn binary_traffic_is_counted_not_traced() {
         &[0x16, 0x03, 0x03, 0x00],
     );
     let metrics = Metrics::new();
-    let mut p = Processor::offline(
-        ConnTable::without_proc(),
-        SpanFactory::deterministic(SpanOptions::default(), 0, 1),
-        metrics.clone(),
-    );
+    let mut p = Processor::offline(metrics.clone());
     let mut spans = Vec::new();
     p.process(&b.batch, &mut spans);
     p.finish(&mut spans);

@@ -1,13 +1,13 @@
 //! `sock:*` tracepoints: tie in-flight syscalls to TCP sockets, and report 4-tuples.
-use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, direction, kind, tcp_state};
+use agent_common::{AF_INET, AF_INET6, SockEvent, direction, kind, tcp_state};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::tracepoint,
     programs::TracePointContext,
 };
 
 use crate::{
-    capture::submit,
+    capture::{sock_event, submit_sock},
     maps::{OWN_SOCKS, self_tgid},
     probes::syscalls::mark_pending,
 };
@@ -82,8 +82,6 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
         local_addr = unsafe { ctx.read_at(40) }.map_err(i64::from)?;
         remote_addr = unsafe { ctx.read_at(56) }.map_err(i64::from)?;
     }
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     // Often softirq context: pid/comm are whoever was on the CPU, so they are left out; pid is
     // set to the agent's own tgid for the agent's own sockets.
     // SAFETY: the value is copied at once.
@@ -91,22 +89,7 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if own && newstate == i32::from(tcp_state::CLOSE) {
         let _ = OWN_SOCKS.remove(sk);
     }
-    let pid = if own { self_tgid() } else { 0 };
     let ev = SockEvent {
-        header: EventHeader {
-            kind: kind::TCP_STATE,
-            direction: 0,
-            syscall: 0,
-            side: 0,
-            pid,
-            tid: 0,
-            fd: -1,
-            sock: sk,
-            ts_enter_ns: now,
-            ts_exit_ns: now,
-            bytes: 0,
-            comm: [0; 16],
-        },
         family,
         local_port: sport,
         remote_port: dport,
@@ -114,15 +97,9 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
         new_state: newstate as u8,
         local_addr,
         remote_addr,
+        ..sock_event(kind::TCP_STATE, sk, 0, if own { self_tgid() } else { 0 })
     };
-    // SAFETY: plain #[repr(C)] value without padding.
-    let bytes = unsafe {
-        core::slice::from_raw_parts(
-            (&ev as *const SockEvent).cast::<u8>(),
-            core::mem::size_of::<SockEvent>(),
-        )
-    };
-    submit(bytes)?;
+    submit_sock(&ev)?;
     Ok(0)
 }
 
@@ -153,23 +130,7 @@ pub fn report_tuple(sk: u64) -> Result<(), i64> {
     } else {
         return Ok(());
     }
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     let ev = SockEvent {
-        header: EventHeader {
-            kind: kind::TCP_STATE,
-            direction: 0,
-            syscall: 0,
-            side: 0,
-            pid: 0,
-            tid: 0,
-            fd: -1,
-            sock: sk,
-            ts_enter_ns: now,
-            ts_exit_ns: now,
-            bytes: 0,
-            comm: [0; 16],
-        },
         family,
         local_port: num,
         remote_port: u16::from_be(dport),
@@ -177,13 +138,7 @@ pub fn report_tuple(sk: u64) -> Result<(), i64> {
         new_state: tcp_state::ESTABLISHED,
         local_addr,
         remote_addr,
+        ..sock_event(kind::TCP_STATE, sk, 0, 0)
     };
-    // SAFETY: plain #[repr(C)] value without padding.
-    let bytes = unsafe {
-        core::slice::from_raw_parts(
-            (&ev as *const SockEvent).cast::<u8>(),
-            core::mem::size_of::<SockEvent>(),
-        )
-    };
-    submit(bytes)
+    submit_sock(&ev)
 }

@@ -2,15 +2,15 @@
 //!
 //! Entry layout of every syscall tracepoint (see /sys/kernel/tracing/events/syscalls/*/format):
 //! the arguments are 8-byte slots from offset 16; exit has `long ret` at offset 16.
-use agent_common::{EventHeader, SockEvent, direction, kind, maps::counter, side, syscall, tcp_state};
+use agent_common::{direction, kind, maps::counter, side, syscall, tcp_state};
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
     programs::TracePointContext,
 };
 
 use crate::{
-    capture::{emit_data, submit},
+    capture::{emit_data, sock_event, submit_sock},
     maps::{FD_INFO, FdInfo, PENDING, PendingCall, buf_kind, count, fd_key, self_tgid},
 };
 
@@ -58,18 +58,11 @@ fn stash(
     let cnt: u64 = if count_off != 0 { arg(ctx, count_off)? } else { 0 };
     let flags: u64 = if flags_off != 0 { arg(ctx, flags_off)? } else { 0 };
     let call = PendingCall {
-        // SAFETY: helper without preconditions.
-        ts_enter_ns: unsafe { bpf_ktime_get_ns() },
         buf,
         count: cnt,
-        sock: 0,
         fd: fd as i32,
         recv_flags: flags as u32,
-        syscall: sys,
-        direction: dir,
-        buf_kind: kind,
-        is_tcp: 0,
-        _pad: [0; 4],
+        ..PendingCall::now(sys, dir, kind)
     };
     if PENDING.insert(pid_tgid, call, 0).is_err() {
         count(counter::PENDING_FULL);
@@ -394,39 +387,13 @@ fn enter_close(ctx: &TracePointContext) -> Result<u32, i64> {
     if info.sock == 0 || (pid_tgid >> 32) as u32 == self_tgid() {
         return Ok(0);
     }
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let ev = SockEvent {
-        header: EventHeader {
-            kind: kind::CLOSE,
-            direction: 0,
-            syscall: syscall::CLOSE,
-            side: info.side,
-            pid: (pid_tgid >> 32) as u32,
-            tid: pid_tgid as u32,
-            fd: fd as i32,
-            sock: info.sock,
-            ts_enter_ns: now,
-            ts_exit_ns: now,
-            bytes: 0,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        },
-        family: 0,
-        local_port: 0,
-        remote_port: 0,
-        old_state: 0,
-        new_state: tcp_state::CLOSE,
-        local_addr: [0; 16],
-        remote_addr: [0; 16],
-    };
-    // SAFETY: `ev` is a plain #[repr(C)] value without padding.
-    let bytes = unsafe {
-        core::slice::from_raw_parts(
-            (&ev as *const SockEvent).cast::<u8>(),
-            core::mem::size_of::<SockEvent>(),
-        )
-    };
-    submit(bytes)?;
+    let mut ev = sock_event(kind::CLOSE, info.sock, pid_tgid as u32, (pid_tgid >> 32) as u32);
+    ev.header.syscall = syscall::CLOSE;
+    ev.header.side = info.side;
+    ev.header.fd = fd as i32;
+    ev.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    ev.new_state = tcp_state::CLOSE;
+    submit_sock(&ev)?;
     Ok(0)
 }
 
@@ -446,18 +413,9 @@ pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool, late_dir: u8) 
         }
     } else if late_dir != 0 && (pid_tgid >> 32) as u32 != self_tgid() {
         let late = PendingCall {
-            // SAFETY: helper without preconditions.
-            ts_enter_ns: unsafe { bpf_ktime_get_ns() },
-            buf: 0,
-            count: 0,
             sock,
-            fd: -1,
-            recv_flags: 0,
-            syscall: LATE,
-            direction: late_dir,
-            buf_kind: buf_kind::NONE,
             is_tcp: 1,
-            _pad: [0; 4],
+            ..PendingCall::now(LATE, late_dir, buf_kind::NONE)
         };
         let _ = PENDING.insert(pid_tgid, late, 0);
     }
