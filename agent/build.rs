@@ -114,7 +114,10 @@ fn main() {
         fail(&format!("building the eBPF object failed: {hint}"));
     }
     // The inner build's warnings would otherwise go unseen.
-    for line in String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with("warning:")) {
+    for line in String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+    {
         println!("cargo:warning=agent-ebpf: {line}");
     }
     let obj = target_dir.join("bpfel-unknown-none/release/agent-ebpf");
