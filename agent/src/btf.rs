@@ -9,6 +9,8 @@ pub use agent_common::config::SockOffsets;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
+    #[error("cannot read /sys/kernel/btf/vmlinux: {0}")]
+    Read(String),
     #[error("BTF data is truncated or malformed at byte {0}")]
     Malformed(usize),
     #[error("not BTF (bad magic)")]
@@ -53,8 +55,8 @@ fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
 }
 
 impl Btf {
-    pub fn from_sys_fs() -> std::io::Result<Result<Self, BtfError>> {
-        Ok(Self::parse(&std::fs::read("/sys/kernel/btf/vmlinux")?))
+    pub fn from_sys_fs() -> Result<Self, BtfError> {
+        Self::parse(&std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| BtfError::Read(e.to_string()))?)
     }
 
     /// Parses little-endian BTF.
@@ -190,7 +192,7 @@ mod tests {
     /// The running kernel's BTF (every machine this agent runs on has it).
     #[test]
     fn sock_common_offsets_from_this_kernel() {
-        let Ok(Ok(btf)) = Btf::from_sys_fs() else {
+        let Ok(btf) = Btf::from_sys_fs() else {
             eprintln!("no readable /sys/kernel/btf/vmlinux here; skipped");
             return;
         };

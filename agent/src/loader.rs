@@ -100,20 +100,9 @@ pub struct Loaded {
     pub counters: PerCpuArray<MapData, u64>,
 }
 
-impl Loaded {
-    /// [`Loaded::detach`] for callers that moved the maps out already.
-    pub fn detach_parts(ebpf: Ebpf, links: Vec<(&'static str, TracePointLinkId)>) {
-        detach_all(ebpf, links);
-    }
-
-    /// Detaches every program. Each detach waits for the kernel to retire the hook (tens of
-    /// milliseconds), so they run side by side: a clean stop stays within its time budget.
-    pub fn detach(self) {
-        detach_all(self.ebpf, self.links);
-    }
-}
-
-fn detach_all(mut ebpf: Ebpf, ids: Vec<(&'static str, TracePointLinkId)>) {
+/// Detaches every program. Each detach waits for the kernel to retire the hook (tens of
+/// milliseconds), so they run side by side: a clean stop stays within its time budget.
+pub fn detach(mut ebpf: Ebpf, ids: Vec<(&'static str, TracePointLinkId)>) {
     let mut links = Vec::with_capacity(ids.len());
     for (name, id) in ids {
         let program: Option<&mut TracePoint> = ebpf.program_mut(name).and_then(|p| p.try_into().ok());
@@ -176,20 +165,12 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
     let capture = cfg.capture_bytes.min(MAX_CAPTURE as u32);
     // Without them, connections that predate the agent lack their 4-tuple when they are too
     // short-lived for /proc: worth a warning, not a refusal to run.
-    let sock_offsets = match crate::btf::Btf::from_sys_fs() {
-        Ok(Ok(btf)) => crate::btf::sock_offsets(&btf).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "No socket field offsets in the kernel's BTF");
+    let sock_offsets = crate::btf::Btf::from_sys_fs()
+        .and_then(|btf| crate::btf::sock_offsets(&btf))
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "No socket field offsets from the kernel's BTF");
             Default::default()
-        }),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "Kernel BTF unreadable");
-            Default::default()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "Kernel BTF unreadable");
-            Default::default()
-        }
-    };
+        });
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_SELF_TGID, &self_tgid, true)
         .override_global(GLOBAL_CAPTURE_BYTES, &capture, true)

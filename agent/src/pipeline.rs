@@ -10,7 +10,7 @@ use crate::{
     export::{PrintFormat, Printer},
     process::ProcessTable,
     reader::RawBatch,
-    span::{Span, SpanFactory, monotonic_ns},
+    span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
     stitch::{self, Finished, RequestStart, Stitcher},
     telemetry::Metrics,
 };
@@ -35,7 +35,31 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(conns: ConnTable, procs: ProcessTable, spans: SpanFactory, metrics: Arc<Metrics>) -> Self {
-        let stitcher = Stitcher::new(crate::span::IdGenerator::from_entropy());
+        let stitcher = Stitcher::new(IdGenerator::from_entropy());
+        Self::with_parts(conns, procs, spans, stitcher, monotonic_ns, metrics)
+    }
+
+    /// For replays and benchmarks: nothing read from this machine (/proc, clock), deterministic
+    /// ids, event time only.
+    pub fn offline(metrics: Arc<Metrics>) -> Self {
+        Self::with_parts(
+            ConnTable::without_proc(),
+            ProcessTable::without_proc(),
+            SpanFactory::with_clock_offset(SpanOptions::default(), 0),
+            Stitcher::new(IdGenerator::seeded(1)),
+            || 0,
+            metrics,
+        )
+    }
+
+    fn with_parts(
+        conns: ConnTable,
+        procs: ProcessTable,
+        spans: SpanFactory,
+        stitcher: Stitcher,
+        clock: fn() -> u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             conns,
             procs,
@@ -43,22 +67,7 @@ impl Processor {
             stitcher,
             metrics,
             outputs: Vec::new(),
-            clock: monotonic_ns,
-        }
-    }
-
-    /// For replays and benchmarks: nothing read from this machine (/proc, clock), deterministic
-    /// ids, event time only.
-    pub fn offline(metrics: Arc<Metrics>) -> Self {
-        Self {
-            stitcher: Stitcher::new(crate::span::IdGenerator::seeded(1)),
-            clock: || 0,
-            ..Self::new(
-                ConnTable::without_proc(),
-                ProcessTable::without_proc(),
-                SpanFactory::deterministic(crate::span::SpanOptions::default(), 0, 1),
-                metrics,
-            )
+            clock,
         }
     }
 

@@ -133,7 +133,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!("Shutdown budget exceeded; exiting with spans still queued");
     }
-    loader::Loaded::detach_parts(ebpf, links);
+    loader::detach(ebpf, links);
     tracing::debug!(elapsed = ?stopping.elapsed(), "Programs detached");
     tracing::info!(summary = %metrics.summary(), "sockspan stopped");
     Ok(())

@@ -58,12 +58,12 @@ pub struct SpanOptions {
     pub keep_query_values: bool,
 }
 
-/// Maps monotonic kernel timestamps to Unix time, and makes ids.
+/// Maps monotonic kernel timestamps to Unix time and builds spans. Ids are not made here:
+/// the stitcher gives every span its trace and span id (and parent) when it decides them.
 pub struct SpanFactory {
     opts: SpanOptions,
     /// Unix time minus CLOCK_MONOTONIC, ns.
     clock_offset_ns: i128,
-    ids: IdGenerator,
 }
 
 impl SpanFactory {
@@ -71,29 +71,16 @@ impl SpanFactory {
         Self {
             opts,
             clock_offset_ns: clock_offset_ns(),
-            ids: IdGenerator::from_entropy(),
         }
     }
 
-    /// A factory with a fixed clock offset and id seed (replays, tests, benchmarks).
-    pub fn deterministic(opts: SpanOptions, clock_offset_ns: i128, seed: u64) -> Self {
-        Self {
-            opts,
-            clock_offset_ns,
-            ids: IdGenerator(seed),
-        }
+    /// A factory with a fixed clock offset (replays, tests, benchmarks).
+    pub fn with_clock_offset(opts: SpanOptions, clock_offset_ns: i128) -> Self {
+        Self { opts, clock_offset_ns }
     }
 
     pub fn to_unix(&self, mono_ns: u64) -> u64 {
         (i128::from(mono_ns) + self.clock_offset_ns).clamp(0, i128::from(u64::MAX)) as u64
-    }
-
-    pub fn new_trace_id(&mut self) -> [u8; 16] {
-        self.ids.trace_id()
-    }
-
-    pub fn new_span_id(&mut self) -> [u8; 8] {
-        self.ids.span_id()
     }
 
     pub fn build(&mut self, cx: &ConnExchange, resource: Arc<ProcessInfo>) -> Span {
@@ -186,8 +173,8 @@ impl SpanFactory {
         let start = req.first_ns;
         let end = cx.end_ns().max(start);
         Span {
-            trace_id: self.new_trace_id(),
-            span_id: self.new_span_id(),
+            trace_id: [0; 16],
+            span_id: [0; 8],
             parent_span_id: None,
             kind,
             name: format!("{} {}", req.method, route(path)),

@@ -5,7 +5,7 @@ use std::{
     borrow::Cow,
     collections::{HashMap, VecDeque},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use opentelemetry::{
@@ -302,11 +302,6 @@ fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
         status: if span.error { Status::error("") } else { Status::Unset },
         instrumentation_scope: scope.clone(),
     }
-}
-
-/// For callers that need `SystemTime` (tests).
-pub fn unix_time(ns: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
 #[cfg(test)]
