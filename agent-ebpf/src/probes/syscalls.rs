@@ -38,31 +38,50 @@ fn arg<T>(ctx: &TracePointContext, off: usize) -> Result<T, i64> {
     unsafe { ctx.read_at::<T>(off) }.map_err(i64::from)
 }
 
-/// Stashes a syscall's arguments for its exit (unless it is the agent's own).
-#[inline(always)]
-fn stash(
-    ctx: &TracePointContext,
+/// How a syscall passes what the programs need: its id, direction, what its buffer argument is,
+/// and the argument slots of the buffer, the iovec count and the recv flags (0 = none).
+#[derive(Clone, Copy)]
+struct Spec {
     sys: u8,
     dir: u8,
     kind: u8,
-    buf_off: usize,
-    count_off: usize,
-    flags_off: usize,
-) -> Result<u32, i64> {
+    buf: usize,
+    count: usize,
+    flags: usize,
+}
+
+impl Spec {
+    const fn new(sys: u8, dir: u8, kind: u8, buf: usize, count: usize, flags: usize) -> Self {
+        Self {
+            sys,
+            dir,
+            kind,
+            buf,
+            count,
+            flags,
+        }
+    }
+
+    /// A stash that carries no buffer (accept, connect, sendfile).
+    const fn bare(sys: u8, dir: u8) -> Self {
+        Self::new(sys, dir, buf_kind::NONE, 0, 0, 0)
+    }
+}
+
+/// Stashes a syscall's arguments for its exit (unless it is the agent's own).
+#[inline(always)]
+fn stash(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == self_tgid() {
         return Ok(0);
     }
-    let fd: u64 = arg(ctx, ARG0)?;
-    let buf: u64 = if buf_off != 0 { arg(ctx, buf_off)? } else { 0 };
-    let cnt: u64 = if count_off != 0 { arg(ctx, count_off)? } else { 0 };
-    let flags: u64 = if flags_off != 0 { arg(ctx, flags_off)? } else { 0 };
+    let slot = |off: usize| if off != 0 { arg::<u64>(ctx, off) } else { Ok(0) };
     let call = PendingCall {
-        buf,
-        count: cnt,
-        fd: fd as i32,
-        recv_flags: flags as u32,
-        ..PendingCall::now(sys, dir, kind)
+        buf: slot(spec.buf)?,
+        count: slot(spec.count)?,
+        fd: arg::<u64>(ctx, ARG0)? as i32,
+        recv_flags: slot(spec.flags)? as u32,
+        ..PendingCall::now(spec.sys, spec.dir, spec.kind)
     };
     if PENDING.insert(pid_tgid, call, 0).is_err() {
         count(counter::PENDING_FULL);
@@ -119,35 +138,27 @@ fn user_args() -> Option<[u64; 4]> {
 }
 
 #[inline(always)]
-fn exit_data(
-    ctx: &TracePointContext,
-    sys: u8,
-    dir: u8,
-    kind: u8,
-    buf_off: usize,
-    count_off: usize,
-    flags_off: usize,
-) -> Result<u32, i64> {
-    let Some((pid_tgid, mut p)) = take(sys) else {
+fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
+    let Some((pid_tgid, mut p)) = take(spec.sys) else {
         return Ok(0);
     };
     if p.is_tcp == 0 {
         return Ok(0);
     }
     if p.syscall == LATE {
-        if p.direction != dir {
+        if p.direction != spec.dir {
             return Ok(0);
         }
         let Some(args) = user_args() else {
             return Ok(0);
         };
         let at = |off: usize| if off == 0 { 0 } else { args[((off - ARG0) / 8) & 3] };
-        p.syscall = sys;
-        p.buf_kind = kind;
+        p.syscall = spec.sys;
+        p.buf_kind = spec.kind;
         p.fd = args[0] as i32;
-        p.buf = at(buf_off);
-        p.count = at(count_off);
-        p.recv_flags = at(flags_off) as u32;
+        p.buf = at(spec.buf);
+        p.count = at(spec.count);
+        p.recv_flags = at(spec.flags) as u32;
     }
     let ret: i64 = arg(ctx, RET)?;
     // Errors (EAGAIN...) moved nothing; a zero-byte write means nothing; a zero-byte read is the
@@ -183,132 +194,105 @@ fn exit_data(
 }
 
 macro_rules! data_syscall {
-    ($enter:ident, $exit:ident, $name_enter:literal, $name_exit:literal, $sys:expr, $dir:expr, $kind:expr, $buf:expr, $cnt:expr, $flags:expr) => {
+    ($enter:ident, $exit:ident, $name_enter:literal, $name_exit:literal, $spec:expr) => {
         #[tracepoint(category = "syscalls", name = $name_enter)]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            stash(&ctx, $sys, $dir, $kind, $buf, $cnt, $flags).unwrap_or(0)
+            stash(&ctx, &$spec).unwrap_or(0)
         }
         #[tracepoint(category = "syscalls", name = $name_exit)]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_data(&ctx, $sys, $dir, $kind, $buf, $cnt, $flags).unwrap_or(0)
+            exit_data(&ctx, &$spec).unwrap_or(0)
         }
     };
 }
 
+use buf_kind::{IOVEC, MSGHDR, PLAIN};
 use direction::{EGRESS, INGRESS};
+#[rustfmt::skip]
+mod table {
+    //! Argument slots from /sys/kernel/tracing/events/syscalls/sys_enter_*/format.
+    use super::*;
+    pub const READ: Spec = Spec::new(syscall::READ, INGRESS, PLAIN, ARG1, 0, 0);
+    pub const READV: Spec = Spec::new(syscall::READV, INGRESS, IOVEC, ARG1, ARG2, 0);
+    pub const RECVFROM: Spec = Spec::new(syscall::RECVFROM, INGRESS, PLAIN, ARG1, 0, ARG3);
+    pub const RECVMSG: Spec = Spec::new(syscall::RECVMSG, INGRESS, MSGHDR, ARG1, 0, ARG2);
+    pub const WRITE: Spec = Spec::new(syscall::WRITE, EGRESS, PLAIN, ARG1, 0, 0);
+    pub const WRITEV: Spec = Spec::new(syscall::WRITEV, EGRESS, IOVEC, ARG1, ARG2, 0);
+    pub const SENDTO: Spec = Spec::new(syscall::SENDTO, EGRESS, PLAIN, ARG1, 0, 0);
+    pub const SENDMSG: Spec = Spec::new(syscall::SENDMSG, EGRESS, MSGHDR, ARG1, 0, 0);
+    pub const SENDFILE: Spec = Spec::bare(syscall::SENDFILE, EGRESS);
+    pub const ACCEPT_ANY: Spec = Spec::bare(ACCEPT, 0);
+    pub const CONNECT_ANY: Spec = Spec::bare(CONNECT, 0);
+}
+
 data_syscall!(
     sys_enter_read,
     sys_exit_read,
     "sys_enter_read",
     "sys_exit_read",
-    syscall::READ,
-    INGRESS,
-    buf_kind::PLAIN,
-    ARG1,
-    0,
-    0
+    table::READ
 );
 data_syscall!(
     sys_enter_readv,
     sys_exit_readv,
     "sys_enter_readv",
     "sys_exit_readv",
-    syscall::READV,
-    INGRESS,
-    buf_kind::IOVEC,
-    ARG1,
-    ARG2,
-    0
+    table::READV
 );
 data_syscall!(
     sys_enter_recvfrom,
     sys_exit_recvfrom,
     "sys_enter_recvfrom",
     "sys_exit_recvfrom",
-    syscall::RECVFROM,
-    INGRESS,
-    buf_kind::PLAIN,
-    ARG1,
-    0,
-    ARG3
+    table::RECVFROM
 );
 data_syscall!(
     sys_enter_recvmsg,
     sys_exit_recvmsg,
     "sys_enter_recvmsg",
     "sys_exit_recvmsg",
-    syscall::RECVMSG,
-    INGRESS,
-    buf_kind::MSGHDR,
-    ARG1,
-    0,
-    ARG2
+    table::RECVMSG
 );
 data_syscall!(
     sys_enter_write,
     sys_exit_write,
     "sys_enter_write",
     "sys_exit_write",
-    syscall::WRITE,
-    EGRESS,
-    buf_kind::PLAIN,
-    ARG1,
-    0,
-    0
+    table::WRITE
 );
 data_syscall!(
     sys_enter_writev,
     sys_exit_writev,
     "sys_enter_writev",
     "sys_exit_writev",
-    syscall::WRITEV,
-    EGRESS,
-    buf_kind::IOVEC,
-    ARG1,
-    ARG2,
-    0
+    table::WRITEV
 );
 data_syscall!(
     sys_enter_sendto,
     sys_exit_sendto,
     "sys_enter_sendto",
     "sys_exit_sendto",
-    syscall::SENDTO,
-    EGRESS,
-    buf_kind::PLAIN,
-    ARG1,
-    0,
-    0
+    table::SENDTO
 );
 data_syscall!(
     sys_enter_sendmsg,
     sys_exit_sendmsg,
     "sys_enter_sendmsg",
     "sys_exit_sendmsg",
-    syscall::SENDMSG,
-    EGRESS,
-    buf_kind::MSGHDR,
-    ARG1,
-    0,
-    0
+    table::SENDMSG
 );
 data_syscall!(
     sys_enter_sendfile64,
     sys_exit_sendfile64,
     "sys_enter_sendfile64",
     "sys_exit_sendfile64",
-    syscall::SENDFILE,
-    EGRESS,
-    buf_kind::NONE,
-    0,
-    0,
-    0
+    table::SENDFILE
 );
 
 // accept/accept4: remember that the returned fd is the server end of a connection.
 #[tracepoint(category = "syscalls", name = "sys_enter_accept")]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
-    stash(&ctx, ACCEPT, 0, buf_kind::NONE, 0, 0, 0).unwrap_or(0)
+    stash(&ctx, &table::ACCEPT_ANY).unwrap_or(0)
 }
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
@@ -316,7 +300,7 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
 pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
-    stash(&ctx, ACCEPT, 0, buf_kind::NONE, 0, 0, 0).unwrap_or(0)
+    stash(&ctx, &table::ACCEPT_ANY).unwrap_or(0)
 }
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
@@ -344,7 +328,7 @@ fn exit_accept(ctx: &TracePointContext) -> Result<u32, i64> {
 // connect: `inet_sock_set_state` (→ SYN_SENT) marks the stash as TCP and gives the socket.
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    stash(&ctx, CONNECT, 0, buf_kind::NONE, 0, 0, 0).unwrap_or(0)
+    stash(&ctx, &table::CONNECT_ANY).unwrap_or(0)
 }
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
