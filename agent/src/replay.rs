@@ -197,6 +197,31 @@ impl StreamBuilder {
         self.batch.push(&self.buf);
     }
 
+    /// `n` connections from `client_pid` (fds from `first_client_fd`) to `server_pid` (fds from
+    /// 10) on `server_port`, each from its own ephemeral port.
+    pub fn connect_many(
+        &mut self,
+        n: u32,
+        client_pid: u32,
+        first_client_fd: i32,
+        server_pid: u32,
+        server_port: u16,
+    ) -> Vec<SimConn> {
+        (0..n)
+            .map(|i| {
+                let ephemeral = (20000 + i % 40000) as u16;
+                self.connect(
+                    client_pid,
+                    first_client_fd + i as i32,
+                    server_pid,
+                    10 + i as i32,
+                    ephemeral,
+                    server_port,
+                )
+            })
+            .collect()
+    }
+
     /// The client writes a request (thread `client_tid`), the server reads it (`server_tid`).
     pub fn send_request(&mut self, c: &SimConn, client_tid: u32, server_tid: u32, request: &[u8]) {
         let n = request.len();
@@ -291,18 +316,7 @@ impl StreamBuilder {
 /// of realistic small requests and responses, interleaved as a busy server would see them.
 pub fn synthetic(connections: u32, per_conn: u32) -> RawBatch {
     let mut b = StreamBuilder::new();
-    let conns: Vec<SimConn> = (0..connections)
-        .map(|i| {
-            b.connect(
-                1000,
-                10 + i as i32,
-                2000,
-                10 + i as i32,
-                40000 + (i % 20000) as u16,
-                8080,
-            )
-        })
-        .collect();
+    let conns = b.connect_many(connections, 1000, 10, 2000, 8080);
     let response = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 06:00:00 GMT\r\nContent-Type: text/html\r\nContent-Length: 615\r\nConnection: keep-alive\r\n\r\n";
     let mut body = response.to_vec();
     body.extend(std::iter::repeat_n(b'x', 615));
@@ -329,12 +343,8 @@ const SMALL_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/jso
 pub fn synthetic_chain(requests: u32, concurrency: u32) -> RawBatch {
     let concurrency = concurrency.max(1);
     let mut b = StreamBuilder::new();
-    let front: Vec<SimConn> = (0..concurrency)
-        .map(|i| b.connect(1000, 10 + i as i32, 2000, 10 + i as i32, 30000 + i as u16, 8080))
-        .collect();
-    let back: Vec<SimConn> = (0..concurrency)
-        .map(|i| b.connect(2000, 5000 + i as i32, 3000, 10 + i as i32, 40000 + i as u16, 9090))
-        .collect();
+    let front = b.connect_many(concurrency, 1000, 10, 2000, 8080);
+    let back = b.connect_many(concurrency, 2000, 5000, 3000, 9090);
     let mut r = 0;
     while r < requests {
         let n = concurrency.min(requests - r);
@@ -367,18 +377,7 @@ pub fn synthetic_chain(requests: u32, concurrency: u32) -> RawBatch {
 /// answers): the in-flight state the agent holds for a slow service.
 pub fn synthetic_in_flight(n: u32) -> (RawBatch, RawBatch) {
     let mut b = StreamBuilder::new();
-    let conns: Vec<SimConn> = (0..n)
-        .map(|i| {
-            b.connect(
-                1000,
-                10 + i as i32,
-                2000,
-                10 + i as i32,
-                (20000 + i % 40000) as u16,
-                8080,
-            )
-        })
-        .collect();
+    let conns = b.connect_many(n, 1000, 10, 2000, 8080);
     for (i, c) in conns.iter().enumerate() {
         let req = format!("GET /slow/r{i:08}x HTTP/1.1\r\nHost: slow:8080\r\nUser-Agent: loadgen\r\n\r\n");
         b.send_request(c, 1000 + i as u32, 2000 + i as u32, req.as_bytes());

@@ -173,39 +173,33 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
 /// Pipeline throughput on a synthetic stream, one thread: prints events/s and spans/s.
 pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
     let stream = crate::replay::synthetic(connections, per_conn);
-    let mut best: Option<(f64, usize, usize)> = None;
-    for _ in 0..rounds.max(1) {
-        let metrics = Metrics::new();
-        let mut processor = Processor::offline(metrics);
-        let mut spans = Vec::new();
-        let start = std::time::Instant::now();
-        process_in_batches(&mut processor, &stream, &mut spans);
-        processor.finish(&mut spans);
-        let secs = start.elapsed().as_secs_f64();
-        if best.is_none_or(|(b, _, _)| secs < b) {
-            best = Some((secs, stream.len(), spans.len()));
-        }
-    }
-    if let Some((secs, events, spans)) = best {
-        println!(
-            "events={events} spans={spans} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
-            events as f64 / secs,
-            spans as f64 / secs
-        );
-    }
+    let (secs, spans) = (0..rounds.max(1))
+        .map(|_| timed_replay(&stream))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or_default();
+    let (events, spans) = (stream.len(), spans.len());
+    println!(
+        "events={events} spans={spans} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
+        events as f64 / secs,
+        spans as f64 / secs
+    );
+}
+
+/// Replays a stream through a fresh offline pipeline; returns the seconds it took and the spans.
+fn timed_replay(stream: &crate::reader::RawBatch) -> (f64, Vec<crate::span::Span>) {
+    let mut processor = Processor::offline(Metrics::new());
+    let mut spans = Vec::new();
+    let start = std::time::Instant::now();
+    process_in_batches(&mut processor, stream, &mut spans);
+    processor.finish(&mut spans);
+    (start.elapsed().as_secs_f64(), spans)
 }
 
 /// Stitching throughput (spans/s, one thread, whole userspace pipeline on a two-hop chain) and
 /// memory held per in-flight request.
 pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
     let stream = crate::replay::synthetic_chain(requests, concurrency);
-    let metrics = Metrics::new();
-    let mut processor = Processor::offline(metrics);
-    let mut spans = Vec::new();
-    let start = std::time::Instant::now();
-    process_in_batches(&mut processor, &stream, &mut spans);
-    processor.finish(&mut spans);
-    let secs = start.elapsed().as_secs_f64();
+    let (secs, spans) = timed_replay(&stream);
     let with_parent = spans.iter().filter(|s| s.parent_span_id.is_some()).count();
     println!(
         "stitch: requests={requests} concurrency={concurrency} spans={} with_parent={with_parent} seconds={secs:.3} spans_per_sec={:.0} events_per_sec={:.0}",
