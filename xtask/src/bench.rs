@@ -85,6 +85,7 @@ pub struct Results {
     pub agent_error: Option<String>,
     pub wrk_cmd: String,
     pub opts_command: String,
+    pub facts: report::RunFacts,
 }
 
 pub fn bench(opts: &Opts) -> Result<()> {
@@ -117,7 +118,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
         "\nbench (d, e): stitching and in-flight memory, `taskset -c {CLIENT_CPU} {} bench-stitch`",
         bin.display()
     );
-    let stitch = stitch(&bin);
+    let stitch = stitch(&bin, &tmp.0);
     match &stitch {
         Ok(lines) => lines.iter().for_each(|l| println!("bench (d, e): {l}")),
         Err(why) => println!("bench (d, e): not available: {why}"),
@@ -154,6 +155,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
         agent_error: None,
         wrk_cmd,
         opts_command: opts.command.clone(),
+        facts: report::RunFacts::collect(),
     };
     let load = || run_wrk(&wrk_args(opts.duration), opts.duration);
     for round in 1..=opts.rounds {
@@ -194,28 +196,38 @@ pub fn bench(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
-    let out = tmp.join("pipeline.out");
-    let child = Command::new("taskset")
+/// Runs `sockspan <args>` pinned to the client core, at most 5 minutes; returns its exit status
+/// and output lines (stdout, then stderr; stdout is also kept in `tmp/<name>.out`).
+fn run_subcommand(
+    bin: &Path,
+    tmp: &Path,
+    args: &[&str],
+) -> std::result::Result<(std::process::ExitStatus, Vec<String>), String> {
+    let name = args.first().copied().unwrap_or("sockspan");
+    let mut child = Command::new("taskset")
         .args(["-c", CLIENT_CPU])
         .arg(bin)
-        .arg("bench-pipeline")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return Pipeline::Missing(format!("cannot start: {e}")),
-    };
-    let stdout = util::lines_to_channel(child.stdout.take().expect("piped"), Some(out));
+        .spawn()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    let stdout = util::lines_to_channel(
+        child.stdout.take().expect("piped"),
+        Some(tmp.join(format!("{name}.out"))),
+    );
     let stderr = util::lines_to_channel(child.stderr.take().expect("piped"), None);
-    let mut g = Guard::new("sockspan bench-pipeline", child);
-    let status = match g.wait(Duration::from_secs(300)) {
-        Ok(s) => s,
-        Err(e) => return Pipeline::Missing(format!("{e:#}")),
+    let mut g = Guard::new(&format!("sockspan {name}"), child);
+    let status = g.wait(Duration::from_secs(300)).map_err(|e| format!("{e:#}"))?;
+    Ok((status, stdout.iter().chain(stderr.iter()).collect()))
+}
+
+fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
+    let (status, lines) = match run_subcommand(bin, tmp, &["bench-pipeline"]) {
+        Ok(r) => r,
+        Err(e) => return Pipeline::Missing(e),
     };
-    let lines: Vec<String> = stdout.iter().chain(stderr.iter()).collect();
     let found = lines.iter().find(|l| l.contains("events_per_sec="));
     match found {
         Some(line) => match kv(line, "events_per_sec") {
@@ -235,30 +247,19 @@ fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
     }
 }
 
-/// Runs `sockspan bench-stitch` on one core: a two-hop chain replayed through every stage
-/// (spans/s), then 10,000 requests held in flight (heap bytes per request).
-fn stitch(bin: &Path) -> std::result::Result<Vec<String>, String> {
-    let out = Command::new("taskset")
-        .args(["-c", CLIENT_CPU])
-        .arg(bin)
-        .args(["bench-stitch", "--in-flight", "10000"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot start: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<String> = text
-        .lines()
+/// Runs `sockspan bench-stitch`: a two-hop chain replayed through every stage (spans/s), then
+/// 10,000 requests held in flight (heap bytes per request).
+fn stitch(bin: &Path, tmp: &Path) -> std::result::Result<Vec<String>, String> {
+    let (status, lines) = run_subcommand(bin, tmp, &["bench-stitch", "--in-flight", "10000"])?;
+    let wanted: Vec<String> = lines
+        .iter()
         .filter(|l| l.starts_with("stitch:") || l.starts_with("in_flight:"))
-        .map(str::to_owned)
+        .cloned()
         .collect();
-    if out.status.success() && lines.len() == 2 {
-        Ok(lines)
+    if status.success() && wanted.len() == 2 {
+        Ok(wanted)
     } else {
-        Err(format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("{status}: {}", lines.join(" | ")))
     }
 }
 

@@ -92,6 +92,27 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "ok" } else { "**MISSED**" }
 }
 
+/// Facts about the machine and checkout, read once per run.
+pub struct RunFacts {
+    /// `YYYY-MM-DD HH:MM`, UTC.
+    pub date: String,
+    pub nproc: String,
+    pub kernel: String,
+    pub commit: String,
+}
+
+impl RunFacts {
+    pub fn collect() -> Self {
+        let out = |prog: &str, args: &[&str]| output_of(prog, args).unwrap_or_default().trim().to_owned();
+        Self {
+            date: out("date", &["-u", "+%Y-%m-%d %H:%M"]),
+            nproc: out("nproc", &[]),
+            kernel: setup::kernel(),
+            commit: commit(),
+        }
+    }
+}
+
 fn commit() -> String {
     let head = output_of("git", ["rev-parse", "--short", "HEAD"]).map(|s| s.trim().to_owned());
     let dirty = output_of("git", ["status", "--porcelain"]).is_some_and(|s| !s.trim().is_empty());
@@ -138,21 +159,13 @@ fn wrk_errors(ws: &[&Wrk]) -> String {
 
 pub fn render(r: &Results) -> String {
     let d = derive(r);
-    let date = output_of("date", ["-u", "+%Y-%m-%d %H:%M UTC"])
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let nproc = output_of("nproc", [] as [&str; 0])
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+    let f = &r.facts;
     let mut s = String::new();
-    let _ = writeln!(s, "### Run of {date}\n");
+    let _ = writeln!(s, "### Run of {} UTC\n", f.date);
     let _ = writeln!(
         s,
-        "- machine: `nproc` = {nproc}, kernel {}, commit {}",
-        setup::kernel(),
-        commit()
+        "- machine: `nproc` = {}, kernel {}, commit {}",
+        f.nproc, f.kernel, f.commit
     );
     let _ = writeln!(s, "- command: `{}`", r.opts_command);
     let _ = writeln!(
@@ -325,14 +338,7 @@ pub fn render(r: &Results) -> String {
 
 fn history_row(r: &Results) -> String {
     let d = derive(r);
-    let date = output_of("date", ["-u", "+%Y-%m-%d %H:%M"])
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let nproc = output_of("nproc", [] as [&str; 0])
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+    let f = &r.facts;
     let eps = match &r.pipeline {
         Pipeline::Ok { events_per_sec, .. } => format!("{:.0}k", events_per_sec / 1000.0),
         Pipeline::Missing(_) => "n/a".into(),
@@ -343,9 +349,11 @@ fn history_row(r: &Results) -> String {
         mib(d.vm_hwm_kb)
     };
     format!(
-        "| {date} | {} | {nproc} | {} | {eps} | {:.0} | {:.1} % | {} | {} | {} | {hwm} |",
-        commit(),
-        setup::kernel(),
+        "| {} | {} | {} | {} | {eps} | {:.0} | {:.1} % | {} | {} | {} | {hwm} |",
+        f.date,
+        f.commit,
+        f.nproc,
+        f.kernel,
         d.off_rps,
         d.floor_loss,
         pct(d.agent_loss),
@@ -408,6 +416,12 @@ mod tests {
             agent_error: None,
             wrk_cmd: "wrk".into(),
             opts_command: "cargo xtask bench".into(),
+            facts: RunFacts {
+                date: "2026-01-01 00:00".into(),
+                nproc: "2".into(),
+                kernel: "6.18".into(),
+                commit: "abc1234".into(),
+            },
         }
     }
 
