@@ -692,30 +692,17 @@ impl Server {
         std::fs::write(root.join("small.txt"), b"small file served by nginx\n")?;
         let big: Vec<u8> = (0..NGINX_BIG_FILE_SIZE).map(|i| b'a' + (i % 26) as u8).collect();
         std::fs::write(root.join("big.bin"), big)?;
-        for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-            std::fs::create_dir_all(dir.path().join(t))?;
-        }
-        let d = dir.path().display();
-        let conf = format!(
-            r#"daemon off;
-master_process on;
-worker_processes 1;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
+        // nginx clears the environment of its workers unless told to keep a variable
+        let keep_env = if service_name.is_some() {
+            "env OTEL_SERVICE_NAME;"
+        } else {
+            ""
+        };
+        let http = format!(
+            r#"    sendfile on;
     tcp_nopush off;
-    keepalive_timeout 65;
     keepalive_requests 1000;
     default_type application/octet-stream;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
     server {{
         listen 127.0.0.1:{port};
         root {root};
@@ -726,24 +713,11 @@ http {{
         location /e2e/ {{ default_type text/plain; return 200 "hello from nginx\n"; }}
         location / {{ }}
     }}
-}}
 "#,
             root = root.display()
         );
-        let conf_path = dir.path().join("nginx.conf");
-        let conf = match service_name {
-            // nginx clears the environment of its workers unless told to keep a variable
-            Some(_) => conf.replacen("daemon off;", "daemon off;\nenv OTEL_SERVICE_NAME;", 1),
-            None => conf,
-        };
-        std::fs::write(&conf_path, conf)?;
-        let mut cmd = Command::new(Tool::Nginx.program());
-        cmd.arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .arg("-c")
-            .arg(&conf_path);
+        let conf = nginx_config(dir.path(), keep_env, 1, 256, &http)?;
+        let mut cmd = nginx_command(dir.path(), &conf);
         if let Some(s) = service_name {
             cmd.env("OTEL_SERVICE_NAME", s);
         }
@@ -752,6 +726,51 @@ http {{
 }
 
 pub const NGINX_BIG_FILE_SIZE: usize = 2 * 1024 * 1024;
+
+/// Writes `dir/nginx.conf` (creating its temp directories): master and `workers` workers as
+/// root, pid, log and temp files inside `dir`, `main` added to the main context and `http` to
+/// the http block (after `access_log off` and a 65 s keep-alive).
+pub fn nginx_config(dir: &Path, main: &str, workers: u32, connections: u32, http: &str) -> Result<PathBuf> {
+    for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(dir.join(t))?;
+    }
+    let d = dir.display();
+    let conf = format!(
+        r#"daemon off;
+{main}
+master_process on;
+worker_processes {workers};
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {connections}; }}
+http {{
+    access_log off;
+    keepalive_timeout 65;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{http}}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
+/// The command that runs nginx on a config written by [`nginx_config`].
+pub fn nginx_command(dir: &Path, conf: &Path) -> Command {
+    let mut cmd = Command::new(Tool::Nginx.program());
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(conf);
+    cmd
+}
 
 /// A plain TCP peer that speaks no HTTP (tests/fixtures/tcp_peer.py server).
 pub fn tcp_peer_server() -> Result<Server> {

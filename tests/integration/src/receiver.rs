@@ -322,18 +322,7 @@ impl TraceService for GrpcService {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> std::result::Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let headers: Vec<(String, String)> = request
-            .metadata()
-            .clone()
-            .into_headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
+        let headers = header_pairs(&request.metadata().clone().into_headers());
         let content_type = headers
             .iter()
             .find(|(k, _)| k == "content-type")
@@ -355,14 +344,9 @@ impl TraceService for GrpcService {
     }
 }
 
-async fn http_handler(
-    shared: Shared,
-    req: Request<Incoming>,
-) -> std::result::Result<Response<Full<hyper::body::Bytes>>, Infallible> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let headers: Vec<(String, String)> = req
-        .headers()
+/// Request headers as (lower-case name, value) pairs, as both transports record them.
+fn header_pairs(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    headers
         .iter()
         .map(|(k, v)| {
             (
@@ -370,7 +354,16 @@ async fn http_handler(
                 String::from_utf8_lossy(v.as_bytes()).into_owned(),
             )
         })
-        .collect();
+        .collect()
+}
+
+async fn http_handler(
+    shared: Shared,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Full<hyper::body::Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let headers = header_pairs(req.headers());
     let content_type = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)

@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
 use crate::{
-    harness::{ProcessGuard, TempDir, Tool, fixtures_dir, free_port, wait_for_port},
+    harness::{ProcessGuard, TempDir, Tool, fixtures_dir, free_port, nginx_command, nginx_config, wait_for_port},
     receiver::CollectedSpan,
 };
 pub use score::{ClassScore, ExpectedSpan, Row, Scored, Verdict, format_table, score};
@@ -201,27 +201,8 @@ impl Topology {
         )?;
         let dir = TempDir::new("topo-nginx")?;
         let (ka, close) = (free_port(), free_port());
-        let d = dir.path().display();
-        for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-            std::fs::create_dir_all(dir.path().join(t))?;
-        }
-        let conf = format!(
-            r#"daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 2048; }}
-http {{
-    access_log off;
-    keepalive_timeout 65;
-    keepalive_requests 100000;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
+        let http = format!(
+            r#"    keepalive_requests 100000;
     upstream orders_keepalive {{ server 127.0.0.1:{orders}; keepalive 16; }}
     upstream orders_close {{ server 127.0.0.1:{orders}; }}
     server {{
@@ -242,20 +223,12 @@ http {{
             proxy_next_upstream off;
         }}
     }}
-}}
 "#,
             orders = orders.port
         );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf)?;
-        let mut cmd = Command::new(Tool::Nginx.program());
+        let conf = nginx_config(dir.path(), "", 2, 2048, &http)?;
+        let mut cmd = nginx_command(dir.path(), &conf);
         clean_env(&mut cmd);
-        cmd.arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .arg("-c")
-            .arg(&conf_path);
         let nginx = Proc::spawn(SVC_GATEWAY, cmd, Some(ka))?;
         wait_for_port(close, Duration::from_secs(10), || Ok(()))?;
         Ok(Self {
