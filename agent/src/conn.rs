@@ -183,15 +183,19 @@ impl ConnTable {
             }
             Event::Data { header: h, payload, .. } => {
                 let key = (h.pid, h.fd);
-                if let Some(c) = self.conns.get(&key)
-                    && c.sock != h.sock
-                    && let Some(mut old) = self.conns.remove(&key)
-                {
-                    // The fd now names another socket: the old connection ended unseen.
-                    let at = old.last_activity_ns;
-                    old.close(at, false, &mut self.http_stats, out);
-                }
-                if !self.conns.contains_key(&key) {
+                let known = match self.conns.get(&key) {
+                    Some(c) if c.sock == h.sock => true,
+                    Some(_) => {
+                        // The fd now names another socket: the old connection ended unseen.
+                        if let Some(mut old) = self.conns.remove(&key) {
+                            let at = old.last_activity_ns;
+                            old.close(at, false, &mut self.http_stats, out);
+                        }
+                        false
+                    }
+                    None => false,
+                };
+                if !known {
                     if self.conns.len() >= MAX_CONNECTIONS {
                         self.evict_oldest(out);
                     }
