@@ -128,8 +128,10 @@ pub struct ConnTable {
     pub not_http_undecided: u64,
     /// Connections ignored because their peer is the agent itself (its exports).
     pub own_traffic: u64,
-    /// Local endpoints of the agent's own connections (flagged by the kernel).
-    own_endpoints: HashMap<SocketAddr, u64>,
+    /// (local, remote) of the agent's own connections (flagged by the kernel) → socket. The
+    /// whole pair is the key: an ephemeral port of the agent's is reused at the same time by
+    /// other connections to other peers, which must still be traced.
+    own_links: HashMap<(SocketAddr, SocketAddr), u64>,
     own_pid: u32,
     proc_root: String,
 }
@@ -150,7 +152,7 @@ impl ConnTable {
             evicted: 0,
             not_http_undecided: 0,
             own_traffic: 0,
-            own_endpoints: HashMap::new(),
+            own_links: HashMap::new(),
             own_pid: std::process::id(),
             proc_root: "/proc".into(),
         }
@@ -286,7 +288,10 @@ impl ConnTable {
         } else {
             HttpConn::new_resync()
         };
-        let own = remote.is_some_and(|r| self.own_endpoints.contains_key(&r));
+        // The other end of one of the agent's own connections (a collector on this node).
+        let own = local
+            .zip(remote)
+            .is_some_and(|(l, r)| self.own_links.contains_key(&(r, l)));
         if own {
             self.own_traffic += 1;
         }
@@ -318,14 +323,14 @@ impl ConnTable {
                 self.tuples.insert(s.header.sock, (l, r));
                 // The kernel sets pid only on the agent's own sockets.
                 if s.header.pid != 0 && s.header.pid == self.own_pid {
-                    self.own_endpoints.insert(l, s.header.sock);
+                    self.own_links.insert((l, r), s.header.sock);
                 }
             }
         } else if s.new_state == tcp_state::CLOSE
-            && let Some((l, _)) = self.tuples.remove(&s.header.sock)
-            && self.own_endpoints.get(&l) == Some(&s.header.sock)
+            && let Some(link) = self.tuples.remove(&s.header.sock)
+            && self.own_links.get(&link) == Some(&s.header.sock)
         {
-            self.own_endpoints.remove(&l);
+            self.own_links.remove(&link);
         }
     }
 

@@ -129,34 +129,37 @@ impl StreamBuilder {
             server_port,
         };
         self.next_sock += 0x1000;
-        let lo = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        for (sock, lp, rp) in [
-            (c.client_sock, client_port, server_port),
-            (c.server_sock, server_port, client_port),
-        ] {
-            let t = self.tick(1_000);
-            let ev = SockEvent {
-                header: EventHeader {
-                    kind: kind::TCP_STATE,
-                    fd: -1,
-                    sock,
-                    ts_enter_ns: t,
-                    ts_exit_ns: t,
-                    ..Default::default()
-                },
-                family: AF_INET,
-                local_port: lp,
-                remote_port: rp,
-                old_state: tcp_state::SYN_SENT,
-                new_state: tcp_state::ESTABLISHED,
-                local_addr: lo,
-                remote_addr: lo,
-            };
-            self.buf.clear();
-            encode_sock(&ev, &mut self.buf);
-            self.batch.push(&self.buf);
-        }
+        self.established(c.client_sock, client_port, server_port, 0);
+        self.established(c.server_sock, server_port, client_port, 0);
         c
+    }
+
+    /// The ESTABLISHED event of a loopback socket; the kernel sets `pid` only on the agent's own
+    /// sockets.
+    pub fn established(&mut self, sock: u64, local_port: u16, remote_port: u16, pid: u32) {
+        let lo = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let t = self.tick(1_000);
+        let ev = SockEvent {
+            header: EventHeader {
+                kind: kind::TCP_STATE,
+                fd: -1,
+                pid,
+                sock,
+                ts_enter_ns: t,
+                ts_exit_ns: t,
+                ..Default::default()
+            },
+            family: AF_INET,
+            local_port,
+            remote_port,
+            old_state: tcp_state::SYN_SENT,
+            new_state: tcp_state::ESTABLISHED,
+            local_addr: lo,
+            remote_addr: lo,
+        };
+        self.buf.clear();
+        encode_sock(&ev, &mut self.buf);
+        self.batch.push(&self.buf);
     }
 
     /// One syscall's worth of bytes (`captured` ≤ `total`).

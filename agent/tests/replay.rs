@@ -245,3 +245,32 @@ fn preexisting_connection_joins_at_next_request() {
             .any(|s| s.kind == SpanKind::Client && s.name == "GET /again")
     );
 }
+
+/// The agent's own export connection is not traced at the collector's end, but another
+/// connection that reuses the agent's ephemeral port towards another peer is.
+#[test]
+fn own_export_ignored_but_its_port_reused_elsewhere_is_traced() {
+    let agent_pid = 999;
+    let (agent_sock, collector_sock) = (0xa000, 0xb000);
+    let mut b = StreamBuilder::new();
+    // agent 127.0.0.1:40000 → collector (pid 300) on :4317. Only the collector's syscalls are
+    // seen: the agent's own are excluded in the kernel.
+    b.established(agent_sock, 40000, 4317, agent_pid);
+    b.established(collector_sock, 4317, 40000, 0);
+    let post = b"POST /v1/traces HTTP/1.1\r\nHost: c\r\nContent-Length: 0\r\n\r\n";
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    b.data(300, 300, 11, collector_sock, 1, false, post, post.len(), "collector");
+    b.data(300, 300, 11, collector_sock, 1, true, ok, ok.len(), "collector");
+    // Meanwhile a client reuses local port 40000 towards another server.
+    let c = b.connect(100, 5, 200, 7, 40000, 8080);
+    b.exchange(&c, b"GET /shared-port HTTP/1.1\r\nHost: s\r\n\r\n", ok);
+
+    let mut p = Processor::offline(Metrics::new());
+    p.conns.set_own_pid(agent_pid);
+    let mut spans = Vec::new();
+    p.process(&b.batch, &mut spans);
+    p.finish(&mut spans);
+    let names: Vec<(SpanKind, &str)> = spans.iter().map(|s| (s.kind, s.name.as_str())).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.iter().all(|(_, n)| *n == "GET /shared-port"), "{names:?}");
+}

@@ -390,6 +390,13 @@ impl AgentBuilder {
     pub fn start(self) -> Result<Agent> {
         let bin = agent_bin();
         let mut cmd = Command::new(&bin);
+        // Debugging aid: record every agent's kernel events for `sockspan replay`.
+        if let Some(dir) = std::env::var_os("SOCKSPAN_TEST_RECORD_DIR") {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let file = PathBuf::from(dir).join(format!("agent-{}-{n}.rec", std::process::id()));
+            cmd.arg("--record").arg(file);
+        }
         cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -397,25 +397,37 @@ fn checkout_topology_accuracy() -> Result<()> {
     if !lost.is_empty() {
         // were they late or never exported at all?
         std::thread::sleep(Duration::from_secs(2));
-        let late: Vec<String> = lost
+        let now = agent_integration_tests::harness::now_ns();
+        let mut late = 0;
+        let lines: Vec<String> = lost
             .iter()
-            .filter_map(|(svc, kind, path)| {
-                rx.matching(|s| s.service_name() == Some(svc.as_str()) && s.kind == *kind && s.url_path() == Some(path))
-                    .first()
-                    .map(|s| {
-                        format!("  {kind} {svc} {path}: arrived late, ended {:?} before the check", {
-                            let now = agent_integration_tests::harness::now_ns();
-                            Duration::from_nanos(now.saturating_sub(s.end_ns))
-                        })
-                    })
+            .map(|(svc, kind, path)| {
+                let got = rx.matching(|s| {
+                    s.service_name() == Some(svc.as_str()) && s.kind == *kind && s.url_path() == Some(path)
+                });
+                match got.first() {
+                    Some(s) => {
+                        late += 1;
+                        let ago = Duration::from_nanos(now.saturating_sub(s.end_ns));
+                        format!("  {kind} {svc} {path}: arrived late, ended {ago:?} before the check")
+                    }
+                    None => format!("  {kind} {svc} {path}: never arrived"),
+                }
             })
             .collect();
         println!(
-            "{} required spans were not exported in time; {} of them arrived later:\n{}",
+            "{} required spans were not exported in time; {late} of them arrived later:\n{}",
             lost.len(),
-            late.len(),
-            late.join("\n")
+            lines.join("\n")
         );
+        if let Ok(m) = agent.metrics() {
+            let nonzero: Vec<&str> = m
+                .text
+                .lines()
+                .filter(|l| l.starts_with("sockspan_") && !l.ends_with(" 0"))
+                .collect();
+            println!("agent metrics (non-zero):\n{}", nonzero.join("\n"));
+        }
     }
     drop(topo);
     let (stderr, _) = agent.stop()?;
