@@ -72,6 +72,9 @@ pub enum Command {
         /// Timed repetitions; the best is reported.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Replay this recording (made with `--record`) instead of the synthetic stream.
+        #[arg(long, value_name = "FILE")]
+        recording: Option<PathBuf>,
     },
     /// Measure stitching throughput on a two-hop chain and memory with requests in flight.
     #[command(hide = true)]

@@ -46,10 +46,14 @@ fn main() -> ExitCode {
             connections,
             per_conn,
             rounds,
-        }) => {
-            sockspan::run::bench_pipeline(connections, per_conn, rounds);
-            ExitCode::SUCCESS
-        }
+            recording,
+        }) => match sockspan::run::bench_pipeline(connections, per_conn, rounds, recording.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sockspan: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         None => {
             // One thread: the stages hand batches to each other without waking other threads,
             // and the agent never competes for more than one core with the services it watches.

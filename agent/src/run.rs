@@ -1,7 +1,7 @@
 //! The live agent: load the kernel programs, start every stage, stop cleanly on a signal.
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -171,8 +171,18 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
 }
 
 /// Pipeline throughput on a synthetic stream, one thread: prints events/s and spans/s.
-pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
-    let stream = crate::replay::synthetic(connections, per_conn);
+pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32, recording: Option<&Path>) -> Result<()> {
+    let stream = match recording {
+        None => crate::replay::synthetic(connections, per_conn),
+        Some(path) => {
+            let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+            // One batch holds the whole recording.
+            crate::replay::read_recording(std::io::BufReader::new(file), usize::MAX)?
+                .into_iter()
+                .next()
+                .unwrap_or_default()
+        }
+    };
     let (secs, spans) = (0..rounds.max(1))
         .map(|_| timed_replay(&stream))
         .min_by(|a, b| a.0.total_cmp(&b.0))
@@ -183,6 +193,7 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32) {
         events as f64 / secs,
         spans as f64 / secs
     );
+    Ok(())
 }
 
 /// Replays a stream through a fresh offline pipeline; returns the seconds it took and the spans.
