@@ -5,13 +5,14 @@
 //! comes from the kernel's ESTABLISHED event for the socket, or, for connections that predate
 //! the agent, from /proc once.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use agent_common::{AF_INET, AF_INET6, SockEvent, direction, side, tcp_state};
 
 use crate::{
+    FastMap,
     decode::Event,
     http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
 };
@@ -119,9 +120,9 @@ const MAX_UNANSWERED: usize = 256;
 const MAX_CONNECTIONS: usize = 65536;
 
 pub struct ConnTable {
-    conns: HashMap<(u32, i32), Connection>,
+    conns: FastMap<(u32, i32), Connection>,
     /// socket identity → (local, remote), from ESTABLISHED events.
-    tuples: HashMap<u64, (SocketAddr, SocketAddr)>,
+    tuples: FastMap<u64, (SocketAddr, SocketAddr)>,
     pub http_stats: HttpStats,
     pub opened: u64,
     pub evicted: u64,
@@ -131,7 +132,7 @@ pub struct ConnTable {
     /// (local, remote) of the agent's own connections (flagged by the kernel) → socket. The
     /// whole pair is the key: an ephemeral port of the agent's is reused at the same time by
     /// other connections to other peers, which must still be traced.
-    own_links: HashMap<(SocketAddr, SocketAddr), u64>,
+    own_links: FastMap<(SocketAddr, SocketAddr), u64>,
     own_pid: u32,
     proc_root: String,
 }
@@ -145,14 +146,14 @@ impl Default for ConnTable {
 impl ConnTable {
     pub fn new() -> Self {
         Self {
-            conns: HashMap::new(),
-            tuples: HashMap::new(),
+            conns: FastMap::default(),
+            tuples: FastMap::default(),
             http_stats: HttpStats::default(),
             opened: 0,
             evicted: 0,
             not_http_undecided: 0,
             own_traffic: 0,
-            own_links: HashMap::new(),
+            own_links: FastMap::default(),
             own_pid: std::process::id(),
             proc_root: "/proc".into(),
         }

@@ -22,3 +22,8 @@ pub mod run;
 pub mod span;
 pub mod stitch;
 pub mod telemetry;
+
+/// Hash maps for the per-event tables: foldhash (randomly seeded, so keys from the network
+/// cannot be chosen to collide) instead of SipHash, which showed up in profiles.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;

@@ -1,7 +1,9 @@
 //! Per-process resource: `service.name` from the process's own `OTEL_SERVICE_NAME` (or
 //! `service.name` in its `OTEL_RESOURCE_ATTRIBUTES`), else its executable name; read once per
 //! process from /proc. Short-lived processes that are gone by then fall back to their `comm`.
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
+
+use crate::FastMap;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProcessInfo {
@@ -16,7 +18,7 @@ pub struct ProcessInfo {
 pub struct ProcessTable {
     root: PathBuf,
     host_name: Arc<str>,
-    cache: HashMap<u32, (CommKey, Arc<ProcessInfo>)>,
+    cache: FastMap<u32, (CommKey, Arc<ProcessInfo>)>,
 }
 
 type CommKey = [u8; 16];
@@ -38,7 +40,7 @@ impl ProcessTable {
         Self {
             root: root.into(),
             host_name: host_name().into(),
-            cache: HashMap::new(),
+            cache: FastMap::default(),
         }
     }
 

@@ -183,39 +183,63 @@ pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32, recording: O
                 .unwrap_or_default()
         }
     };
-    let (secs, spans) = (0..rounds.max(1))
-        .map(|_| timed_replay(&stream))
-        .min_by(|a, b| a.0.total_cmp(&b.0))
-        .unwrap_or_default();
-    let (events, spans) = (stream.len(), spans.len());
+    let events = stream.len();
+    let best = |with_export: bool| {
+        (0..rounds.max(1))
+            .map(|_| {
+                let (mut spans, mut bytes) = (0, 0);
+                let secs = timed_replay(&stream, &mut |batch| {
+                    spans += batch.len();
+                    if with_export {
+                        bytes += crate::export::otlp::encode_for_bench(batch);
+                    }
+                });
+                (secs, spans, bytes)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .unwrap_or_default()
+    };
+    let (secs, spans, _) = best(false);
     println!(
         "events={events} spans={spans} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
+        events as f64 / secs,
+        spans as f64 / secs
+    );
+    // The same, and each batch's spans then encoded as the OTLP exporter does (SpanData →
+    // protobuf; no network).
+    let (secs, spans, bytes) = best(true);
+    println!(
+        "with_otlp_encoding: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
         events as f64 / secs,
         spans as f64 / secs
     );
     Ok(())
 }
 
-/// Replays a stream through a fresh offline pipeline; returns the seconds it took and the spans.
-fn timed_replay(stream: &crate::reader::RawBatch) -> (f64, Vec<crate::span::Span>) {
+/// Replays a stream through a fresh offline pipeline, handing each batch's spans to `sink` as
+/// the live agent does; returns the seconds it took.
+fn timed_replay(stream: &crate::reader::RawBatch, sink: &mut dyn FnMut(Vec<crate::span::Span>)) -> f64 {
     let mut processor = Processor::offline(Metrics::new());
-    let mut spans = Vec::new();
     let start = std::time::Instant::now();
-    process_in_batches(&mut processor, stream, &mut spans);
+    process_in_batches(&mut processor, stream, sink);
+    let mut spans = Vec::new();
     processor.finish(&mut spans);
-    (start.elapsed().as_secs_f64(), spans)
+    sink(spans);
+    start.elapsed().as_secs_f64()
 }
 
 /// Stitching throughput (spans/s, one thread, whole userspace pipeline on a two-hop chain) and
 /// memory held per in-flight request.
 pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
     let stream = crate::replay::synthetic_chain(requests, concurrency);
-    let (secs, spans) = timed_replay(&stream);
-    let with_parent = spans.iter().filter(|s| s.parent_span_id.is_some()).count();
+    let (mut spans, mut with_parent) = (0, 0);
+    let secs = timed_replay(&stream, &mut |batch| {
+        spans += batch.len();
+        with_parent += batch.iter().filter(|s| s.parent_span_id.is_some()).count();
+    });
     println!(
-        "stitch: requests={requests} concurrency={concurrency} spans={} with_parent={with_parent} seconds={secs:.3} spans_per_sec={:.0} events_per_sec={:.0}",
-        spans.len(),
-        spans.len() as f64 / secs,
+        "stitch: requests={requests} concurrency={concurrency} spans={spans} with_parent={with_parent} seconds={secs:.3} spans_per_sec={:.0} events_per_sec={:.0}",
+        spans as f64 / secs,
         stream.len() as f64 / secs
     );
 
@@ -224,10 +248,10 @@ pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
     let mut processor = Processor::offline(metrics);
     let mut spans = Vec::new();
     let (rss_before, heap_before) = (rss_bytes(), heap_in_use());
-    process_in_batches(&mut processor, &started, &mut spans);
+    process_in_batches(&mut processor, &started, &mut |b| spans.extend(b));
     let held = processor.stitcher.in_flight() + processor.stitcher.queued();
     let (rss_held, heap_held) = (rss_bytes(), heap_in_use());
-    process_in_batches(&mut processor, &answers, &mut spans);
+    process_in_batches(&mut processor, &answers, &mut |b| spans.extend(b));
     processor.finish(&mut spans);
     let heap = heap_held.saturating_sub(heap_before);
     println!(
@@ -239,17 +263,26 @@ pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
     );
 }
 
-/// Feeds a stream in batches of the size the reader hands over.
-fn process_in_batches(processor: &mut Processor, stream: &crate::reader::RawBatch, out: &mut Vec<crate::span::Span>) {
+/// Feeds a stream in batches of the size the reader hands over; each batch's spans go to `sink`.
+fn process_in_batches(
+    processor: &mut Processor,
+    stream: &crate::reader::RawBatch,
+    sink: &mut dyn FnMut(Vec<crate::span::Span>),
+) {
     let mut batch = crate::reader::RawBatch::default();
     for rec in stream.iter() {
         batch.push(rec);
         if batch.len() == crate::reader::BATCH_RECORDS {
-            processor.process(&batch, out);
-            batch = crate::reader::RawBatch::default();
+            let mut spans = Vec::new();
+            processor.process(&batch, &mut spans);
+            sink(spans);
+            batch.bytes.clear();
+            batch.ends.clear();
         }
     }
-    processor.process(&batch, out);
+    let mut spans = Vec::new();
+    processor.process(&batch, &mut spans);
+    sink(spans);
 }
 
 /// Bytes allocated and not freed (excludes allocator slack that RSS includes).

@@ -1,7 +1,7 @@
 //! Exchange → span: kind, name, stable HTTP semantic-convention attributes, status, resource.
 //! Bodies, cookies and credentials never get here (the parser keeps none); query values are
 //! redacted unless asked otherwise.
-use std::{net::SocketAddr, sync::Arc};
+use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 
 use crate::{
     conn::{ConnExchange, Side},
@@ -10,9 +10,20 @@ use crate::{
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttrValue {
-    Str(String),
+    /// Borrowed for the fixed values (scheme, versions, common methods): no allocation per span.
+    Str(Cow<'static, str>),
     Int(i64),
     Bool(bool),
+}
+
+impl AttrValue {
+    pub fn text(s: impl Into<String>) -> Self {
+        AttrValue::Str(Cow::Owned(s.into()))
+    }
+
+    pub const fn fixed(s: &'static str) -> Self {
+        AttrValue::Str(Cow::Borrowed(s))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,21 +104,20 @@ impl SpanFactory {
         };
         let (path, query) = split_target(&req.target);
         let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(18);
-        let s = |v: &str| AttrValue::Str(v.to_owned());
-        attrs.push(("http.request.method", s(&req.method)));
-        attrs.push(("url.path", s(path)));
+        attrs.push(("http.request.method", method_value(&req.method)));
+        attrs.push(("url.path", AttrValue::text(path)));
         if let Some(q) = query {
             let q = if self.opts.keep_query_values {
                 q.to_owned()
             } else {
                 redact_query(q)
             };
-            attrs.push(("url.query", AttrValue::Str(q)));
+            attrs.push(("url.query", AttrValue::text(q)));
         }
-        attrs.push(("url.scheme", s("http")));
+        attrs.push(("url.scheme", AttrValue::fixed("http")));
         attrs.push((
             "network.protocol.version",
-            s(if req.version_minor == 0 { "1.0" } else { "1.1" }),
+            AttrValue::fixed(if req.version_minor == 0 { "1.0" } else { "1.1" }),
         ));
         let host = req.host.as_deref().map(split_host_port);
         match kind {
@@ -116,13 +126,13 @@ impl SpanFactory {
                     .map(|(h, _)| h.to_owned())
                     .or_else(|| f.local.map(|l| l.ip().to_string()));
                 if let Some(a) = addr {
-                    attrs.push(("server.address", AttrValue::Str(a)));
+                    attrs.push(("server.address", AttrValue::text(a)));
                 }
                 if let Some(port) = f.local.map(|l| l.port()).or_else(|| host.and_then(|(_, p)| p)) {
                     attrs.push(("server.port", AttrValue::Int(i64::from(port))));
                 }
                 if let Some(r) = f.remote {
-                    attrs.push(("client.address", AttrValue::Str(r.ip().to_string())));
+                    attrs.push(("client.address", AttrValue::text(r.ip().to_string())));
                     attrs.push(("client.port", AttrValue::Int(i64::from(r.port()))));
                 }
             }
@@ -131,7 +141,7 @@ impl SpanFactory {
                     .map(|(h, _)| h.to_owned())
                     .or_else(|| f.remote.map(|r| r.ip().to_string()));
                 if let Some(a) = addr {
-                    attrs.push(("server.address", AttrValue::Str(a)));
+                    attrs.push(("server.address", AttrValue::text(a)));
                 }
                 if let Some(port) = f.remote.map(|r| r.port()).or_else(|| host.and_then(|(_, p)| p)) {
                     attrs.push(("server.port", AttrValue::Int(i64::from(port))));
@@ -142,7 +152,7 @@ impl SpanFactory {
             push_peer(&mut attrs, r);
         }
         if let Some(ua) = &req.user_agent {
-            attrs.push(("user_agent.original", s(ua)));
+            attrs.push(("user_agent.original", AttrValue::text(ua.as_str())));
         }
         if req.content_length.is_some() || req.body_bytes > 0 {
             attrs.push(("http.request.body.size", AttrValue::Int(req.body_bytes as i64)));
@@ -158,7 +168,7 @@ impl SpanFactory {
                 };
                 if failed {
                     error = true;
-                    attrs.push(("error.type", AttrValue::Str(r.status.to_string())));
+                    attrs.push(("error.type", AttrValue::text(r.status.to_string())));
                 }
             }
             None if cx.at_shutdown => {
@@ -167,7 +177,7 @@ impl SpanFactory {
             }
             None => {
                 error = true;
-                attrs.push(("error.type", s("no_response")));
+                attrs.push(("error.type", AttrValue::fixed("no_response")));
             }
         }
         let start = req.first_ns;
@@ -188,8 +198,19 @@ impl SpanFactory {
 }
 
 fn push_peer(attrs: &mut Vec<(&'static str, AttrValue)>, r: SocketAddr) {
-    attrs.push(("network.peer.address", AttrValue::Str(r.ip().to_string())));
+    attrs.push(("network.peer.address", AttrValue::text(r.ip().to_string())));
     attrs.push(("network.peer.port", AttrValue::Int(i64::from(r.port()))));
+}
+
+/// The method as an attribute value: the standard methods without an allocation.
+fn method_value(method: &str) -> AttrValue {
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match KNOWN.iter().find(|m| **m == method) {
+        Some(m) => AttrValue::fixed(m),
+        None => AttrValue::text(method),
+    }
 }
 
 /// Path and query of a request target (origin-form or absolute-form).

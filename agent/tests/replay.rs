@@ -22,7 +22,7 @@ fn run(batches: &[RawBatch]) -> Vec<Span> {
 
 fn str_attr<'a>(s: &'a Span, key: &str) -> Option<&'a str> {
     match s.attr(key) {
-        Some(AttrValue::Str(v)) => Some(v),
+        Some(AttrValue::Str(v)) => Some(v.as_ref()),
         _ => None,
     }
 }

@@ -68,7 +68,12 @@ pub struct Agent {
 }
 
 pub enum Pipeline {
-    Ok { line: String, events_per_sec: f64 },
+    Ok {
+        line: String,
+        events_per_sec: f64,
+        /// The same replay with each batch's spans encoded as the OTLP exporter does.
+        with_encoding: Option<String>,
+    },
     Missing(String),
 }
 
@@ -110,7 +115,14 @@ pub fn bench(opts: &Opts) -> Result<()> {
     );
     let pipeline = pipeline(&bin, &tmp.0);
     match &pipeline {
-        Pipeline::Ok { line, .. } => println!("bench (a): {line}"),
+        Pipeline::Ok {
+            line, with_encoding, ..
+        } => {
+            println!("bench (a): {line}");
+            if let Some(l) = with_encoding {
+                println!("bench (a): {l}");
+            }
+        }
         Pipeline::Missing(why) => println!("bench (a): not available: {why}"),
     }
 
@@ -234,6 +246,10 @@ fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
             Some(eps) if status.success() => Pipeline::Ok {
                 line: line.trim().to_owned(),
                 events_per_sec: eps,
+                with_encoding: lines
+                    .iter()
+                    .find(|l| l.starts_with("with_otlp_encoding:"))
+                    .map(|l| l.trim().to_owned()),
             },
             _ => Pipeline::Missing(format!("{status}, output: {line}")),
         },

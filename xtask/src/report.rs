@@ -178,7 +178,11 @@ pub fn render(r: &Results) -> String {
 
     let _ = writeln!(s, "| benchmark | figure | target | verdict |\n|---|---|---|---|");
     match &r.pipeline {
-        Pipeline::Ok { line, events_per_sec } => {
+        Pipeline::Ok {
+            line,
+            events_per_sec,
+            with_encoding,
+        } => {
             let _ = writeln!(
                 s,
                 "| (a) userspace pipeline, one thread | {:.0}k events/s (`{line}`) | ≥ {:.0}k events/s | {} |",
@@ -186,6 +190,12 @@ pub fn render(r: &Results) -> String {
                 PIPELINE_TARGET_EVENTS / 1000.0,
                 verdict(*events_per_sec >= PIPELINE_TARGET_EVENTS)
             );
+            if let Some(l) = with_encoding {
+                let _ = writeln!(
+                    s,
+                    "| (a) the same, spans then encoded as the OTLP exporter does (SpanData → protobuf) | `{l}` | | |"
+                );
+            }
         }
         Pipeline::Missing(why) => {
             let _ = writeln!(
@@ -403,6 +413,7 @@ mod tests {
             pipeline: Pipeline::Ok {
                 line: "events_per_sec=400000".into(),
                 events_per_sec: 400_000.0,
+                with_encoding: None,
             },
             stitch: Err("not run".into()),
             off: vec![wrk(100.0), wrk(120.0), wrk(80.0)],

@@ -3,7 +3,7 @@
 //! `OTEL_BSP_*` variables. Spans are grouped by process resource: one request per resource.
 use std::{
     borrow::Cow,
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::Arc,
     time::{Duration, UNIX_EPOCH},
 };
@@ -201,12 +201,7 @@ impl OtlpExporter {
         }
         // The backoff is over: try again (a failure below starts a new one).
         self.retry_at = None;
-        let mut groups: HashMap<Arc<ProcessInfo>, Vec<SpanData>> = HashMap::new();
-        for span in batch {
-            let res = span.resource.clone();
-            groups.entry(res).or_default().push(to_span_data(span, &self.scope));
-        }
-        for (process, spans) in groups {
+        for (process, spans) in group_by_process(batch, &self.scope) {
             let count = spans.len() as u64;
             self.exporter.set_resource(&resource(&process));
             if self.retry_at.is_some() || self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -262,6 +257,40 @@ pub fn resource(p: &ProcessInfo) -> Resource {
         .build()
 }
 
+/// The spans of a batch as `SpanData`, grouped by process (one export request each).
+fn group_by_process(batch: Vec<Span>, scope: &InstrumentationScope) -> Vec<(Arc<ProcessInfo>, Vec<SpanData>)> {
+    let mut groups: Vec<(Arc<ProcessInfo>, Vec<SpanData>)> = Vec::new();
+    // By pointer: the process table hands out one Arc per process, and hashing the resource's
+    // strings per span cost more than building the span.
+    let mut index: crate::FastMap<*const ProcessInfo, usize> = crate::FastMap::default();
+    for span in batch {
+        let i = *index.entry(Arc::as_ptr(&span.resource)).or_insert_with(|| {
+            groups.push((span.resource.clone(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(to_span_data(span, scope));
+    }
+    groups
+}
+
+/// Encodes a batch of spans into OTLP protobuf requests as the exporter does (one request per
+/// process resource) and returns the encoded size: for benchmarks.
+pub fn encode_for_bench(spans: Vec<Span>) -> usize {
+    use prost::Message as _;
+    let scope = InstrumentationScope::builder("sockspan").build();
+    group_by_process(spans, &scope)
+        .into_iter()
+        .map(|(process, spans)| {
+            let resource = (&resource(&process)).into();
+            let resource_spans =
+                opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(spans, &resource);
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest { resource_spans }
+                .encode_to_vec()
+                .len()
+        })
+        .sum()
+}
+
 fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
     let ctx = SpanContext::new(
         TraceId::from_bytes(span.trace_id),
@@ -310,7 +339,7 @@ mod tests {
 
     #[test]
     fn bsp_from_env_map() {
-        let env: HashMap<&str, &str> = [
+        let env: std::collections::HashMap<&str, &str> = [
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "64"),
         ]

@@ -50,7 +50,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 fn attr_str(span: &Span, key: &str) -> String {
     match span.attr(key) {
-        Some(AttrValue::Str(s)) => s.clone(),
+        Some(AttrValue::Str(s)) => s.to_string(),
         Some(AttrValue::Int(i)) => i.to_string(),
         Some(AttrValue::Bool(b)) => b.to_string(),
         None => "-".to_owned(),
@@ -112,7 +112,7 @@ pub fn json_line(span: &Span) -> Value {
 
 fn attr_json(v: &AttrValue) -> Value {
     match v {
-        AttrValue::Str(s) => Value::String(s.clone()),
+        AttrValue::Str(s) => Value::String(s.to_string()),
         AttrValue::Int(i) => Value::from(*i),
         AttrValue::Bool(b) => Value::Bool(*b),
     }

@@ -20,15 +20,12 @@
 //! 5. otherwise no parent: a new trace.
 pub mod context;
 
-use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap, HashSet},
-    net::SocketAddr,
-};
+use std::{cmp::Reverse, collections::BinaryHeap, net::SocketAddr};
 
 pub use context::{ContextFormat, PropagatedContext, extract};
 
 use crate::{
+    FastMap, FastSet,
     conn::Side,
     span::{AttrValue, IdGenerator, Span},
 };
@@ -119,7 +116,7 @@ struct InFlight {
     ids: Decided,
     answering: bool,
     /// Client calls made on its behalf, by (peer, method, target): for resend counts.
-    calls: HashMap<(Option<SocketAddr>, String, String), u32>,
+    calls: FastMap<(Option<SocketAddr>, String, String), u32>,
 }
 
 /// Counters of the stitcher's decisions.
@@ -154,14 +151,14 @@ pub struct Stitcher {
     max_key_seen: u64,
     last_released: u64,
     /// Ids decided at start, by (connection, request seq), until the span is done.
-    decided: HashMap<(u64, u64), Decided>,
+    decided: FastMap<(u64, u64), Decided>,
     /// Server requests in flight by (connection, seq), and their keys per process.
-    inflight: HashMap<(u64, u64), InFlight>,
-    by_process: HashMap<u32, HashSet<(u64, u64)>>,
+    inflight: FastMap<(u64, u64), InFlight>,
+    by_process: FastMap<u32, FastSet<(u64, u64)>>,
     /// Client requests by (link, seq), for the connection rule; removed when the client is done.
-    client_by_link: HashMap<LinkKey, Decided>,
+    client_by_link: FastMap<LinkKey, Decided>,
     /// Times (Unix ns) of linkable client spans that finished before their server span did.
-    finished_clients: HashMap<[u8; 8], (u64, u64)>,
+    finished_clients: FastMap<[u8; 8], (u64, u64)>,
     finished_order: std::collections::VecDeque<[u8; 8]>,
     pub stats: StitchStats,
 }
@@ -176,11 +173,11 @@ impl Stitcher {
             next_order: 0,
             max_key_seen: 0,
             last_released: 0,
-            decided: HashMap::new(),
-            inflight: HashMap::new(),
-            by_process: HashMap::new(),
-            client_by_link: HashMap::new(),
-            finished_clients: HashMap::new(),
+            decided: FastMap::default(),
+            inflight: FastMap::default(),
+            by_process: FastMap::default(),
+            client_by_link: FastMap::default(),
+            finished_clients: FastMap::default(),
             finished_order: std::collections::VecDeque::new(),
             stats: StitchStats::default(),
         }
@@ -327,7 +324,7 @@ impl Stitcher {
                             target: s.target,
                             ids: d,
                             answering: false,
-                            calls: HashMap::new(),
+                            calls: FastMap::default(),
                         },
                     );
                 }
@@ -455,7 +452,7 @@ impl Stitcher {
         span.parent_span_id = d.parent.map(|(p, _)| p);
         if let Some((_, src)) = d.parent {
             span.attributes
-                .push(("sockspan.parent.source", AttrValue::Str(src.as_str().to_owned())));
+                .push(("sockspan.parent.source", AttrValue::fixed(src.as_str())));
         }
         if d.resend_count > 0 {
             span.attributes

@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use super::*;
 use crate::{process::ProcessInfo, span::SpanKind};
@@ -69,7 +69,7 @@ fn done(conn_id: u64, seq: u64, side: Side, t: u64) -> Finished {
 
 fn source(s: &Span) -> Option<&str> {
     match s.attr("sockspan.parent.source") {
-        Some(AttrValue::Str(v)) => Some(v.as_str()),
+        Some(AttrValue::Str(v)) => Some(v.as_ref()),
         _ => None,
     }
 }
