@@ -1,7 +1,7 @@
 //! Exchange → span: kind, name, stable HTTP semantic-convention attributes, status, resource.
 //! Bodies, cookies and credentials never get here (the parser keeps none); query values are
 //! redacted unless asked otherwise.
-use std::{borrow::Cow, net::SocketAddr, sync::Arc};
+use std::{borrow::Cow, sync::Arc};
 
 use crate::{
     conn::{ConnExchange, Side},
@@ -120,6 +120,8 @@ impl SpanFactory {
             AttrValue::fixed(if req.version_minor == 0 { "1.0" } else { "1.1" }),
         ));
         let host = req.host.as_deref().map(split_host_port);
+        // Formatted once: it is both client.address (server spans) and network.peer.address.
+        let remote_ip = f.remote.map(|r| r.ip().to_string());
         match kind {
             SpanKind::Server => {
                 let addr = host
@@ -131,15 +133,13 @@ impl SpanFactory {
                 if let Some(port) = f.local.map(|l| l.port()).or_else(|| host.and_then(|(_, p)| p)) {
                     attrs.push(("server.port", AttrValue::Int(i64::from(port))));
                 }
-                if let Some(r) = f.remote {
-                    attrs.push(("client.address", AttrValue::text(r.ip().to_string())));
+                if let (Some(r), Some(ip)) = (f.remote, &remote_ip) {
+                    attrs.push(("client.address", AttrValue::text(ip.as_str())));
                     attrs.push(("client.port", AttrValue::Int(i64::from(r.port()))));
                 }
             }
             SpanKind::Client => {
-                let addr = host
-                    .map(|(h, _)| h.to_owned())
-                    .or_else(|| f.remote.map(|r| r.ip().to_string()));
+                let addr = host.map(|(h, _)| h.to_owned()).or_else(|| remote_ip.clone());
                 if let Some(a) = addr {
                     attrs.push(("server.address", AttrValue::text(a)));
                 }
@@ -148,8 +148,9 @@ impl SpanFactory {
                 }
             }
         }
-        if let Some(r) = f.remote {
-            push_peer(&mut attrs, r);
+        if let (Some(r), Some(ip)) = (f.remote, remote_ip) {
+            attrs.push(("network.peer.address", AttrValue::text(ip)));
+            attrs.push(("network.peer.port", AttrValue::Int(i64::from(r.port()))));
         }
         if let Some(ua) = &req.user_agent {
             attrs.push(("user_agent.original", AttrValue::text(ua.as_str())));
@@ -187,7 +188,7 @@ impl SpanFactory {
             span_id: [0; 8],
             parent_span_id: None,
             kind,
-            name: format!("{} {}", req.method, route(path)),
+            name: span_name(&req.method, path),
             start_unix_ns: self.to_unix(start),
             end_unix_ns: self.to_unix(end),
             attributes: attrs,
@@ -195,11 +196,6 @@ impl SpanFactory {
             resource,
         }
     }
-}
-
-fn push_peer(attrs: &mut Vec<(&'static str, AttrValue)>, r: SocketAddr) {
-    attrs.push(("network.peer.address", AttrValue::text(r.ip().to_string())));
-    attrs.push(("network.peer.port", AttrValue::Int(i64::from(r.port()))));
 }
 
 /// The method as an attribute value: the standard methods without an allocation.
@@ -250,16 +246,33 @@ fn split_host_port(h: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// `{method} {route}`, built in one allocation.
+fn span_name(method: &str, path: &str) -> String {
+    let mut name = String::with_capacity(method.len() + 1 + path.len() + 8);
+    name.push_str(method);
+    name.push(' ');
+    push_route(&mut name, path);
+    name
+}
+
 /// Low-cardinality route: identifier-like path segments become `{id}`.
 pub fn route(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
+    push_route(&mut out, path);
+    out
+}
+
+fn push_route(out: &mut String, path: &str) {
+    let start = out.len();
     for (i, seg) in path.split('/').enumerate() {
         if i > 0 {
             out.push('/');
         }
         out.push_str(if is_identifier(seg) { "{id}" } else { seg });
     }
-    if out.is_empty() { "/".to_owned() } else { out }
+    if out.len() == start {
+        out.push('/');
+    }
 }
 
 /// All digits, a UUID, or ≥ 8 characters with at least one digit (hashes, tokens, ids).
