@@ -170,7 +170,8 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Pipeline throughput on a synthetic stream, one thread: prints events/s and spans/s.
+/// Pipeline throughput on one thread, on a synthetic stream or a recording: prints events/s and
+/// spans/s, then the same with each batch's spans encoded as the OTLP exporter does.
 pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32, recording: Option<&Path>) -> Result<()> {
     let stream = match recording {
         None => crate::replay::synthetic(connections, per_conn),

@@ -667,9 +667,17 @@ impl Server {
 
     /// `python3 tests/fixtures/http_server.py PORT` (ThreadingHTTPServer, HTTP/1.1 keep-alive).
     pub fn python(service_name: Option<&str>) -> Result<Self> {
+        Self::python_on(service_name, "127.0.0.1")
+    }
+
+    /// The Python server listening on `host` (`"::"`: dual-stack, IPv6 and v4-mapped).
+    pub fn python_on(service_name: Option<&str>, host: &str) -> Result<Self> {
         let port = free_port();
         let mut cmd = Command::new("python3");
-        cmd.arg("-u").arg(fixture("http_server.py")).arg(port.to_string());
+        cmd.arg("-u")
+            .arg(fixture("http_server.py"))
+            .arg(port.to_string())
+            .arg(host);
         if let Some(s) = service_name {
             cmd.env("OTEL_SERVICE_NAME", s);
         }
@@ -678,9 +686,14 @@ impl Server {
 
     /// `node tests/fixtures/http_server.js PORT`.
     pub fn node(service_name: Option<&str>) -> Result<Self> {
+        Self::node_on(service_name, "127.0.0.1")
+    }
+
+    /// The Node.js server listening on `host` (`"::"`: dual-stack, IPv6 and v4-mapped).
+    pub fn node_on(service_name: Option<&str>, host: &str) -> Result<Self> {
         let port = free_port();
         let mut cmd = Command::new("node");
-        cmd.arg(fixture("http_server.js")).arg(port.to_string());
+        cmd.arg(fixture("http_server.js")).arg(port.to_string()).arg(host);
         if let Some(s) = service_name {
             cmd.env("OTEL_SERVICE_NAME", s);
         }

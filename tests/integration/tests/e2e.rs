@@ -1142,6 +1142,73 @@ fn print_text_by_default_without_endpoint() -> Result<()> {
 // ------------------------------------------------------------------------------------------------
 // Robustness
 
+/// IPv6 and v4-mapped peers: dual-stack servers (Node.js, Python) reached over `[::1]` and over
+/// 127.0.0.1 (which the server's socket sees as `::ffff:127.0.0.1`, reported as IPv4). The 4-tuples
+/// come from the kernel, so the server span is also the child of the client span.
+#[test]
+fn ipv6_and_v4_mapped_peers() -> Result<()> {
+    let _g = serial();
+    require!(Node, Python, Curl);
+    let rx = Receiver::start()?;
+    let node = Server::node_on(Some("v6-node"), "::")?;
+    let py = Server::python_on(Some("v6-py"), "::")?;
+    let agent = start_agent(&rx, Protocol::HttpProtobuf)?;
+
+    // (server, url host, path, the client address the server should report)
+    let cases = [
+        (&node, "[::1]", unique_path("ipv6"), "::1"),
+        (&node, "127.0.0.1", unique_path("ipv6"), "127.0.0.1"),
+        (&py, "[::1]", unique_path("ipv6"), "::1"),
+    ];
+    let mut transfers = Vec::new();
+    let t0 = now_ns();
+    for (srv, host, path, _) in &cases {
+        // -g: the brackets of an IPv6 literal are not a curl glob
+        let tr = curl(&[format!("http://{host}:{}{path}", srv.port)], &["-g"])?;
+        ensure!(tr[0].status == 200, "curl {host}{path}: status {}", tr[0].status);
+        transfers.push(tr[0].local_port);
+    }
+    let t1 = now_ns();
+    let paths: Vec<String> = cases.iter().map(|c| c.2.clone()).collect();
+    let got = exchanges(&rx, "/e2e/ipv6/", &paths)?;
+    for (((srv, host, path, peer), ex), local_port) in cases.iter().zip(&got).zip(transfers) {
+        let service = if srv.port == node.port { "v6-node" } else { "v6-py" };
+        let mut e = expect(
+            "GET",
+            path,
+            "/e2e/ipv6/{id}",
+            200,
+            srv.port,
+            Svc::Exact(service),
+            Svc::Exact("curl"),
+            (t0, t1),
+        );
+        e.client_port = Some(local_port);
+        check_exchange(ex, &e).with_context(|| format!("over {host}"))?;
+        let want = |s: &CollectedSpan, key: &str, value: &str| {
+            ensure!(
+                s.attr_str(key) == Some(value),
+                "over {host}: {} {key} should be {value}: {s}",
+                s.kind
+            );
+            Ok(())
+        };
+        want(&ex.server, "client.address", peer)?;
+        want(&ex.server, "network.peer.address", peer)?;
+        want(&ex.client, "network.peer.address", peer)?;
+        want(&ex.client, "server.address", host.trim_matches(['[', ']']))?;
+        ensure!(
+            ex.server.parent_span_id.as_deref() == Some(ex.client.span_id.as_str())
+                && ex.server.attr_str("sockspan.parent.source") == Some("connection"),
+            "over {host}: the server span should be the child of the client span by connection\n  {}\n  {}",
+            ex.server,
+            ex.client
+        );
+    }
+    agent.stop()?;
+    Ok(())
+}
+
 #[test]
 fn non_http_traffic_yields_no_spans() -> Result<()> {
     let _g = serial();
