@@ -31,7 +31,13 @@ pub enum ConnOutput {
     /// A request's headers were parsed: it is in flight.
     Started(ConnStart),
     /// A server began writing its answer to request `seq`.
-    Answering { conn_id: u64, seq: u64, ts_ns: u64 },
+    /// `tid`: the thread that writes the response.
+    Answering {
+        conn_id: u64,
+        seq: u64,
+        ts_ns: u64,
+        tid: u32,
+    },
     /// A request and its response (or none) are complete.
     Exchange(ConnExchange),
 }
@@ -256,6 +262,7 @@ impl ConnTable {
                                 conn_id: c.id,
                                 seq,
                                 ts_ns: first_ns,
+                                tid: h.tid,
                             });
                         }
                         c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats);

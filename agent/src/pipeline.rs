@@ -125,7 +125,12 @@ impl Processor {
                         target: s.request.target,
                     });
                 }
-                ConnOutput::Answering { conn_id, seq, ts_ns } => self.stitcher.push_answering(conn_id, seq, ts_ns),
+                ConnOutput::Answering {
+                    conn_id,
+                    seq,
+                    ts_ns,
+                    tid,
+                } => self.stitcher.push_answering(conn_id, seq, ts_ns, tid),
                 ConnOutput::Exchange(cx) => {
                     self.metrics.exchanges.inc();
                     let resource = self.procs.get(cx.facts.pid, &cx.facts.comm);
@@ -148,6 +153,7 @@ impl Processor {
     }
 
     pub fn publish_stats(&self) {
+        self.metrics.set_stitch(self.stitcher.stats);
         let s = &self.conns.http_stats;
         self.metrics.connections_opened.set(self.conns.opened);
         self.metrics.connections_evicted.set(self.conns.evicted);

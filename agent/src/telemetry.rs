@@ -51,6 +51,8 @@ pub struct Metrics {
     pub export_requests_failed: Counter,
     /// HTTP parser rejections by reason (label values are static names).
     pub http_rejected: Mutex<Vec<(&'static str, u64)>>,
+    /// The stitcher's decisions.
+    pub stitch: Mutex<crate::stitch::StitchStats>,
 }
 
 impl Metrics {
@@ -68,6 +70,12 @@ impl Metrics {
     pub fn set_http_rejected(&self, values: Vec<(&'static str, u64)>) {
         if let Ok(mut g) = self.http_rejected.lock() {
             *g = values;
+        }
+    }
+
+    pub fn set_stitch(&self, stats: crate::stitch::StitchStats) {
+        if let Ok(mut g) = self.stitch.lock() {
+            *g = stats;
         }
     }
 
@@ -142,6 +150,36 @@ impl Metrics {
             "sockspan_http_rejected_total",
             "Streams or messages the HTTP parser rejected or skipped, by reason.",
             &rejected,
+        );
+        let st = self.stitch.lock().map(|g| *g).unwrap_or_default();
+        let parents: Vec<(&str, &str, u64)> = crate::stitch::ParentSource::ALL
+            .iter()
+            .map(|src| ("source", src.as_str(), st.parents[*src as usize]))
+            .collect();
+        c(
+            "sockspan_stitch_parents_total",
+            "Requests given a parent, by the rule that inferred it.",
+            &parents,
+        );
+        c(
+            "sockspan_stitch_roots_total",
+            "Requests that started a trace (no parent inferred).",
+            &[("", "", st.roots)],
+        );
+        c(
+            "sockspan_stitch_abstained_total",
+            "Client requests left without a parent because several in-flight requests could be theirs.",
+            &[("", "", st.ambiguous)],
+        );
+        c(
+            "sockspan_stitch_late_items_total",
+            "Events that arrived after the reorder window had passed their time.",
+            &[("", "", st.late_items)],
+        );
+        c(
+            "sockspan_stitch_thread_rule_disabled_total",
+            "Processes seen answering from another thread than the reading one (no parents by thread).",
+            &[("", "", st.thread_rule_disabled)],
         );
         c(
             "sockspan_spans_created_total",

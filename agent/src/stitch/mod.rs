@@ -10,7 +10,10 @@
 //! Rules, first that answers wins; precision over recall (abstain rather than guess):
 //! 1. `traceparent`/B3 carried by the request → join that trace, parent = the caller's span.
 //! 2. thread: a client request written by a thread with exactly one server request in flight
-//!    (read, not yet being answered) in the same process → child of that server span.
+//!    (read, not yet being answered) in the same process → child of that server span. Not for
+//!    processes seen answering a request from another thread than the one that read it: their
+//!    requests move between threads (Go's goroutines, hand-off pools), so a thread says nothing
+//!    about which request a call serves.
 //! 3. connection: a server request is the child of the client request on the other end of the
 //!    same connection (same 4-tuple), paired by order on keep-alive connections.
 //! 4. proxy: a client request whose method and target equal those of exactly one in-flight
@@ -41,6 +44,14 @@ pub enum ParentSource {
 }
 
 impl ParentSource {
+    pub const ALL: [ParentSource; 5] = [
+        ParentSource::Traceparent,
+        ParentSource::B3,
+        ParentSource::Thread,
+        ParentSource::Connection,
+        ParentSource::Proxy,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ParentSource::Traceparent => "traceparent",
@@ -89,7 +100,7 @@ pub struct Finished {
 #[derive(Debug)]
 enum Item {
     Start(RequestStart),
-    Answering { conn_id: u64, seq: u64 },
+    Answering { conn_id: u64, seq: u64, tid: u32 },
     Done(Finished),
 }
 
@@ -127,6 +138,8 @@ pub struct StitchStats {
     pub ambiguous: u64,
     pub late_items: u64,
     pub unmatched_done: u64,
+    /// Processes seen answering a request from another thread than the one that read it.
+    pub thread_rule_disabled: u64,
 }
 
 /// Items held before processing: a little event time after the newest item seen, and at most
@@ -138,6 +151,9 @@ const MAX_PENDING_ITEMS: usize = 200_000;
 const MAX_DECIDED: usize = 200_000;
 const MAX_INFLIGHT_PER_PROCESS: usize = 50_000;
 const MAX_FINISHED_CLIENTS: usize = 65_536;
+/// Processes remembered as moving requests between threads (forgotten all at once beyond this:
+/// pids get reused, and a forgotten process is marked again at its next such answer).
+const MAX_THREAD_MARKS: usize = 65_536;
 
 pub struct Stitcher {
     ids: IdGenerator,
@@ -160,6 +176,8 @@ pub struct Stitcher {
     /// Times (Unix ns) of linkable client spans that finished before their server span did.
     finished_clients: FastMap<[u8; 8], (u64, u64)>,
     finished_order: std::collections::VecDeque<[u8; 8]>,
+    /// Processes whose requests move between threads: rule 2 does not apply to them.
+    threads_unreliable: FastSet<u32>,
     pub stats: StitchStats,
 }
 
@@ -179,6 +197,7 @@ impl Stitcher {
             client_by_link: FastMap::default(),
             finished_clients: FastMap::default(),
             finished_order: std::collections::VecDeque::new(),
+            threads_unreliable: FastSet::default(),
             stats: StitchStats::default(),
         }
     }
@@ -198,10 +217,10 @@ impl Stitcher {
         self.push(key, Item::Start(s));
     }
 
-    /// A server began writing the response to request `seq` of `conn_id`: from then on it is
+    /// Thread `tid` began writing the response to request `seq` of `conn_id`: from then on it is
     /// no longer the context of client calls on its thread.
-    pub fn push_answering(&mut self, conn_id: u64, seq: u64, ts_ns: u64) {
-        self.push(ts_ns, Item::Answering { conn_id, seq });
+    pub fn push_answering(&mut self, conn_id: u64, seq: u64, ts_ns: u64, tid: u32) {
+        self.push(ts_ns, Item::Answering { conn_id, seq, tid });
     }
 
     pub fn push_done(&mut self, f: Finished) {
@@ -259,9 +278,16 @@ impl Stitcher {
         let Some(item) = self.take_item(order) else { return };
         match item {
             Item::Start(s) => self.on_start(s),
-            Item::Answering { conn_id, seq } => {
+            Item::Answering { conn_id, seq, tid } => {
                 if let Some(f) = self.inflight.get_mut(&(conn_id, seq)) {
                     f.answering = true;
+                    if f.tid != tid && !self.threads_unreliable.contains(&f.pid) {
+                        if self.threads_unreliable.len() >= MAX_THREAD_MARKS {
+                            self.threads_unreliable.clear();
+                        }
+                        self.threads_unreliable.insert(f.pid);
+                        self.stats.thread_rule_disabled += 1;
+                    }
                 }
             }
             Item::Done(f) => out.push(self.on_done(f)),
@@ -373,7 +399,11 @@ impl Stitcher {
             (matching.len(), (matching.len() == 1).then(|| matching[0]))
         };
         // Rule 2: the writing thread has exactly one request in flight.
-        let (_, by_thread) = pick(&|f| f.tid == s.tid);
+        let by_thread = if self.threads_unreliable.contains(&s.pid) {
+            None
+        } else {
+            pick(&|f| f.tid == s.tid).1
+        };
         let chosen = by_thread.map(|k| (k, ParentSource::Thread)).or_else(|| {
             // Rule 4: the same request line in exactly one, else one shared identifier.
             let (n, same_line) = pick(&|f| f.method == s.method && f.target == s.target);

@@ -97,7 +97,7 @@ fn chain_across_processes() {
         Box::new(|s| s.push_start(start(4, 0, Side::Server, 3, 30, 130, "/b", (5001, 9000)))),
         Box::new(|s| s.push_done(done(4, 0, Side::Server, 140))),
         Box::new(|s| s.push_done(done(3, 0, Side::Client, 150))),
-        Box::new(|s| s.push_answering(2, 0, 155)),
+        Box::new(|s| s.push_answering(2, 0, 155, 20)),
         Box::new(|s| s.push_done(done(2, 0, Side::Server, 160))),
         Box::new(|s| s.push_done(done(1, 0, Side::Client, 170))),
     ]);
@@ -208,12 +208,50 @@ fn event_loop_uses_request_line_or_abstains() {
 fn answered_request_is_not_a_parent() {
     let spans = run(vec![
         Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/a", (5000, 8000)))),
-        Box::new(|s| s.push_answering(1, 0, 105)),
+        Box::new(|s| s.push_answering(1, 0, 105, 20)),
         Box::new(|s| s.push_start(start(2, 0, Side::Client, 2, 20, 110, "/background", (5001, 9000)))),
         Box::new(|s| s.push_done(done(1, 0, Side::Server, 120))),
         Box::new(|s| s.push_done(done(2, 0, Side::Client, 130))),
     ]);
     assert_eq!(spans["2/0"].parent_span_id, None);
+}
+
+/// A process that answered a request from another thread than the one that read it (Go's
+/// goroutines move between threads) gets no parents by thread any more: a thread that read one
+/// request may be writing a call for another. The proxy rule still applies.
+#[test]
+fn no_thread_rule_once_requests_move_between_threads() {
+    let spans = run(vec![
+        // request 1 read on thread 20, answered from thread 21
+        Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/first", (5000, 8000)))),
+        Box::new(|s| s.push_answering(1, 0, 105, 21)),
+        Box::new(|s| s.push_done(done(1, 0, Side::Server, 106))),
+        // request 2 read on thread 20; thread 20 then writes a call: it may serve another request
+        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/second", (5001, 8000)))),
+        Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 120, "/elsewhere", (5002, 9000)))),
+        // a call with the same request line as request 2 (a proxy) is still its child
+        Box::new(|s| s.push_start(start(4, 0, Side::Client, 2, 22, 121, "/second", (5003, 9000)))),
+        Box::new(|s| s.push_done(done(3, 0, Side::Client, 130))),
+        Box::new(|s| s.push_done(done(4, 0, Side::Client, 131))),
+        Box::new(|s| s.push_answering(2, 0, 135, 20)),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 140))),
+    ]);
+    assert_eq!(spans["3/0"].parent_span_id, None, "no parent by thread");
+    assert_eq!(spans["4/0"].parent_span_id, Some(spans["2/0"].span_id));
+    assert_eq!(source(&spans["4/0"]), Some("proxy"));
+
+    // The same stream where request 1 is answered by the thread that read it: parent by thread.
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/first", (5000, 8000)))),
+        Box::new(|s| s.push_answering(1, 0, 105, 20)),
+        Box::new(|s| s.push_done(done(1, 0, Side::Server, 106))),
+        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/second", (5001, 8000)))),
+        Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 120, "/elsewhere", (5002, 9000)))),
+        Box::new(|s| s.push_done(done(3, 0, Side::Client, 130))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 140))),
+    ]);
+    assert_eq!(spans["3/0"].parent_span_id, Some(spans["2/0"].span_id));
+    assert_eq!(source(&spans["3/0"]), Some("thread"));
 }
 
 #[test]
