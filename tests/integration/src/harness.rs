@@ -684,6 +684,19 @@ impl Server {
         Self::spawn(ServerKind::Python, cmd, port, None)
     }
 
+    /// `python3 tests/fixtures/handoff_server.py PORT UPSTREAM`: requests move between threads
+    /// (read by one, called for and answered by the other), as goroutines do.
+    pub fn python_handoff(service_name: &str, upstream_port: u16) -> Result<Self> {
+        let port = free_port();
+        let mut cmd = Command::new("python3");
+        cmd.arg("-u")
+            .arg(fixture("handoff_server.py"))
+            .arg(port.to_string())
+            .arg(upstream_port.to_string())
+            .env("OTEL_SERVICE_NAME", service_name);
+        Self::spawn(ServerKind::Python, cmd, port, None)
+    }
+
     /// `node tests/fixtures/http_server.js PORT`.
     pub fn node(service_name: Option<&str>) -> Result<Self> {
         Self::node_on(service_name, "127.0.0.1")

@@ -1209,6 +1209,75 @@ fn ipv6_and_v4_mapped_peers() -> Result<()> {
     Ok(())
 }
 
+/// A service whose requests move between threads (one thread reads a request, the other calls
+/// upstream for it and answers, as goroutines move between Go's threads): a thread often writes a
+/// call for one request while another it read is in flight, so the thread must not be taken as
+/// the parent. Every call must get its own request as parent (by the id in its path) or none.
+#[test]
+fn requests_moving_between_threads_get_no_wrong_parent() -> Result<()> {
+    let _g = serial();
+    require!(Python, Curl);
+    let rx = Receiver::start()?;
+    let upstream = Server::python(Some("handoff-upstream"))?;
+    let front = Server::python_handoff("handoff-front", upstream.port)?;
+    let agent = AgentBuilder::new()
+        .otlp(&rx, Protocol::HttpProtobuf)
+        .metrics()
+        .start()?;
+
+    // One request alone, then 40 four at a time.
+    let first = unique_path("handoff");
+    curl(&[front.url(&first)], &[])?;
+    let paths: Vec<String> = (0..40).map(|_| unique_path("handoff")).collect();
+    let urls: Vec<String> = paths.iter().map(|p| front.url(p)).collect();
+    let tr = curl(&urls, &["--parallel", "--parallel-max", "4"])?;
+    let codes: Vec<u16> = tr.iter().map(|t| t.status).collect();
+    ensure!(codes.iter().all(|&c| c == 200), "statuses {codes:?}");
+
+    let all: Vec<String> = std::iter::once(first).chain(paths).collect();
+    // per request: curl CLIENT + front SERVER, front CLIENT + upstream SERVER
+    let spans = rx.wait_for_matching(4 * all.len(), SPAN_TIMEOUT, SETTLE, |s| {
+        s.url_path().is_some_and(|p| p.contains("/e2e/handoff/"))
+    })?;
+    let find = |svc: &str, kind: &str, path: &str| {
+        spans
+            .iter()
+            .find(|s| s.service_name() == Some(svc) && s.kind == kind && s.url_path() == Some(path))
+    };
+    let mut wrong = Vec::new();
+    let mut by_proxy = 0;
+    for p in &all {
+        let server = find("handoff-front", "SERVER", p).with_context(|| format!("front SERVER span of {p}"))?;
+        let call = find("handoff-front", "CLIENT", &format!("/up{p}"))
+            .with_context(|| format!("front CLIENT span of /up{p}\n{}", describe(&spans)))?;
+        match call.parent_span_id.as_deref() {
+            Some(parent) if parent == server.span_id => by_proxy += 1,
+            None => {}
+            Some(_) => wrong.push(format!("  {call}\n    its request: {server}")),
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "{} calls got another request as parent:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    // The ids in the paths tie each call to its request (the proxy rule).
+    ensure!(
+        by_proxy == all.len(),
+        "{by_proxy} of {} calls have their request as parent",
+        all.len()
+    );
+    let m = agent.metrics()?;
+    ensure!(
+        m.get("sockspan_stitch_thread_rule_disabled_total") >= 1.0,
+        "the agent should have stopped trusting threads in the hand-off service:\n{}",
+        m.text
+    );
+    agent.stop()?;
+    Ok(())
+}
+
 #[test]
 fn non_http_traffic_yields_no_spans() -> Result<()> {
     let _g = serial();
