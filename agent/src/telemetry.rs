@@ -161,26 +161,30 @@ impl Metrics {
             "Requests given a parent, by the rule that inferred it.",
             &parents,
         );
-        c(
-            "sockspan_stitch_roots_total",
-            "Requests that started a trace (no parent inferred).",
-            &[("", "", st.roots)],
-        );
-        c(
-            "sockspan_stitch_abstained_total",
-            "Client requests left without a parent because several in-flight requests could be theirs.",
-            &[("", "", st.ambiguous)],
-        );
-        c(
-            "sockspan_stitch_late_items_total",
-            "Events that arrived after the reorder window had passed their time.",
-            &[("", "", st.late_items)],
-        );
-        c(
-            "sockspan_stitch_thread_rule_disabled_total",
-            "Processes seen answering from another thread than the reading one (no parents by thread).",
-            &[("", "", st.thread_rule_disabled)],
-        );
+        for (name, help, n) in [
+            (
+                "sockspan_stitch_roots_total",
+                "Requests that started a trace (no parent inferred).",
+                st.roots,
+            ),
+            (
+                "sockspan_stitch_abstained_total",
+                "Client requests left without a parent because several in-flight requests could be theirs.",
+                st.ambiguous,
+            ),
+            (
+                "sockspan_stitch_late_items_total",
+                "Events that arrived after the reorder window had passed their time.",
+                st.late_items,
+            ),
+            (
+                "sockspan_stitch_thread_rule_disabled_total",
+                "Processes seen answering from another thread than the reading one (no parents by thread).",
+                st.thread_rule_disabled,
+            ),
+        ] {
+            c(name, help, &[("", "", n)]);
+        }
         c(
             "sockspan_spans_created_total",
             "Spans built from exchanges.",

@@ -221,37 +221,30 @@ fn answered_request_is_not_a_parent() {
 /// request may be writing a call for another. The proxy rule still applies.
 #[test]
 fn no_thread_rule_once_requests_move_between_threads() {
-    let spans = run(vec![
-        // request 1 read on thread 20, answered from thread 21
-        Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/first", (5000, 8000)))),
-        Box::new(|s| s.push_answering(1, 0, 105, 21)),
-        Box::new(|s| s.push_done(done(1, 0, Side::Server, 106))),
-        // request 2 read on thread 20; thread 20 then writes a call: it may serve another request
-        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/second", (5001, 8000)))),
-        Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 120, "/elsewhere", (5002, 9000)))),
-        // a call with the same request line as request 2 (a proxy) is still its child
-        Box::new(|s| s.push_start(start(4, 0, Side::Client, 2, 22, 121, "/second", (5003, 9000)))),
-        Box::new(|s| s.push_done(done(3, 0, Side::Client, 130))),
-        Box::new(|s| s.push_done(done(4, 0, Side::Client, 131))),
-        Box::new(|s| s.push_answering(2, 0, 135, 20)),
-        Box::new(|s| s.push_done(done(2, 0, Side::Server, 140))),
-    ]);
-    assert_eq!(spans["3/0"].parent_span_id, None, "no parent by thread");
-    assert_eq!(spans["4/0"].parent_span_id, Some(spans["2/0"].span_id));
-    assert_eq!(source(&spans["4/0"]), Some("proxy"));
+    // Request 1 is read on thread 20 and answered from `answer_tid`; request 2 is read on thread
+    // 20, which then writes a call (3); thread 22 writes a call with request 2's line (4).
+    let stream = |answer_tid: u32| -> Vec<Step> {
+        vec![
+            Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/first", (5000, 8000)))),
+            Box::new(move |s| s.push_answering(1, 0, 105, answer_tid)),
+            Box::new(|s| s.push_done(done(1, 0, Side::Server, 106))),
+            Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/second", (5001, 8000)))),
+            Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 120, "/elsewhere", (5002, 9000)))),
+            Box::new(|s| s.push_start(start(4, 0, Side::Client, 2, 22, 121, "/second", (5003, 9000)))),
+            Box::new(|s| s.push_done(done(3, 0, Side::Client, 130))),
+            Box::new(|s| s.push_done(done(4, 0, Side::Client, 131))),
+            Box::new(|s| s.push_done(done(2, 0, Side::Server, 140))),
+        ]
+    };
+    let moved = run(stream(21));
+    assert_eq!(moved["3/0"].parent_span_id, None, "no parent by thread");
+    assert_eq!(moved["4/0"].parent_span_id, Some(moved["2/0"].span_id));
+    assert_eq!(source(&moved["4/0"]), Some("proxy"));
 
-    // The same stream where request 1 is answered by the thread that read it: parent by thread.
-    let spans = run(vec![
-        Box::new(|s| s.push_start(start(1, 0, Side::Server, 2, 20, 100, "/first", (5000, 8000)))),
-        Box::new(|s| s.push_answering(1, 0, 105, 20)),
-        Box::new(|s| s.push_done(done(1, 0, Side::Server, 106))),
-        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/second", (5001, 8000)))),
-        Box::new(|s| s.push_start(start(3, 0, Side::Client, 2, 20, 120, "/elsewhere", (5002, 9000)))),
-        Box::new(|s| s.push_done(done(3, 0, Side::Client, 130))),
-        Box::new(|s| s.push_done(done(2, 0, Side::Server, 140))),
-    ]);
-    assert_eq!(spans["3/0"].parent_span_id, Some(spans["2/0"].span_id));
-    assert_eq!(source(&spans["3/0"]), Some("thread"));
+    let stayed = run(stream(20));
+    assert_eq!(stayed["3/0"].parent_span_id, Some(stayed["2/0"].span_id));
+    assert_eq!(source(&stayed["3/0"]), Some("thread"));
+    assert_eq!(stayed["4/0"].parent_span_id, Some(stayed["2/0"].span_id));
 }
 
 #[test]
