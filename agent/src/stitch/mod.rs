@@ -15,7 +15,10 @@
 //!    requests move between threads (Go's goroutines, hand-off pools), so a thread says nothing
 //!    about which request a call serves.
 //! 3. connection: a server request is the child of the client request on the other end of the
-//!    same connection (same 4-tuple), paired by order on keep-alive connections.
+//!    same connection (same 4-tuple), paired by order on keep-alive connections. On connections
+//!    that predate the agent the two ends' numbering may differ by one, so there the server
+//!    request pairs with the client request in flight on the connection, written before it was
+//!    read and with the same request line, or with none.
 //! 4. proxy: a client request whose method and target equal those of exactly one in-flight
 //!    server request of the same process (nginx, event loops) → child of it; failing that, one
 //!    whose path carries an identifier (≥ 8 chars with a digit) that exactly one in-flight
@@ -114,6 +117,18 @@ struct Decided {
     resend_count: u32,
     /// Where a client request is indexed for the connection rule.
     link_key: Option<LinkKey>,
+    /// The connection a client request is queued on, when its numbering is not trustworthy.
+    queued_on: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// A client request in flight on a connection that predates the agent.
+#[derive(Debug)]
+struct QueuedClient {
+    seq: u64,
+    start_ns: u64,
+    method: String,
+    target: String,
+    ids: Decided,
 }
 
 /// A server request in flight in some process: a candidate parent.
@@ -150,6 +165,8 @@ const REORDER_WALL_NS: u64 = 250_000_000;
 const MAX_PENDING_ITEMS: usize = 200_000;
 const MAX_DECIDED: usize = 200_000;
 const MAX_INFLIGHT_PER_PROCESS: usize = 50_000;
+/// Client requests in flight on one connection (HTTP/1.1: one, or a few when pipelined).
+const MAX_QUEUED_PER_LINK: usize = 64;
 const MAX_FINISHED_CLIENTS: usize = 65_536;
 /// Processes remembered as moving requests between threads (forgotten all at once beyond this:
 /// pids get reused, and a forgotten process is marked again at its next such answer).
@@ -173,6 +190,9 @@ pub struct Stitcher {
     by_process: FastMap<u32, FastSet<(u64, u64)>>,
     /// Client requests by (link, seq), for the connection rule; removed when the client is done.
     client_by_link: FastMap<LinkKey, Decided>,
+    /// Client requests in flight on connections whose numbering is not trustworthy, oldest
+    /// first; removed when paired or done.
+    queued_clients: FastMap<(SocketAddr, SocketAddr), std::collections::VecDeque<QueuedClient>>,
     /// Times (Unix ns) of linkable client spans that finished before their server span did.
     finished_clients: FastMap<[u8; 8], (u64, u64)>,
     finished_order: std::collections::VecDeque<[u8; 8]>,
@@ -195,6 +215,7 @@ impl Stitcher {
             inflight: FastMap::default(),
             by_process: FastMap::default(),
             client_by_link: FastMap::default(),
+            queued_clients: FastMap::default(),
             finished_clients: FastMap::default(),
             finished_order: std::collections::VecDeque::new(),
             threads_unreliable: FastSet::default(),
@@ -302,6 +323,7 @@ impl Stitcher {
             parent: None,
             resend_count: 0,
             link_key: None,
+            queued_on: None,
         }
     }
 
@@ -312,6 +334,7 @@ impl Stitcher {
             parent: Some((parent, source)),
             resend_count: 0,
             link_key: None,
+            queued_on: None,
         }
     }
 
@@ -325,12 +348,26 @@ impl Stitcher {
             None => self.stats.roots += 1,
         }
         if s.side == Side::Client
-            && s.aligned
             && let Some(link) = s.link
-            && self.client_by_link.len() < MAX_DECIDED
         {
-            d.link_key = Some((link, s.seq));
-            self.client_by_link.insert((link, s.seq), d);
+            if s.aligned {
+                if self.client_by_link.len() < MAX_DECIDED {
+                    d.link_key = Some((link, s.seq));
+                    self.client_by_link.insert((link, s.seq), d);
+                }
+            } else if self.queued_clients.len() < MAX_DECIDED {
+                let q = self.queued_clients.entry(link).or_default();
+                if q.len() < MAX_QUEUED_PER_LINK {
+                    d.queued_on = Some(link);
+                    q.push_back(QueuedClient {
+                        seq: s.seq,
+                        start_ns: s.start_ns,
+                        method: s.method.clone(),
+                        target: s.target.clone(),
+                        ids: d,
+                    });
+                }
+            }
         }
         if self.decided.len() < MAX_DECIDED {
             self.decided.insert((s.conn_id, s.seq), d);
@@ -363,11 +400,26 @@ impl Stitcher {
         if let Some(cx) = s.context {
             return self.child_of(cx.trace_id, cx.span_id, source_of(cx.format));
         }
-        if s.aligned
-            && let Some(link) = s.link
-            && let Some(client) = self.client_by_link.get(&(link, s.seq)).copied()
+        let Some(link) = s.link else {
+            return self.new_root();
+        };
+        if s.aligned {
+            if let Some(client) = self.client_by_link.get(&(link, s.seq)).copied() {
+                return self.child_of(client.trace_id, client.span_id, ParentSource::Connection);
+            }
+        } else if let Some(q) = self.queued_clients.get_mut(&link)
+            && q.front()
+                .is_some_and(|c| c.start_ns <= s.start_ns && c.method == s.method && c.target == s.target)
+            && let Some(client) = q.pop_front()
         {
-            return self.child_of(client.trace_id, client.span_id, ParentSource::Connection);
+            // The request in flight on this connection, written before this one was read, with
+            // the same request line: the same request seen from the other end. (Requests that
+            // finished unpaired left the queue when they finished.)
+            if q.is_empty() {
+                self.queued_clients.remove(&link);
+            }
+            let c = client.ids;
+            return self.child_of(c.trace_id, c.span_id, ParentSource::Connection);
         }
         self.new_root()
     }
@@ -460,10 +512,16 @@ impl Stitcher {
                 }
             }
             Side::Client => {
-                if let Some(key) = d.link_key
-                    && self.client_by_link.remove(&key).is_some()
-                    && f.answered
+                if let Some(link) = d.queued_on
+                    && let Some(q) = self.queued_clients.get_mut(&link)
                 {
+                    q.retain(|c| c.seq != f.seq);
+                    if q.is_empty() {
+                        self.queued_clients.remove(&link);
+                    }
+                }
+                let linked = d.link_key.is_some_and(|key| self.client_by_link.remove(&key).is_some());
+                if (linked || d.queued_on.is_some()) && f.answered {
                     self.remember_finished_client(d.span_id, span.start_unix_ns, span.end_unix_ns);
                 }
             }

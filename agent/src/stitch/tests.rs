@@ -247,6 +247,48 @@ fn no_thread_rule_once_requests_move_between_threads() {
     assert_eq!(stayed["4/0"].parent_span_id, Some(stayed["2/0"].span_id));
 }
 
+/// A request on a connection that predates the agent: numbering starts at the first request
+/// each end saw, which may differ by one.
+fn unaligned(mut s: RequestStart) -> RequestStart {
+    s.aligned = false;
+    s
+}
+
+/// Pre-existing keep-alive connection: each server request pairs with the client request in
+/// flight on it; a server request whose client request was not seen gets no parent, and the
+/// numbering offset that leaves does not shift the pairs after it.
+#[test]
+fn preexisting_connection_pairs_in_flight_requests() {
+    let link = (5000, 8000);
+    let spans = run(vec![
+        // the server saw request k (written before the agent started), the client did not
+        Box::new(move |s| s.push_start(unaligned(start(2, 0, Side::Server, 2, 20, 110, "/a", link)))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 120))),
+        // request k+1: client seq 0, server seq 1
+        Box::new(move |s| s.push_start(unaligned(start(1, 0, Side::Client, 1, 10, 200, "/a", link)))),
+        Box::new(move |s| s.push_start(unaligned(start(2, 1, Side::Server, 2, 20, 210, "/a", link)))),
+        Box::new(|s| s.push_done(done(2, 1, Side::Server, 220))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Client, 230))),
+        // a client request whose server side is lost, then the next one
+        Box::new(move |s| s.push_start(unaligned(start(1, 1, Side::Client, 1, 10, 300, "/a", link)))),
+        Box::new(|s| s.push_done(done(1, 1, Side::Client, 330))),
+        Box::new(move |s| s.push_start(unaligned(start(1, 2, Side::Client, 1, 10, 400, "/a", link)))),
+        Box::new(move |s| s.push_start(unaligned(start(2, 2, Side::Server, 2, 20, 410, "/a", link)))),
+        Box::new(|s| s.push_done(done(2, 2, Side::Server, 420))),
+        Box::new(|s| s.push_done(done(1, 2, Side::Client, 430))),
+        // a different request line on the other end is never paired
+        Box::new(move |s| s.push_start(unaligned(start(1, 3, Side::Client, 1, 10, 500, "/b", link)))),
+        Box::new(move |s| s.push_start(unaligned(start(2, 3, Side::Server, 2, 20, 510, "/c", link)))),
+        Box::new(|s| s.push_done(done(2, 3, Side::Server, 520))),
+        Box::new(|s| s.push_done(done(1, 3, Side::Client, 530))),
+    ]);
+    assert_eq!(spans["2/0"].parent_span_id, None);
+    assert_eq!(spans["2/1"].parent_span_id, Some(spans["1/0"].span_id));
+    assert_eq!(source(&spans["2/1"]), Some("connection"));
+    assert_eq!(spans["2/2"].parent_span_id, Some(spans["1/2"].span_id));
+    assert_eq!(spans["2/3"].parent_span_id, None);
+}
+
 #[test]
 fn retries_carry_resend_count() {
     let spans = run(vec![

@@ -497,6 +497,14 @@ fn preexisting_connection_is_traced() -> Result<()> {
         ex.server,
         ex.client
     );
+    // Both ends of the connection are on this host: the server span is the client span's child.
+    ensure!(
+        ex.server.parent_span_id.as_deref() == Some(ex.client.span_id.as_str())
+            && ex.server.attr_str("sockspan.parent.source") == Some("connection"),
+        "pre-existing connection: the server span should be the client span's child\n  {}\n  {}",
+        ex.server,
+        ex.client
+    );
     agent.stop()?;
     Ok(())
 }
