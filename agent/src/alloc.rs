@@ -9,7 +9,7 @@ use std::{
 
 /// Live bytes, in one slot per thread: a thread updates its own slot with a plain load and
 /// store, because a locked add on one shared counter for every allocation cost about a tenth of
-/// the agent's CPU under load. A slot's sum over all slots is the live total (a block may be
+/// the agent's CPU under load. The sum over all slots is the live total (a block may be
 /// freed on another thread than the one that allocated it, so one slot can go negative).
 const SLOTS: usize = 64;
 
