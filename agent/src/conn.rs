@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_common::{AF_INET, AF_INET6, SockEvent, direction, side, tcp_state};
+use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, direction, side, tcp_state};
 
 use crate::{
     FastMap,
@@ -140,7 +140,7 @@ pub struct ConnTable {
     /// other connections to other peers, which must still be traced.
     own_links: FastMap<(SocketAddr, SocketAddr), u64>,
     own_pid: u32,
-    proc_root: String,
+    proc: ProcTuples,
 }
 
 impl Default for ConnTable {
@@ -161,14 +161,14 @@ impl ConnTable {
             own_traffic: 0,
             own_links: FastMap::default(),
             own_pid: std::process::id(),
-            proc_root: "/proc".into(),
+            proc: ProcTuples::new("/proc"),
         }
     }
 
     /// A table that never reads /proc (replays of recordings from another machine).
     pub fn without_proc() -> Self {
         Self {
-            proc_root: String::new(),
+            proc: ProcTuples::new(""),
             ..Self::new()
         }
     }
@@ -208,7 +208,7 @@ impl ConnTable {
                     if self.conns.len() >= MAX_CONNECTIONS {
                         self.evict_oldest(out);
                     }
-                    let c = self.open(h.pid, h.fd, h.sock, h.side, h.comm);
+                    let c = self.open(h);
                     self.conns.insert(key, c);
                 }
                 let Some(c) = self.conns.get_mut(&key) else { return };
@@ -274,7 +274,8 @@ impl ConnTable {
         }
     }
 
-    fn open(&mut self, pid: u32, fd: i32, sock: u64, kernel_side: u8, comm: [u8; 16]) -> Connection {
+    fn open(&mut self, h: &EventHeader) -> Connection {
+        let (pid, fd, comm, sock, kernel_side) = (h.pid, h.fd, h.comm, h.sock, h.side);
         self.opened += 1;
         let side = match kernel_side {
             side::ACCEPTED => Some(Side::Server),
@@ -284,10 +285,10 @@ impl ConnTable {
         let from_kernel = self.tuples.get(&sock).copied();
         let (local, remote) = match from_kernel {
             Some((l, r)) => (Some(l), Some(r)),
-            None if !self.proc_root.is_empty() => {
-                tuple_from_proc(&self.proc_root, pid, fd).map_or((None, None), |(l, r)| (Some(l), Some(r)))
-            }
-            None => (None, None),
+            None => self
+                .proc
+                .lookup(pid, fd, h.ts_exit_ns)
+                .map_or((None, None), |(l, r)| (Some(l), Some(r))),
         };
         // A connection seen from its start is parsed from its first byte; one that predates the
         // agent (side unknown) joins at the next message start.
@@ -474,22 +475,86 @@ pub fn sock_addr(family: u16, addr: &[u8; 16], port: u16) -> Option<SocketAddr> 
     Some(SocketAddr::new(ip, port))
 }
 
-/// 4-tuple of a socket fd from /proc/<pid>/fd and /proc/<pid>/net/tcp{,6}.
-fn tuple_from_proc(root: &str, pid: u32, fd: i32) -> Option<(SocketAddr, SocketAddr)> {
-    let link = std::fs::read_link(format!("{root}/{pid}/fd/{fd}")).ok()?;
-    let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned();
+/// 4-tuples of sockets from /proc, for connections whose ESTABLISHED event was not seen.
+/// Reading /proc/<pid>/net/tcp{,6} costs time in proportion to all the connections of the
+/// network namespace, so the parsed tables are kept and read again at most every
+/// [`PROC_REREAD_NS`]: under connection churn with lost events, one read per new connection
+/// cost more than everything else the agent does, and the agent fell further behind.
+struct ProcTuples {
+    /// "" = never read /proc (replays).
+    root: String,
+    /// pid → socket inode → (local, remote), as last read.
+    tables: FastMap<u32, FastMap<u64, (SocketAddr, SocketAddr)>>,
+    last_read_ns: Option<u64>,
+}
+
+/// At most one read of the tables per this much event time (all processes together).
+const PROC_REREAD_NS: u64 = 100_000_000;
+/// Processes whose tables are kept (all are dropped beyond it).
+const PROC_TABLES: usize = 256;
+
+impl ProcTuples {
+    fn new(root: &str) -> Self {
+        Self {
+            root: root.to_owned(),
+            tables: FastMap::default(),
+            last_read_ns: None,
+        }
+    }
+
+    fn lookup(&mut self, pid: u32, fd: i32, now_ns: u64) -> Option<(SocketAddr, SocketAddr)> {
+        if self.root.is_empty() {
+            return None;
+        }
+        let link = std::fs::read_link(format!("{}/{pid}/fd/{fd}", self.root)).ok()?;
+        let inode: u64 = link
+            .to_str()?
+            .strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()?;
+        if let Some(t) = self.tables.get(&pid).and_then(|m| m.get(&inode)) {
+            return Some(*t);
+        }
+        if self
+            .last_read_ns
+            .is_some_and(|t| now_ns.saturating_sub(t) < PROC_REREAD_NS)
+        {
+            return None;
+        }
+        self.last_read_ns = Some(now_ns);
+        let table = read_tcp_tables(&self.root, pid);
+        let found = table.get(&inode).copied();
+        if self.tables.len() >= PROC_TABLES {
+            self.tables.clear();
+        }
+        self.tables.insert(pid, table);
+        found
+    }
+}
+
+/// inode → (local, remote) from /proc/<pid>/net/tcp and tcp6.
+fn read_tcp_tables(root: &str, pid: u32) -> FastMap<u64, (SocketAddr, SocketAddr)> {
+    let mut out = FastMap::default();
     for table in ["tcp", "tcp6"] {
         let Ok(text) = std::fs::read_to_string(format!("{root}/{pid}/net/{table}")) else {
             continue;
         };
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 9 && cols[9] == inode {
-                return Some((parse_proc_addr(cols[1])?, parse_proc_addr(cols[2])?));
+            if cols.len() > 9
+                && let (Some(l), Some(r), Ok(inode)) = (
+                    parse_proc_addr(cols[1]),
+                    parse_proc_addr(cols[2]),
+                    cols[9].parse::<u64>(),
+                )
+                && inode != 0
+            {
+                out.insert(inode, (l, r));
             }
         }
     }
-    None
+    out
 }
 
 /// "0100007F:1F90" (IPv4) or 32 hex digits ":PORT" (IPv6), each 32-bit word in host order.

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use crate::{
     conn::{ConnOutput, ConnTable},
     decode::decode,
-    export::{PrintFormat, Printer},
+    export::{PrintFormat, Printer, otlp::ExportQueue},
     process::ProcessTable,
     reader::RawBatch,
     span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
@@ -172,12 +172,12 @@ impl Processor {
 /// Where finished spans go.
 pub struct Sinks {
     pub printer: Option<Printer<std::io::Stdout>>,
-    pub otlp: Option<mpsc::Sender<Vec<Span>>>,
+    pub otlp: Option<ExportQueue>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Sinks {
-    pub fn new(print: Option<PrintFormat>, otlp: Option<mpsc::Sender<Vec<Span>>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(print: Option<PrintFormat>, otlp: Option<ExportQueue>, metrics: Arc<Metrics>) -> Self {
         Self {
             printer: print.map(|f| Printer::new(f, std::io::stdout())),
             otlp,
@@ -193,11 +193,8 @@ impl Sinks {
             let n = p.print(&spans);
             self.metrics.spans_printed.add(n as u64);
         }
-        if let Some(tx) = &self.otlp {
-            let n = spans.len() as u64;
-            if tx.try_send(spans).is_err() {
-                self.metrics.spans_dropped_channel_full.add(n);
-            }
+        if let Some(q) = &self.otlp {
+            q.send(spans, &self.metrics);
         }
     }
 }

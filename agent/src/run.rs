@@ -19,8 +19,6 @@ use crate::{
 
 /// Batches of raw records waiting between the reader and the processor.
 const READER_TO_PROCESSOR: usize = 256;
-/// Span batches waiting for the OTLP exporter.
-const PROCESSOR_TO_EXPORT: usize = 1024;
 /// After a signal, draining and the final export must fit in this; detaching the programs
 /// (well under a second) follows, all within the 5 s a stop may take.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(3500);
@@ -61,8 +59,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let (otlp_tx, export_task) = if exporting {
         let exporter = OtlpExporter::from_env(bsp, metrics.clone()).context("OTLP exporter")?;
-        let (tx, rx) = mpsc::channel(PROCESSOR_TO_EXPORT);
-        (Some(tx), Some(tokio::spawn(exporter.run(rx))))
+        let (queue, rx) = exporter.queue();
+        (Some(queue), Some(tokio::spawn(exporter.run(rx))))
     } else {
         (None, None)
     };
