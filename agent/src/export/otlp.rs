@@ -20,7 +20,7 @@ use opentelemetry_sdk::{
     Resource,
     trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
     process::ProcessInfo,
@@ -35,6 +35,8 @@ pub struct BspConfig {
     pub schedule_delay: Duration,
     pub max_export_batch_size: usize,
     pub export_timeout: Duration,
+    /// Export requests in flight at once (`OTEL_BSP_MAX_CONCURRENT_EXPORTS`).
+    pub max_concurrent_exports: usize,
 }
 
 impl Default for BspConfig {
@@ -47,6 +49,9 @@ impl Default for BspConfig {
             schedule_delay: Duration::from_millis(5000),
             max_export_batch_size: 512,
             export_timeout: Duration::from_millis(30000),
+            // The SDK's default is 1; with one request at a time a collector slower than the
+            // node's span rate dropped spans while the agent had CPU to spare.
+            max_concurrent_exports: 4,
         }
     }
 }
@@ -90,6 +95,8 @@ impl BspConfig {
             export_timeout: Duration::from_millis(
                 num("OTEL_BSP_EXPORT_TIMEOUT", d.export_timeout.as_millis() as u64)?.max(1),
             ),
+            max_concurrent_exports: num("OTEL_BSP_MAX_CONCURRENT_EXPORTS", d.max_concurrent_exports as u64)?
+                .clamp(1, MAX_CONCURRENT_EXPORTS) as usize,
         };
         Ok(Self {
             max_export_batch_size: cfg.max_export_batch_size.min(cfg.max_queue_size),
@@ -97,6 +104,9 @@ impl BspConfig {
         })
     }
 }
+
+/// Upper bound for `OTEL_BSP_MAX_CONCURRENT_EXPORTS` (each is a connection to the collector).
+const MAX_CONCURRENT_EXPORTS: u64 = 64;
 
 /// Whether the environment names an OTLP endpoint at all (else the agent prints spans).
 pub fn endpoint_configured(get: impl Fn(&str) -> Option<String>) -> bool {
@@ -149,7 +159,9 @@ impl ExportQueue {
 }
 
 pub struct OtlpExporter {
-    exporter: SpanExporter,
+    /// Exporters not exporting now. The SDK's exporter takes one export at a time, so
+    /// concurrent exports use one instance each (`max_concurrent_exports` of them).
+    idle: Vec<SpanExporter>,
     /// Spans in the channel or `run`'s queue (shared with [`ExportQueue`]).
     queued: Arc<AtomicUsize>,
     bsp: BspConfig,
@@ -173,14 +185,15 @@ impl OtlpExporter {
     /// Builds the exporter from the standard environment. Needs a tokio runtime (gRPC).
     pub fn from_env(bsp: BspConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
         check_protocol(|k| std::env::var(k).ok())?;
-        let exporter = SpanExporter::builder()
-            .build()
+        let idle = (0..bsp.max_concurrent_exports)
+            .map(|_| SpanExporter::builder().build())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ConfigError::Build(e.to_string()))?;
         let scope = InstrumentationScope::builder("sockspan")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();
         Ok(Self {
-            exporter,
+            idle,
             queued: Arc::new(AtomicUsize::new(0)),
             bsp,
             metrics,
@@ -204,86 +217,132 @@ impl OtlpExporter {
     }
 
     /// Queues spans from `rx` and exports them every schedule delay or whenever a full batch is
-    /// waiting. On channel close, flushes what is left (bounded by the export timeout).
+    /// waiting, up to `max_concurrent_exports` requests at once. On channel close, flushes what
+    /// is left within [`FINAL_FLUSH`]; what is still unsent then is dropped and counted.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Span>>) {
-        let mut queue: VecDeque<Span> = VecDeque::new();
+        let mut work = Work::default();
+        let mut in_flight: JoinSet<Done> = JoinSet::new();
         let mut tick = tokio::time::interval(self.bsp.schedule_delay);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
         loop {
+            self.launch(&mut work, &mut in_flight);
+            if !open && work.is_empty() && in_flight.is_empty() {
+                break;
+            }
+            let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
-                batch = rx.recv() => match batch {
+                batch = rx.recv(), if open => match batch {
                     Some(spans) => {
                         for s in spans {
-                            if queue.len() >= self.bsp.max_queue_size {
+                            if work.queue.len() >= self.bsp.max_queue_size {
                                 self.metrics.spans_dropped_queue_full.inc();
                                 self.queued.fetch_sub(1, Relaxed);
                             } else {
-                                queue.push_back(s);
+                                work.queue.push_back(s);
                             }
                         }
-                        while queue.len() >= self.bsp.max_export_batch_size {
-                            self.export_some(&mut queue).await;
-                        }
                     }
-                    None => break,
+                    None => {
+                        // Final flush: one more attempt even if the collector looked down.
+                        open = false;
+                        work.flush = true;
+                        self.deadline = Some(tokio::time::Instant::now() + FINAL_FLUSH);
+                        self.retry_at = None;
+                    }
                 },
-                _ = tick.tick() => {
-                    while !queue.is_empty() {
-                        self.export_some(&mut queue).await;
+                _ = tick.tick(), if open => work.flush = true,
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Ok(done) = done {
+                        self.finished(done, &mut work);
                     }
                 }
+                () = tokio::time::sleep_until(deadline), if !open => break,
             }
         }
-        // Final flush: one more attempt even if the collector looked down, within the deadline.
-        self.deadline = Some(tokio::time::Instant::now() + FINAL_FLUSH);
-        self.retry_at = None;
-        while !queue.is_empty() {
-            self.export_some(&mut queue).await;
+        // Out of time: what is left is dropped and counted.
+        in_flight.abort_all();
+        let left = work.queue.len() as u64 + work.jobs.iter().map(|(_, s)| s.len() as u64).sum::<u64>();
+        self.metrics
+            .spans_dropped_export_failed
+            .add(left + work.in_flight_spans);
+        for exporter in &self.idle {
+            let _ = exporter.shutdown_with_timeout(Duration::from_millis(200));
         }
-        let _ = self.exporter.shutdown_with_timeout(Duration::from_millis(200));
     }
 
-    async fn export_some(&mut self, queue: &mut VecDeque<Span>) {
-        let n = queue.len().min(self.bsp.max_export_batch_size);
-        let batch: Vec<Span> = queue.drain(..n).collect();
-        self.queued.fetch_sub(n, Relaxed);
-        let now = tokio::time::Instant::now();
-        if self.retry_at.is_some_and(|t| now < t) || self.deadline.is_some_and(|d| now >= d) {
-            self.metrics.spans_dropped_export_failed.add(batch.len() as u64);
-            return;
-        }
-        // The backoff is over: try again (a failure below starts a new one).
-        self.retry_at = None;
-        for (process, spans) in group_by_process(batch, &self.scope) {
-            let count = spans.len() as u64;
-            self.exporter.set_resource(&resource(&process));
-            if self.retry_at.is_some() || self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                // The collector just failed (or time is up): the rest of this batch is dropped.
-                self.metrics.spans_dropped_export_failed.add(count);
+    /// Starts exports while an exporter is idle and there is a full batch (or anything, when
+    /// flushing). Spans wait in the bounded queue, not in requests nobody can send yet.
+    fn launch(&mut self, work: &mut Work, in_flight: &mut JoinSet<Done>) {
+        loop {
+            if work.jobs.is_empty() {
+                let ready =
+                    work.queue.len() >= self.bsp.max_export_batch_size || (work.flush && !work.queue.is_empty());
+                if !ready || self.idle.is_empty() {
+                    if work.queue.is_empty() {
+                        work.flush = false;
+                    }
+                    return;
+                }
+                let n = work.queue.len().min(self.bsp.max_export_batch_size);
+                let batch: Vec<Span> = work.queue.drain(..n).collect();
+                self.queued.fetch_sub(n, Relaxed);
+                work.jobs.extend(group_by_process(batch, &self.scope));
+            }
+            let now = tokio::time::Instant::now();
+            if self.retry_at.is_some_and(|t| now < t) || self.deadline.is_some_and(|d| now >= d) {
+                // Backing off after a failure (or out of time): dropped and counted.
+                let dropped: u64 = work.jobs.drain(..).map(|(_, s)| s.len() as u64).sum();
+                self.metrics.spans_dropped_export_failed.add(dropped);
                 continue;
             }
+            let Some(mut exporter) = self.idle.pop() else { return };
+            let Some((process, spans)) = work.jobs.pop_front() else {
+                self.idle.push(exporter);
+                return;
+            };
+            let count = spans.len() as u64;
+            exporter.set_resource(&resource(&process));
             let timeout = match self.deadline {
-                Some(d) => self
-                    .bsp
-                    .export_timeout
-                    .min(d.saturating_duration_since(tokio::time::Instant::now())),
+                Some(d) => self.bsp.export_timeout.min(d.saturating_duration_since(now)),
                 None => self.bsp.export_timeout,
             };
-            match tokio::time::timeout(timeout, self.exporter.export(spans)).await {
-                Ok(Ok(())) => {
-                    self.metrics.spans_exported.add(count);
-                    self.backoff = BACKOFF_MIN;
+            work.in_flight_spans += count;
+            in_flight.spawn(async move {
+                let result = match tokio::time::timeout(timeout, exporter.export(spans)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("export timed out".to_owned()),
+                };
+                Done {
+                    exporter,
+                    count,
+                    result,
                 }
-                Ok(Err(e)) => self.failed(count, &e.to_string()),
-                Err(_) => self.failed(count, "export timed out"),
+            });
+        }
+    }
+
+    fn finished(&mut self, done: Done, work: &mut Work) {
+        self.idle.push(done.exporter);
+        work.in_flight_spans -= done.count;
+        match done.result {
+            Ok(()) => {
+                self.metrics.spans_exported.add(done.count);
+                self.backoff = BACKOFF_MIN;
             }
+            Err(e) => self.failed(done.count, &e),
         }
     }
 
     fn failed(&mut self, count: u64, error: &str) {
         self.metrics.spans_dropped_export_failed.add(count);
-        self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        let now = tokio::time::Instant::now();
+        // Concurrent requests failing together start one backoff, not one each.
+        if self.retry_at.is_none_or(|t| t <= now) {
+            self.retry_at = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        }
         let failures = self.metrics.export_requests_failed.get();
         self.metrics.export_requests_failed.inc();
         // Rate-limited: the first failure, then every 100th.
@@ -308,6 +367,32 @@ pub fn resource(p: &ProcessInfo) -> Resource {
             KeyValue::new("telemetry.sdk.name", "sockspan"),
         ])
         .build()
+}
+
+/// Spans waiting for the exporter.
+#[derive(Default)]
+struct Work {
+    /// Spans not yet in a request (bounded with the channel by `ExportQueue`).
+    queue: VecDeque<Span>,
+    /// Requests of the batch being sent, one per process resource.
+    jobs: VecDeque<(Arc<ProcessInfo>, Vec<SpanData>)>,
+    /// Spans in requests in flight.
+    in_flight_spans: u64,
+    /// Send partial batches too (the schedule delay passed, or the agent is stopping).
+    flush: bool,
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.jobs.is_empty()
+    }
+}
+
+/// An export request that finished, with its exporter (idle again).
+struct Done {
+    exporter: SpanExporter,
+    count: u64,
+    result: Result<(), String>,
 }
 
 /// The spans of a batch as `SpanData`, grouped by process (one export request each).
@@ -401,6 +486,9 @@ mod tests {
         assert_eq!(cfg.schedule_delay, Duration::from_millis(200));
         assert_eq!(cfg.max_export_batch_size, 64);
         assert_eq!(cfg.max_queue_size, 65_536);
+        assert_eq!(cfg.max_concurrent_exports, 4);
+        let one = BspConfig::from_lookup(|k| (k == "OTEL_BSP_MAX_CONCURRENT_EXPORTS").then(|| "0".to_owned())).unwrap();
+        assert_eq!(one.max_concurrent_exports, 1);
         let bad = BspConfig::from_lookup(|k| (k == "OTEL_BSP_MAX_QUEUE_SIZE").then(|| "lots".to_owned()));
         assert!(bad.unwrap_err().to_string().contains("OTEL_BSP_MAX_QUEUE_SIZE"));
     }
