@@ -311,6 +311,13 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Records one export request (either transport) and the spans it carried.
+    fn record(&self, request: RawRequest, spans: Vec<CollectedSpan>) {
+        let mut st = self.lock();
+        st.requests.push(request);
+        st.spans.extend(spans);
+    }
 }
 
 #[derive(Clone)]
@@ -330,16 +337,15 @@ impl TraceService for GrpcService {
             .unwrap_or_default();
         let req = request.into_inner();
         let spans = flatten(&req, Transport::Grpc);
-        let mut st = self.0.lock();
-        st.requests.push(RawRequest {
+        let raw = RawRequest {
             transport: Transport::Grpc,
             headers,
             path: "/opentelemetry.proto.collector.trace.v1.TraceService/Export".into(),
             content_type,
             body: req.encode_to_vec(),
             decoded: Ok(spans.len()),
-        });
-        st.spans.extend(spans);
+        };
+        self.0.record(raw, spans);
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -386,50 +392,38 @@ async fn http_handler(
             .body(Full::new(body.into()))
             .unwrap())
     };
-    if method != hyper::Method::POST || path != "/v1/traces" {
-        shared.lock().requests.push(RawRequest {
-            transport: Transport::Http,
-            headers,
-            path: path.clone(),
-            content_type,
-            body,
-            decoded: Err(format!("unexpected {method} {path}")),
-        });
-        return reply(404, b"not found".to_vec(), "text/plain");
-    }
-    let decoded = ExportTraceServiceRequest::decode(body.as_slice());
-    let mut st = shared.lock();
-    match decoded {
-        Ok(req) => {
-            let spans = flatten(&req, Transport::Http);
-            st.requests.push(RawRequest {
-                transport: Transport::Http,
-                headers,
-                path,
-                content_type,
-                body,
-                decoded: Ok(spans.len()),
-            });
-            st.spans.extend(spans);
-            drop(st);
-            reply(
-                200,
-                ExportTraceServiceResponse::default().encode_to_vec(),
-                "application/x-protobuf",
-            )
+    // Every request is recorded once, with what became of it.
+    let (decoded, spans, response) = if method != hyper::Method::POST || path != "/v1/traces" {
+        (
+            Err(format!("unexpected {method} {path}")),
+            Vec::new(),
+            (404, b"not found".to_vec(), "text/plain"),
+        )
+    } else {
+        match ExportTraceServiceRequest::decode(body.as_slice()) {
+            Ok(req) => {
+                let spans = flatten(&req, Transport::Http);
+                let ok = ExportTraceServiceResponse::default().encode_to_vec();
+                (Ok(spans.len()), spans, (200, ok, "application/x-protobuf"))
+            }
+            Err(e) => (
+                Err(format!("prost decode: {e}")),
+                Vec::new(),
+                (400, format!("decode: {e}").into_bytes(), "text/plain"),
+            ),
         }
-        Err(e) => {
-            st.requests.push(RawRequest {
-                transport: Transport::Http,
-                headers,
-                path,
-                content_type,
-                body,
-                decoded: Err(format!("prost decode: {e}")),
-            });
-            reply(400, format!("decode: {e}").into_bytes(), "text/plain")
-        }
-    }
+    };
+    let raw = RawRequest {
+        transport: Transport::Http,
+        headers,
+        path,
+        content_type,
+        body,
+        decoded,
+    };
+    shared.record(raw, spans);
+    let (status, body, ct) = response;
+    reply(status, body, ct)
 }
 
 /// The running receiver. Dropping it shuts the runtime down.
