@@ -58,6 +58,18 @@ fn exchanges(rx: &Receiver, prefix: &str, paths: &[String]) -> Result<Vec<Exchan
     paths.iter().map(|p| one_exchange(&spans, p)).collect()
 }
 
+/// The exchange's server span is the child of its client span, by the connection rule.
+fn linked_by_connection(ex: &Exchange) -> Result<()> {
+    ensure!(
+        ex.server.parent_span_id.as_deref() == Some(ex.client.span_id.as_str())
+            && ex.server.attr_str("sockspan.parent.source") == Some("connection"),
+        "the server span should be the child of the client span by connection\n  {}\n  {}",
+        ex.server,
+        ex.client
+    );
+    Ok(())
+}
+
 fn assert_body_size(s: &CollectedSpan, key: &str, min: i64, max: i64) -> Result<()> {
     match s.attr_int(key) {
         Some(v) if v >= min && v <= max => Ok(()),
@@ -498,13 +510,7 @@ fn preexisting_connection_is_traced() -> Result<()> {
         ex.client
     );
     // Both ends of the connection are on this host: the server span is the client span's child.
-    ensure!(
-        ex.server.parent_span_id.as_deref() == Some(ex.client.span_id.as_str())
-            && ex.server.attr_str("sockspan.parent.source") == Some("connection"),
-        "pre-existing connection: the server span should be the client span's child\n  {}\n  {}",
-        ex.server,
-        ex.client
-    );
+    linked_by_connection(&ex).context("pre-existing connection")?;
     agent.stop()?;
     Ok(())
 }
@@ -1205,13 +1211,7 @@ fn ipv6_and_v4_mapped_peers() -> Result<()> {
         want(&ex.server, "network.peer.address", peer)?;
         want(&ex.client, "network.peer.address", peer)?;
         want(&ex.client, "server.address", host.trim_matches(['[', ']']))?;
-        ensure!(
-            ex.server.parent_span_id.as_deref() == Some(ex.client.span_id.as_str())
-                && ex.server.attr_str("sockspan.parent.source") == Some("connection"),
-            "over {host}: the server span should be the child of the client span by connection\n  {}\n  {}",
-            ex.server,
-            ex.client
-        );
+        linked_by_connection(ex).with_context(|| format!("over {host}"))?;
     }
     agent.stop()?;
     Ok(())
