@@ -14,9 +14,9 @@ use agent_integration_tests::{
     harness::{AgentBuilder, Protocol, serial},
     require,
     topology::{
-        self, CLASS_NODE, CLASS_ROOT, CLASS_THREADED, ClassScore, ExpectedSpan, Proc, RunConfig, SVC_TP_BACK,
-        SVC_TP_CLIENT, SVC_TP_FRONT, Topology, Verdict, check_plan, check_run, collect_run, format_table, run_load,
-        run_token, score, topology_fixture, truth,
+        self, CLASS_NODE, CLASS_ROOT, CLASS_THREADED, ClassScore, ExpectedSpan, RunConfig, SVC_TP_BACK, SVC_TP_CLIENT,
+        SVC_TP_FRONT, Topology, Verdict, check_plan, check_run, collect_run, format_table, run_load, run_token, score,
+        topology_fixture, truth,
     },
 };
 use anyhow::{Context as _, Result, ensure};
@@ -472,14 +472,7 @@ fn traceparent_propagation() -> Result<()> {
         run.clone(),
         n.to_string(),
     ];
-    let mut client = Proc::spawn(SVC_TP_CLIENT, topology::python(&args, SVC_TP_CLIENT), None)?;
-    let st = client.wait(Duration::from_secs(60))?;
-    ensure!(st.success(), "traceparent client failed: {}", client.lines().join("\n"));
-    let out = client
-        .json_lines()
-        .into_iter()
-        .find(|v| v.get("requests").is_some())
-        .context("client JSON")?;
+    let out = topology::run_client(SVC_TP_CLIENT, &args, Duration::from_secs(60))?;
     let reqs = out["requests"].as_array().context("requests")?.clone();
     ensure!(reqs.len() == n, "client made {} requests", reqs.len());
     let sent_by_front: std::collections::HashMap<String, String> = front

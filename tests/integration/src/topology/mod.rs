@@ -298,15 +298,20 @@ pub fn run_load(topo: &Topology, cfg: &RunConfig) -> Result<Vec<LoadRequest>> {
         cfg.concurrency.to_string(),
         onoff(cfg.client_keepalive).into(),
     ];
-    let mut p = Proc::spawn(SVC_LOADGEN, python(&args, SVC_LOADGEN), None)?;
-    let st = p.wait(Duration::from_secs(120))?;
-    ensure!(st.success(), "loadgen failed ({st}):\n{}", p.lines().join("\n"));
-    let v = p
-        .json_lines()
+    let v = run_client(SVC_LOADGEN, &args, Duration::from_secs(120))?;
+    parse_requests(&v)
+}
+
+/// Runs a Python client fixture as `service` to its end; returns the JSON line with its
+/// `requests` summary.
+pub fn run_client(service: &str, args: &[String], timeout: Duration) -> Result<Value> {
+    let mut p = Proc::spawn(service, python(args, service), None)?;
+    let st = p.wait(timeout)?;
+    ensure!(st.success(), "{service} failed ({st}):\n{}", p.lines().join("\n"));
+    p.json_lines()
         .into_iter()
         .find(|v| v.get("requests").is_some())
-        .with_context(|| format!("no JSON from loadgen:\n{}", p.lines().join("\n")))?;
-    parse_requests(&v)
+        .with_context(|| format!("no JSON from {service}:\n{}", p.lines().join("\n")))
 }
 
 pub fn parse_requests(v: &Value) -> Result<Vec<LoadRequest>> {
