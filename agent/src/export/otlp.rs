@@ -233,16 +233,8 @@ impl OtlpExporter {
             let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 batch = rx.recv(), if open => match batch {
-                    Some(spans) => {
-                        for s in spans {
-                            if work.queue.len() >= self.bsp.max_queue_size {
-                                self.metrics.spans_dropped_queue_full.inc();
-                                self.queued.fetch_sub(1, Relaxed);
-                            } else {
-                                work.queue.push_back(s);
-                            }
-                        }
-                    }
+                    // Room for them was counted by `ExportQueue::send`.
+                    Some(spans) => work.queue.extend(spans),
                     None => {
                         // Final flush: one more attempt even if the collector looked down.
                         open = false;
