@@ -495,18 +495,6 @@ fn traceparent_propagation() -> Result<()> {
             .filter(|s| s.service_name() == Some(svc) && s.kind == kind && s.url_path() == Some(path))
             .collect()
     };
-    let d = |s: &CollectedSpan| {
-        format!(
-            "{} svc={} path={} trace={} span={} parent={} source={:?}",
-            s.kind,
-            s.service_name().unwrap_or("?"),
-            s.url_path().unwrap_or("?"),
-            s.trace_id,
-            s.span_id,
-            s.parent_span_id.as_deref().unwrap_or("-"),
-            s.attr_str("sockspan.parent.source")
-        )
-    };
     for r in &reqs {
         let id = r["id"].as_str().unwrap_or("");
         let trace = r["trace"].as_str().unwrap_or("");
@@ -529,12 +517,12 @@ fn traceparent_propagation() -> Result<()> {
                 continue;
             }
             let s = got[0];
-            lines.push(format!("  {what:<13} {}", d(s)));
+            lines.push(format!("  {what:<13} {}", topology::dump(s)));
             if s.trace_id != trace {
                 failures.push(format!(
                     "{id}: {what} trace {} != propagated {trace}: {}",
                     s.trace_id,
-                    d(s)
+                    topology::dump(s)
                 ));
             }
         }
@@ -545,7 +533,7 @@ fn traceparent_propagation() -> Result<()> {
         {
             failures.push(format!(
                 "{id}: front SERVER parent should be {caller} (traceparent): {}",
-                d(fs)
+                topology::dump(fs)
             ));
         }
         if let [bs] = bs.as_slice()
@@ -554,7 +542,7 @@ fn traceparent_propagation() -> Result<()> {
         {
             failures.push(format!(
                 "{id}: back SERVER parent should be {new_span} (traceparent): {}",
-                d(bs)
+                topology::dump(bs)
             ));
         }
         if r == &reqs[0] {

@@ -627,7 +627,8 @@ pub struct RunReport {
     pub lost: Vec<(String, &'static str, String)>,
 }
 
-fn dump(s: &CollectedSpan) -> String {
+/// One line describing a span: ids, parent and how it was inferred, status, times, peer.
+pub fn dump(s: &CollectedSpan) -> String {
     format!(
         "{} svc={} path={} span={} parent={} trace={} source={:?} status={} start={} end={} dur={:?} resend={:?} error.type={:?} peer={:?}:{:?}",
         s.kind,
