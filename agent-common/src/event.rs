@@ -13,6 +13,9 @@ pub const MAX_IOVECS: usize = 8;
 pub mod kind {
     /// Bytes moved through a TCP socket by one syscall: [`super::DataEvent`].
     pub const DATA: u8 = 1;
+    /// A process connect()ed a TCP socket: a [`super::DataEvent`] with no payload, so userspace
+    /// learns which thread opened the connection, and in which loop epoch.
+    pub const CONNECT: u8 = 2;
     /// A traced TCP socket's fd was closed by its process: [`super::SockEvent`].
     pub const CLOSE: u8 = 10;
     /// A TCP socket changed state (ESTABLISHED or CLOSE): [`super::SockEvent`].
@@ -105,12 +108,18 @@ pub struct DataEvent {
     pub captured_len: u32,
     /// recv flags from the socket layer (e.g. MSG_PEEK), 0 for sends.
     pub flags: u32,
+    /// The thread's loop epoch at this syscall: 0 for a thread never seen waiting in
+    /// epoll/poll/select, else a per-thread count bumped at each such wait's end and at each
+    /// read of data from anything but a TCP socket (a pipe, an eventfd, a unix socket). Two
+    /// events of a thread with the same epoch ran in one stretch of that thread's event loop
+    /// with no input in between that userspace cannot see.
+    pub epoch: u64,
     /// The first bytes the syscall moved, in stream order (across iovecs).
     pub payload: [u8; MAX_CAPTURE],
 }
 impl DataEvent {
     /// Bytes before the payload.
-    pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>() + 8;
+    pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>() + 16;
 }
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DataEvent::HEADER_LEN + MAX_CAPTURE);
 

@@ -13,6 +13,11 @@ pub const PENDING_MAX_ENTRIES: u32 = 32 * 1024;
 /// Sockets remembered per (tgid, fd) (LRU: entries of processes that exited age out).
 pub const FD_INFO_MAX_ENTRIES: u32 = 64 * 1024;
 
+/// Threads whose loop epoch is kept (LRU: threads that exited age out).
+pub const LOOP_EPOCH_MAX_ENTRIES: u32 = 64 * 1024;
+/// Processes seen using TCP sockets: only their threads' waits bump a loop epoch (LRU).
+pub const TRACED_TGIDS_MAX_ENTRIES: u32 = 16 * 1024;
+
 /// Slots of the per-CPU `COUNTERS` array. Userspace sums them over CPUs.
 pub mod counter {
     /// `bpf_ringbuf_output` failed: the ring buffer was full, the event is lost.

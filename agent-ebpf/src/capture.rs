@@ -45,6 +45,7 @@ pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     ev.flags = p.recv_flags;
+    ev.epoch = crate::probes::loops::epoch(pid_tgid);
 
     let mut want = u64::from(capture_bytes());
     if want > ret as u64 {
@@ -72,6 +73,37 @@ pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(
     }
     // SAFETY: `len` ≤ size_of::<DataEvent>() and the scratch slot is at least that large.
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), len as usize) };
+    submit(bytes)
+}
+
+/// Emits the payload-less record of a connect() on a TCP socket (see `kind::CONNECT`).
+#[inline(always)]
+pub fn emit_connect(p: &PendingCall, pid_tgid: u64) -> Result<(), i64> {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(-1);
+    };
+    // SAFETY: the per-CPU scratch slot is ours for the duration of this program run.
+    let ev = unsafe { &mut (*scratch).event };
+    ev.header = EventHeader {
+        kind: kind::CONNECT,
+        direction: 0,
+        syscall: 0,
+        side: agent_common::side::CONNECTED,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        fd: p.fd,
+        sock: p.sock,
+        ts_enter_ns: p.ts_enter_ns,
+        // SAFETY: helper without preconditions.
+        ts_exit_ns: unsafe { bpf_ktime_get_ns() },
+        bytes: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    ev.flags = 0;
+    ev.captured_len = 0;
+    ev.epoch = crate::probes::loops::epoch(pid_tgid);
+    // SAFETY: HEADER_LEN ≤ size_of::<DataEvent>().
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), DataEvent::HEADER_LEN) };
     submit(bytes)
 }
 

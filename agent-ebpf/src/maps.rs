@@ -1,7 +1,10 @@
 //! Maps and load-time globals.
 use agent_common::{
     DataEvent, MAX_CAPTURE,
-    maps::{DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, PENDING_MAX_ENTRIES, counter},
+    maps::{
+        DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, LOOP_EPOCH_MAX_ENTRIES, PENDING_MAX_ENTRIES, TRACED_TGIDS_MAX_ENTRIES,
+        counter,
+    },
 };
 use aya_ebpf::{
     macros::map,
@@ -23,6 +26,15 @@ pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(PENDIN
 /// What the kernel knows of a process's socket fd, keyed by `tgid << 32 | fd`.
 #[map]
 pub static FD_INFO: LruHashMap<u64, FdInfo> = LruHashMap::with_max_entries(FD_INFO_MAX_ENTRIES, 0);
+
+/// Loop epoch per thread (pid_tgid), see `agent_common::DataEvent::epoch`.
+#[map]
+pub static LOOP_EPOCH: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LOOP_EPOCH_MAX_ENTRIES, 0);
+
+/// Processes (tgid) that moved bytes on a TCP socket: the waits of other processes cost one
+/// lookup and are not counted.
+#[map]
+pub static TRACED_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(TRACED_TGIDS_MAX_ENTRIES, 0);
 
 /// The agent's own client sockets (its OTLP connections): their ESTABLISHED events are flagged
 /// so userspace can ignore the peer side (a collector on this node), which would otherwise

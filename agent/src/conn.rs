@@ -15,6 +15,7 @@ use crate::{
     FastMap,
     decode::Event,
     http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
+    loops::{Cause, LoopHint, LoopTracker},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,6 +74,8 @@ impl ConnFacts {
 pub struct ConnStart {
     pub request: Request,
     pub facts: ConnFacts,
+    /// For a client request written by an event-loop thread: the message that caused it.
+    pub loop_hint: Option<LoopHint>,
 }
 
 /// An exchange with the facts of the connection it happened on.
@@ -141,6 +144,8 @@ pub struct ConnTable {
     own_links: FastMap<(SocketAddr, SocketAddr), u64>,
     own_pid: u32,
     proc: ProcTuples,
+    /// What each event-loop thread read last (see `loops`).
+    pub loops: LoopTracker,
 }
 
 impl Default for ConnTable {
@@ -162,6 +167,7 @@ impl ConnTable {
             own_links: FastMap::default(),
             own_pid: std::process::id(),
             proc: ProcTuples::new("/proc"),
+            loops: LoopTracker::new(Some(crate::process::is_go_program)),
         }
     }
 
@@ -169,6 +175,7 @@ impl ConnTable {
     pub fn without_proc() -> Self {
         Self {
             proc: ProcTuples::new(""),
+            loops: LoopTracker::new(None),
             ..Self::new()
         }
     }
@@ -184,94 +191,157 @@ impl ConnTable {
     pub fn on_event(&mut self, ev: &Event<'_>, out: &mut Vec<ConnOutput>) {
         match ev {
             Event::TcpState(s) => self.on_state(s),
+            Event::Connect { header: h, epoch } => self.loops.on_connect(h.pid, h.tid, h.fd, h.sock, *epoch),
             Event::Close(s) => {
+                self.loops.on_close(s.header.pid, s.header.fd);
                 let key = (s.header.pid, s.header.fd);
                 if let Some(mut c) = self.conns.remove(&key) {
                     c.close(s.header.ts_exit_ns, false, &mut self.http_stats, out);
                 }
             }
-            Event::Data { header: h, payload, .. } => {
-                let key = (h.pid, h.fd);
-                let known = match self.conns.get(&key) {
-                    Some(c) if c.sock == h.sock => true,
-                    Some(_) => {
-                        // The fd now names another socket: the old connection ended unseen.
-                        if let Some(mut old) = self.conns.remove(&key) {
-                            let at = old.last_activity_ns;
-                            old.close(at, false, &mut self.http_stats, out);
-                        }
-                        false
-                    }
-                    None => false,
-                };
-                if !known {
-                    if self.conns.len() >= MAX_CONNECTIONS {
-                        self.evict_oldest(out);
-                    }
-                    let c = self.open(h);
-                    self.conns.insert(key, c);
+            Event::Data {
+                header: h,
+                payload,
+                epoch,
+                ..
+            } => {
+                let first = out.len();
+                self.on_data(h, payload, out);
+                if *epoch != 0 {
+                    self.on_loop_data(h, *epoch, &mut out[first..]);
                 }
-                let Some(c) = self.conns.get_mut(&key) else { return };
-                c.last_activity_ns = h.ts_exit_ns;
-                c.comm = h.comm;
-                if c.own {
-                    return;
-                }
-                let ingress = h.direction == direction::INGRESS;
-                if h.bytes == 0 {
-                    // End of the peer's stream: ends close-delimited responses.
-                    if ingress {
-                        let mut ex = Vec::new();
-                        c.http.on_close(h.ts_exit_ns, &mut ex, &mut self.http_stats);
-                        c.emit(ex, false, Some(h.ts_exit_ns), out);
-                    }
-                    return;
-                }
-                if c.side.is_none() {
-                    c.side = infer_side(payload, ingress);
-                    if c.side.is_none() {
-                        c.undecided_chunks += 1;
-                        if c.undecided_chunks == MAX_UNDECIDED_CHUNKS {
-                            self.not_http_undecided += 1;
-                        }
-                        return;
-                    }
-                }
-                let (first_ns, last_ns) = if ingress {
-                    (h.ts_exit_ns, h.ts_exit_ns)
-                } else {
-                    (h.ts_enter_ns, h.ts_exit_ns)
-                };
-                let chunk = Chunk {
-                    captured: payload,
-                    total: h.bytes as u64,
-                    tid: h.tid,
-                    first_ns,
-                    last_ns,
-                };
-                let mut ex = Vec::new();
-                match (c.side, ingress) {
-                    (Some(Side::Server), true) | (Some(Side::Client), false) => {
-                        c.http.on_request_chunk(&chunk, &mut ex, &mut self.http_stats);
-                        c.report_started(out);
-                    }
-                    (Some(Side::Server), false) => {
-                        // The server writes: it is answering its oldest unanswered request.
-                        if let Some(seq) = c.unanswered.pop_front() {
-                            out.push(ConnOutput::Answering {
-                                conn_id: c.id,
-                                seq,
-                                ts_ns: first_ns,
-                                tid: h.tid,
-                            });
-                        }
-                        c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats);
-                    }
-                    _ => c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats),
-                }
-                c.emit(ex, false, None, out);
             }
         }
+    }
+
+    /// Tells the loop tracker what a loop thread's read completed, or which requests its write
+    /// started (with their causes).
+    fn on_loop_data(&mut self, h: &EventHeader, epoch: u64, produced: &mut [ConnOutput]) {
+        if h.direction == direction::INGRESS {
+            let mut causes = produced.iter().filter_map(|o| match o {
+                ConnOutput::Started(s) if s.facts.side == Side::Server => Some(Cause::Request {
+                    conn_id: s.facts.conn_id,
+                    seq: s.request.seq,
+                }),
+                ConnOutput::Exchange(x) if x.facts.side == Side::Client && x.exchange.response.is_some() => {
+                    Some(Cause::Response {
+                        conn_id: x.facts.conn_id,
+                        seq: x.exchange.request.seq,
+                    })
+                }
+                _ => None,
+            });
+            let cause = match (causes.next(), causes.next()) {
+                (Some(c), None) => Some(c),
+                (Some(_), Some(_)) => None,
+                // More body of the one request the connection is serving.
+                (None, _) => self
+                    .conns
+                    .get(&(h.pid, h.fd))
+                    .filter(|c| c.sock == h.sock && c.side == Some(Side::Server) && h.bytes > 0)
+                    .and_then(|c| match c.unanswered.as_slices() {
+                        ([seq], []) => Some(Cause::Request {
+                            conn_id: c.id,
+                            seq: *seq,
+                        }),
+                        _ => None,
+                    }),
+            };
+            self.loops.on_input(h.pid, h.tid, epoch, cause);
+        } else {
+            self.loops.on_output(h.pid, h.tid, epoch);
+            for o in produced {
+                if let ConnOutput::Started(s) = o
+                    && s.facts.side == Side::Client
+                {
+                    // Seen from its start: its first request is the connection's first.
+                    let first_on_conn = s.request.seq == 0 && s.facts.aligned;
+                    s.loop_hint = self.loops.hint(h.pid, h.tid, h.fd, h.sock, epoch, first_on_conn);
+                }
+            }
+        }
+    }
+
+    fn on_data(&mut self, h: &EventHeader, payload: &[u8], out: &mut Vec<ConnOutput>) {
+        let key = (h.pid, h.fd);
+        let known = match self.conns.get(&key) {
+            Some(c) if c.sock == h.sock => true,
+            Some(_) => {
+                // The fd now names another socket: the old connection ended unseen.
+                if let Some(mut old) = self.conns.remove(&key) {
+                    let at = old.last_activity_ns;
+                    old.close(at, false, &mut self.http_stats, out);
+                }
+                false
+            }
+            None => false,
+        };
+        if !known {
+            if self.conns.len() >= MAX_CONNECTIONS {
+                self.evict_oldest(out);
+            }
+            let c = self.open(h);
+            self.conns.insert(key, c);
+        }
+        let Some(c) = self.conns.get_mut(&key) else { return };
+        c.last_activity_ns = h.ts_exit_ns;
+        c.comm = h.comm;
+        if c.own {
+            return;
+        }
+        let ingress = h.direction == direction::INGRESS;
+        if h.bytes == 0 {
+            // End of the peer's stream: ends close-delimited responses.
+            if ingress {
+                let mut ex = Vec::new();
+                c.http.on_close(h.ts_exit_ns, &mut ex, &mut self.http_stats);
+                c.emit(ex, false, Some(h.ts_exit_ns), out);
+            }
+            return;
+        }
+        if c.side.is_none() {
+            c.side = infer_side(payload, ingress);
+            if c.side.is_none() {
+                c.undecided_chunks += 1;
+                if c.undecided_chunks == MAX_UNDECIDED_CHUNKS {
+                    self.not_http_undecided += 1;
+                }
+                return;
+            }
+        }
+        let (first_ns, last_ns) = if ingress {
+            (h.ts_exit_ns, h.ts_exit_ns)
+        } else {
+            (h.ts_enter_ns, h.ts_exit_ns)
+        };
+        let chunk = Chunk {
+            captured: payload,
+            total: h.bytes as u64,
+            tid: h.tid,
+            first_ns,
+            last_ns,
+        };
+        let mut ex = Vec::new();
+        match (c.side, ingress) {
+            (Some(Side::Server), true) | (Some(Side::Client), false) => {
+                c.http.on_request_chunk(&chunk, &mut ex, &mut self.http_stats);
+                c.report_started(out);
+            }
+            (Some(Side::Server), false) => {
+                // The server writes: it is answering its oldest unanswered request.
+                if let Some(seq) = c.unanswered.pop_front() {
+                    out.push(ConnOutput::Answering {
+                        conn_id: c.id,
+                        seq,
+                        ts_ns: first_ns,
+                        tid: h.tid,
+                    });
+                }
+                c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats);
+            }
+            _ => c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats),
+        }
+        c.emit(ex, false, None, out);
     }
 
     fn open(&mut self, h: &EventHeader) -> Connection {
@@ -432,6 +502,7 @@ impl Connection {
             out.push(ConnOutput::Started(ConnStart {
                 request,
                 facts: self.facts(side),
+                loop_hint: None,
             }));
         }
     }

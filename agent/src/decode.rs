@@ -7,7 +7,14 @@ pub enum Event<'a> {
     Data {
         header: EventHeader,
         flags: u32,
+        /// The thread's loop epoch (see `DataEvent::epoch`).
+        epoch: u64,
         payload: &'a [u8],
+    },
+    /// A thread connect()ed a TCP socket (fd, socket and thread in the header).
+    Connect {
+        header: EventHeader,
+        epoch: u64,
     },
     Close(SockEvent),
     TcpState(SockEvent),
@@ -16,7 +23,7 @@ pub enum Event<'a> {
 impl Event<'_> {
     pub fn header(&self) -> &EventHeader {
         match self {
-            Event::Data { header, .. } => header,
+            Event::Data { header, .. } | Event::Connect { header, .. } => header,
             Event::Close(s) | Event::TcpState(s) => &s.header,
         }
     }
@@ -54,13 +61,17 @@ fn read<T: Copy>(b: &[u8]) -> Option<T> {
 pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
     let header: EventHeader = read(record).ok_or(DecodeError::Short { len: record.len() })?;
     match header.kind {
-        kind::DATA => {
+        kind::DATA | kind::CONNECT => {
             if record.len() < DataEvent::HEADER_LEN {
                 return Err(DecodeError::Short { len: record.len() });
             }
             let hl = size_of::<EventHeader>();
-            let captured = u32::from_ne_bytes([record[hl], record[hl + 1], record[hl + 2], record[hl + 3]]) as usize;
-            let flags = u32::from_ne_bytes([record[hl + 4], record[hl + 5], record[hl + 6], record[hl + 7]]);
+            let word = |at: usize| u32::from_ne_bytes([record[at], record[at + 1], record[at + 2], record[at + 3]]);
+            let (captured, flags) = (word(hl) as usize, word(hl + 4));
+            let epoch = u64::from(word(hl + 8)) | (u64::from(word(hl + 12)) << 32);
+            if header.kind == kind::CONNECT {
+                return Ok(Event::Connect { header, epoch });
+            }
             let available = record.len() - DataEvent::HEADER_LEN;
             if captured > available || captured > MAX_CAPTURE {
                 return Err(DecodeError::BadPayloadLen { captured, available });
@@ -68,6 +79,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
             Ok(Event::Data {
                 header,
                 flags,
+                epoch,
                 payload: &record[DataEvent::HEADER_LEN..DataEvent::HEADER_LEN + captured],
             })
         }
@@ -81,8 +93,9 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
     }
 }
 
-/// Encodes a data event the way the kernel sends it (for recordings, tests and benchmarks).
-pub fn encode_data(header: &EventHeader, flags: u32, payload: &[u8], out: &mut Vec<u8>) {
+/// Encodes a data (or connect) event the way the kernel sends it (for recordings, tests and
+/// benchmarks).
+pub fn encode_data(header: &EventHeader, flags: u32, epoch: u64, payload: &[u8], out: &mut Vec<u8>) {
     let payload = &payload[..payload.len().min(MAX_CAPTURE)];
     // SAFETY: EventHeader is plain #[repr(C)] data without padding.
     let hb =
@@ -90,6 +103,7 @@ pub fn encode_data(header: &EventHeader, flags: u32, payload: &[u8], out: &mut V
     out.extend_from_slice(hb);
     out.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
     out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&epoch.to_ne_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -116,10 +130,13 @@ mod tests {
             ..Default::default()
         };
         let mut buf = Vec::new();
-        encode_data(&h, 0, b"hello", &mut buf);
+        encode_data(&h, 0, 42, b"hello", &mut buf);
         match decode(&buf).unwrap() {
-            Event::Data { header, payload, .. } => {
+            Event::Data {
+                header, payload, epoch, ..
+            } => {
                 assert_eq!(header, h);
+                assert_eq!(epoch, 42);
                 assert_eq!(payload, b"hello");
             }
             other => panic!("unexpected {other:?}"),
@@ -151,6 +168,7 @@ mod tests {
                 kind: kind::DATA,
                 ..Default::default()
             },
+            0,
             0,
             b"abc",
             &mut buf,

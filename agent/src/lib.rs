@@ -14,6 +14,7 @@ pub mod decode;
 pub mod export;
 pub mod http;
 pub mod loader;
+pub mod loops;
 pub mod pipeline;
 pub mod process;
 pub mod reader;

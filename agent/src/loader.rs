@@ -48,6 +48,13 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("syscalls", "sys_exit_sendmsg"),
     ("syscalls", "sys_enter_sendfile64"),
     ("syscalls", "sys_exit_sendfile64"),
+    ("syscalls", "sys_exit_epoll_wait"),
+    ("syscalls", "sys_exit_epoll_pwait"),
+    ("syscalls", "sys_exit_epoll_pwait2"),
+    ("syscalls", "sys_exit_poll"),
+    ("syscalls", "sys_exit_ppoll"),
+    ("syscalls", "sys_exit_select"),
+    ("syscalls", "sys_exit_pselect6"),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -121,6 +121,7 @@ impl Processor {
                         link: s.facts.link(),
                         aligned: s.facts.aligned,
                         peer: s.facts.remote,
+                        loop_hint: s.loop_hint,
                         method: s.request.method,
                         target: s.request.target,
                     });

@@ -159,3 +159,58 @@ mod tests {
         assert_eq!(info.pid, std::process::id());
     }
 }
+
+/// Whether process `pid` runs a Go program: its executable has a `.go.buildinfo` or
+/// `.note.go.buildid` section (every Go toolchain since 1.13 writes one). Goroutines move
+/// between threads and switch without a syscall, which some stitching rules must know.
+pub fn is_go_program(pid: u32) -> bool {
+    std::fs::File::open(format!("/proc/{pid}/exe")).is_ok_and(|f| elf_has_go_section(f).unwrap_or(false))
+}
+
+/// Reads an ELF64 little-endian file's section names; true if one is a Go build section.
+fn elf_has_go_section(mut f: impl std::io::Read + std::io::Seek) -> std::io::Result<bool> {
+    use std::io::SeekFrom;
+    let mut eh = [0u8; 64];
+    f.read_exact(&mut eh)?;
+    if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return Ok(false);
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    let (shoff, shentsize, shnum, shstrndx) = (
+        u64_at(&eh, 0x28),
+        u16_at(&eh, 0x3a),
+        u16_at(&eh, 0x3c),
+        u16_at(&eh, 0x3e),
+    );
+    if shentsize != 64 || shnum == 0 || shnum > 4096 || shstrndx >= shnum {
+        return Ok(false);
+    }
+    let mut table = vec![0u8; usize::from(shnum) * 64];
+    f.seek(SeekFrom::Start(shoff))?;
+    f.read_exact(&mut table)?;
+    let names_hdr = &table[usize::from(shstrndx) * 64..][..64];
+    let (names_off, names_len) = (u64_at(names_hdr, 0x18), u64_at(names_hdr, 0x20));
+    if names_len > 1 << 20 {
+        return Ok(false);
+    }
+    let mut names = vec![0u8; names_len as usize];
+    f.seek(SeekFrom::Start(names_off))?;
+    f.read_exact(&mut names)?;
+    Ok(table.chunks_exact(64).any(|sh| {
+        let at = u32::from_le_bytes([sh[0], sh[1], sh[2], sh[3]]) as usize;
+        let name = names.get(at..).map(|n| n.split(|&b| b == 0).next().unwrap_or(&[]));
+        matches!(name, Some(b".go.buildinfo" | b".note.go.buildid"))
+    }))
+}
+
+#[cfg(test)]
+mod go_tests {
+    #[test]
+    fn this_rust_binary_is_not_go_and_garbage_is_not_elf() {
+        let me = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(!super::elf_has_go_section(me).unwrap());
+        assert!(!super::elf_has_go_section(std::io::Cursor::new(vec![0u8; 100])).unwrap());
+        assert!(super::elf_has_go_section(std::io::Cursor::new(vec![0u8; 10])).is_err());
+    }
+}

@@ -11,7 +11,11 @@ use crate::{
     reader::RawBatch,
 };
 
-pub const MAGIC: &[u8; 16] = b"sockspan-rec-v1\n";
+pub const MAGIC: &[u8; 16] = b"sockspan-rec-v2\n";
+/// Recordings made before data records carried the loop epoch: read with epoch 0.
+const MAGIC_V1: &[u8; 16] = b"sockspan-rec-v1\n";
+/// Data-record header bytes in v1 recordings (the epoch follows them since v2).
+const V1_DATA_HEADER_LEN: usize = agent_common::DataEvent::HEADER_LEN - 8;
 
 pub fn write_header(w: &mut impl Write) -> io::Result<()> {
     w.write_all(MAGIC)
@@ -39,9 +43,11 @@ pub enum ReplayError {
 pub fn read_recording(mut r: impl Read, batch_records: usize) -> Result<Vec<RawBatch>, ReplayError> {
     let mut magic = [0u8; 16];
     r.read_exact(&mut magic).map_err(|_| ReplayError::BadMagic)?;
-    if &magic != MAGIC {
+    let v1 = &magic == MAGIC_V1;
+    if &magic != MAGIC && !v1 {
         return Err(ReplayError::BadMagic);
     }
+    let mut upgraded = Vec::new();
     let mut data = Vec::new();
     r.read_to_end(&mut data)?;
     let mut batches = vec![RawBatch::default()];
@@ -53,7 +59,14 @@ pub fn read_recording(mut r: impl Read, batch_records: usize) -> Result<Vec<RawB
             .and_then(|b| b.try_into().ok())
             .ok_or(ReplayError::Truncated(n))?;
         let len = u32::from_le_bytes(len_bytes) as usize;
-        let rec = data.get(at + 4..at + 4 + len).ok_or(ReplayError::Truncated(n))?;
+        let mut rec = data.get(at + 4..at + 4 + len).ok_or(ReplayError::Truncated(n))?;
+        if v1 && rec.first() == Some(&kind::DATA) && rec.len() >= V1_DATA_HEADER_LEN {
+            upgraded.clear();
+            upgraded.extend_from_slice(&rec[..V1_DATA_HEADER_LEN]);
+            upgraded.extend_from_slice(&0u64.to_ne_bytes());
+            upgraded.extend_from_slice(&rec[V1_DATA_HEADER_LEN..]);
+            rec = &upgraded;
+        }
         if batches.last().is_some_and(|b| b.len() >= batch_records) {
             batches.push(RawBatch::default());
         }
@@ -72,6 +85,8 @@ pub struct StreamBuilder {
     buf: Vec<u8>,
     pub now_ns: u64,
     next_sock: u64,
+    /// Loop epoch stamped on each thread's events (threads absent: 0, not a loop thread).
+    pub epochs: crate::FastMap<u32, u64>,
 }
 
 impl Default for StreamBuilder {
@@ -100,6 +115,7 @@ impl StreamBuilder {
             buf: Vec::new(),
             now_ns: 1_000_000_000,
             next_sock: 0xffff_0000_0000_1000,
+            epochs: crate::FastMap::default(),
         }
     }
 
@@ -132,6 +148,26 @@ impl StreamBuilder {
         self.established(c.client_sock, client_port, server_port, 0);
         self.established(c.server_sock, server_port, client_port, 0);
         c
+    }
+
+    /// The client thread's connect() of `c`, in the thread's current loop epoch.
+    pub fn connect_call(&mut self, c: &SimConn, tid: u32) {
+        let t = self.tick(1_000);
+        let header = EventHeader {
+            kind: kind::CONNECT,
+            side: side::CONNECTED,
+            pid: c.client_pid,
+            tid,
+            fd: c.client_fd,
+            sock: c.client_sock,
+            ts_enter_ns: t,
+            ts_exit_ns: t,
+            ..Default::default()
+        };
+        let epoch = self.epochs.get(&tid).copied().unwrap_or(0);
+        self.buf.clear();
+        encode_data(&header, 0, epoch, &[], &mut self.buf);
+        self.batch.push(&self.buf);
     }
 
     /// The ESTABLISHED event of a loopback socket; the kernel sets `pid` only on the agent's own
@@ -196,7 +232,8 @@ impl StreamBuilder {
             comm: c,
         };
         self.buf.clear();
-        encode_data(&header, 0, captured, &mut self.buf);
+        let epoch = self.epochs.get(&tid).copied().unwrap_or(0);
+        encode_data(&header, 0, epoch, captured, &mut self.buf);
         self.batch.push(&self.buf);
     }
 

@@ -1,2 +1,3 @@
+pub mod loops;
 pub mod sock;
 pub mod syscalls;

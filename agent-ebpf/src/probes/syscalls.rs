@@ -10,8 +10,9 @@ use aya_ebpf::{
 };
 
 use crate::{
-    capture::{emit_data, sock_event, submit_sock},
-    maps::{FD_INFO, FdInfo, PENDING, PendingCall, buf_kind, count, fd_key, self_tgid},
+    capture::{emit_connect, emit_data, sock_event, submit_sock},
+    maps::{FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, count, fd_key, self_tgid},
+    probes::loops::bump_epoch,
 };
 
 const ARG0: usize = 16;
@@ -143,8 +144,14 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         return Ok(0);
     };
     if p.is_tcp == 0 {
+        // Data from a pipe, eventfd or unix socket may wake work in an event loop that
+        // userspace cannot attribute: it ends the loop thread's current epoch.
+        if p.direction == direction::INGRESS && arg::<i64>(ctx, RET).is_ok_and(|r| r > 0) {
+            bump_epoch(pid_tgid, false);
+        }
         return Ok(0);
     }
+    mark_traced(pid_tgid);
     if p.syscall == LATE {
         if p.direction != spec.dir {
             return Ok(0);
@@ -191,6 +198,16 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
     }
     emit_data(&p, pid_tgid, ret, fd_side)?;
     Ok(0)
+}
+
+/// Remembers that the thread's process uses TCP sockets: its poll-family waits now count.
+#[inline(always)]
+fn mark_traced(pid_tgid: u64) {
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: presence check only.
+    if unsafe { TRACED_TGIDS.get(tgid).is_none() } {
+        let _ = TRACED_TGIDS.insert(tgid, 1, 0);
+    }
 }
 
 macro_rules! data_syscall {
@@ -348,6 +365,8 @@ fn exit_connect(ctx: &TracePointContext) -> Result<u32, i64> {
             _pad: [0; 7],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, p.fd), info, 0);
+        mark_traced(pid_tgid);
+        emit_connect(&p, pid_tgid)?;
     }
     Ok(0)
 }

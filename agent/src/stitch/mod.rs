@@ -23,7 +23,13 @@
 //!    server request of the same process (nginx, event loops) → child of it; failing that, one
 //!    whose path carries an identifier (≥ 8 chars with a digit) that exactly one in-flight
 //!    server request of the process also carries.
-//! 5. otherwise no parent: a new trace.
+//! 5. event loop (see `crate::loops`): a client request written by a process's single
+//!    event-loop thread is the child of the server request whose message that thread read
+//!    last in the same stretch of its loop (`loop`), or a sibling of the call whose response
+//!    it read last (`loop_response`: the continuation of an await); the first request on a
+//!    connection the loop opened takes the cause of the stretch that opened it
+//!    (`loop_connect`). The cause must still be in flight.
+//! 6. otherwise no parent: a new trace.
 pub mod context;
 
 use std::{cmp::Reverse, collections::BinaryHeap, net::SocketAddr};
@@ -33,6 +39,7 @@ pub use context::{ContextFormat, PropagatedContext, extract};
 use crate::{
     FastMap, FastSet,
     conn::Side,
+    loops::{Cause, LoopHint, Via},
     span::{AttrValue, IdGenerator, Span},
 };
 
@@ -44,15 +51,21 @@ pub enum ParentSource {
     Thread,
     Connection,
     Proxy,
+    Loop,
+    LoopResponse,
+    LoopConnect,
 }
 
 impl ParentSource {
-    pub const ALL: [ParentSource; 5] = [
+    pub const ALL: [ParentSource; 8] = [
         ParentSource::Traceparent,
         ParentSource::B3,
         ParentSource::Thread,
         ParentSource::Connection,
         ParentSource::Proxy,
+        ParentSource::Loop,
+        ParentSource::LoopResponse,
+        ParentSource::LoopConnect,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +75,9 @@ impl ParentSource {
             ParentSource::Thread => "thread",
             ParentSource::Connection => "connection",
             ParentSource::Proxy => "proxy",
+            ParentSource::Loop => "loop",
+            ParentSource::LoopResponse => "loop_response",
+            ParentSource::LoopConnect => "loop_connect",
         }
     }
 }
@@ -85,6 +101,8 @@ pub struct RequestStart {
     pub aligned: bool,
     /// Remote endpoint (the server, for client requests).
     pub peer: Option<SocketAddr>,
+    /// Client requests written by an event-loop thread: the message that caused it.
+    pub loop_hint: Option<LoopHint>,
 }
 
 /// A finished span with the keys that tie it to its start.
@@ -114,6 +132,8 @@ struct Decided {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     parent: Option<([u8; 8], ParentSource)>,
+    /// A client request's parent server request, by (connection, seq), when it was in flight.
+    parent_key: Option<(u64, u64)>,
     resend_count: u32,
     /// Where a client request is indexed for the connection rule.
     link_key: Option<LinkKey>,
@@ -148,7 +168,7 @@ struct InFlight {
 /// Counters of the stitcher's decisions.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StitchStats {
-    pub parents: [u64; 5],
+    pub parents: [u64; ParentSource::ALL.len()],
     pub roots: u64,
     pub ambiguous: u64,
     pub late_items: u64,
@@ -196,6 +216,10 @@ pub struct Stitcher {
     /// Times (Unix ns) of linkable client spans that finished before their server span did.
     finished_clients: FastMap<[u8; 8], (u64, u64)>,
     finished_order: std::collections::VecDeque<[u8; 8]>,
+    /// The parent server request of client requests that finished, by (connection, seq): a
+    /// loop continuation after their response inherits it.
+    finished_calls: FastMap<(u64, u64), (u64, u64)>,
+    finished_calls_order: std::collections::VecDeque<(u64, u64)>,
     /// Processes whose requests move between threads: rule 2 does not apply to them.
     threads_unreliable: FastSet<u32>,
     pub stats: StitchStats,
@@ -218,6 +242,8 @@ impl Stitcher {
             queued_clients: FastMap::default(),
             finished_clients: FastMap::default(),
             finished_order: std::collections::VecDeque::new(),
+            finished_calls: FastMap::default(),
+            finished_calls_order: std::collections::VecDeque::new(),
             threads_unreliable: FastSet::default(),
             stats: StitchStats::default(),
         }
@@ -321,6 +347,7 @@ impl Stitcher {
             trace_id,
             span_id: self.ids.span_id(),
             parent: None,
+            parent_key: None,
             resend_count: 0,
             link_key: None,
             queued_on: None,
@@ -332,6 +359,7 @@ impl Stitcher {
             trace_id,
             span_id: self.ids.span_id(),
             parent: Some((parent, source)),
+            parent_key: None,
             resend_count: 0,
             link_key: None,
             queued_on: None,
@@ -470,7 +498,7 @@ impl Stitcher {
                 .1
                 .map(|k| (k, ParentSource::Proxy))
         });
-        let Some((key, source)) = chosen else {
+        let Some((key, source)) = chosen.or_else(|| self.rule_loop(s)) else {
             if !candidates.is_empty() {
                 self.stats.ambiguous += 1;
             }
@@ -488,7 +516,35 @@ impl Stitcher {
         let (trace_id, parent_id) = (parent.ids.trace_id, parent.ids.span_id);
         let mut d = self.child_of(trace_id, parent_id, source);
         d.resend_count = resend_count;
+        d.parent_key = Some(key);
         d
+    }
+
+    /// Rule 5: the server request an event-loop thread's last message leads to, while it is in
+    /// flight in the writer's process.
+    fn rule_loop(&self, s: &RequestStart) -> Option<((u64, u64), ParentSource)> {
+        let hint = s.loop_hint?;
+        let (key, source) = match hint.cause {
+            Cause::Request { conn_id, seq } => ((conn_id, seq), ParentSource::Loop),
+            Cause::Response { conn_id, seq } => {
+                let call = (conn_id, seq);
+                let parent = self
+                    .finished_calls
+                    .get(&call)
+                    .copied()
+                    .or_else(|| self.decided.get(&call).and_then(|d| d.parent_key))?;
+                (parent, ParentSource::LoopResponse)
+            }
+        };
+        let source = if hint.via == Via::Connect {
+            ParentSource::LoopConnect
+        } else {
+            source
+        };
+        self.inflight
+            .get(&key)
+            .is_some_and(|f| f.pid == s.pid && f.start_ns <= s.start_ns)
+            .then_some((key, source))
     }
 
     fn on_done(&mut self, f: Finished) -> Span {
@@ -523,6 +579,11 @@ impl Stitcher {
                 let linked = d.link_key.is_some_and(|key| self.client_by_link.remove(&key).is_some());
                 if (linked || d.queued_on.is_some()) && f.answered {
                     self.remember_finished_client(d.span_id, span.start_unix_ns, span.end_unix_ns);
+                }
+                if let Some(parent) = d.parent_key
+                    && f.answered
+                {
+                    self.remember_finished_call((f.conn_id, f.seq), parent);
                 }
             }
         }
@@ -559,6 +620,18 @@ impl Stitcher {
         }
         self.finished_clients.insert(span_id, (start, end));
         self.finished_order.push_back(span_id);
+    }
+}
+
+impl Stitcher {
+    fn remember_finished_call(&mut self, call: (u64, u64), parent: (u64, u64)) {
+        if self.finished_calls_order.len() >= MAX_FINISHED_CLIENTS
+            && let Some(old) = self.finished_calls_order.pop_front()
+        {
+            self.finished_calls.remove(&old);
+        }
+        self.finished_calls.insert(call, parent);
+        self.finished_calls_order.push_back(call);
     }
 }
 

@@ -31,6 +31,7 @@ fn start(
         link: Some((ep(link.0), ep(link.1))),
         aligned: true,
         peer: Some(ep(if side == Side::Client { link.1 } else { link.0 })),
+        loop_hint: None,
     }
 }
 

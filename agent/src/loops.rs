@@ -1,0 +1,212 @@
+//! Event-loop causality: which message a loop thread acted on when it wrote a request.
+//!
+//! A single-threaded event loop (Node.js, nginx, a Python selector loop) runs one callback per
+//! ready socket after each epoll/poll/select wait: it reads the message, and everything the
+//! callback does (microtasks included) happens before the next socket's callback reads. So a
+//! request written by the loop thread was caused by the last message that thread read in the
+//! same stretch of its loop (the kernel's *epoch*: it ends at every wait and at every read of
+//! data userspace does not see, such as an eventfd that signals a finished background task).
+//! A request whose connection the thread opened in such a stretch was caused by that stretch's
+//! message, even when it is written later, once the connection is up.
+//!
+//! Precision guards, each a reason to give no cause:
+//! - the thread is not a loop thread (epoch 0): thread-per-request servers are the thread
+//!   rule's, not this one's;
+//! - the process has more than one loop thread doing TCP I/O (Go's scheduler threads, Java's
+//!   selector threads, Netty's loops): there a callback may write for another thread's
+//!   message; or its one loop thread never read a server request (a client I/O thread serving
+//!   other threads, such as `java.net.http`'s selector);
+//! - the process is a Go program: goroutines switch without a wait, so the last message read
+//!   says nothing of who writes next;
+//! - the last input was not one whole message: several requests in one read (pipelined), a
+//!   partial response, bytes of another protocol, the end of a stream.
+//!
+//! Known limit: a timer or `setImmediate` callback runs after the stretch's I/O callbacks with
+//! no wait in between, so a call made from a timer (a delayed retry) is attributed to the last
+//! message read before it.
+use crate::FastMap;
+
+/// The message a loop thread acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A server request (its connection and sequence number) was read.
+    Request { conn_id: u64, seq: u64 },
+    /// The response to a client request was read whole: its continuation runs now.
+    Response { conn_id: u64, seq: u64 },
+}
+
+/// How a cause reached a client request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Written in the same stretch of the loop as the message was read.
+    Stretch,
+    /// The first request on a connection the thread opened in the stretch of the message.
+    Connect,
+}
+
+/// What the loop said about a client request's cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopHint {
+    pub cause: Cause,
+    pub via: Via,
+}
+
+/// The last input of a loop thread in its current epoch (`None`: one with no usable cause).
+#[derive(Debug, Clone, Copy)]
+struct Stretch {
+    epoch: u64,
+    last: Option<Cause>,
+}
+
+#[derive(Debug, Default)]
+struct ProcessLoops {
+    /// The loop threads seen doing TCP I/O (capped: two are enough to say "more than one").
+    threads: Vec<u32>,
+    /// One of them read a server request.
+    serves: bool,
+    /// A Go program (never qualifies).
+    go: bool,
+}
+
+impl ProcessLoops {
+    fn note_thread(&mut self, tid: u32) {
+        if !self.threads.contains(&tid) && self.threads.len() < 2 {
+            self.threads.push(tid);
+        }
+    }
+
+    fn qualifies(&self, tid: u32) -> bool {
+        !self.go && self.serves && self.threads.len() == 1 && self.threads[0] == tid
+    }
+}
+
+/// Loop threads remembered at once (beyond it all are forgotten: they re-learn in one stretch).
+const MAX_THREADS: usize = 65_536;
+const MAX_PROCESSES: usize = 16_384;
+/// Connects waiting for their first request.
+const MAX_CONNECTS: usize = 65_536;
+
+/// Tracks each loop thread's last input, in stream order (a thread's events arrive in the order
+/// it made them).
+#[derive(Default)]
+pub struct LoopTracker {
+    stretches: FastMap<(u32, u32), Stretch>,
+    processes: FastMap<u32, ProcessLoops>,
+    /// (pid, fd) → (socket, cause of the stretch in which it was connected).
+    connects: FastMap<(u32, i32), (u64, Cause)>,
+    /// Tells Go programs apart (by pid).
+    is_go: Option<fn(u32) -> bool>,
+}
+
+impl LoopTracker {
+    /// `is_go`: whether a process runs a Go program (None: never, e.g. replays).
+    pub fn new(is_go: Option<fn(u32) -> bool>) -> Self {
+        Self {
+            is_go,
+            ..Self::default()
+        }
+    }
+
+    fn process(&mut self, pid: u32) -> &mut ProcessLoops {
+        if self.processes.len() >= MAX_PROCESSES && !self.processes.contains_key(&pid) {
+            self.processes.clear();
+        }
+        let is_go = self.is_go;
+        self.processes.entry(pid).or_insert_with(|| ProcessLoops {
+            go: is_go.is_some_and(|f| f(pid)),
+            ..ProcessLoops::default()
+        })
+    }
+
+    /// A loop thread (epoch ≠ 0) read bytes; `cause` is the whole message they completed, if
+    /// exactly one.
+    pub fn on_input(&mut self, pid: u32, tid: u32, epoch: u64, cause: Option<Cause>) {
+        if epoch == 0 {
+            return;
+        }
+        let p = self.process(pid);
+        p.note_thread(tid);
+        if matches!(cause, Some(Cause::Request { .. })) {
+            p.serves = true;
+        }
+        if self.stretches.len() >= MAX_THREADS && !self.stretches.contains_key(&(pid, tid)) {
+            self.stretches.clear();
+        }
+        self.stretches.insert((pid, tid), Stretch { epoch, last: cause });
+    }
+
+    /// A loop thread wrote bytes (it does TCP I/O, whatever it writes).
+    pub fn on_output(&mut self, pid: u32, tid: u32, epoch: u64) {
+        if epoch == 0 {
+            return;
+        }
+        self.process(pid).note_thread(tid);
+    }
+
+    /// The cause of the stretch thread `tid` is in, if the process qualifies.
+    fn current(&self, pid: u32, tid: u32, epoch: u64) -> Option<Cause> {
+        if epoch == 0 || !self.processes.get(&pid).is_some_and(|p| p.qualifies(tid)) {
+            return None;
+        }
+        self.stretches
+            .get(&(pid, tid))
+            .filter(|s| s.epoch == epoch)
+            .and_then(|s| s.last)
+    }
+
+    /// A thread connected socket `sock` as fd `fd`.
+    pub fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, sock: u64, epoch: u64) {
+        self.on_output(pid, tid, epoch);
+        match self.current(pid, tid, epoch) {
+            Some(cause) => {
+                if self.connects.len() >= MAX_CONNECTS {
+                    self.connects.clear();
+                }
+                self.connects.insert((pid, fd), (sock, cause));
+            }
+            None => {
+                self.connects.remove(&(pid, fd));
+            }
+        }
+    }
+
+    /// The cause of a client request whose first bytes thread `tid` wrote. The first request on
+    /// a connection takes the cause of the stretch that opened it, or none: it is written once
+    /// the connection is up, in whatever stretch reports that, after whichever message that
+    /// stretch read. Later requests take the writer's stretch.
+    pub fn hint(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        fd: i32,
+        sock: u64,
+        epoch: u64,
+        first_on_conn: bool,
+    ) -> Option<LoopHint> {
+        let connected = self.connects.remove(&(pid, fd)).filter(|(s, _)| *s == sock);
+        if first_on_conn {
+            return connected.map(|(_, cause)| LoopHint {
+                cause,
+                via: Via::Connect,
+            });
+        }
+        self.current(pid, tid, epoch).map(|cause| LoopHint {
+            cause,
+            via: Via::Stretch,
+        })
+    }
+
+    /// Forgets a closed fd's pending connect.
+    pub fn on_close(&mut self, pid: u32, fd: i32) {
+        self.connects.remove(&(pid, fd));
+    }
+
+    /// Entries held (for memory accounting and tests).
+    pub fn len(&self) -> usize {
+        self.stretches.len() + self.processes.len() + self.connects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,248 @@
+//! The event-loop rule on scripted kernel streams: a single loop thread serving several
+//! requests at once, whose calls carry nothing of the request that caused them.
+use sockspan::{
+    pipeline::Processor,
+    replay::{SimConn, StreamBuilder},
+    span::{AttrValue, Span, SpanKind},
+    telemetry::Metrics,
+};
+
+const LOADGEN: u32 = 100;
+const LOOP: u32 = 200;
+const BACKEND: u32 = 300;
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: s\r\n\r\n").into_bytes()
+}
+
+fn run(b: StreamBuilder) -> Vec<Span> {
+    let mut p = Processor::offline(Metrics::new());
+    let mut spans = Vec::new();
+    p.process(&b.batch, &mut spans);
+    p.finish(&mut spans);
+    spans
+}
+
+fn path(s: &Span) -> &str {
+    match s.attr("url.path") {
+        Some(AttrValue::Str(v)) => v.as_ref(),
+        _ => "",
+    }
+}
+
+fn span<'a>(spans: &'a [Span], kind: SpanKind, p: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|s| s.kind == kind && path(s) == p)
+        .unwrap_or_else(|| panic!("no {kind:?} span {p}"))
+}
+
+/// (parent's url.path, sockspan.parent.source) of the loop's CLIENT span `p`.
+fn parent_of(spans: &[Span], p: &str) -> Option<(String, String)> {
+    let c = span(spans, SpanKind::Client, p);
+    if c.resource.pid != LOOP {
+        panic!("{p} is not the loop's call");
+    }
+    let parent = spans.iter().find(|s| Some(s.span_id) == c.parent_span_id)?;
+    let source = match c.attr("sockspan.parent.source") {
+        Some(AttrValue::Str(v)) => v.to_string(),
+        _ => "-".into(),
+    };
+    Some((path(parent).to_string(), source))
+}
+
+/// The loop process: `n_in` connections from the load generator, `n_out` to the backend.
+struct Bed {
+    b: StreamBuilder,
+    inbound: Vec<SimConn>,
+    outbound: Vec<SimConn>,
+}
+
+impl Bed {
+    fn new(n_in: u32, n_out: u32) -> Self {
+        let mut b = StreamBuilder::new();
+        let inbound = (0..n_in)
+            .map(|i| b.connect(LOADGEN, 10 + i as i32, LOOP, 20 + i as i32, 40000 + i as u16, 8080))
+            .collect();
+        let outbound = (0..n_out)
+            .map(|i| b.connect(LOOP, 50 + i as i32, BACKEND, 60 + i as i32, 45000 + i as u16, 9090))
+            .collect();
+        Self { b, inbound, outbound }
+    }
+
+    fn epoch(&mut self, tid: u32, e: u64) {
+        self.b.epochs.insert(tid, e);
+    }
+
+    /// The load generator sends `p` on inbound connection `i`; the loop thread reads it.
+    fn request_in(&mut self, i: usize, p: &str) {
+        let c = self.inbound[i];
+        self.b.send_request(&c, LOADGEN, LOOP, &get(p));
+    }
+
+    /// Thread `tid` of the loop process writes `p` on outbound connection `o`.
+    fn call(&mut self, o: usize, tid: u32, p: &str) {
+        let c = self.outbound[o];
+        let bytes = get(p);
+        self.b.data(
+            LOOP,
+            tid,
+            c.client_fd,
+            c.client_sock,
+            2,
+            true,
+            &bytes,
+            bytes.len(),
+            "loop",
+        );
+        self.b.data(
+            BACKEND,
+            BACKEND,
+            c.server_fd,
+            c.server_sock,
+            1,
+            false,
+            &bytes,
+            bytes.len(),
+            "backend",
+        );
+    }
+
+    /// The backend answers on outbound connection `o`; thread `tid` reads the response.
+    fn answer_call(&mut self, o: usize, tid: u32) {
+        let c = self.outbound[o];
+        self.b.send_response(&c, BACKEND, tid, OK);
+    }
+
+    /// Every inbound request is answered, every connection closed.
+    fn end(mut self) -> Vec<Span> {
+        for c in self.inbound.clone() {
+            self.b.send_response(&c, LOOP, LOADGEN, OK);
+            self.b.close(&c);
+        }
+        for c in self.outbound.clone() {
+            self.b.close(&c);
+        }
+        run(self.b)
+    }
+
+    /// A warm-up call on every outbound connection (no request in flight: roots), so later
+    /// calls are not their connection's first.
+    fn warm(&mut self) {
+        for o in 0..self.outbound.len() {
+            self.call(o, LOOP, &format!("/warm/{o}"));
+            self.answer_call(o, LOOP);
+        }
+    }
+}
+
+fn some(parent: &str, source: &str) -> Option<(String, String)> {
+    Some((parent.to_string(), source.to_string()))
+}
+
+#[test]
+fn loop_thread_calls_take_the_message_read_last_in_their_stretch() {
+    let mut bed = Bed::new(6, 4);
+    bed.warm();
+    bed.epoch(LOOP, 1);
+    bed.request_in(0, "/in/a");
+    bed.epoch(LOOP, 2);
+    bed.request_in(1, "/in/b");
+    bed.call(0, LOOP, "/call/b-first");
+    bed.call(1, LOOP, "/call/b-second");
+    // A new stretch with no input yet (a timer, a task woken by a pipe): no cause.
+    bed.epoch(LOOP, 3);
+    bed.call(2, LOOP, "/call/unknown");
+    // The response of b's first call is read: its continuation calls again.
+    bed.epoch(LOOP, 4);
+    bed.answer_call(0, LOOP);
+    bed.call(0, LOOP, "/call/b-after-await");
+    // The response of the unattributed call is read: whatever follows it has no cause.
+    bed.epoch(LOOP, 5);
+    bed.answer_call(2, LOOP);
+    bed.call(2, LOOP, "/call/after-unknown");
+    let spans = bed.end();
+    for w in 0..4 {
+        assert_eq!(parent_of(&spans, &format!("/warm/{w}")), None);
+    }
+    assert_eq!(parent_of(&spans, "/call/b-first"), some("/in/b", "loop"));
+    assert_eq!(parent_of(&spans, "/call/b-second"), some("/in/b", "loop"));
+    assert_eq!(parent_of(&spans, "/call/unknown"), None);
+    assert_eq!(parent_of(&spans, "/call/b-after-await"), some("/in/b", "loop_response"));
+    assert_eq!(parent_of(&spans, "/call/after-unknown"), None);
+    // The backend's side of each call is its child by connection, as always.
+    let server = span(&spans, SpanKind::Server, "/call/b-first");
+    assert_eq!(
+        server.parent_span_id,
+        Some(span(&spans, SpanKind::Client, "/call/b-first").span_id)
+    );
+}
+
+#[test]
+fn a_new_connection_carries_the_cause_of_the_stretch_that_opened_it() {
+    let mut bed = Bed::new(4, 3);
+    bed.epoch(LOOP, 1);
+    bed.request_in(0, "/in/c");
+    let k0 = bed.outbound[0];
+    bed.b.connect_call(&k0, LOOP);
+    // The connection comes up in a later stretch, after another request was read.
+    bed.epoch(LOOP, 2);
+    bed.request_in(1, "/in/d");
+    bed.call(0, LOOP, "/call/c-on-new-conn");
+    // A first request on a connection whose connect the loop did not see: no cause (it is
+    // written when the connection is up, whatever message that stretch read).
+    bed.call(1, LOOP, "/call/first-unseen-connect");
+    // A connect in a stretch with no cause hands none over.
+    bed.epoch(LOOP, 3);
+    let k2 = bed.outbound[2];
+    bed.b.connect_call(&k2, LOOP);
+    bed.epoch(LOOP, 4);
+    bed.request_in(2, "/in/e");
+    bed.call(2, LOOP, "/call/first-after-causeless-connect");
+    let spans = bed.end();
+    assert_eq!(parent_of(&spans, "/call/c-on-new-conn"), some("/in/c", "loop_connect"));
+    assert_eq!(parent_of(&spans, "/call/first-unseen-connect"), None);
+    assert_eq!(parent_of(&spans, "/call/first-after-causeless-connect"), None);
+}
+
+#[test]
+fn no_loop_parent_without_one_whole_message_or_one_loop_thread() {
+    // Two pipelined requests in one read: either may have caused the call.
+    let mut bed = Bed::new(3, 2);
+    bed.warm();
+    bed.epoch(LOOP, 1);
+    bed.request_in(2, "/in/x");
+    bed.epoch(LOOP, 2);
+    let c = bed.inbound[0];
+    let two = [get("/in/p1"), get("/in/p2")].concat();
+    bed.b.send_request(&c, LOADGEN, LOOP, &two);
+    bed.call(0, LOOP, "/call/after-pipelined");
+    let spans = bed.end();
+    assert_eq!(parent_of(&spans, "/call/after-pipelined"), None);
+
+    // A second loop thread doing TCP I/O in the process: a callback may write for another
+    // thread's message (Netty-style loops, Java's client selector), so the rule is off.
+    let mut bed = Bed::new(3, 2);
+    bed.warm();
+    bed.epoch(LOOP + 1, 7);
+    bed.call(1, LOOP + 1, "/call/other-loop");
+    bed.epoch(LOOP, 1);
+    bed.request_in(0, "/in/y");
+    bed.request_in(1, "/in/z");
+    bed.epoch(LOOP, 2);
+    bed.request_in(2, "/in/w");
+    bed.call(0, LOOP, "/call/two-loops");
+    let spans = bed.end();
+    assert_eq!(parent_of(&spans, "/call/two-loops"), None);
+
+    // Not a loop thread (epoch 0: never waited in epoll/poll/select), several requests in
+    // flight: neither the thread rule nor the loop rule can tell.
+    let mut bed = Bed::new(3, 2);
+    bed.warm();
+    bed.request_in(0, "/in/t1");
+    bed.request_in(1, "/in/t2");
+    bed.call(0, LOOP, "/call/threaded");
+    let spans = bed.end();
+    assert_eq!(parent_of(&spans, "/call/threaded"), None);
+}
