@@ -41,6 +41,19 @@ pub fn setup(extra: &[&str]) -> Result<()> {
     if !on_path("python3") {
         wanted.push("python3");
     }
+    // the test beds' Go and Java middle services
+    if !on_path("go") {
+        wanted.push("golang-go");
+    }
+    if !on_path("java") || !on_path("javac") {
+        wanted.push("openjdk-17-jdk-headless");
+    }
+    // aiohttp (the asyncio test bed) for Debian's own python3, which is externally managed (no
+    // pip); any other python3 (pyenv, a venv) does not see Debian's packages and gets it from pip
+    // below
+    if !on_path("python3") || (!python_imports("aiohttp") && python_is_debian()) {
+        wanted.push("python3-aiohttp");
+    }
     let missing: Vec<&str> = wanted.into_iter().filter(|p| !pkg_installed(p)).collect();
     if missing.is_empty() {
         step("debian packages: all installed");
@@ -50,6 +63,22 @@ pub fn setup(extra: &[&str]) -> Result<()> {
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(&missing);
         apt(&args)?;
+    }
+    // pyenv's python3 (or a venv's) only sees what its own pip installed
+    if python_imports("aiohttp") {
+        step("aiohttp: installed");
+    } else {
+        step("aiohttp: installing with pip");
+        run(
+            "pip install aiohttp",
+            Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "aiohttp"])
+                // setup runs as root by design
+                .env("PIP_ROOT_USER_ACTION", "ignore"),
+        )?;
+        if !python_imports("aiohttp") {
+            bail!("aiohttp was installed but `python3 -c 'import aiohttp'` still fails");
+        }
     }
 
     // 2. bpf-linker, built against Debian's LLVM 22 so it matches Debian's rustc.
@@ -88,15 +117,18 @@ pub fn setup(extra: &[&str]) -> Result<()> {
     }
 
     // 4. Runtimes the end-to-end tests use as real servers and clients.
-    for (prog, arg) in [
-        ("python3", "--version"),
-        ("node", "--version"),
-        ("curl", "--version"),
-        ("nginx", "-v"),
+    let aiohttp_version: &[&str] = &["-c", "import aiohttp; print('aiohttp', aiohttp.__version__)"];
+    for (prog, exe, args) in [
+        ("python3", "python3", &["--version"][..]),
+        ("aiohttp", "python3", aiohttp_version),
+        ("node", "node", &["--version"]),
+        ("curl", "curl", &["--version"]),
+        ("nginx", "/usr/sbin/nginx", &["-v"]),
+        ("go", "go", &["version"]),
+        ("java", "java", &["--version"]),
     ] {
-        let exe = if prog == "nginx" { "/usr/sbin/nginx" } else { prog };
         let v = Command::new(exe)
-            .arg(arg)
+            .args(args)
             .output()
             .with_context(|| format!("{prog} is missing"))?;
         let text = String::from_utf8_lossy(if v.stdout.is_empty() { &v.stderr } else { &v.stdout }).into_owned();
@@ -116,6 +148,16 @@ fn pkg_installed(pkg: &str) -> bool {
         return true;
     }
     output_of("dpkg-query", ["-W", "-f=${db:Status-Status}", pkg]).is_some_and(|s| s.trim() == "installed")
+}
+
+/// Whether the python3 on PATH can import `module`.
+fn python_imports(module: &str) -> bool {
+    output_of("python3", ["-c", &format!("import {module}")]).is_some()
+}
+
+/// Whether the python3 on PATH is Debian's own (installed under /usr).
+fn python_is_debian() -> bool {
+    output_of("python3", ["-c", "import sys; print(sys.prefix)"]).is_some_and(|p| p.trim() == "/usr")
 }
 
 fn apt(args: &[&str]) -> Result<()> {

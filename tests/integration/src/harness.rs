@@ -60,6 +60,11 @@ pub enum Tool {
     Nginx,
     Node,
     Curl,
+    Go,
+    /// A JDK: `java` and `javac` (the single-file source launcher needs the compiler).
+    Java,
+    /// The `aiohttp` package, importable by `python3`.
+    Aiohttp,
 }
 
 impl Tool {
@@ -71,21 +76,52 @@ impl Tool {
             Tool::Nginx => "nginx",
             Tool::Node => "node",
             Tool::Curl => "curl",
+            Tool::Go => "go",
+            Tool::Java => "java",
+            Tool::Aiohttp => "python3",
+        }
+    }
+    /// The commands that must succeed for the tool to count as present.
+    fn probes(self) -> Vec<(&'static str, &'static [&'static str])> {
+        match self {
+            Tool::Nginx => vec![(self.program(), &["-v"])],
+            Tool::Go => vec![("go", &["version"])],
+            Tool::Java => vec![("java", &["--version"]), ("javac", &["--version"])],
+            Tool::Aiohttp => vec![("python3", &["-c", "import aiohttp"])],
+            _ => vec![(self.program(), &["--version"])],
         }
     }
     fn probe(self) -> bool {
-        let flag = match self {
-            Tool::Nginx => "-v",
-            _ => "--version",
-        };
-        Command::new(self.program())
-            .arg(flag)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+        self.probes().into_iter().all(|(prog, args)| {
+            Command::new(prog)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    }
+    /// What is missing when [`Tool::probe`] fails, for the skip/panic message.
+    fn missing(self) -> String {
+        self.probes()
+            .iter()
+            .map(|(prog, args)| {
+                let args: Vec<String> = args
+                    .iter()
+                    .map(|a| {
+                        if a.contains(' ') {
+                            format!("'{a}'")
+                        } else {
+                            a.to_string()
+                        }
+                    })
+                    .collect();
+                format!("`{prog} {}`", args.join(" "))
+            })
+            .collect::<Vec<_>>()
+            .join(" and ")
+            + " must run (`cargo xtask setup` installs it)"
     }
 }
 
@@ -106,7 +142,7 @@ pub fn prerequisites(need_agent: bool, tools: &[Tool]) -> bool {
     }
     for t in tools {
         if !t.probe() {
-            missing.push(format!("`{}` not found or not runnable", t.program()));
+            missing.push(t.missing());
         }
     }
     if missing.is_empty() {

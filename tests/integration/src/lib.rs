@@ -2,6 +2,7 @@
 //! harness for the agent, servers and clients ([`harness`]), and the assertions a user would make
 //! about the spans of one HTTP exchange ([`checks`]). The tests themselves live in `tests/`.
 
+pub mod beds;
 pub mod checks;
 pub mod harness;
 pub mod receiver;

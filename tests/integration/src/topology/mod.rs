@@ -130,7 +130,8 @@ impl Proc {
     }
 }
 
-fn clean_env(cmd: &mut Command) {
+/// Removes the test's own `OTEL_*` and `SOCKSPAN_*` variables from a service's environment.
+pub fn clean_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os().filter(|(k, _)| {
         let k = k.to_string_lossy();
         k.starts_with("OTEL_") || k.starts_with("SOCKSPAN_")
