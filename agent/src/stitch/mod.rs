@@ -1,5 +1,9 @@
 //! Parent-child inference and trace-id assignment (the ladder of docs/architecture.md).
 //!
+//! Parts: [`reorder`] (items back in time order), [`serving`] (the server requests each process
+//! is serving), [`pairing`] (client requests by connection), [`calls`] (the event loop's index of
+//! finished calls) and [`rules`] (one function per rung, asked in the order below).
+//!
 //! Decisions are made when a request *starts* (its headers are parsed), in causal order, so a
 //! child learns its parent's ids while the parent is still in flight and streams out as soon as
 //! it ends. Event order across CPUs is not causal order: items wait in a short reorder buffer
@@ -30,16 +34,27 @@
 //!    connection the loop opened takes the cause of the stretch that opened it
 //!    (`loop_connect`). The cause must still be in flight.
 //! 6. otherwise no parent: a new trace.
+mod calls;
 pub mod context;
+mod pairing;
+mod reorder;
+mod rules;
+mod serving;
 
-use std::{cmp::Reverse, collections::BinaryHeap, net::SocketAddr};
+use std::net::SocketAddr;
 
 pub use context::{ContextFormat, PropagatedContext, extract};
 
+use self::{
+    calls::FinishedCalls,
+    pairing::{Pairing, Slot, SpanIds},
+    reorder::Reorder,
+    serving::{InFlight, Key, Serving},
+};
 use crate::{
-    FastMap, FastSet,
+    FastMap,
     conn::Side,
-    loops::{Cause, LoopHint, Via},
+    loops::LoopHint,
     span::{AttrValue, IdGenerator, Span},
 };
 
@@ -125,44 +140,17 @@ enum Item {
     Done(Finished),
 }
 
-type LinkKey = ((SocketAddr, SocketAddr), u64);
-
+/// What was decided for a request when it started, kept until its span is done.
 #[derive(Debug, Clone, Copy)]
 struct Decided {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     parent: Option<([u8; 8], ParentSource)>,
-    /// A client request's parent server request, by (connection, seq), when it was in flight.
-    parent_key: Option<(u64, u64)>,
+    /// A client request's parent server request, when it was one in flight.
+    parent_key: Option<Key>,
     resend_count: u32,
     /// Where a client request is indexed for the connection rule.
-    link_key: Option<LinkKey>,
-    /// The connection a client request is queued on, when its numbering is not trustworthy.
-    queued_on: Option<(SocketAddr, SocketAddr)>,
-}
-
-/// A client request in flight on a connection that predates the agent.
-#[derive(Debug)]
-struct QueuedClient {
-    seq: u64,
-    start_ns: u64,
-    method: String,
-    target: String,
-    ids: Decided,
-}
-
-/// A server request in flight in some process: a candidate parent.
-#[derive(Debug)]
-struct InFlight {
-    pid: u32,
-    tid: u32,
-    start_ns: u64,
-    method: String,
-    target: String,
-    ids: Decided,
-    answering: bool,
-    /// Client calls made on its behalf, by (peer, method, target): for resend counts.
-    calls: FastMap<(Option<SocketAddr>, String, String), u32>,
+    slot: Slot,
 }
 
 /// Counters of the stitcher's decisions.
@@ -177,75 +165,38 @@ pub struct StitchStats {
     pub thread_rule_disabled: u64,
 }
 
-/// Items held before processing: a little event time after the newest item seen, and at most
-/// this much wall time.
-const REORDER_EVENT_NS: u64 = 10_000_000;
-const REORDER_WALL_NS: u64 = 250_000_000;
-/// Bounds on remembered state (beyond them, oldest items are processed early / entries refused).
-const MAX_PENDING_ITEMS: usize = 200_000;
+/// Requests whose decision is remembered at once (beyond it, new ones end as roots).
 const MAX_DECIDED: usize = 200_000;
-const MAX_INFLIGHT_PER_PROCESS: usize = 50_000;
-/// Client requests in flight on one connection (HTTP/1.1: one, or a few when pipelined).
-const MAX_QUEUED_PER_LINK: usize = 64;
-const MAX_FINISHED_CLIENTS: usize = 65_536;
-/// Processes remembered as moving requests between threads (forgotten all at once beyond this:
-/// pids get reused, and a forgotten process is marked again at its next such answer).
-const MAX_THREAD_MARKS: usize = 65_536;
 
 pub struct Stitcher {
     ids: IdGenerator,
-    /// Reorder buffer: (timestamp, arrival order) in a heap; the items themselves stay put in
-    /// `items`, indexed by arrival order from `items_base` (moving whole items through heap
-    /// sifts cost more than everything else the stitcher does).
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    items: std::collections::VecDeque<Option<Item>>,
-    items_base: u64,
-    next_order: u64,
-    max_key_seen: u64,
-    last_released: u64,
+    reorder: Reorder<Item>,
     /// Ids decided at start, by (connection, request seq), until the span is done.
-    decided: FastMap<(u64, u64), Decided>,
-    /// Server requests in flight by (connection, seq), and their keys per process.
-    inflight: FastMap<(u64, u64), InFlight>,
-    by_process: FastMap<u32, FastSet<(u64, u64)>>,
-    /// Client requests by (link, seq), for the connection rule; removed when the client is done.
-    client_by_link: FastMap<LinkKey, Decided>,
-    /// Client requests in flight on connections whose numbering is not trustworthy, oldest
-    /// first; removed when paired or done.
-    queued_clients: FastMap<(SocketAddr, SocketAddr), std::collections::VecDeque<QueuedClient>>,
-    /// Times (Unix ns) of linkable client spans that finished before their server span did.
-    finished_clients: FastMap<[u8; 8], (u64, u64)>,
-    finished_order: std::collections::VecDeque<[u8; 8]>,
-    /// The parent server request of client requests that finished, by (connection, seq): a
-    /// loop continuation after their response inherits it.
-    finished_calls: FastMap<(u64, u64), (u64, u64)>,
-    finished_calls_order: std::collections::VecDeque<(u64, u64)>,
-    /// Processes whose requests move between threads: rule 2 does not apply to them.
-    threads_unreliable: FastSet<u32>,
-    pub stats: StitchStats,
+    decided: FastMap<Key, Decided>,
+    serving: Serving,
+    pairing: Pairing,
+    finished_calls: FinishedCalls,
+    stats: StitchStats,
 }
 
 impl Stitcher {
     pub fn new(ids: IdGenerator) -> Self {
         Self {
             ids,
-            queue: BinaryHeap::new(),
-            items: std::collections::VecDeque::new(),
-            items_base: 0,
-            next_order: 0,
-            max_key_seen: 0,
-            last_released: 0,
+            reorder: Reorder::default(),
             decided: FastMap::default(),
-            inflight: FastMap::default(),
-            by_process: FastMap::default(),
-            client_by_link: FastMap::default(),
-            queued_clients: FastMap::default(),
-            finished_clients: FastMap::default(),
-            finished_order: std::collections::VecDeque::new(),
-            finished_calls: FastMap::default(),
-            finished_calls_order: std::collections::VecDeque::new(),
-            threads_unreliable: FastSet::default(),
+            serving: Serving::default(),
+            pairing: Pairing::default(),
+            finished_calls: FinishedCalls::default(),
             stats: StitchStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> StitchStats {
+        StitchStats {
+            late_items: self.reorder.late,
+            thread_rule_disabled: self.serving.thread_rule_disabled,
+            ..self.stats
         }
     }
 
@@ -256,87 +207,43 @@ impl Stitcher {
 
     /// Items waiting in the reorder buffer.
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.reorder.len()
     }
 
     pub fn push_start(&mut self, s: RequestStart) {
-        let key = s.start_ns;
-        self.push(key, Item::Start(s));
+        self.reorder.push(s.start_ns, Item::Start(s));
     }
 
     /// Thread `tid` began writing the response to request `seq` of `conn_id`: from then on it is
     /// no longer the context of client calls on its thread.
     pub fn push_answering(&mut self, conn_id: u64, seq: u64, ts_ns: u64, tid: u32) {
-        self.push(ts_ns, Item::Answering { conn_id, seq, tid });
+        self.reorder.push(ts_ns, Item::Answering { conn_id, seq, tid });
     }
 
     pub fn push_done(&mut self, f: Finished) {
-        let key = f.end_ns;
-        self.push(key, Item::Done(f));
-    }
-
-    fn push(&mut self, key: u64, item: Item) {
-        let order = self.next_order;
-        self.next_order += 1;
-        self.max_key_seen = self.max_key_seen.max(key);
-        self.queue.push(Reverse((key, order)));
-        self.items.push_back(Some(item));
-    }
-
-    /// Takes the item of `order` out of the ring, dropping released slots at its front.
-    fn take_item(&mut self, order: u64) -> Option<Item> {
-        let item = self.items.get_mut(order.checked_sub(self.items_base)? as usize)?.take();
-        while let Some(None) = self.items.front() {
-            self.items.pop_front();
-            self.items_base += 1;
-        }
-        item
+        self.reorder.push(f.end_ns, Item::Done(f));
     }
 
     /// Processes every item old enough that nothing earlier can still arrive; finished spans
     /// (with their final ids) are appended to `out`.
     pub fn release(&mut self, now_mono_ns: u64, out: &mut Vec<Span>) {
-        let by_events = self.max_key_seen.saturating_sub(REORDER_EVENT_NS);
-        let by_wall = now_mono_ns.saturating_sub(REORDER_WALL_NS);
-        let watermark = by_events.max(by_wall);
-        while let Some(&Reverse((key, _))) = self.queue.peek() {
-            if key >= watermark && self.queue.len() <= MAX_PENDING_ITEMS {
-                break;
-            }
-            let Some(Reverse((key, order))) = self.queue.pop() else {
-                break;
-            };
-            self.process(key, order, out);
+        let watermark = self.reorder.watermark(now_mono_ns);
+        while let Some(item) = self.reorder.pop(Some(watermark)) {
+            self.process(item, out);
         }
     }
 
     /// Processes everything queued (shutdown, replays).
     pub fn flush(&mut self, out: &mut Vec<Span>) {
-        while let Some(Reverse((key, order))) = self.queue.pop() {
-            self.process(key, order, out);
+        while let Some(item) = self.reorder.pop(None) {
+            self.process(item, out);
         }
     }
 
-    fn process(&mut self, key: u64, order: u64, out: &mut Vec<Span>) {
-        if key < self.last_released {
-            self.stats.late_items += 1;
-        }
-        self.last_released = self.last_released.max(key);
-        let Some(item) = self.take_item(order) else { return };
+    fn process(&mut self, item: Item, out: &mut Vec<Span>) {
         match item {
             Item::Start(s) => self.on_start(s),
-            Item::Answering { conn_id, seq, tid } => {
-                if let Some(f) = self.inflight.get_mut(&(conn_id, seq)) {
-                    f.answering = true;
-                    if f.tid != tid && !self.threads_unreliable.contains(&f.pid) {
-                        if self.threads_unreliable.len() >= MAX_THREAD_MARKS {
-                            self.threads_unreliable.clear();
-                        }
-                        self.threads_unreliable.insert(f.pid);
-                        self.stats.thread_rule_disabled += 1;
-                    }
-                }
-            }
+            Item::Answering { conn_id, seq, tid } => self.serving.answering(&(conn_id, seq), tid),
             Item::Done(f) => out.push(self.on_done(f)),
         }
     }
@@ -349,20 +256,18 @@ impl Stitcher {
             parent: None,
             parent_key: None,
             resend_count: 0,
-            link_key: None,
-            queued_on: None,
+            slot: Slot::default(),
         }
     }
 
-    fn child_of(&mut self, trace_id: [u8; 16], parent: [u8; 8], source: ParentSource) -> Decided {
+    fn child_of(&mut self, parent: SpanIds, source: ParentSource) -> Decided {
         Decided {
-            trace_id,
+            trace_id: parent.trace_id,
             span_id: self.ids.span_id(),
-            parent: Some((parent, source)),
+            parent: Some((parent.span_id, source)),
             parent_key: None,
             resend_count: 0,
-            link_key: None,
-            queued_on: None,
+            slot: Slot::default(),
         }
     }
 
@@ -375,136 +280,61 @@ impl Stitcher {
             Some((_, src)) => self.stats.parents[src as usize] += 1,
             None => self.stats.roots += 1,
         }
-        if s.side == Side::Client
-            && let Some(link) = s.link
-        {
-            if s.aligned {
-                if self.client_by_link.len() < MAX_DECIDED {
-                    d.link_key = Some((link, s.seq));
-                    self.client_by_link.insert((link, s.seq), d);
-                }
-            } else if self.queued_clients.len() < MAX_DECIDED {
-                let q = self.queued_clients.entry(link).or_default();
-                if q.len() < MAX_QUEUED_PER_LINK {
-                    d.queued_on = Some(link);
-                    q.push_back(QueuedClient {
-                        seq: s.seq,
-                        start_ns: s.start_ns,
-                        method: s.method.clone(),
-                        target: s.target.clone(),
-                        ids: d,
-                    });
-                }
-            }
+        let ids = SpanIds {
+            trace_id: d.trace_id,
+            span_id: d.span_id,
+        };
+        if s.side == Side::Client {
+            d.slot = self.pairing.add_client(&s, ids);
         }
+        let key = (s.conn_id, s.seq);
         if self.decided.len() < MAX_DECIDED {
-            self.decided.insert((s.conn_id, s.seq), d);
+            self.decided.insert(key, d);
         }
-        match s.side {
-            Side::Server => {
-                let keys = self.by_process.entry(s.pid).or_default();
-                if keys.len() < MAX_INFLIGHT_PER_PROCESS {
-                    keys.insert((s.conn_id, s.seq));
-                    self.inflight.insert(
-                        (s.conn_id, s.seq),
-                        InFlight {
-                            pid: s.pid,
-                            tid: s.tid,
-                            start_ns: s.start_ns,
-                            method: s.method,
-                            target: s.target,
-                            ids: d,
-                            answering: false,
-                            calls: FastMap::default(),
-                        },
-                    );
-                }
-            }
-            Side::Client => {}
+        if s.side == Side::Server {
+            self.serving.insert(
+                key,
+                InFlight {
+                    pid: s.pid,
+                    tid: s.tid,
+                    start_ns: s.start_ns,
+                    method: s.method,
+                    target: s.target,
+                    trace_id: ids.trace_id,
+                    span_id: ids.span_id,
+                    answering: false,
+                    calls: FastMap::default(),
+                },
+            );
         }
     }
 
+    /// Rungs for a server request: a propagated context, else the connection's client.
     fn decide_server(&mut self, s: &RequestStart) -> Decided {
-        if let Some(cx) = s.context {
-            return self.child_of(cx.trace_id, cx.span_id, source_of(cx.format));
+        match rules::propagated(s).or_else(|| rules::connection(&mut self.pairing, s)) {
+            Some((parent, source)) => self.child_of(parent, source),
+            None => self.new_root(),
         }
-        let Some(link) = s.link else {
-            return self.new_root();
-        };
-        if s.aligned {
-            if let Some(client) = self.client_by_link.get(&(link, s.seq)).copied() {
-                return self.child_of(client.trace_id, client.span_id, ParentSource::Connection);
-            }
-        } else if let Some(q) = self.queued_clients.get_mut(&link)
-            && q.front()
-                .is_some_and(|c| c.start_ns <= s.start_ns && c.method == s.method && c.target == s.target)
-            && let Some(client) = q.pop_front()
-        {
-            // The request in flight on this connection, written before this one was read, with
-            // the same request line: the same request seen from the other end. (Requests that
-            // finished unpaired left the queue when they finished.)
-            if q.is_empty() {
-                self.queued_clients.remove(&link);
-            }
-            let c = client.ids;
-            return self.child_of(c.trace_id, c.span_id, ParentSource::Connection);
-        }
-        self.new_root()
     }
 
+    /// Rungs for a client request: a propagated context, else the one server request of its
+    /// process that the thread, the request line or the event loop names.
     fn decide_client(&mut self, s: &RequestStart) -> Decided {
-        if let Some(cx) = s.context {
-            return self.child_of(cx.trace_id, cx.span_id, source_of(cx.format));
+        if let Some((parent, source)) = rules::propagated(s) {
+            return self.child_of(parent, source);
         }
-        let Some(keys) = self.by_process.get(&s.pid) else {
-            return self.new_root();
-        };
-        // Candidates: server requests of this process read before this request was written
-        // and not yet being answered.
-        let candidates: Vec<(u64, u64)> = keys
-            .iter()
-            .copied()
-            .filter(|k| {
-                self.inflight
-                    .get(k)
-                    .is_some_and(|f| !f.answering && f.start_ns <= s.start_ns)
-            })
-            .collect();
-        let pick = |pred: &dyn Fn(&InFlight) -> bool| -> (usize, Option<(u64, u64)>) {
-            let matching: Vec<(u64, u64)> = candidates
-                .iter()
-                .copied()
-                .filter(|k| self.inflight.get(k).is_some_and(pred))
-                .collect();
-            (matching.len(), (matching.len() == 1).then(|| matching[0]))
-        };
-        // Rule 2: the writing thread has exactly one request in flight.
-        let by_thread = if self.threads_unreliable.contains(&s.pid) {
-            None
-        } else {
-            pick(&|f| f.tid == s.tid).1
-        };
-        let chosen = by_thread.map(|k| (k, ParentSource::Thread)).or_else(|| {
-            // Rule 4: the same request line in exactly one, else one shared identifier.
-            let (n, same_line) = pick(&|f| f.method == s.method && f.target == s.target);
-            if n > 0 {
-                return same_line.map(|k| (k, ParentSource::Proxy));
-            }
-            let ids = identifiers(&s.target);
-            if ids.is_empty() {
-                return None;
-            }
-            pick(&|f| identifiers(&f.target).iter().any(|id| ids.contains(id)))
-                .1
-                .map(|k| (k, ParentSource::Proxy))
-        });
-        let Some((key, source)) = chosen.or_else(|| self.rule_loop(s)) else {
+        let candidates = self.serving.candidates(s.pid, s.start_ns);
+        let chosen = rules::thread(&self.serving, s, &candidates)
+            .map(|k| (k, ParentSource::Thread))
+            .or_else(|| rules::proxy(&self.serving, s, &candidates).map(|k| (k, ParentSource::Proxy)))
+            .or_else(|| rules::event_loop(&self.serving, &self.finished_calls, &self.decided, s));
+        let Some((key, source)) = chosen else {
             if !candidates.is_empty() {
                 self.stats.ambiguous += 1;
             }
             return self.new_root();
         };
-        let Some(parent) = self.inflight.get_mut(&key) else {
+        let Some(parent) = self.serving.get_mut(&key) else {
             return self.new_root();
         };
         let calls = parent
@@ -513,43 +343,20 @@ impl Stitcher {
             .or_insert(0);
         let resend_count = *calls;
         *calls += 1;
-        let (trace_id, parent_id) = (parent.ids.trace_id, parent.ids.span_id);
-        let mut d = self.child_of(trace_id, parent_id, source);
+        let ids = SpanIds {
+            trace_id: parent.trace_id,
+            span_id: parent.span_id,
+        };
+        let mut d = self.child_of(ids, source);
         d.resend_count = resend_count;
         d.parent_key = Some(key);
         d
     }
 
-    /// Rule 5: the server request an event-loop thread's last message leads to, while it is in
-    /// flight in the writer's process.
-    fn rule_loop(&self, s: &RequestStart) -> Option<((u64, u64), ParentSource)> {
-        let hint = s.loop_hint?;
-        let (key, source) = match hint.cause {
-            Cause::Request { conn_id, seq } => ((conn_id, seq), ParentSource::Loop),
-            Cause::Response { conn_id, seq } => {
-                let call = (conn_id, seq);
-                let parent = self
-                    .finished_calls
-                    .get(&call)
-                    .copied()
-                    .or_else(|| self.decided.get(&call).and_then(|d| d.parent_key))?;
-                (parent, ParentSource::LoopResponse)
-            }
-        };
-        let source = if hint.via == Via::Connect {
-            ParentSource::LoopConnect
-        } else {
-            source
-        };
-        self.inflight
-            .get(&key)
-            .is_some_and(|f| f.pid == s.pid && f.start_ns <= s.start_ns)
-            .then_some((key, source))
-    }
-
     fn on_done(&mut self, f: Finished) -> Span {
         let mut span = f.span;
-        let d = match self.decided.remove(&(f.conn_id, f.seq)) {
+        let key = (f.conn_id, f.seq);
+        let d = match self.decided.remove(&key) {
             Some(d) => d,
             None => {
                 self.stats.unmatched_done += 1;
@@ -557,44 +364,18 @@ impl Stitcher {
             }
         };
         match f.side {
-            Side::Server => {
-                if let Some(gone) = self.inflight.remove(&(f.conn_id, f.seq))
-                    && let Some(keys) = self.by_process.get_mut(&gone.pid)
-                {
-                    keys.remove(&(f.conn_id, f.seq));
-                    if keys.is_empty() {
-                        self.by_process.remove(&gone.pid);
-                    }
-                }
-            }
+            Side::Server => self.serving.remove(&key),
             Side::Client => {
-                if let Some(link) = d.queued_on
-                    && let Some(q) = self.queued_clients.get_mut(&link)
-                {
-                    q.retain(|c| c.seq != f.seq);
-                    if q.is_empty() {
-                        self.queued_clients.remove(&link);
-                    }
-                }
-                let linked = d.link_key.is_some_and(|key| self.client_by_link.remove(&key).is_some());
-                if (linked || d.queued_on.is_some()) && f.answered {
-                    self.remember_finished_client(d.span_id, span.start_unix_ns, span.end_unix_ns);
-                }
+                self.pairing.client_done(d.slot, f.seq, f.answered, &span);
                 if let Some(parent) = d.parent_key
                     && f.answered
                 {
-                    self.remember_finished_call((f.conn_id, f.seq), parent);
+                    self.finished_calls.remember(key, parent);
                 }
             }
         }
-        // Both ends of one connection: the server's last write returns a little after the
-        // client may already have read the last byte. The byte left the server before the
-        // client read it, so the server span ends no later than its client span.
-        if let Some((parent, ParentSource::Connection)) = d.parent
-            && let Some((start, end)) = self.finished_clients.remove(&parent)
-        {
-            span.end_unix_ns = span.end_unix_ns.min(end).max(start);
-            span.start_unix_ns = span.start_unix_ns.clamp(start, span.end_unix_ns);
+        if let Some((parent, ParentSource::Connection)) = d.parent {
+            self.pairing.clamp_server(parent, &mut span);
         }
         span.trace_id = d.trace_id;
         span.span_id = d.span_id;
@@ -609,49 +390,6 @@ impl Stitcher {
         }
         span
     }
-}
-
-impl Stitcher {
-    fn remember_finished_client(&mut self, span_id: [u8; 8], start: u64, end: u64) {
-        if self.finished_order.len() >= MAX_FINISHED_CLIENTS
-            && let Some(old) = self.finished_order.pop_front()
-        {
-            self.finished_clients.remove(&old);
-        }
-        self.finished_clients.insert(span_id, (start, end));
-        self.finished_order.push_back(span_id);
-    }
-}
-
-impl Stitcher {
-    fn remember_finished_call(&mut self, call: (u64, u64), parent: (u64, u64)) {
-        if self.finished_calls_order.len() >= MAX_FINISHED_CLIENTS
-            && let Some(old) = self.finished_calls_order.pop_front()
-        {
-            self.finished_calls.remove(&old);
-        }
-        self.finished_calls.insert(call, parent);
-        self.finished_calls_order.push_back(call);
-    }
-}
-
-fn source_of(f: ContextFormat) -> ParentSource {
-    match f {
-        ContextFormat::W3c => ParentSource::Traceparent,
-        ContextFormat::B3 => ParentSource::B3,
-    }
-}
-
-/// Identifier-like path segments (≥ 8 characters with a digit, or ≥ 4 digits): ids that
-/// travel from an incoming request into the calls it makes.
-fn identifiers(target: &str) -> Vec<&str> {
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    path.split('/')
-        .filter(|seg| {
-            let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-            (seg.len() >= 8 && digits > 0) || (digits >= 4 && digits == seg.len())
-        })
-        .collect()
 }
 
 #[cfg(test)]
