@@ -75,8 +75,89 @@ impl ProcessLoops {
         }
     }
 
-    fn qualifies(&self, tid: u32) -> bool {
-        !self.go && self.serves && self.threads.len() == 1 && self.threads[0] == tid
+    /// Why thread `tid`'s stretches say nothing of its calls, if they don't.
+    fn disqualified(&self, tid: u32) -> Option<Abstain> {
+        if self.go {
+            Some(Abstain::GoProgram)
+        } else if self.threads.len() != 1 || self.threads[0] != tid {
+            Some(Abstain::SeveralLoopThreads)
+        } else if !self.serves {
+            Some(Abstain::NotServing)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a client request written by a loop thread got no cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abstain {
+    /// Its process has more than one loop thread doing TCP I/O.
+    SeveralLoopThreads,
+    /// Its process runs a Go program.
+    GoProgram,
+    /// Its process's loop thread never read a server request (a client I/O thread).
+    NotServing,
+    /// No whole message was read in the stretch (a new stretch, several requests in one read,
+    /// a partial response, another protocol).
+    NoMessage,
+    /// The first request on a connection whose connect carried no cause.
+    ConnectWithoutCause,
+}
+
+impl Abstain {
+    pub const ALL: [Abstain; 5] = [
+        Abstain::SeveralLoopThreads,
+        Abstain::GoProgram,
+        Abstain::NotServing,
+        Abstain::NoMessage,
+        Abstain::ConnectWithoutCause,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Abstain::SeveralLoopThreads => "several_loop_threads",
+            Abstain::GoProgram => "go_program",
+            Abstain::NotServing => "not_serving",
+            Abstain::NoMessage => "no_message",
+            Abstain::ConnectWithoutCause => "connect_without_cause",
+        }
+    }
+}
+
+/// What the tracker said of client requests written by loop threads.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LoopStats {
+    /// Causes given, by [`Via`] (stretch, connect).
+    pub hints: [u64; 2],
+    /// No cause, by [`Abstain`].
+    pub abstained: [u64; Abstain::ALL.len()],
+}
+
+/// One exported counter: (metric name, help, label name, label value, value).
+pub type Exported = (&'static str, &'static str, &'static str, &'static str, u64);
+
+impl LoopStats {
+    /// Every counter, named and described here, beside what it counts.
+    pub fn counters(&self) -> Vec<Exported> {
+        const HINTS: &str = "sockspan_loop_hints_total";
+        const HINTS_HELP: &str = "Client requests written by an event-loop thread that were given the message that caused them, by how (the same stretch of the loop, or the stretch that opened the connection).";
+        const ABSTAINED: &str = "sockspan_loop_abstained_total";
+        const ABSTAINED_HELP: &str =
+            "Client requests written by an event-loop thread that were given no cause, by reason.";
+        let hints = [(Via::Stretch, "stretch"), (Via::Connect, "connect")]
+            .into_iter()
+            .map(|(via, name)| (HINTS, HINTS_HELP, "via", name, self.hints[via as usize]));
+        let abstained = Abstain::ALL.into_iter().map(|a| {
+            (
+                ABSTAINED,
+                ABSTAINED_HELP,
+                "reason",
+                a.as_str(),
+                self.abstained[a as usize],
+            )
+        });
+        hints.chain(abstained).collect()
     }
 }
 
@@ -96,6 +177,7 @@ pub struct LoopTracker {
     connects: FastMap<(u32, i32), (u64, Cause)>,
     /// Tells Go programs apart (by pid).
     is_go: Option<fn(u32) -> bool>,
+    pub stats: LoopStats,
 }
 
 impl LoopTracker {
@@ -143,28 +225,30 @@ impl LoopTracker {
         self.process(pid).note_thread(tid);
     }
 
-    /// The cause of the stretch thread `tid` is in, if the process qualifies.
-    fn current(&self, pid: u32, tid: u32, epoch: u64) -> Option<Cause> {
-        if epoch == 0 || !self.processes.get(&pid).is_some_and(|p| p.qualifies(tid)) {
-            return None;
+    /// The cause of the stretch thread `tid` is in, or why there is none.
+    fn current(&self, pid: u32, tid: u32, epoch: u64) -> Result<Cause, Abstain> {
+        let process = self.processes.get(&pid).ok_or(Abstain::NotServing)?;
+        if let Some(why) = process.disqualified(tid) {
+            return Err(why);
         }
         self.stretches
             .get(&(pid, tid))
             .filter(|s| s.epoch == epoch)
             .and_then(|s| s.last)
+            .ok_or(Abstain::NoMessage)
     }
 
     /// A thread connected socket `sock` as fd `fd`.
     pub fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, sock: u64, epoch: u64) {
         self.on_output(pid, tid, epoch);
         match self.current(pid, tid, epoch) {
-            Some(cause) => {
+            Ok(cause) => {
                 if self.connects.len() >= MAX_CONNECTS {
                     self.connects.clear();
                 }
                 self.connects.insert((pid, fd), (sock, cause));
             }
-            None => {
+            Err(_) => {
                 self.connects.remove(&(pid, fd));
             }
         }
@@ -184,16 +268,29 @@ impl LoopTracker {
         first_on_conn: bool,
     ) -> Option<LoopHint> {
         let connected = self.connects.remove(&(pid, fd)).filter(|(s, _)| *s == sock);
-        if first_on_conn {
-            return connected.map(|(_, cause)| LoopHint {
+        let found = if first_on_conn {
+            connected
+                .map(|(_, cause)| LoopHint {
+                    cause,
+                    via: Via::Connect,
+                })
+                .ok_or(Abstain::ConnectWithoutCause)
+        } else {
+            self.current(pid, tid, epoch).map(|cause| LoopHint {
                 cause,
-                via: Via::Connect,
-            });
+                via: Via::Stretch,
+            })
+        };
+        match found {
+            Ok(hint) => {
+                self.stats.hints[hint.via as usize] += 1;
+                Some(hint)
+            }
+            Err(why) => {
+                self.stats.abstained[why as usize] += 1;
+                None
+            }
         }
-        self.current(pid, tid, epoch).map(|cause| LoopHint {
-            cause,
-            via: Via::Stretch,
-        })
     }
 
     /// Forgets a closed fd's pending connect.

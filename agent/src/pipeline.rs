@@ -155,6 +155,7 @@ impl Processor {
 
     pub fn publish_stats(&self) {
         self.metrics.set_stitch(self.stitcher.stats());
+        self.metrics.set_loops(self.conns.loops.stats);
         let s = &self.conns.http_stats;
         self.metrics.connections_opened.set(self.conns.opened);
         self.metrics.connections_evicted.set(self.conns.evicted);

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub http_rejected: Mutex<Vec<(&'static str, u64)>>,
     /// The stitcher's decisions.
     pub stitch: Mutex<crate::stitch::StitchStats>,
+    /// The event-loop tracker's causes and abstentions.
+    pub loops: Mutex<crate::loops::LoopStats>,
 }
 
 impl Metrics {
@@ -75,6 +77,12 @@ impl Metrics {
 
     pub fn set_stitch(&self, stats: crate::stitch::StitchStats) {
         if let Ok(mut g) = self.stitch.lock() {
+            *g = stats;
+        }
+    }
+
+    pub fn set_loops(&self, stats: crate::loops::LoopStats) {
+        if let Ok(mut g) = self.loops.lock() {
             *g = stats;
         }
     }
@@ -184,6 +192,14 @@ impl Metrics {
             ),
         ] {
             c(name, help, &[("", "", n)]);
+        }
+        let loops = self.loops.lock().map(|g| g.counters()).unwrap_or_default();
+        let mut names: Vec<(&str, &str)> = loops.iter().map(|e| (e.0, e.1)).collect();
+        names.dedup();
+        for (name, help) in names {
+            let labelled: Vec<(&str, &str, u64)> =
+                loops.iter().filter(|e| e.0 == name).map(|e| (e.2, e.3, e.4)).collect();
+            c(name, help, &labelled);
         }
         c(
             "sockspan_spans_created_total",

@@ -1,6 +1,7 @@
 //! The event-loop rule on scripted kernel streams: a single loop thread serving several
 //! requests at once, whose calls carry nothing of the request that caused them.
 use sockspan::{
+    loops::{Abstain, LoopStats},
     pipeline::Processor,
     replay::{SimConn, StreamBuilder},
     span::{AttrValue, Span, SpanKind},
@@ -16,12 +17,16 @@ fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: s\r\n\r\n").into_bytes()
 }
 
-fn run(b: StreamBuilder) -> Vec<Span> {
+fn run(b: StreamBuilder) -> (Vec<Span>, LoopStats) {
     let mut p = Processor::offline(Metrics::new());
     let mut spans = Vec::new();
     p.process(&b.batch, &mut spans);
     p.finish(&mut spans);
-    spans
+    (spans, p.conns.loops.stats)
+}
+
+fn abstained(st: &LoopStats, why: Abstain) -> u64 {
+    st.abstained[why as usize]
 }
 
 fn path(s: &Span) -> &str {
@@ -116,7 +121,7 @@ impl Bed {
     }
 
     /// Every inbound request is answered, every connection closed.
-    fn end(mut self) -> Vec<Span> {
+    fn end(mut self) -> (Vec<Span>, LoopStats) {
         for c in self.inbound.clone() {
             self.b.send_response(&c, LOOP, LOADGEN, OK);
             self.b.close(&c);
@@ -162,7 +167,11 @@ fn loop_thread_calls_take_the_message_read_last_in_their_stretch() {
     bed.epoch(LOOP, 5);
     bed.answer_call(2, LOOP);
     bed.call(2, LOOP, "/call/after-unknown");
-    let spans = bed.end();
+    let (spans, st) = bed.end();
+    // The tracker names a cause for /call/after-unknown too (a response was read); the
+    // stitcher finds no parent behind it, since that call had none.
+    assert_eq!(st.hints, [4, 0], "stretch, connect");
+    assert_eq!(abstained(&st, Abstain::NoMessage), 1);
     for w in 0..4 {
         assert_eq!(parent_of(&spans, &format!("/warm/{w}")), None);
     }
@@ -200,7 +209,9 @@ fn a_new_connection_carries_the_cause_of_the_stretch_that_opened_it() {
     bed.epoch(LOOP, 4);
     bed.request_in(2, "/in/e");
     bed.call(2, LOOP, "/call/first-after-causeless-connect");
-    let spans = bed.end();
+    let (spans, st) = bed.end();
+    assert_eq!(st.hints, [0, 1], "stretch, connect");
+    assert_eq!(abstained(&st, Abstain::ConnectWithoutCause), 2);
     assert_eq!(parent_of(&spans, "/call/c-on-new-conn"), some("/in/c", "loop_connect"));
     assert_eq!(parent_of(&spans, "/call/first-unseen-connect"), None);
     assert_eq!(parent_of(&spans, "/call/first-after-causeless-connect"), None);
@@ -218,8 +229,9 @@ fn no_loop_parent_without_one_whole_message_or_one_loop_thread() {
     let two = [get("/in/p1"), get("/in/p2")].concat();
     bed.b.send_request(&c, LOADGEN, LOOP, &two);
     bed.call(0, LOOP, "/call/after-pipelined");
-    let spans = bed.end();
+    let (spans, st) = bed.end();
     assert_eq!(parent_of(&spans, "/call/after-pipelined"), None);
+    assert_eq!(abstained(&st, Abstain::NoMessage), 1);
 
     // A second loop thread doing TCP I/O in the process: a callback may write for another
     // thread's message (Netty-style loops, Java's client selector), so the rule is off.
@@ -233,8 +245,9 @@ fn no_loop_parent_without_one_whole_message_or_one_loop_thread() {
     bed.epoch(LOOP, 2);
     bed.request_in(2, "/in/w");
     bed.call(0, LOOP, "/call/two-loops");
-    let spans = bed.end();
+    let (spans, st) = bed.end();
     assert_eq!(parent_of(&spans, "/call/two-loops"), None);
+    assert_eq!(abstained(&st, Abstain::SeveralLoopThreads), 1);
 
     // Not a loop thread (epoch 0: never waited in epoll/poll/select), several requests in
     // flight: neither the thread rule nor the loop rule can tell.
@@ -243,6 +256,6 @@ fn no_loop_parent_without_one_whole_message_or_one_loop_thread() {
     bed.request_in(0, "/in/t1");
     bed.request_in(1, "/in/t2");
     bed.call(0, LOOP, "/call/threaded");
-    let spans = bed.end();
+    let (spans, _) = bed.end();
     assert_eq!(parent_of(&spans, "/call/threaded"), None);
 }

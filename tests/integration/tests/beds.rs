@@ -12,7 +12,7 @@ use std::time::Instant;
 use agent_integration_tests::{
     Receiver,
     beds::{self, BedConfig, BedRow, Middle, Runtime, append_scoreboard, format_scoreboard},
-    harness::{AgentBuilder, Protocol, serial},
+    harness::{AgentBuilder, Metrics, Protocol, serial},
     require,
     topology::ClassScore,
 };
@@ -50,7 +50,7 @@ fn pct(x: f64) -> String {
 fn bed(rt: Runtime) -> Result<()> {
     let t0 = Instant::now();
     let rx = Receiver::start()?;
-    let agent = AgentBuilder::new().otlp(&rx, Protocol::Grpc).start()?;
+    let agent = AgentBuilder::new().otlp(&rx, Protocol::Grpc).metrics().start()?;
     let backend = beds::start_backend()?;
     let mut rows: Vec<BedRow> = Vec::new();
     let mut failures = Vec::new();
@@ -100,6 +100,7 @@ fn bed(rt: Runtime) -> Result<()> {
         }
     }
     drop(backend);
+    failures.extend(check_loop_counters(rt, &agent.metrics()?));
     agent.stop()?;
     let table = format_scoreboard(&rows);
     println!(
@@ -115,6 +116,25 @@ fn bed(rt: Runtime) -> Result<()> {
         failures.join("\n")
     );
     Ok(())
+}
+
+/// The event-loop tracker's counters are exported, and say what it did with this runtime: it
+/// named causes in Node.js, and recognised the Go program as one where it must not.
+fn check_loop_counters(rt: Runtime, m: &Metrics) -> Vec<String> {
+    let get = |name: &str, label: &str| m.value(name, Some(label)).unwrap_or(-1.0);
+    let hints = get("sockspan_loop_hints_total", r#"via="stretch""#);
+    let go = get("sockspan_loop_abstained_total", r#"reason="go_program""#);
+    println!("loop counters: hints via stretch {hints}, abstained for a Go program {go}");
+    let mut failures = Vec::new();
+    if hints < 0.0 || go < 0.0 {
+        failures.push(format!("loop counters missing from /metrics:\n{}", m.text));
+    }
+    match rt {
+        Runtime::Node if hints <= 0.0 => failures.push("no loop hints counted for Node.js".into()),
+        Runtime::Go if go <= 0.0 => failures.push("no Go program recognised by the loop tracker".into()),
+        _ => {}
+    }
+    failures
 }
 
 #[test]
