@@ -41,6 +41,9 @@ pub enum ConnOutput {
     },
     /// A request and its response (or none) are complete.
     Exchange(ConnExchange),
+    /// The event-loop cause given to client request `seq` of `conn_id` is confirmed (see
+    /// `loops`).
+    LoopConfirmed { conn_id: u64, seq: u64 },
 }
 
 /// Facts of the connection an HTTP message travelled on.
@@ -208,17 +211,18 @@ impl ConnTable {
                 let first = out.len();
                 self.on_data(h, payload, out);
                 if *epoch != 0 {
-                    self.on_loop_data(h, *epoch, &mut out[first..]);
+                    self.on_loop_data(h, *epoch, out, first);
                 }
             }
         }
     }
 
-    /// Tells the loop tracker what a loop thread's read completed, or which requests its write
-    /// started (with their causes).
-    fn on_loop_data(&mut self, h: &EventHeader, epoch: u64, produced: &mut [ConnOutput]) {
+    /// Tells the loop tracker what a loop thread's read completed (and reports the requests
+    /// that read confirms), or which requests its write started (with their causes);
+    /// `out[first..]` is what this event produced.
+    fn on_loop_data(&mut self, h: &EventHeader, epoch: u64, out: &mut Vec<ConnOutput>, first: usize) {
         if h.direction == direction::INGRESS {
-            let mut causes = produced.iter().filter_map(|o| match o {
+            let mut causes = out[first..].iter().filter_map(|o| match o {
                 ConnOutput::Started(s) if s.facts.side == Side::Server => Some(Cause::Request {
                     conn_id: s.facts.conn_id,
                     seq: s.request.seq,
@@ -247,16 +251,21 @@ impl ConnTable {
                         _ => None,
                     }),
             };
-            self.loops.on_input(h.pid, h.tid, epoch, cause);
+            for (conn_id, seq) in self.loops.on_input(h.pid, h.tid, epoch, cause) {
+                out.push(ConnOutput::LoopConfirmed { conn_id, seq });
+            }
         } else {
             self.loops.on_output(h.pid, h.tid, epoch);
-            for o in produced {
+            for o in &mut out[first..] {
                 if let ConnOutput::Started(s) = o
                     && s.facts.side == Side::Client
                 {
                     // Seen from its start: its first request is the connection's first.
                     let first_on_conn = s.request.seq == 0 && s.facts.aligned;
-                    s.loop_hint = self.loops.hint(h.pid, h.tid, h.fd, h.sock, epoch, first_on_conn);
+                    let request = (s.facts.conn_id, s.request.seq);
+                    s.loop_hint = self
+                        .loops
+                        .hint(h.pid, h.tid, h.fd, h.sock, epoch, request, first_on_conn);
                 }
             }
         }

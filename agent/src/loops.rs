@@ -9,6 +9,14 @@
 //! A request whose connection the thread opened in such a stretch was caused by that stretch's
 //! message, even when it is written later, once the connection is up.
 //!
+//! Only the I/O callbacks read sockets, but other work runs in the same stretch after them,
+//! with no wait in between: timers (a delayed retry, a `setTimeout` sleep), `setImmediate`
+//! callbacks (Bluebird schedules every promise continuation so), write-completion callbacks. A
+//! write (or connect) after the stretch's last read may be any of them, so a cause counts only
+//! once the thread reads again in the same stretch: then the write was inside an I/O callback,
+//! the one of the message read last before it. Until then the hint is *unconfirmed*, and the
+//! stitcher ignores it if the stretch ends first.
+//!
 //! Precision guards, each a reason to give no cause:
 //! - the thread is not a loop thread (epoch 0): thread-per-request servers are the thread
 //!   rule's, not this one's;
@@ -20,10 +28,6 @@
 //!   says nothing of who writes next;
 //! - the last input was not one whole message: several requests in one read (pipelined), a
 //!   partial response, bytes of another protocol, the end of a stream.
-//!
-//! Known limit: a timer or `setImmediate` callback runs after the stretch's I/O callbacks with
-//! no wait in between, so a call made from a timer (a delayed retry) is attributed to the last
-//! message read before it.
 use crate::FastMap;
 
 /// The message a loop thread acted on.
@@ -49,13 +53,28 @@ pub enum Via {
 pub struct LoopHint {
     pub cause: Cause,
     pub via: Via,
+    /// The write was followed by a read in the same stretch (see the module's doc).
+    pub confirmed: bool,
 }
 
-/// The last input of a loop thread in its current epoch (`None`: one with no usable cause).
-#[derive(Debug, Clone, Copy)]
+/// A loop thread's current epoch: its last input (`None`: one with no usable cause), and what
+/// it wrote or connected since, waiting for a read to confirm it.
+#[derive(Debug, Clone, Default)]
 struct Stretch {
     epoch: u64,
     last: Option<Cause>,
+    /// Client requests (connection, seq) given a cause in this stretch, unconfirmed.
+    unconfirmed: Vec<(u64, u64)>,
+    /// Fds connected in this stretch, their connect unconfirmed.
+    connecting: Vec<i32>,
+}
+
+/// A connect waiting for its connection's first request.
+#[derive(Debug, Clone, Copy)]
+struct Connect {
+    sock: u64,
+    cause: Cause,
+    confirmed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -103,15 +122,19 @@ pub enum Abstain {
     NoMessage,
     /// The first request on a connection whose connect carried no cause.
     ConnectWithoutCause,
+    /// Written (or connected) after the stretch's last read: a timer, an immediate or a
+    /// completion callback may have done it. Exported as a span link, not a parent.
+    Unconfirmed,
 }
 
 impl Abstain {
-    pub const ALL: [Abstain; 5] = [
+    pub const ALL: [Abstain; 6] = [
         Abstain::SeveralLoopThreads,
         Abstain::GoProgram,
         Abstain::NotServing,
         Abstain::NoMessage,
         Abstain::ConnectWithoutCause,
+        Abstain::Unconfirmed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +144,7 @@ impl Abstain {
             Abstain::NotServing => "not_serving",
             Abstain::NoMessage => "no_message",
             Abstain::ConnectWithoutCause => "connect_without_cause",
+            Abstain::Unconfirmed => "unconfirmed",
         }
     }
 }
@@ -128,7 +152,7 @@ impl Abstain {
 /// What the tracker said of client requests written by loop threads.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LoopStats {
-    /// Causes given, by [`Via`] (stretch, connect).
+    /// Causes given (and confirmed), by [`Via`] (stretch, connect).
     pub hints: [u64; 2],
     /// No cause, by [`Abstain`].
     pub abstained: [u64; Abstain::ALL.len()],
@@ -173,8 +197,8 @@ const MAX_CONNECTS: usize = 65_536;
 pub struct LoopTracker {
     stretches: FastMap<(u32, u32), Stretch>,
     processes: FastMap<u32, ProcessLoops>,
-    /// (pid, fd) → (socket, cause of the stretch in which it was connected).
-    connects: FastMap<(u32, i32), (u64, Cause)>,
+    /// (pid, fd) → the connect that opened it, until its first request.
+    connects: FastMap<(u32, i32), Connect>,
     /// Tells Go programs apart (by pid).
     is_go: Option<fn(u32) -> bool>,
     pub stats: LoopStats,
@@ -200,21 +224,45 @@ impl LoopTracker {
         })
     }
 
+    /// The thread's stretch, started afresh if `epoch` is a new one (what waited for
+    /// confirmation in the old one never gets it).
+    fn stretch(&mut self, pid: u32, tid: u32, epoch: u64) -> &mut Stretch {
+        if self.stretches.len() >= MAX_THREADS && !self.stretches.contains_key(&(pid, tid)) {
+            self.stretches.clear();
+        }
+        let s = self.stretches.entry((pid, tid)).or_default();
+        if s.epoch != epoch {
+            self.stats.abstained[Abstain::Unconfirmed as usize] += s.unconfirmed.len() as u64;
+            *s = Stretch {
+                epoch,
+                ..Stretch::default()
+            };
+        }
+        s
+    }
+
     /// A loop thread (epoch ≠ 0) read bytes; `cause` is the whole message they completed, if
-    /// exactly one.
-    pub fn on_input(&mut self, pid: u32, tid: u32, epoch: u64, cause: Option<Cause>) {
+    /// exactly one. What the thread wrote or connected earlier in the stretch was inside an I/O
+    /// callback: those client requests are returned, confirmed.
+    pub fn on_input(&mut self, pid: u32, tid: u32, epoch: u64, cause: Option<Cause>) -> Vec<(u64, u64)> {
         if epoch == 0 {
-            return;
+            return Vec::new();
         }
         let p = self.process(pid);
         p.note_thread(tid);
         if matches!(cause, Some(Cause::Request { .. })) {
             p.serves = true;
         }
-        if self.stretches.len() >= MAX_THREADS && !self.stretches.contains_key(&(pid, tid)) {
-            self.stretches.clear();
+        let s = self.stretch(pid, tid, epoch);
+        s.last = cause;
+        let confirmed = std::mem::take(&mut s.unconfirmed);
+        for fd in std::mem::take(&mut s.connecting) {
+            if let Some(c) = self.connects.get_mut(&(pid, fd)) {
+                c.confirmed = true;
+            }
         }
-        self.stretches.insert((pid, tid), Stretch { epoch, last: cause });
+        self.stats.hints[Via::Stretch as usize] += confirmed.len() as u64;
+        confirmed
     }
 
     /// A loop thread wrote bytes (it does TCP I/O, whatever it writes).
@@ -241,23 +289,30 @@ impl LoopTracker {
     /// A thread connected socket `sock` as fd `fd`.
     pub fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, sock: u64, epoch: u64) {
         self.on_output(pid, tid, epoch);
-        match self.current(pid, tid, epoch) {
-            Ok(cause) => {
-                if self.connects.len() >= MAX_CONNECTS {
-                    self.connects.clear();
-                }
-                self.connects.insert((pid, fd), (sock, cause));
-            }
-            Err(_) => {
-                self.connects.remove(&(pid, fd));
-            }
+        self.connects.remove(&(pid, fd));
+        let Ok(cause) = self.current(pid, tid, epoch) else {
+            return;
+        };
+        if self.connects.len() >= MAX_CONNECTS {
+            self.connects.clear();
         }
+        self.connects.insert(
+            (pid, fd),
+            Connect {
+                sock,
+                cause,
+                confirmed: false,
+            },
+        );
+        self.stretch(pid, tid, epoch).connecting.push(fd);
     }
 
-    /// The cause of a client request whose first bytes thread `tid` wrote. The first request on
-    /// a connection takes the cause of the stretch that opened it, or none: it is written once
-    /// the connection is up, in whatever stretch reports that, after whichever message that
-    /// stretch read. Later requests take the writer's stretch.
+    /// The cause of client request `request` (connection, seq), whose first bytes thread `tid`
+    /// wrote. The first request on a connection takes the cause of the stretch that opened it,
+    /// or none: it is written once the connection is up, in whatever stretch reports that,
+    /// after whichever message that stretch read. Later requests take the writer's stretch,
+    /// unconfirmed until the thread reads again in it ([`Self::on_input`]).
+    #[expect(clippy::too_many_arguments, reason = "the facts of one write, named")]
     pub fn hint(
         &mut self,
         pid: u32,
@@ -265,26 +320,35 @@ impl LoopTracker {
         fd: i32,
         sock: u64,
         epoch: u64,
+        request: (u64, u64),
         first_on_conn: bool,
     ) -> Option<LoopHint> {
-        let connected = self.connects.remove(&(pid, fd)).filter(|(s, _)| *s == sock);
-        let found = if first_on_conn {
-            connected
-                .map(|(_, cause)| LoopHint {
+        let connected = self.connects.remove(&(pid, fd)).filter(|c| c.sock == sock);
+        if first_on_conn {
+            let Some(c) = connected else {
+                self.stats.abstained[Abstain::ConnectWithoutCause as usize] += 1;
+                return None;
+            };
+            let counter = if c.confirmed {
+                &mut self.stats.hints[Via::Connect as usize]
+            } else {
+                &mut self.stats.abstained[Abstain::Unconfirmed as usize]
+            };
+            *counter += 1;
+            return Some(LoopHint {
+                cause: c.cause,
+                via: Via::Connect,
+                confirmed: c.confirmed,
+            });
+        }
+        match self.current(pid, tid, epoch) {
+            Ok(cause) => {
+                self.stretch(pid, tid, epoch).unconfirmed.push(request);
+                Some(LoopHint {
                     cause,
-                    via: Via::Connect,
+                    via: Via::Stretch,
+                    confirmed: false,
                 })
-                .ok_or(Abstain::ConnectWithoutCause)
-        } else {
-            self.current(pid, tid, epoch).map(|cause| LoopHint {
-                cause,
-                via: Via::Stretch,
-            })
-        };
-        match found {
-            Ok(hint) => {
-                self.stats.hints[hint.via as usize] += 1;
-                Some(hint)
             }
             Err(why) => {
                 self.stats.abstained[why as usize] += 1;

@@ -132,6 +132,7 @@ impl Processor {
                     ts_ns,
                     tid,
                 } => self.stitcher.push_answering(conn_id, seq, ts_ns, tid),
+                ConnOutput::LoopConfirmed { conn_id, seq } => self.stitcher.confirm_loop_hint(conn_id, seq),
                 ConnOutput::Exchange(cx) => {
                     self.metrics.exchanges.inc();
                     let resource = self.procs.get(cx.facts.pid, &cx.facts.comm);

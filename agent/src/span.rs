@@ -54,6 +54,18 @@ pub struct Span {
     pub attributes: Vec<(&'static str, AttrValue)>,
     pub error: bool,
     pub resource: Arc<ProcessInfo>,
+    /// Spans this one is likely, but not certainly, the child of.
+    pub links: Vec<SpanLink>,
+}
+
+/// A link to a span this one probably belongs under: exported as an OpenTelemetry span link
+/// with `sockspan.link.source` naming the rule (a parent is set only when the evidence is
+/// certain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanLink {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub source: &'static str,
 }
 
 impl Span {
@@ -194,6 +206,7 @@ impl SpanFactory {
             attributes: attrs,
             error,
             resource,
+            links: Vec::new(),
         }
     }
 }

@@ -181,6 +181,16 @@ impl Metrics {
                 st.ambiguous,
             ),
             (
+                "sockspan_stitch_links_total",
+                "Requests left without a parent but given a span link to a likely one (an unconfirmed event-loop cause).",
+                st.loop_links,
+            ),
+            (
+                "sockspan_stitch_late_loop_confirmations_total",
+                "Event-loop causes confirmed only after their request had been decided without them.",
+                st.late_loop_confirmations,
+            ),
+            (
                 "sockspan_stitch_late_items_total",
                 "Events that arrived after the reorder window had passed their time.",
                 st.late_items,

@@ -142,6 +142,14 @@ impl Bed {
     }
 }
 
+/// (linked span's url.path, sockspan.link.source) of the loop's CLIENT span `p`.
+fn link_of(spans: &[Span], p: &str) -> Option<(String, String)> {
+    let c = span(spans, SpanKind::Client, p);
+    let l = c.links.first()?;
+    let target = spans.iter().find(|s| s.span_id == l.span_id)?;
+    Some((path(target).to_string(), l.source.to_string()))
+}
+
 fn some(parent: &str, source: &str) -> Option<(String, String)> {
     Some((parent.to_string(), source.to_string()))
 }
@@ -156,6 +164,8 @@ fn loop_thread_calls_take_the_message_read_last_in_their_stretch() {
     bed.request_in(1, "/in/b");
     bed.call(0, LOOP, "/call/b-first");
     bed.call(1, LOOP, "/call/b-second");
+    // The next read of the stretch: the two calls were inside /in/b's callback.
+    bed.request_in(2, "/in/c");
     // A new stretch with no input yet (a timer, a task woken by a pipe): no cause.
     bed.epoch(LOOP, 3);
     bed.call(2, LOOP, "/call/unknown");
@@ -163,15 +173,20 @@ fn loop_thread_calls_take_the_message_read_last_in_their_stretch() {
     bed.epoch(LOOP, 4);
     bed.answer_call(0, LOOP);
     bed.call(0, LOOP, "/call/b-after-await");
+    bed.request_in(3, "/in/d");
     // The response of the unattributed call is read: whatever follows it has no cause.
     bed.epoch(LOOP, 5);
     bed.answer_call(2, LOOP);
     bed.call(2, LOOP, "/call/after-unknown");
+    bed.request_in(4, "/in/e");
+    // A write after the stretch's last read, and no read after it before the next wait: a
+    // timer or an immediate may have written it, for any request.
+    bed.epoch(LOOP, 6);
+    bed.request_in(5, "/in/f");
+    bed.call(3, LOOP, "/call/after-last-read");
+    bed.epoch(LOOP, 7);
+    bed.answer_call(1, LOOP);
     let (spans, st) = bed.end();
-    // The tracker names a cause for /call/after-unknown too (a response was read); the
-    // stitcher finds no parent behind it, since that call had none.
-    assert_eq!(st.hints, [4, 0], "stretch, connect");
-    assert_eq!(abstained(&st, Abstain::NoMessage), 1);
     for w in 0..4 {
         assert_eq!(parent_of(&spans, &format!("/warm/{w}")), None);
     }
@@ -180,6 +195,18 @@ fn loop_thread_calls_take_the_message_read_last_in_their_stretch() {
     assert_eq!(parent_of(&spans, "/call/unknown"), None);
     assert_eq!(parent_of(&spans, "/call/b-after-await"), some("/in/b", "loop_response"));
     assert_eq!(parent_of(&spans, "/call/after-unknown"), None);
+    assert_eq!(parent_of(&spans, "/call/after-last-read"), None);
+    // Likely /in/f's, but a timer may have written it: a link, not a parent.
+    assert_eq!(
+        link_of(&spans, "/call/after-last-read"),
+        some("/in/f", "loop_unconfirmed")
+    );
+    assert_eq!(link_of(&spans, "/call/b-first"), None);
+    // The tracker names a cause for /call/after-unknown too (a response was read); the
+    // stitcher finds no parent behind it, since that call had none.
+    assert_eq!(st.hints, [4, 0], "stretch, connect");
+    assert_eq!(abstained(&st, Abstain::NoMessage), 1);
+    assert_eq!(abstained(&st, Abstain::Unconfirmed), 1);
     // The backend's side of each call is its child by connection, as always.
     let server = span(&spans, SpanKind::Server, "/call/b-first");
     assert_eq!(
@@ -190,11 +217,12 @@ fn loop_thread_calls_take_the_message_read_last_in_their_stretch() {
 
 #[test]
 fn a_new_connection_carries_the_cause_of_the_stretch_that_opened_it() {
-    let mut bed = Bed::new(4, 3);
+    let mut bed = Bed::new(6, 4);
     bed.epoch(LOOP, 1);
     bed.request_in(0, "/in/c");
     let k0 = bed.outbound[0];
     bed.b.connect_call(&k0, LOOP);
+    bed.request_in(3, "/in/x");
     // The connection comes up in a later stretch, after another request was read.
     bed.epoch(LOOP, 2);
     bed.request_in(1, "/in/d");
@@ -209,12 +237,26 @@ fn a_new_connection_carries_the_cause_of_the_stretch_that_opened_it() {
     bed.epoch(LOOP, 4);
     bed.request_in(2, "/in/e");
     bed.call(2, LOOP, "/call/first-after-causeless-connect");
+    // A connect after the stretch's last read (a timer's retry) is not confirmed: none.
+    bed.epoch(LOOP, 5);
+    bed.request_in(4, "/in/g");
+    let k3 = bed.outbound[3];
+    bed.b.connect_call(&k3, LOOP);
+    bed.epoch(LOOP, 6);
+    bed.request_in(5, "/in/h");
+    bed.call(3, LOOP, "/call/on-unconfirmed-connect");
     let (spans, st) = bed.end();
-    assert_eq!(st.hints, [0, 1], "stretch, connect");
-    assert_eq!(abstained(&st, Abstain::ConnectWithoutCause), 2);
     assert_eq!(parent_of(&spans, "/call/c-on-new-conn"), some("/in/c", "loop_connect"));
     assert_eq!(parent_of(&spans, "/call/first-unseen-connect"), None);
     assert_eq!(parent_of(&spans, "/call/first-after-causeless-connect"), None);
+    assert_eq!(parent_of(&spans, "/call/on-unconfirmed-connect"), None);
+    assert_eq!(
+        link_of(&spans, "/call/on-unconfirmed-connect"),
+        some("/in/g", "loop_unconfirmed")
+    );
+    assert_eq!(st.hints, [0, 1], "stretch, connect");
+    assert_eq!(abstained(&st, Abstain::ConnectWithoutCause), 2);
+    assert_eq!(abstained(&st, Abstain::Unconfirmed), 1);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::{
 
 use opentelemetry::{
     InstrumentationScope, KeyValue, Value,
-    trace::{SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
+    trace::{Link, SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_otlp::SpanExporter;
 use opentelemetry_sdk::{
@@ -421,7 +421,21 @@ pub fn encode_for_bench(spans: Vec<Span>) -> usize {
         .sum()
 }
 
+fn to_link(l: &crate::span::SpanLink) -> Link {
+    let ctx = SpanContext::new(
+        TraceId::from_bytes(l.trace_id),
+        SpanId::from_bytes(l.span_id),
+        TraceFlags::SAMPLED,
+        false,
+        TraceState::default(),
+    );
+    Link::new(ctx, vec![KeyValue::new("sockspan.link.source", l.source)], 0)
+}
+
 fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
+    // SpanLinks is non-exhaustive: built empty, then filled.
+    let mut links = SpanLinks::default();
+    links.links = span.links.iter().map(to_link).collect();
     let ctx = SpanContext::new(
         TraceId::from_bytes(span.trace_id),
         SpanId::from_bytes(span.span_id),
@@ -457,7 +471,7 @@ fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
         attributes,
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
-        links: SpanLinks::default(),
+        links,
         status: if span.error { Status::error("") } else { Status::Unset },
         instrumentation_scope: scope.clone(),
     }
@@ -504,6 +518,7 @@ mod tests {
                 executable_name: "s".into(),
                 host_name: "h".into(),
             }),
+            links: Vec::new(),
         };
         let (tx, mut rx) = mpsc::channel(16);
         let queued = Arc::new(AtomicUsize::new(0));

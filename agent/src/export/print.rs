@@ -70,8 +70,14 @@ pub fn text_line(span: &Span) -> String {
     } else {
         attr_str(span, "http.response.status_code")
     };
+    // A link is shown only when there is one: `link=<trace>/<span>(<rule>)`.
+    let links: String = span
+        .links
+        .iter()
+        .map(|l| format!(" link={}/{}({})", hex(&l.trace_id), hex(&l.span_id), l.source))
+        .collect();
     format!(
-        "{} {:<6} {}[{}] {} {} {:.3}ms peer={} trace={} span={} parent={}",
+        "{} {:<6} {}[{}] {} {} {:.3}ms peer={} trace={} span={} parent={}{}",
         utc_time(span.start_unix_ns),
         span.kind.as_str(),
         span.resource.service_name,
@@ -83,6 +89,7 @@ pub fn text_line(span: &Span) -> String {
         hex(&span.trace_id),
         hex(&span.span_id),
         span.parent_span_id.map_or_else(|| "-".to_owned(), |p| hex(&p)),
+        links,
     )
 }
 
@@ -107,6 +114,11 @@ pub fn json_line(span: &Span) -> Value {
             "host.name": &*span.resource.host_name,
         },
         "attributes": attrs,
+        "links": span.links.iter().map(|l| json!({
+            "trace_id": hex(&l.trace_id),
+            "span_id": hex(&l.span_id),
+            "attributes": {"sockspan.link.source": l.source},
+        })).collect::<Vec<_>>(),
     })
 }
 

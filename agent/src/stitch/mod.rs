@@ -55,7 +55,7 @@ use crate::{
     FastMap,
     conn::Side,
     loops::LoopHint,
-    span::{AttrValue, IdGenerator, Span},
+    span::{AttrValue, IdGenerator, Span, SpanLink},
 };
 
 /// How a parent was inferred (exported as `sockspan.parent.source`).
@@ -151,6 +151,8 @@ struct Decided {
     resend_count: u32,
     /// Where a client request is indexed for the connection rule.
     slot: Slot,
+    /// A likely parent that the evidence does not make certain (exported as a span link).
+    link: Option<SpanLink>,
 }
 
 /// Counters of the stitcher's decisions.
@@ -161,9 +163,16 @@ pub struct StitchStats {
     pub ambiguous: u64,
     pub late_items: u64,
     pub unmatched_done: u64,
+    /// Event-loop causes confirmed after their request had been decided.
+    pub late_loop_confirmations: u64,
+    /// Requests given a span link to an unconfirmed event-loop cause.
+    pub loop_links: u64,
     /// Processes seen answering a request from another thread than the one that read it.
     pub thread_rule_disabled: u64,
 }
+
+/// `sockspan.link.source` of links from unconfirmed event-loop hints.
+pub const LINK_LOOP_UNCONFIRMED: &str = "loop_unconfirmed";
 
 /// Requests whose decision is remembered at once (beyond it, new ones end as roots).
 const MAX_DECIDED: usize = 200_000;
@@ -176,6 +185,8 @@ pub struct Stitcher {
     serving: Serving,
     pairing: Pairing,
     finished_calls: FinishedCalls,
+    /// Held starts whose event-loop cause awaits confirmation: key → arrival order.
+    awaiting_confirmation: FastMap<Key, u64>,
     stats: StitchStats,
 }
 
@@ -188,6 +199,7 @@ impl Stitcher {
             serving: Serving::default(),
             pairing: Pairing::default(),
             finished_calls: FinishedCalls::default(),
+            awaiting_confirmation: FastMap::default(),
             stats: StitchStats::default(),
         }
     }
@@ -211,7 +223,29 @@ impl Stitcher {
     }
 
     pub fn push_start(&mut self, s: RequestStart) {
-        self.reorder.push(s.start_ns, Item::Start(s));
+        let key = (s.conn_id, s.seq);
+        let awaits = s.loop_hint.is_some_and(|h| !h.confirmed);
+        let order = self.reorder.push(s.start_ns, Item::Start(s));
+        if awaits {
+            self.awaiting_confirmation.insert(key, order);
+        }
+    }
+
+    /// The event-loop cause of client request `seq` of `conn_id` is confirmed: it counts, if
+    /// the request is still held.
+    pub fn confirm_loop_hint(&mut self, conn_id: u64, seq: u64) {
+        let held = self
+            .awaiting_confirmation
+            .remove(&(conn_id, seq))
+            .and_then(|order| self.reorder.get_mut(order));
+        match held {
+            Some(Item::Start(s)) => {
+                if let Some(h) = &mut s.loop_hint {
+                    h.confirmed = true;
+                }
+            }
+            _ => self.stats.late_loop_confirmations += 1,
+        }
     }
 
     /// Thread `tid` began writing the response to request `seq` of `conn_id`: from then on it is
@@ -257,6 +291,7 @@ impl Stitcher {
             parent_key: None,
             resend_count: 0,
             slot: Slot::default(),
+            link: None,
         }
     }
 
@@ -268,10 +303,12 @@ impl Stitcher {
             parent_key: None,
             resend_count: 0,
             slot: Slot::default(),
+            link: None,
         }
     }
 
     fn on_start(&mut self, s: RequestStart) {
+        self.awaiting_confirmation.remove(&(s.conn_id, s.seq));
         let mut d = match s.side {
             Side::Server => self.decide_server(&s),
             Side::Client => self.decide_client(&s),
@@ -332,7 +369,18 @@ impl Stitcher {
             if !candidates.is_empty() {
                 self.stats.ambiguous += 1;
             }
-            return self.new_root();
+            let mut root = self.new_root();
+            root.link = rules::event_loop_unconfirmed(&self.serving, &self.finished_calls, &self.decided, s)
+                .and_then(|k| self.serving.get(&k))
+                .map(|f| SpanLink {
+                    trace_id: f.trace_id,
+                    span_id: f.span_id,
+                    source: LINK_LOOP_UNCONFIRMED,
+                });
+            if root.link.is_some() {
+                self.stats.loop_links += 1;
+            }
+            return root;
         };
         let Some(parent) = self.serving.get_mut(&key) else {
             return self.new_root();
@@ -380,6 +428,7 @@ impl Stitcher {
         span.trace_id = d.trace_id;
         span.span_id = d.span_id;
         span.parent_span_id = d.parent.map(|(p, _)| p);
+        span.links.extend(d.link);
         if let Some((_, src)) = d.parent {
             span.attributes
                 .push(("sockspan.parent.source", AttrValue::fixed(src.as_str())));

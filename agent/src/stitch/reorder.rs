@@ -44,12 +44,19 @@ impl<T> Reorder<T> {
         self.heap.len()
     }
 
-    pub fn push(&mut self, key: u64, item: T) {
+    /// Holds `item`; returns its arrival order, by which [`Self::get_mut`] finds it.
+    pub fn push(&mut self, key: u64, item: T) -> u64 {
         let order = self.next_order;
         self.next_order += 1;
         self.max_key_seen = self.max_key_seen.max(key);
         self.heap.push(Reverse((key, order)));
         self.items.push_back(Some(item));
+        order
+    }
+
+    /// The item of arrival order `order`, while it is held.
+    pub fn get_mut(&mut self, order: u64) -> Option<&mut T> {
+        self.items.get_mut(order.checked_sub(self.base)? as usize)?.as_mut()
     }
 
     /// The time before which items may come out at wall time `now_mono_ns`.

@@ -60,8 +60,33 @@ pub fn proxy(serving: &Serving, s: &RequestStart, candidates: &[Key]) -> Option<
 }
 
 /// Rung 5: A call written by a process's single event-loop thread: the server request its last
-/// message in the same stretch leads to (see `crate::loops`), while that request is in flight.
+/// message in the same stretch leads to (see `crate::loops`), while that request is in flight,
+/// once a later read in the stretch confirmed the call came from that message's callback.
 pub fn event_loop(
+    serving: &Serving,
+    finished: &FinishedCalls,
+    decided: &FastMap<Key, Decided>,
+    s: &RequestStart,
+) -> Option<(Key, ParentSource)> {
+    loop_candidate(serving, finished, decided, s).filter(|_| s.loop_hint.is_some_and(|h| h.confirmed))
+}
+
+/// Not a rung but a link: the server request an unconfirmed event-loop hint leads to. The call
+/// came after the stretch's last read, from its callback or from a timer, an immediate or a
+/// completion callback that ran after it: likely, not certain.
+pub fn event_loop_unconfirmed(
+    serving: &Serving,
+    finished: &FinishedCalls,
+    decided: &FastMap<Key, Decided>,
+    s: &RequestStart,
+) -> Option<Key> {
+    loop_candidate(serving, finished, decided, s)
+        .filter(|_| s.loop_hint.is_some_and(|h| !h.confirmed))
+        .map(|(key, _)| key)
+}
+
+/// The server request in flight in the writer's process that an event-loop hint leads to.
+fn loop_candidate(
     serving: &Serving,
     finished: &FinishedCalls,
     decided: &FastMap<Key, Decided>,

@@ -57,6 +57,7 @@ fn done(conn_id: u64, seq: u64, side: Side, t: u64) -> Finished {
         attributes: Vec::new(),
         error: false,
         resource,
+        links: Vec::new(),
     };
     Finished {
         span,

@@ -278,6 +278,10 @@ pub struct BedRow {
     pub inproc: ClassScore,
     pub cross: ClassScore,
     pub root: ClassScore,
+    /// In-process edges left without a parent whose child links to its true parent, and to
+    /// another span (the agent's "likely, not certain" span links).
+    pub links_right: usize,
+    pub links_wrong: usize,
 }
 
 /// Everything one run measured.
@@ -464,6 +468,7 @@ pub fn run_config(rx: &Receiver, m: &Middle, cfg: &BedConfig) -> Result<BedRun> 
     let exported: HashSet<String> = rx.with_spans(|all| all.iter().map(|s| s.span_id.clone()).collect());
     let sc = topology::score(&expected, &spans, &exported);
 
+    let (links_right, links_wrong) = score_links(&sc);
     let row = BedRow {
         runtime: m.runtime,
         concurrency: cfg.concurrency,
@@ -471,6 +476,8 @@ pub fn run_config(rx: &Receiver, m: &Middle, cfg: &BedConfig) -> Result<BedRun> 
         inproc: sc.class(CLASS_IN),
         cross: sc.class(CLASS_CROSS),
         root: sc.class(CLASS_ROOT),
+        links_right,
+        links_wrong,
     };
     let mut run = BedRun {
         row,
@@ -558,15 +565,35 @@ fn describe_edge(rx: &Receiver, sc: &Scored<'_>, e: &topology::score::Edge) -> S
 
 /// The scoreboard: one row per runtime × concurrency × keep-alive; in-process edges in the main
 /// columns, the cross-process class at the end.
+/// Span links on in-process edges left without a parent: (to the true parent, to another span).
+fn score_links(sc: &Scored<'_>) -> (usize, usize) {
+    let (mut right, mut wrong) = (0, 0);
+    for e in sc.edges_with(Verdict::Missing).filter(|e| e.class == CLASS_IN) {
+        let Some(child) = sc.assigned.get(&e.child) else {
+            continue;
+        };
+        if child.links.is_empty() {
+            continue;
+        }
+        let want = e.parent.as_ref().and_then(|p| sc.assigned.get(p)).map(|p| &p.span_id);
+        if child.links.iter().any(|(_, span, _)| Some(span) == want) {
+            right += 1;
+        } else {
+            wrong += 1;
+        }
+    }
+    (right, wrong)
+}
+
 pub fn format_scoreboard(rows: &[BedRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| runtime | conc | keep-alive | edges | precision | recall  | wrong | missing | lost | cross edges | cross precision | cross recall |"
+        "| runtime | conc | keep-alive | edges | precision | recall  | wrong | missing | lost | links right | links wrong | cross edges | cross precision | cross recall |"
     );
     let _ = writeln!(
         s,
-        "|---------|-----:|------------|------:|----------:|--------:|------:|--------:|-----:|------------:|----------------:|-------------:|"
+        "|---------|-----:|------------|------:|----------:|--------:|------:|--------:|-----:|------------:|------------:|------------:|----------------:|-------------:|"
     );
     let mut rows: Vec<&BedRow> = rows.iter().collect();
     rows.sort_by_key(|r| (r.runtime, r.concurrency, !r.keepalive));
@@ -574,7 +601,7 @@ pub fn format_scoreboard(rows: &[BedRow]) -> String {
         let (i, x) = (&r.inproc, &r.cross);
         let _ = writeln!(
             s,
-            "| {:<7} | {:>4} | {:<10} | {:>5} | {:>8.2}% | {:>6.2}% | {:>5} | {:>7} | {:>4} | {:>11} | {:>14.2}% | {:>11.2}% |",
+            "| {:<7} | {:>4} | {:<10} | {:>5} | {:>8.2}% | {:>6.2}% | {:>5} | {:>7} | {:>4} | {:>11} | {:>11} | {:>11} | {:>14.2}% | {:>11.2}% |",
             r.runtime.name(),
             r.concurrency,
             onoff(r.keepalive),
@@ -584,6 +611,8 @@ pub fn format_scoreboard(rows: &[BedRow]) -> String {
             i.wrong,
             i.missing,
             i.lost,
+            r.links_right,
+            r.links_wrong,
             x.expected,
             100.0 * x.precision(),
             100.0 * x.recall(),

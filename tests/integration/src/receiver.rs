@@ -141,6 +141,8 @@ pub struct CollectedSpan {
     pub resource: BTreeMap<String, AttrValue>,
     pub scope_name: String,
     pub events: Vec<(String, BTreeMap<String, AttrValue>)>,
+    /// Span links: (trace id, span id, attributes).
+    pub links: Vec<(String, String, BTreeMap<String, AttrValue>)>,
     pub transport: Transport,
 }
 
@@ -276,6 +278,11 @@ pub fn flatten(req: &ExportTraceServiceRequest, transport: Transport) -> Vec<Col
                         .events
                         .iter()
                         .map(|e| (e.name.clone(), attrs_to_map(&e.attributes)))
+                        .collect(),
+                    links: s
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id), attrs_to_map(&l.attributes)))
                         .collect(),
                     transport,
                 });

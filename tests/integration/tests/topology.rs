@@ -66,6 +66,7 @@ fn span(
         resource,
         scope_name: String::new(),
         events: Vec::new(),
+        links: Vec::new(),
         transport: Transport::Grpc,
     }
 }
