@@ -1,10 +1,11 @@
 //! `cargo xtask bench`: (a) userspace pipeline throughput, (b) wrk against nginx with the agent
-//! off / the bpftrace floor / the agent on, (c) the agent's memory. Prints the figures and records
-//! them in docs/benchmarks.md. Every phase has a time limit and every process it starts is owned
+//! off / the bpftrace floor / the agent on (and, with `--baseline`, another agent binary on, in
+//! the same rounds), (c) the agent's memory. Prints the figures and records them in
+//! docs/benchmarks.md. Every phase has a time limit and every process it starts is owned
 //! by a `Guard`, so errors and Ctrl-C leave nothing running.
 use std::{
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -24,6 +25,8 @@ pub struct Opts {
     pub connections: u32,
     /// Rounds of (off, floor, agent); figures are medians over rounds.
     pub rounds: u32,
+    /// Another `sockspan` binary, run as one more agent configuration in every round.
+    pub baseline: Option<PathBuf>,
     /// Print only; leave docs/benchmarks.md alone.
     pub no_write: bool,
     /// The `cargo xtask bench ...` command line, for the report.
@@ -77,6 +80,31 @@ pub enum Pipeline {
     Missing(String),
 }
 
+/// One agent configuration of (b): the binary it ran and its runs, one per round.
+#[derive(Debug, Default)]
+pub struct AgentRuns {
+    /// "agent" or "baseline": names the configuration in the log and the report.
+    pub name: &'static str,
+    pub bin: PathBuf,
+    /// The binary's SHA-256 (12 hex digits): a path alone does not say which build ran.
+    pub sha256: String,
+    pub runs: Vec<Agent>,
+}
+
+impl AgentRuns {
+    fn new(name: &'static str, bin: &Path) -> Self {
+        let sha256 = util::output_of("sha256sum", [bin])
+            .and_then(|s| s.get(..12).map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned());
+        Self {
+            name,
+            bin: bin.to_path_buf(),
+            sha256,
+            runs: Vec::new(),
+        }
+    }
+}
+
 /// Everything one `cargo xtask bench` measured; (b) has one entry per round and configuration.
 pub struct Results {
     pub pipeline: Pipeline,
@@ -85,8 +113,10 @@ pub struct Results {
     pub stitch: std::result::Result<Vec<String>, String>,
     pub off: Vec<Wrk>,
     pub floor: Vec<Floor>,
-    pub agent: Vec<Agent>,
-    /// Why the agent run failed (the bench then stops and fails).
+    pub agent: AgentRuns,
+    /// With `--baseline`: the other binary, measured in the same rounds as `agent`.
+    pub baseline: Option<AgentRuns>,
+    /// Why an agent run failed (the bench then stops and fails).
     pub agent_error: Option<String>,
     pub wrk_cmd: String,
     pub opts_command: String,
@@ -104,8 +134,10 @@ pub fn bench(opts: &Opts) -> Result<()> {
             util::cargo().args(["build", "--release", "-p", "agent"]),
         )?;
     }
-    if !bin.exists() {
-        bail!("{} does not exist", bin.display());
+    for b in std::iter::once(&bin).chain(&opts.baseline) {
+        if !b.exists() {
+            bail!("{} does not exist", b.display());
+        }
     }
     let tmp = TempDir::new("sockspan-bench")?;
 
@@ -156,21 +188,22 @@ pub fn bench(opts: &Opts) -> Result<()> {
     println!("bench (b): warm-up (2 s)");
     run_wrk(&wrk_args(2), 2)?;
 
-    // Rounds of off → floor → agent, so that slow drifts of a shared machine hit every
-    // configuration alike; the report uses medians over rounds.
+    // Rounds of off → floor → agent (→ baseline), so that slow drifts of a shared machine hit
+    // every configuration alike; the report uses medians over rounds.
     let mut r = Results {
         pipeline,
         stitch,
         off: Vec::new(),
         floor: Vec::new(),
-        agent: Vec::new(),
+        agent: AgentRuns::new("agent", &bin),
+        baseline: opts.baseline.as_deref().map(|b| AgentRuns::new("baseline", b)),
         agent_error: None,
         wrk_cmd,
         opts_command: opts.command.clone(),
         facts: report::RunFacts::collect(),
     };
     let load = || run_wrk(&wrk_args(opts.duration), opts.duration);
-    for round in 1..=opts.rounds {
+    'rounds: for round in 1..=opts.rounds {
         let n = opts.rounds;
         let dir = tmp.0.join(format!("round-{round}"));
         fs::create_dir_all(&dir)?;
@@ -182,16 +215,31 @@ pub fn bench(opts: &Opts) -> Result<()> {
         r.floor.push(run_floor(&dir, load)?);
         print_wrk("floor", &r.floor.last().expect("pushed").wrk);
 
-        println!("bench (b): round {round}/{n}: agent on (OTLP http/protobuf to a local sink)");
-        match run_agent(&bin, &dir, load) {
-            Ok(a) => {
-                print_wrk("agent", &a.wrk);
-                r.agent.push(a);
-            }
-            Err(e) => {
-                println!("bench (b): agent run FAILED: {e:#}");
-                r.agent_error = Some(format!("{e:#}"));
-                break;
+        let mut agents: Vec<&mut AgentRuns> = std::iter::once(&mut r.agent).chain(&mut r.baseline).collect();
+        // The two agents take turns going first, so that neither always runs right after the
+        // floor or right after the other: a position effect would otherwise read as a difference.
+        if round % 2 == 0 {
+            agents.reverse();
+        }
+        for a in agents {
+            let name = a.name;
+            println!(
+                "bench (b): round {round}/{n}: {name} on, `{}` (OTLP http/protobuf to a local sink)",
+                a.bin.display()
+            );
+            // Each agent gets its own directory: the sink's files are counted after the run.
+            let dir = dir.join(name);
+            fs::create_dir_all(&dir)?;
+            match run_agent(&a.bin, &dir, load) {
+                Ok(run) => {
+                    print_wrk(name, &run.wrk);
+                    a.runs.push(run);
+                }
+                Err(e) => {
+                    println!("bench (b): {name} run FAILED: {e:#}");
+                    r.agent_error = Some(format!("{name} (`{}`): {e:#}", a.bin.display()));
+                    break 'rounds;
+                }
             }
         }
     }

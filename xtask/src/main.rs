@@ -6,7 +6,7 @@ mod setup;
 mod testsuite;
 mod util;
 
-use std::{ffi::OsString, os::unix::process::CommandExt, process::Command};
+use std::{ffi::OsString, os::unix::process::CommandExt, path::PathBuf, process::Command};
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -52,6 +52,10 @@ enum Cmd {
         /// Rounds of (off, floor, agent) runs; figures are medians over the rounds.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
+        /// Another sockspan binary (e.g. a build of an earlier commit) to run as one more agent
+        /// configuration in every round, and to compare the agent with.
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<PathBuf>,
         /// Print the figures only; leave docs/benchmarks.md unchanged.
         #[arg(long)]
         no_write: bool,
@@ -81,9 +85,15 @@ fn real_main() -> Result<()> {
             duration,
             connections,
             rounds,
+            baseline,
             no_write,
         } => {
-            let command = std::iter::once("cargo xtask".to_owned())
+            // SOCKSPAN_BIN picks the agent binary (and skips the build), so it is part of the
+            // command that reproduces a run.
+            let bin_env = std::env::var_os("SOCKSPAN_BIN").map(|b| format!("SOCKSPAN_BIN={}", b.to_string_lossy()));
+            let command = bin_env
+                .into_iter()
+                .chain(std::iter::once("cargo xtask".to_owned()))
                 .chain(std::env::args().skip(1))
                 .collect::<Vec<_>>()
                 .join(" ");
@@ -91,6 +101,7 @@ fn real_main() -> Result<()> {
                 duration,
                 connections,
                 rounds,
+                baseline,
                 no_write,
                 command,
             })

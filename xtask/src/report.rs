@@ -6,9 +6,9 @@ use std::{fmt::Write as _, fs, path::Path};
 use anyhow::{Context, Result};
 
 use crate::{
-    bench::{LOSS_RATIO_TARGET, PIPELINE_TARGET_EVENTS, Pipeline, Results, Wrk},
+    bench::{AgentRuns, LOSS_RATIO_TARGET, PIPELINE_TARGET_EVENTS, Pipeline, Results, Wrk},
     setup,
-    util::output_of,
+    util::{self, output_of},
 };
 
 const LATEST_START: &str = "<!-- bench:latest:start -->";
@@ -27,15 +27,36 @@ agent loss | ratio | spans / 2×req | agent VmHWM |\n|---|---|---|---|---|---|--
 struct Derived {
     off_rps: f64,
     floor_rps: f64,
-    agent_rps: Option<f64>,
     /// (max − min) / median of the off runs, in %: how noisy the machine was.
     off_spread: f64,
     floor_loss: f64,
-    agent_loss: Option<f64>,
+    /// None when no agent run finished.
+    agent: Option<AgentFigures>,
+    /// With `--baseline` and at least one finished baseline run.
+    baseline: Option<AgentFigures>,
+    versus: Option<Versus>,
+}
+
+/// One agent configuration's figures against the off and floor runs.
+struct AgentFigures {
+    rps: f64,
+    loss: f64,
+    /// loss ÷ floor loss; None when the floor lost nothing measurable.
     ratio: Option<f64>,
     spans_pct: Option<f64>,
     vm_hwm_kb: u64,
     vm_rss_kb: u64,
+}
+
+/// The agent against the baseline. Ratios are taken per round, where the two ran a few seconds
+/// apart on a machine in the same state, and then the median over rounds: the load on a shared
+/// machine drifts more between rounds than the two agents differ.
+struct Versus {
+    /// agent req/s ÷ baseline req/s, per round.
+    rps_per_round: Vec<f64>,
+    rps_ratio: f64,
+    /// agent p99 ÷ baseline p99, median over rounds.
+    p99_ratio: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -67,25 +88,54 @@ fn derive(r: &Results) -> Derived {
         0.0
     };
     let floor_rps = rps(&r.floor.iter().map(|f| &f.wrk).collect::<Vec<_>>());
-    let agent_rps = (!r.agent.is_empty()).then(|| rps(&r.agent.iter().map(|a| &a.wrk).collect::<Vec<_>>()));
     let floor_loss = loss(off_rps, floor_rps);
-    let agent_loss = agent_rps.map(|a| loss(off_rps, a));
-    let ratio = agent_loss.filter(|_| floor_loss > 0.0).map(|a| a / floor_loss);
-    let requests: u64 = r.agent.iter().map(|a| a.wrk.requests).sum();
-    let spans: u64 = r.agent.iter().map(|a| a.get_server + a.get_client).sum();
-    let spans_pct = (requests > 0).then(|| spans as f64 / (2.0 * requests as f64) * 100.0);
+    let figures = |a: &AgentRuns| agent_figures(a, off_rps, floor_loss);
     Derived {
         off_rps,
         floor_rps,
-        agent_rps,
         off_spread,
         floor_loss,
-        agent_loss,
-        ratio,
-        spans_pct,
-        vm_hwm_kb: r.agent.iter().map(|a| a.vm_hwm_kb).max().unwrap_or(0),
-        vm_rss_kb: r.agent.last().map_or(0, |a| a.vm_rss_kb),
+        agent: figures(&r.agent),
+        baseline: r.baseline.as_ref().and_then(figures),
+        versus: r.baseline.as_ref().and_then(|b| versus(&r.agent, b)),
     }
+}
+
+fn agent_figures(a: &AgentRuns, off_rps: f64, floor_loss: f64) -> Option<AgentFigures> {
+    if a.runs.is_empty() {
+        return None;
+    }
+    let rps = median(a.runs.iter().map(|a| a.wrk.rps).collect());
+    let loss = loss(off_rps, rps);
+    let requests: u64 = a.runs.iter().map(|a| a.wrk.requests).sum();
+    let spans: u64 = a.runs.iter().map(|a| a.get_server + a.get_client).sum();
+    Some(AgentFigures {
+        rps,
+        loss,
+        ratio: (floor_loss > 0.0).then(|| loss / floor_loss),
+        spans_pct: (requests > 0).then(|| spans as f64 / (2.0 * requests as f64) * 100.0),
+        vm_hwm_kb: a.runs.iter().map(|a| a.vm_hwm_kb).max().unwrap_or(0),
+        vm_rss_kb: a.runs.last().map_or(0, |a| a.vm_rss_kb),
+    })
+}
+
+/// None until both have a run; rounds where only one finished (a failed run) are left out.
+fn versus(agent: &AgentRuns, baseline: &AgentRuns) -> Option<Versus> {
+    let pairs: Vec<(&Wrk, &Wrk)> = agent
+        .runs
+        .iter()
+        .zip(&baseline.runs)
+        .map(|(a, b)| (&a.wrk, &b.wrk))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let rps_per_round: Vec<f64> = pairs.iter().map(|(a, b)| a.rps / b.rps).collect();
+    Some(Versus {
+        rps_ratio: median(rps_per_round.clone()),
+        rps_per_round,
+        p99_ratio: median(pairs.iter().map(|(a, b)| a.p99_ms / b.p99_ms).collect()),
+    })
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -157,6 +207,37 @@ fn wrk_errors(ws: &[&Wrk]) -> String {
     s
 }
 
+/// The agent, then the baseline if there is one.
+fn agents(r: &Results) -> impl Iterator<Item = &AgentRuns> {
+    std::iter::once(&r.agent).chain(&r.baseline)
+}
+
+/// The agent configurations that finished at least one run, with their figures.
+fn with_figures<'a>(r: &'a Results, d: &'a Derived) -> impl Iterator<Item = (&'a AgentRuns, &'a AgentFigures)> {
+    agents(r)
+        .zip([&d.agent, &d.baseline])
+        .filter_map(|(a, f)| Some((a, f.as_ref()?)))
+}
+
+/// The binary's path, relative to the workspace when inside it (`target/release/sockspan`).
+fn shown_path(a: &AgentRuns) -> String {
+    let root = util::root();
+    a.bin.strip_prefix(&root).unwrap_or(&a.bin).display().to_string()
+}
+
+fn binary(a: &AgentRuns) -> String {
+    format!("`{}` (sha256 {}…)", shown_path(a), a.sha256)
+}
+
+/// Suffix for the rows that the agent's existing labels name without saying "agent".
+fn of_baseline(a: &AgentRuns) -> String {
+    if a.name == "agent" {
+        String::new()
+    } else {
+        format!(" ({})", a.name)
+    }
+}
+
 pub fn render(r: &Results) -> String {
     let d = derive(r);
     let f = &r.facts;
@@ -168,10 +249,18 @@ pub fn render(r: &Results) -> String {
         f.nproc, f.kernel, f.commit
     );
     let _ = writeln!(s, "- command: `{}`", r.opts_command);
+    for a in agents(r) {
+        let _ = writeln!(s, "- {}: {}", a.name, binary(a));
+    }
+    let order = if r.baseline.is_some() {
+        "off → floor → agent → baseline (the two agents taking turns going first)"
+    } else {
+        "off → floor → agent"
+    };
     let _ = writeln!(
         s,
         "- load: `{}` against nginx (one process, `taskset -c 0`, access_log off, ~600-byte static page); \
-         {} round(s) of off → floor → agent, medians reported\n",
+         {} round(s) of {order}, medians reported\n",
         r.wrk_cmd,
         r.off.len()
     );
@@ -241,41 +330,65 @@ pub fn render(r: &Results) -> String {
             e.replace('\n', " ").replace('|', "\\|")
         );
     }
-    match d.ratio {
-        Some(ratio) => {
-            let _ = writeln!(
-                s,
-                "| (b) agent loss ÷ floor loss | {ratio:.2} ({} ÷ {}) | ≤ {LOSS_RATIO_TARGET} | {} |",
-                pct(d.agent_loss),
-                pct(Some(d.floor_loss)),
-                verdict(ratio <= LOSS_RATIO_TARGET)
-            );
+    for (a, fig) in with_figures(r, &d) {
+        match fig.ratio {
+            Some(ratio) => {
+                let _ = writeln!(
+                    s,
+                    "| (b) {} loss ÷ floor loss | {ratio:.2} ({} ÷ {}) | ≤ {LOSS_RATIO_TARGET} | {} |",
+                    a.name,
+                    pct(Some(fig.loss)),
+                    pct(Some(d.floor_loss)),
+                    verdict(ratio <= LOSS_RATIO_TARGET)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "| (b) {} loss ÷ floor loss | n/a: the floor lost nothing measurable ({:.1} %) | ≤ {LOSS_RATIO_TARGET} | n/a |",
+                    a.name, d.floor_loss
+                );
+            }
         }
-        None if d.agent_loss.is_some() => {
-            let _ = writeln!(
-                s,
-                "| (b) agent loss ÷ floor loss | n/a: the floor lost nothing measurable ({:.1} %) | ≤ {LOSS_RATIO_TARGET} | n/a |",
-                d.floor_loss
-            );
-        }
-        None => {}
     }
-    if let Some(p) = d.spans_pct {
-        let server: u64 = r.agent.iter().map(|a| a.get_server).sum();
-        let client: u64 = r.agent.iter().map(|a| a.get_client).sum();
-        let requests: u64 = r.agent.iter().map(|a| a.wrk.requests).sum();
+    if let (Some(v), Some(new), Some(old)) = (&d.versus, &d.agent, &d.baseline) {
+        let per_round: Vec<String> = v.rps_per_round.iter().map(|x| format!("{x:.3}")).collect();
+        let loss_ratio = if old.loss > 0.0 {
+            format!(" (×{:.2})", new.loss / old.loss)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "| (b) spans exported ÷ (2 × requests served) | {p:.1} % ({server} GET SERVER + {client} GET CLIENT for {requests} requests) | 100 % | {} |",
-            if p >= 99.0 { "ok" } else { "spans lost" }
+            "| (b) agent ÷ baseline, in the same rounds | req/s ×{:.3} (median of per-round ratios {}); \
+             loss {} vs {}{loss_ratio}; p99 ×{:.2} | | |",
+            v.rps_ratio,
+            per_round.join(", "),
+            pct(Some(new.loss)),
+            pct(Some(old.loss)),
+            v.p99_ratio
         );
     }
-    if !r.agent.is_empty() {
+    for (a, fig) in with_figures(r, &d) {
+        if let Some(p) = fig.spans_pct {
+            let server: u64 = a.runs.iter().map(|a| a.get_server).sum();
+            let client: u64 = a.runs.iter().map(|a| a.get_client).sum();
+            let requests: u64 = a.runs.iter().map(|a| a.wrk.requests).sum();
+            let _ = writeln!(
+                s,
+                "| (b) spans exported ÷ (2 × requests served){} | {p:.1} % ({server} GET SERVER + {client} GET CLIENT for {requests} requests) | 100 % | {} |",
+                of_baseline(a),
+                if p >= 99.0 { "ok" } else { "spans lost" }
+            );
+        }
+    }
+    for (a, fig) in with_figures(r, &d) {
         let _ = writeln!(
             s,
-            "| (c) agent memory after (b) | VmHWM {}, VmRSS {} | | |",
-            mib(d.vm_hwm_kb),
-            mib(d.vm_rss_kb)
+            "| (c) {} memory after (b) | VmHWM {}, VmRSS {} | | |",
+            a.name,
+            mib(fig.vm_hwm_kb),
+            mib(fig.vm_rss_kb)
         );
     }
 
@@ -306,22 +419,25 @@ pub fn render(r: &Results) -> String {
         hits as f64 / freq.max(1) as f64,
         wrk_errors(&floor)
     );
-    if let Some(agent_rps) = d.agent_rps {
-        let agent: Vec<&Wrk> = r.agent.iter().map(|a| &a.wrk).collect();
-        let spans: u64 = r.agent.iter().map(|a| a.spans_total).sum();
-        let exports: u64 = r.agent.iter().map(|a| a.sink_requests).sum();
+    for (a, fig) in with_figures(r, &d) {
+        let wrk: Vec<&Wrk> = a.runs.iter().map(|a| &a.wrk).collect();
+        let spans: u64 = a.runs.iter().map(|a| a.spans_total).sum();
+        let exports: u64 = a.runs.iter().map(|a| a.sink_requests).sum();
         let _ = writeln!(
             s,
-            "| agent: sockspan → OTLP http/protobuf sink | {agent_rps:.0} | {} | {} | {} | {spans} spans in {exports} exports{} |",
-            rounds(&agent),
-            p99s(&agent),
-            pct(d.agent_loss),
-            wrk_errors(&agent)
+            "| {}: `{}` → OTLP http/protobuf sink | {:.0} | {} | {} | {} | {spans} spans in {exports} exports{} |",
+            a.name,
+            shown_path(a),
+            fig.rps,
+            rounds(&wrk),
+            p99s(&wrk),
+            pct(Some(fig.loss)),
+            wrk_errors(&wrk)
         );
     }
     let mut foreign: Vec<&str> = (r.off.iter())
         .chain(r.floor.iter().map(|f| &f.wrk))
-        .chain(r.agent.iter().map(|a| &a.wrk))
+        .chain(agents(r).flat_map(|a| a.runs.iter().map(|a| &a.wrk)))
         .flat_map(|w| w.foreign.iter().map(String::as_str))
         .collect();
     foreign.sort_unstable();
@@ -334,7 +450,7 @@ pub fn render(r: &Results) -> String {
             foreign.join(", ")
         );
     }
-    if let Some(a) = r.agent.last()
+    if let Some(a) = r.agent.runs.last()
         && !a.metrics.is_empty()
     {
         let _ = writeln!(s, "\nAgent counters at the end of the last round:\n\n```");
@@ -353,11 +469,8 @@ fn history_row(r: &Results) -> String {
         Pipeline::Ok { events_per_sec, .. } => format!("{:.0}k", events_per_sec / 1000.0),
         Pipeline::Missing(_) => "n/a".into(),
     };
-    let hwm = if r.agent.is_empty() {
-        "n/a".to_owned()
-    } else {
-        mib(d.vm_hwm_kb)
-    };
+    let agent = d.agent.as_ref();
+    let hwm = agent.map_or("n/a".to_owned(), |a| mib(a.vm_hwm_kb));
     format!(
         "| {} | {} | {} | {} | {eps} | {:.0} | {:.1} % | {} | {} | {} | {hwm} |",
         f.date,
@@ -366,9 +479,11 @@ fn history_row(r: &Results) -> String {
         f.kernel,
         d.off_rps,
         d.floor_loss,
-        pct(d.agent_loss),
-        d.ratio.map_or("n/a".to_owned(), |v| format!("{v:.2}")),
-        pct(d.spans_pct),
+        pct(agent.map(|a| a.loss)),
+        agent
+            .and_then(|a| a.ratio)
+            .map_or("n/a".to_owned(), |v| format!("{v:.2}")),
+        pct(agent.and_then(|a| a.spans_pct)),
     )
 }
 
@@ -388,7 +503,7 @@ pub fn write(path: &Path, r: &Results, latest: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{Agent, Floor};
+    use crate::bench::{Agent, AgentRuns, Floor};
 
     fn wrk(rps: f64) -> Wrk {
         Wrk {
@@ -408,6 +523,15 @@ mod tests {
         }
     }
 
+    fn agent_runs(name: &'static str, rps: &[f64]) -> AgentRuns {
+        AgentRuns {
+            name,
+            bin: util::root().join("target/release/sockspan"),
+            sha256: "0123456789ab".into(),
+            runs: rps.iter().map(|&r| agent(r)).collect(),
+        }
+    }
+
     fn results() -> Results {
         Results {
             pipeline: Pipeline::Ok {
@@ -423,7 +547,8 @@ mod tests {
                     hits: 17_000,
                 })
                 .into(),
-            agent: vec![agent(85.0), agent(86.0), agent(84.0)],
+            agent: agent_runs("agent", &[85.0, 86.0, 84.0]),
+            baseline: None,
             agent_error: None,
             wrk_cmd: "wrk".into(),
             opts_command: "cargo xtask bench".into(),
@@ -439,12 +564,32 @@ mod tests {
     #[test]
     fn derives_losses_and_ratio() {
         let d = derive(&results());
+        let a = d.agent.unwrap();
         assert!((d.floor_loss - 10.0).abs() < 1e-9);
-        assert!((d.agent_loss.unwrap() - 15.0).abs() < 1e-9);
-        assert!((d.ratio.unwrap() - 1.5).abs() < 1e-9);
-        assert!((d.spans_pct.unwrap() - 100.0).abs() < 1e-9);
+        assert!((a.loss - 15.0).abs() < 1e-9);
+        assert!((a.ratio.unwrap() - 1.5).abs() < 1e-9);
+        assert!((a.spans_pct.unwrap() - 100.0).abs() < 1e-9);
         assert!((d.off_spread - 40.0).abs() < 1e-9);
+        assert!(d.baseline.is_none() && d.versus.is_none());
         assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
+    }
+
+    #[test]
+    fn compares_with_the_baseline_round_by_round() {
+        let mut r = results();
+        // The last baseline run failed: its round is left out of the comparison.
+        r.baseline = Some(agent_runs("baseline", &[80.0, 90.0]));
+        let d = derive(&r);
+        let b = d.baseline.as_ref().unwrap();
+        assert!((b.loss - 15.0).abs() < 1e-9);
+        let v = d.versus.as_ref().unwrap();
+        assert_eq!(v.rps_per_round.len(), 2);
+        assert!((v.rps_ratio - (85.0 / 80.0 + 86.0 / 90.0) / 2.0).abs() < 1e-9);
+        let text = render(&r);
+        assert!(text.contains("| (b) baseline loss ÷ floor loss | 1.50 "));
+        assert!(text.contains("| (b) agent ÷ baseline, in the same rounds | req/s ×1.009 "));
+        assert!(text.contains("| baseline: `target/release/sockspan` → OTLP"));
+        assert!(text.contains("- baseline: `target/release/sockspan` (sha256 0123456789ab…)"));
     }
 
     #[test]
