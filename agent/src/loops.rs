@@ -190,6 +190,8 @@ const MAX_THREADS: usize = 65_536;
 const MAX_PROCESSES: usize = 16_384;
 /// Connects waiting for their first request.
 const MAX_CONNECTS: usize = 65_536;
+/// Writes and connects of one stretch awaiting confirmation.
+const MAX_PER_STRETCH: usize = 1024;
 
 /// Tracks each loop thread's last input, in stream order (a thread's events arrive in the order
 /// it made them).
@@ -304,7 +306,10 @@ impl LoopTracker {
                 confirmed: false,
             },
         );
-        self.stretch(pid, tid, epoch).connecting.push(fd);
+        let s = self.stretch(pid, tid, epoch);
+        if s.connecting.len() < MAX_PER_STRETCH {
+            s.connecting.push(fd);
+        }
     }
 
     /// The cause of client request `request` (connection, seq), whose first bytes thread `tid`
@@ -343,7 +348,13 @@ impl LoopTracker {
         }
         match self.current(pid, tid, epoch) {
             Ok(cause) => {
-                self.stretch(pid, tid, epoch).unconfirmed.push(request);
+                let s = self.stretch(pid, tid, epoch);
+                if s.unconfirmed.len() >= MAX_PER_STRETCH {
+                    // A client flooding requests without reading: nothing to confirm them by.
+                    self.stats.abstained[Abstain::Unconfirmed as usize] += 1;
+                    return None;
+                }
+                s.unconfirmed.push(request);
                 Some(LoopHint {
                     cause,
                     via: Via::Stretch,
