@@ -130,6 +130,8 @@ const MAX_UNDECIDED_CHUNKS: u32 = 8;
 const MAX_UNANSWERED: usize = 256;
 /// Connections tracked at once; the least recently active are evicted beyond this.
 const MAX_CONNECTIONS: usize = 65536;
+/// Client connections of one process to one peer looked at to tell whether its pool is full.
+const MAX_SIBLINGS: usize = 256;
 
 pub struct ConnTable {
     conns: FastMap<(u32, i32), Connection>,
@@ -149,6 +151,8 @@ pub struct ConnTable {
     proc: ProcTuples,
     /// What each event-loop thread read last (see `loops`).
     pub loops: LoopTracker,
+    /// Client connections by (process, peer): whether a client pool is full.
+    by_peer: FastMap<(u32, SocketAddr), Vec<(u32, i32)>>,
 }
 
 impl Default for ConnTable {
@@ -171,6 +175,7 @@ impl ConnTable {
             own_pid: std::process::id(),
             proc: ProcTuples::new("/proc"),
             loops: LoopTracker::new(Some(crate::process::is_go_program)),
+            by_peer: FastMap::default(),
         }
     }
 
@@ -231,6 +236,7 @@ impl ConnTable {
                     Some(Cause::Response {
                         conn_id: x.facts.conn_id,
                         seq: x.exchange.request.seq,
+                        pool_full: false,
                     })
                 }
                 _ => None,
@@ -251,6 +257,14 @@ impl ConnTable {
                         _ => None,
                     }),
             };
+            let cause = cause.map(|c| match c {
+                Cause::Response { conn_id, seq, .. } => Cause::Response {
+                    conn_id,
+                    seq,
+                    pool_full: !self.has_idle_sibling(h.pid, h.fd),
+                },
+                other => other,
+            });
             for (conn_id, seq) in self.loops.on_input(h.pid, h.tid, epoch, cause) {
                 out.push(ConnOutput::LoopConfirmed { conn_id, seq });
             }
@@ -268,6 +282,42 @@ impl ConnTable {
                         .hint(h.pid, h.tid, h.fd, h.sock, epoch, request, first_on_conn);
                 }
             }
+        }
+    }
+
+    /// Whether process `pid` has another client connection to the peer of its fd `fd` with no
+    /// request in flight: then its client pool has no request waiting for a connection.
+    fn has_idle_sibling(&mut self, pid: u32, fd: i32) -> bool {
+        let Some(peer) = self.conns.get(&(pid, fd)).and_then(|c| c.remote) else {
+            return false;
+        };
+        let conns = &self.conns;
+        let Some(siblings) = self.by_peer.get_mut(&(pid, peer)) else {
+            return false;
+        };
+        siblings.retain(|k| conns.get(k).is_some_and(|c| c.remote == Some(peer)));
+        siblings.iter().any(|&k| {
+            k != (pid, fd)
+                && conns
+                    .get(&k)
+                    .is_some_and(|c| c.side == Some(Side::Client) && c.http.pending_requests() == 0)
+        })
+    }
+
+    /// Indexes a new client connection by (process, peer), dropping entries of connections
+    /// gone since (so churn to one peer keeps the list short).
+    fn index_peer(&mut self, pid: u32, fd: i32) {
+        let Some(peer) = self.conns.get(&(pid, fd)).and_then(|c| c.remote) else {
+            return;
+        };
+        if self.by_peer.len() >= MAX_CONNECTIONS && !self.by_peer.contains_key(&(pid, peer)) {
+            self.by_peer.clear();
+        }
+        let conns = &self.conns;
+        let siblings = self.by_peer.entry((pid, peer)).or_default();
+        siblings.retain(|k| conns.get(k).is_some_and(|c| c.remote == Some(peer)));
+        if siblings.len() < MAX_SIBLINGS && !siblings.contains(&(pid, fd)) {
+            siblings.push((pid, fd));
         }
     }
 
@@ -290,7 +340,11 @@ impl ConnTable {
                 self.evict_oldest(out);
             }
             let c = self.open(h);
+            let client = c.side == Some(Side::Client);
             self.conns.insert(key, c);
+            if client {
+                self.index_peer(h.pid, h.fd);
+            }
         }
         let Some(c) = self.conns.get_mut(&key) else { return };
         c.last_activity_ns = h.ts_exit_ns;

@@ -36,7 +36,11 @@ pub enum Cause {
     /// A server request (its connection and sequence number) was read.
     Request { conn_id: u64, seq: u64 },
     /// The response to a client request was read whole: its continuation runs now.
-    Response { conn_id: u64, seq: u64 },
+    /// `pool_full`: every other connection of the process to that peer was busy, so a client
+    /// pool may have had requests queued for a free connection, and hands this one to the
+    /// oldest of them now: a request written on this connection in this stretch may be that
+    /// queued one (another request's), not the continuation.
+    Response { conn_id: u64, seq: u64, pool_full: bool },
 }
 
 /// How a cause reached a client request.
@@ -125,16 +129,20 @@ pub enum Abstain {
     /// Written (or connected) after the stretch's last read: a timer, an immediate or a
     /// completion callback may have done it. Exported as a span link, not a parent.
     Unconfirmed,
+    /// Written on the connection whose response was just read while every other connection to
+    /// that peer was busy: maybe a queued request handed the connection. A span link.
+    PoolHandoff,
 }
 
 impl Abstain {
-    pub const ALL: [Abstain; 6] = [
+    pub const ALL: [Abstain; 7] = [
         Abstain::SeveralLoopThreads,
         Abstain::GoProgram,
         Abstain::NotServing,
         Abstain::NoMessage,
         Abstain::ConnectWithoutCause,
         Abstain::Unconfirmed,
+        Abstain::PoolHandoff,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -145,6 +153,7 @@ impl Abstain {
             Abstain::NoMessage => "no_message",
             Abstain::ConnectWithoutCause => "connect_without_cause",
             Abstain::Unconfirmed => "unconfirmed",
+            Abstain::PoolHandoff => "pool_handoff",
         }
     }
 }
@@ -347,6 +356,21 @@ impl LoopTracker {
             });
         }
         match self.current(pid, tid, epoch) {
+            Ok(
+                cause @ Cause::Response {
+                    conn_id,
+                    pool_full: true,
+                    ..
+                },
+            ) if conn_id == request.0 => {
+                // Never confirmed: a span link at most.
+                self.stats.abstained[Abstain::PoolHandoff as usize] += 1;
+                Some(LoopHint {
+                    cause,
+                    via: Via::Stretch,
+                    confirmed: false,
+                })
+            }
             Ok(cause) => {
                 let s = self.stretch(pid, tid, epoch);
                 if s.unconfirmed.len() >= MAX_PER_STRETCH {

@@ -301,3 +301,41 @@ fn no_loop_parent_without_one_whole_message_or_one_loop_thread() {
     let (spans, _) = bed.end();
     assert_eq!(parent_of(&spans, "/call/threaded"), None);
 }
+
+#[test]
+fn a_connection_freed_while_its_pool_is_full_may_go_to_a_queued_request() {
+    // Three connections to the backend.
+    let mut bed = Bed::new(4, 3);
+    bed.warm();
+    bed.epoch(LOOP, 1);
+    bed.request_in(1, "/in/b");
+    bed.epoch(LOOP, 2);
+    bed.request_in(0, "/in/a");
+    bed.call(0, LOOP, "/call/a-1");
+    bed.call(1, LOOP, "/call/a-2");
+    bed.request_in(2, "/in/c");
+    // a-1's response frees connection 0 while connection 2 is idle: nothing can be waiting
+    // for a connection, so what follows on connection 0 is a-1's continuation.
+    bed.epoch(LOOP, 3);
+    bed.answer_call(0, LOOP);
+    bed.call(0, LOOP, "/call/continuation");
+    bed.request_in(3, "/in/d");
+    // Connection 2 gets busy too (a call of no known cause).
+    bed.epoch(LOOP, 4);
+    bed.call(2, LOOP, "/call/other");
+    // a-2's response frees connection 1 while 0 and 2 are busy: the client's pool may hand it
+    // to a request queued for a connection (another request's), written now, after that read.
+    bed.epoch(LOOP, 5);
+    bed.answer_call(1, LOOP);
+    bed.call(1, LOOP, "/call/queued-or-continuation");
+    bed.answer_call(0, LOOP);
+    let (spans, st) = bed.end();
+    assert_eq!(parent_of(&spans, "/call/a-1"), some("/in/a", "loop"));
+    assert_eq!(parent_of(&spans, "/call/continuation"), some("/in/a", "loop_response"));
+    assert_eq!(parent_of(&spans, "/call/queued-or-continuation"), None);
+    assert_eq!(
+        link_of(&spans, "/call/queued-or-continuation"),
+        some("/in/a", "loop_unconfirmed")
+    );
+    assert_eq!(abstained(&st, Abstain::PoolHandoff), 1);
+}

@@ -95,7 +95,7 @@ fn loop_candidate(
     let hint = s.loop_hint?;
     let (key, source) = match hint.cause {
         Cause::Request { conn_id, seq } => ((conn_id, seq), ParentSource::Loop),
-        Cause::Response { conn_id, seq } => {
+        Cause::Response { conn_id, seq, .. } => {
             let call = (conn_id, seq);
             let parent = finished
                 .parent_of(&call)

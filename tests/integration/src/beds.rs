@@ -66,6 +66,10 @@ fn onoff(b: bool) -> &'static str {
 pub enum Runtime {
     /// `node_bed.js`: `http` server, keep-alive `http.Agent`, `Promise.all`.
     Node,
+    /// `node_bed.js` with a bounded client pool (`maxSockets: 4`): at concurrency 8 and more,
+    /// requests wait in the pool for a connection and are written when another's response frees
+    /// one.
+    NodePool,
     /// `asyncio_bed.py`: aiohttp server, one shared `ClientSession`, `asyncio.gather`.
     Asyncio,
     /// `go_bed.go`: net/http server, shared `http.Client`, goroutines + `sync.WaitGroup`.
@@ -80,6 +84,7 @@ impl Runtime {
     pub fn name(self) -> &'static str {
         match self {
             Runtime::Node => "node",
+            Runtime::NodePool => "node-pool",
             Runtime::Asyncio => "asyncio",
             Runtime::Go => "go",
             Runtime::Java => "java",
@@ -91,6 +96,7 @@ impl Runtime {
     pub fn service(self) -> &'static str {
         match self {
             Runtime::Node => "bed-node",
+            Runtime::NodePool => "bed-node-pool",
             Runtime::Asyncio => "bed-asyncio",
             Runtime::Go => "bed-go",
             Runtime::Java => "bed-java",
@@ -108,9 +114,12 @@ impl Runtime {
         let mut cmd = match self {
             Runtime::Asyncio => return Ok(python(&script("asyncio_bed.py"), self.service())),
             Runtime::Pool => return Ok(python(&script("pool_bed.py"), self.service())),
-            Runtime::Node => {
+            Runtime::Node | Runtime::NodePool => {
                 let mut c = Command::new(Tool::Node.program());
                 c.arg(bed_fixture("node_bed.js"));
+                if self == Runtime::NodePool {
+                    c.env("BED_MAX_SOCKETS", "4");
+                }
                 c
             }
             Runtime::Go => Command::new(go_binary()?),
@@ -589,11 +598,11 @@ pub fn format_scoreboard(rows: &[BedRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| runtime | conc | keep-alive | edges | precision | recall  | wrong | missing | lost | links right | links wrong | cross edges | cross precision | cross recall |"
+        "| runtime   | conc | keep-alive | edges | precision | recall  | wrong | missing | lost | links right | links wrong | cross edges | cross precision | cross recall |"
     );
     let _ = writeln!(
         s,
-        "|---------|-----:|------------|------:|----------:|--------:|------:|--------:|-----:|------------:|------------:|------------:|----------------:|-------------:|"
+        "|-----------|-----:|------------|------:|----------:|--------:|------:|--------:|-----:|------------:|------------:|------------:|----------------:|-------------:|"
     );
     let mut rows: Vec<&BedRow> = rows.iter().collect();
     rows.sort_by_key(|r| (r.runtime, r.concurrency, !r.keepalive));
@@ -601,7 +610,7 @@ pub fn format_scoreboard(rows: &[BedRow]) -> String {
         let (i, x) = (&r.inproc, &r.cross);
         let _ = writeln!(
             s,
-            "| {:<7} | {:>4} | {:<10} | {:>5} | {:>8.2}% | {:>6.2}% | {:>5} | {:>7} | {:>4} | {:>11} | {:>11} | {:>11} | {:>14.2}% | {:>11.2}% |",
+            "| {:<9} | {:>4} | {:<10} | {:>5} | {:>8.2}% | {:>6.2}% | {:>5} | {:>7} | {:>4} | {:>11} | {:>11} | {:>11} | {:>14.2}% | {:>11.2}% |",
             r.runtime.name(),
             r.concurrency,
             onoff(r.keepalive),

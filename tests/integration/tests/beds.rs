@@ -23,7 +23,7 @@ use anyhow::Result;
 fn recall_floor(rt: Runtime, concurrency: usize, keepalive: bool) -> f64 {
     match (rt, concurrency, keepalive) {
         // One request in flight: the thread rule links every call.
-        (Runtime::Node | Runtime::Asyncio, 1, _) => 0.95,
+        (Runtime::Node | Runtime::NodePool | Runtime::Asyncio, 1, _) => 0.95,
         // The event-loop rule, when a later read in the same stretch of the loop confirms the
         // call came from an I/O callback (measured 55-82%); with a new connection per call,
         // the connects come in the stretch's last callback and are never confirmed.
@@ -143,6 +143,13 @@ fn node_bed() -> Result<()> {
 }
 
 #[test]
+fn node_pool_bed() -> Result<()> {
+    let _g = serial();
+    require!(Python, Node);
+    bed(Runtime::NodePool)
+}
+
+#[test]
 fn asyncio_bed() -> Result<()> {
     let _g = serial();
     require!(Python, Aiohttp);
@@ -198,11 +205,11 @@ fn scoreboard_format() {
     let lines: Vec<&str> = t.lines().collect();
     assert_eq!(lines.len(), 5, "{t}");
     assert!(
-        lines[2].starts_with("| node    |    8 | on         |    24 |    95.24% |  83.33% |     1 |       2 |    1 |           2 |           0 |"),
+        lines[2].starts_with("| node      |    8 | on         |    24 |    95.24% |  83.33% |     1 |       2 |    1 |           2 |           0 |"),
         "{t}"
     );
-    assert!(lines[3].starts_with("| go      |    8 | on "), "{t}");
-    assert!(lines[4].starts_with("| go      |    8 | off"), "{t}");
+    assert!(lines[3].starts_with("| go        |    8 | on "), "{t}");
+    assert!(lines[4].starts_with("| go        |    8 | off"), "{t}");
     // nothing decided: precision 100%, nothing expected: recall 100%
     assert!(
         lines[2].ends_with("|           0 |         100.00% |      100.00% |"),
