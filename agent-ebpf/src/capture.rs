@@ -21,18 +21,20 @@ struct IoVec {
     len: u64,
 }
 
-/// Emits a data event for a finished syscall that moved `ret` bytes on a TCP socket.
+/// Fills the per-CPU scratch slot's record header for the current thread's syscall `p`: a data
+/// event (`kind::DATA`, moving `ret` bytes) or a connect (`kind::CONNECT`).
 #[inline(always)]
-pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(), i64> {
+fn scratch_event(p: &PendingCall, pid_tgid: u64, kind: u8, side: u8, ret: i64) -> Result<&'static mut DataEvent, i64> {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Err(-1);
     };
     // SAFETY: the per-CPU scratch slot is ours for the duration of this program run.
     let ev = unsafe { &mut (*scratch).event };
+    let data = kind == kind::DATA;
     ev.header = EventHeader {
-        kind: kind::DATA,
-        direction: p.direction,
-        syscall: p.syscall,
+        kind,
+        direction: if data { p.direction } else { 0 },
+        syscall: if data { p.syscall } else { 0 },
         side,
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
@@ -44,9 +46,16 @@ pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(
         bytes: ret,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    ev.flags = p.recv_flags;
+    ev.flags = if data { p.recv_flags } else { 0 };
+    ev.captured_len = 0;
     ev.epoch = crate::probes::loops::epoch(pid_tgid);
+    Ok(ev)
+}
 
+/// Emits a data event for a finished syscall that moved `ret` bytes on a TCP socket.
+#[inline(always)]
+pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(), i64> {
+    let ev = scratch_event(p, pid_tgid, kind::DATA, side, ret)?;
     let mut want = u64::from(capture_bytes());
     if want > ret as u64 {
         want = ret as u64;
@@ -79,29 +88,7 @@ pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(
 /// Emits the payload-less record of a connect() on a TCP socket (see `kind::CONNECT`).
 #[inline(always)]
 pub fn emit_connect(p: &PendingCall, pid_tgid: u64) -> Result<(), i64> {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Err(-1);
-    };
-    // SAFETY: the per-CPU scratch slot is ours for the duration of this program run.
-    let ev = unsafe { &mut (*scratch).event };
-    ev.header = EventHeader {
-        kind: kind::CONNECT,
-        direction: 0,
-        syscall: 0,
-        side: agent_common::side::CONNECTED,
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        fd: p.fd,
-        sock: p.sock,
-        ts_enter_ns: p.ts_enter_ns,
-        // SAFETY: helper without preconditions.
-        ts_exit_ns: unsafe { bpf_ktime_get_ns() },
-        bytes: 0,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    ev.flags = 0;
-    ev.captured_len = 0;
-    ev.epoch = crate::probes::loops::epoch(pid_tgid);
+    let ev = scratch_event(p, pid_tgid, kind::CONNECT, agent_common::side::CONNECTED, 0)?;
     // SAFETY: HEADER_LEN ≤ size_of::<DataEvent>().
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), DataEvent::HEADER_LEN) };
     submit(bytes)

@@ -421,14 +421,19 @@ pub fn encode_for_bench(spans: Vec<Span>) -> usize {
         .sum()
 }
 
-fn to_link(l: &crate::span::SpanLink) -> Link {
-    let ctx = SpanContext::new(
-        TraceId::from_bytes(l.trace_id),
-        SpanId::from_bytes(l.span_id),
+/// A sampled, local span context.
+fn span_context(trace_id: [u8; 16], span_id: [u8; 8]) -> SpanContext {
+    SpanContext::new(
+        TraceId::from_bytes(trace_id),
+        SpanId::from_bytes(span_id),
         TraceFlags::SAMPLED,
         false,
         TraceState::default(),
-    );
+    )
+}
+
+fn to_link(l: &crate::span::SpanLink) -> Link {
+    let ctx = span_context(l.trace_id, l.span_id);
     Link::new(ctx, vec![KeyValue::new("sockspan.link.source", l.source)], 0)
 }
 
@@ -436,13 +441,7 @@ fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
     // SpanLinks is non-exhaustive: built empty, then filled.
     let mut links = SpanLinks::default();
     links.links = span.links.iter().map(to_link).collect();
-    let ctx = SpanContext::new(
-        TraceId::from_bytes(span.trace_id),
-        SpanId::from_bytes(span.span_id),
-        TraceFlags::SAMPLED,
-        false,
-        TraceState::default(),
-    );
+    let ctx = span_context(span.trace_id, span.span_id);
     let attributes = span
         .attributes
         .into_iter()
