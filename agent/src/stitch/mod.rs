@@ -414,7 +414,7 @@ impl Stitcher {
         match f.side {
             Side::Server => self.serving.remove(&key),
             Side::Client => {
-                self.pairing.client_done(d.slot, f.seq, f.answered, &span);
+                self.pairing.client_done(d.slot, f.seq, f.answered, d.span_id, &span);
                 if let Some(parent) = d.parent_key
                     && f.answered
                 {

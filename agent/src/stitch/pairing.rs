@@ -102,9 +102,9 @@ impl Pairing {
         Some(client.ids)
     }
 
-    /// A client request is done: it leaves the index; if it was answered, its times bound its
-    /// server span's.
-    pub fn client_done(&mut self, slot: Slot, seq: u64, answered: bool, span: &Span) {
+    /// A client request is done: it leaves the index; if it was answered, its span's times
+    /// (`span` carries them; its id is `span_id`, not yet set on it) bound its server span's.
+    pub fn client_done(&mut self, slot: Slot, seq: u64, answered: bool, span_id: [u8; 8], span: &Span) {
         if let Some(link) = slot.queued_on
             && let Some(q) = self.queued.get_mut(&link)
         {
@@ -120,9 +120,8 @@ impl Pairing {
             {
                 self.finished.remove(&old);
             }
-            self.finished
-                .insert(span.span_id, (span.start_unix_ns, span.end_unix_ns));
-            self.finished_order.push_back(span.span_id);
+            self.finished.insert(span_id, (span.start_unix_ns, span.end_unix_ns));
+            self.finished_order.push_back(span_id);
         }
     }
 

@@ -345,3 +345,23 @@ fn client_that_gave_up_keeps_its_server_child() {
         "not clamped into a client that stopped waiting"
     );
 }
+
+/// The server's last write returns after its client already read the last byte: the server span
+/// is kept inside its client span (the byte left the server before the client read it).
+#[test]
+fn server_span_kept_inside_its_client_span() {
+    let with_times = |mut f: Finished, start: u64| {
+        f.span.start_unix_ns = start;
+        f.span.end_unix_ns = f.end_ns;
+        f
+    };
+    let spans = run(vec![
+        Box::new(|s| s.push_start(start(1, 0, Side::Client, 1, 10, 100, "/a", (5000, 8000)))),
+        Box::new(|s| s.push_start(start(2, 0, Side::Server, 2, 20, 110, "/a", (5000, 8000)))),
+        Box::new(move |s| s.push_done(with_times(done(1, 0, Side::Client, 200), 100))),
+        Box::new(move |s| s.push_done(with_times(done(2, 0, Side::Server, 205), 110))),
+    ]);
+    let (client, server) = (&spans["1/0"], &spans["2/0"]);
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+    assert_eq!((server.start_unix_ns, server.end_unix_ns), (110, 200));
+}
