@@ -69,20 +69,27 @@ impl<T> Reorder<T> {
     /// The oldest item, if it is older than `watermark` (or too many are held); `None` as
     /// watermark takes it whatever its time (a flush).
     pub fn pop(&mut self, watermark: Option<u64>) -> Option<T> {
-        let &Reverse((key, _)) = self.heap.peek()?;
-        if watermark.is_some_and(|w| key >= w) && self.heap.len() <= MAX_HELD {
-            return None;
+        loop {
+            let &Reverse((key, _)) = self.heap.peek()?;
+            if watermark.is_some_and(|w| key >= w) && self.heap.len() <= MAX_HELD {
+                return None;
+            }
+            let Reverse((key, order)) = self.heap.pop()?;
+            if key < self.last_released {
+                self.late += 1;
+            }
+            self.last_released = self.last_released.max(key);
+            let item = order
+                .checked_sub(self.base)
+                .and_then(|i| self.items.get_mut(i as usize))
+                .and_then(Option::take);
+            while let Some(None) = self.items.front() {
+                self.items.pop_front();
+                self.base += 1;
+            }
+            if item.is_some() {
+                return item;
+            }
         }
-        let Reverse((key, order)) = self.heap.pop()?;
-        if key < self.last_released {
-            self.late += 1;
-        }
-        self.last_released = self.last_released.max(key);
-        let item = self.items.get_mut(order.checked_sub(self.base)? as usize)?.take();
-        while let Some(None) = self.items.front() {
-            self.items.pop_front();
-            self.base += 1;
-        }
-        item
     }
 }
