@@ -14,8 +14,8 @@
 //! callbacks (Bluebird schedules every promise continuation so), write-completion callbacks. A
 //! write (or connect) after the stretch's last read may be any of them, so a cause counts only
 //! once the thread reads again in the same stretch: then the write was inside an I/O callback,
-//! the one of the message read last before it. Until then the hint is *unconfirmed*, and the
-//! stitcher ignores it if the stretch ends first.
+//! the one of the message read last before it. Until then the hint is *unconfirmed*; if the
+//! stretch ends first, the stitcher turns it into a span link, not a parent.
 //!
 //! Precision guards, each a reason to give no cause:
 //! - the thread is not a loop thread (epoch 0): thread-per-request servers are the thread
@@ -27,7 +27,10 @@
 //! - the process is a Go program: goroutines switch without a wait, so the last message read
 //!   says nothing of who writes next;
 //! - the last input was not one whole message: several requests in one read (pipelined), a
-//!   partial response, bytes of another protocol, the end of a stream.
+//!   partial response, bytes of another protocol, the end of a stream;
+//! - the write is on the connection whose response was just read while the process's other
+//!   connections to that peer were all busy: a full client pool hands a freed connection to a
+//!   request queued for one, in that response's callback (a span link, not a parent).
 use crate::FastMap;
 
 /// The message a loop thread acted on.
@@ -89,6 +92,9 @@ struct ProcessLoops {
     serves: bool,
     /// A Go program (never qualifies).
     go: bool,
+    /// When it was last looked at (the tracker's own count of lookups): the least recently
+    /// seen processes are forgotten first.
+    seen: u64,
 }
 
 impl ProcessLoops {
@@ -212,6 +218,8 @@ pub struct LoopTracker {
     connects: FastMap<(u32, i32), Connect>,
     /// Tells Go programs apart (by pid).
     is_go: Option<fn(u32) -> bool>,
+    /// Lookups of `processes` so far.
+    touches: u64,
     pub stats: LoopStats,
 }
 
@@ -226,13 +234,20 @@ impl LoopTracker {
 
     fn process(&mut self, pid: u32) -> &mut ProcessLoops {
         if self.processes.len() >= MAX_PROCESSES && !self.processes.contains_key(&pid) {
-            self.processes.clear();
+            // Forget the least recently seen half (processes gone or idle); a process seen
+            // again starts over, as a new one does.
+            let mut seen: Vec<u64> = self.processes.values().map(|p| p.seen).collect();
+            let (_, &mut median, _) = seen.select_nth_unstable(MAX_PROCESSES / 2);
+            self.processes.retain(|_, p| p.seen > median);
         }
-        let is_go = self.is_go;
-        self.processes.entry(pid).or_insert_with(|| ProcessLoops {
+        self.touches += 1;
+        let (is_go, touches) = (self.is_go, self.touches);
+        let p = self.processes.entry(pid).or_insert_with(|| ProcessLoops {
             go: is_go.is_some_and(|f| f(pid)),
             ..ProcessLoops::default()
-        })
+        });
+        p.seen = touches;
+        p
     }
 
     /// The thread's stretch, started afresh if `epoch` is a new one (what waited for
@@ -404,5 +419,30 @@ impl LoopTracker {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Beyond the bound, the processes seen longest ago are forgotten, not the busy ones: a
+    /// forgotten multi-loop process would qualify again until its second loop thread shows.
+    #[test]
+    fn processes_forgotten_least_recently_seen_first() {
+        let mut t = LoopTracker::new(None);
+        t.on_output(1, 10, 1);
+        t.on_output(1, 11, 1); // two loop threads: never qualifies
+        for pid in 2..=MAX_PROCESSES as u32 {
+            t.on_output(pid, pid, 1);
+            if pid % 1000 == 0 {
+                t.on_output(1, 10, 1); // process 1 stays busy
+            }
+        }
+        t.on_output(MAX_PROCESSES as u32 + 1, 7, 1);
+        assert!(t.processes.len() <= MAX_PROCESSES / 2 + 2, "{}", t.processes.len());
+        assert!(!t.processes.contains_key(&2), "the stalest process is forgotten");
+        let busy = &t.processes[&1];
+        assert_eq!(busy.disqualified(10), Some(Abstain::SeveralLoopThreads));
     }
 }
