@@ -32,7 +32,9 @@
 //!    last in the same stretch of its loop (`loop`), or a sibling of the call whose response
 //!    it read last (`loop_response`: the continuation of an await); the first request on a
 //!    connection the loop opened takes the cause of the stretch that opened it
-//!    (`loop_connect`). The cause must still be in flight.
+//!    (`loop_connect`). The cause must still be in flight, and confirmed: the connection stage
+//!    reports it once the thread reads again in that stretch ([`Stitcher::confirm_loop_hint`]
+//!    marks the held start). An unconfirmed cause gives a span link, not a parent.
 //! 6. otherwise no parent: a new trace.
 mod calls;
 pub mod context;
