@@ -13,16 +13,29 @@ pub struct ProcessInfo {
     pub host_name: Arc<str>,
 }
 
-/// Cache of process resources, keyed by pid; refreshed when the thread name changes (exec or
-/// pid reuse), bounded in size.
+/// Cache of process resources, keyed by pid, bounded in size. A process is one resource
+/// whatever its threads are named (Java names every pool thread): a thread name not seen before
+/// only makes it check the process's identity, its start time (pid reuse) and executable (an
+/// exec keeps the pid and the start time).
 pub struct ProcessTable {
     root: PathBuf,
     host_name: Arc<str>,
-    cache: FastMap<u32, (CommKey, Arc<ProcessInfo>)>,
+    cache: FastMap<u32, Cached>,
 }
 
 type CommKey = [u8; 16];
 const MAX_PROCESSES: usize = 8192;
+/// Thread names remembered per process (beyond it, the oldest is forgotten: a start-time read).
+const MAX_THREAD_NAMES: usize = 256;
+
+struct Cached {
+    info: Arc<ProcessInfo>,
+    /// Start time (clock ticks since boot) and executable of the process read; `None` without
+    /// /proc.
+    identity: Option<(u64, PathBuf)>,
+    /// Thread names seen on this process, most recent last.
+    names: Vec<CommKey>,
+}
 
 impl ProcessTable {
     pub fn new() -> Self {
@@ -45,16 +58,32 @@ impl ProcessTable {
     }
 
     pub fn get(&mut self, pid: u32, comm: &[u8; 16]) -> Arc<ProcessInfo> {
-        if let Some((c, info)) = self.cache.get(&pid)
-            && (c == comm || comm[0] == 0)
-        {
-            return info.clone();
-        }
+        let identity_read = match self.cache.get_mut(&pid) {
+            Some(c) if comm[0] == 0 || c.names.contains(comm) => return c.info.clone(),
+            Some(c) => {
+                // A thread name not seen before: the same process, or a new one with its pid?
+                let identity = identity(&self.root, pid);
+                if identity.is_some() && identity == c.identity {
+                    if c.names.len() >= MAX_THREAD_NAMES {
+                        c.names.remove(0);
+                    }
+                    c.names.push(*comm);
+                    return c.info.clone();
+                }
+                identity
+            }
+            None => identity(&self.root, pid),
+        };
         if self.cache.len() >= MAX_PROCESSES {
             self.cache.clear();
         }
         let info = Arc::new(self.read(pid, comm));
-        self.cache.insert(pid, (*comm, info.clone()));
+        let cached = Cached {
+            info: info.clone(),
+            identity: identity_read,
+            names: vec![*comm],
+        };
+        self.cache.insert(pid, cached);
         info
     }
 
@@ -87,6 +116,19 @@ impl ProcessTable {
             host_name: self.host_name.clone(),
         }
     }
+}
+
+/// The process's start time (field 22 of `<root>/<pid>/stat`, after the parenthesised name,
+/// which may hold spaces) and executable; `None` without a /proc (replays).
+fn identity(root: &std::path::Path, pid: u32) -> Option<(u64, PathBuf)> {
+    if root.as_os_str().is_empty() {
+        return None;
+    }
+    let dir = root.join(pid.to_string());
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let start = after_name.split_whitespace().nth(19)?.parse().ok()?;
+    Some((start, std::fs::read_link(dir.join("exe")).unwrap_or_default()))
 }
 
 impl Default for ProcessTable {
@@ -149,6 +191,40 @@ mod tests {
             Some("shop".into())
         );
         assert_eq!(service_name_from_environ(b"OTEL_SERVICE_NAME=\0PATH=/bin\0"), None);
+    }
+
+    /// A process is one resource whatever its threads are named; a new process with the same
+    /// pid (another start time) is read again.
+    #[test]
+    fn one_resource_per_process_across_thread_names() {
+        let root = std::env::temp_dir().join(format!("sockspan-proc-{}", std::process::id()));
+        let dir = root.join("42");
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |start: u64, exe: &str, service: &str| {
+            let stat = format!("42 (java pool) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 30 0 {start} 0 0");
+            std::fs::write(dir.join("stat"), stat).unwrap();
+            std::fs::write(dir.join("environ"), format!("OTEL_SERVICE_NAME={service}\0")).unwrap();
+            let _ = std::fs::remove_file(dir.join("exe"));
+            std::os::unix::fs::symlink(exe, dir.join("exe")).unwrap();
+        };
+        let comm = |name: &str| {
+            let mut c = [0u8; 16];
+            c[..name.len()].copy_from_slice(name.as_bytes());
+            c
+        };
+        write(1000, "/usr/bin/java", "orders");
+        let mut t = ProcessTable::with_root(&root);
+        let a = t.get(42, &comm("pool-1-thread-1"));
+        let b = t.get(42, &comm("pool-1-thread-2"));
+        assert!(Arc::ptr_eq(&a, &b), "one resource for both threads");
+        assert_eq!(a.service_name, "orders");
+        write(2000, "/usr/bin/java", "payments");
+        let c = t.get(42, &comm("main"));
+        assert_eq!(c.service_name, "payments", "pid reused by a new process");
+        write(2000, "/usr/bin/node", "inventory");
+        let d = t.get(42, &comm("node"));
+        assert_eq!(d.service_name, "inventory", "the process exec'd another program");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
