@@ -3,7 +3,11 @@
 //! thread read last in the same stretch, so the stretch must also end at every input userspace
 //! does not see: a read of data from anything but a TCP socket (an eventfd or pipe that
 //! signals a finished background task, a unix socket) bumps the epoch too (in `syscalls`).
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
 
 use crate::maps::{LOOP_EPOCH, TRACED_TGIDS, self_tgid};
 
@@ -27,7 +31,10 @@ pub fn bump_epoch(pid_tgid: u64, create: bool) {
         // SAFETY: this thread's own entry; only this thread writes it.
         unsafe { *e += 1 };
     } else if create {
-        let _ = LOOP_EPOCH.insert(pid_tgid, 1, 0);
+        // A fresh entry starts at the clock, not at 1: a thread whose entry the LRU evicted must
+        // not count its epochs again from where userspace may still remember an old stretch.
+        // SAFETY: helper without preconditions.
+        let _ = LOOP_EPOCH.insert(pid_tgid, unsafe { bpf_ktime_get_ns() }, 0);
     }
 }
 
