@@ -235,12 +235,14 @@ pub fn split_target(target: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// `a=1&b=2` → `a=REDACTED&b=REDACTED` (keys are kept: they are low-risk and useful).
+/// `a=1&b=2&tok` → `a=REDACTED&b=REDACTED&REDACTED`: keys are kept (low-risk and useful), a
+/// component without `=` is redacted whole (it may be a bare token: `?eyJhbGciOi…`).
 pub fn redact_query(q: &str) -> String {
     q.split('&')
         .map(|kv| match kv.split_once('=') {
             Some((k, _)) => format!("{k}=REDACTED"),
-            None => kv.to_owned(),
+            None if kv.is_empty() => String::new(),
+            None => "REDACTED".to_owned(),
         })
         .collect::<Vec<_>>()
         .join("&")
@@ -387,7 +389,12 @@ mod tests {
         assert_eq!(split_target("http://h:8/p?q=1"), ("/p", Some("q=1")));
         assert_eq!(split_target("http://h"), ("/", None));
         assert_eq!(split_target("?q"), ("/", Some("q")));
-        assert_eq!(redact_query("token=SECRET&x=1&flag"), "token=REDACTED&x=REDACTED&flag");
+        assert_eq!(
+            redact_query("token=SECRET&x=1&flag"),
+            "token=REDACTED&x=REDACTED&REDACTED"
+        );
+        assert_eq!(redact_query("eyJhbGciOiJIUzI1NiJ9.e30.sig"), "REDACTED");
+        assert_eq!(redact_query("a=1&&b"), "a=REDACTED&&REDACTED");
     }
 
     #[test]
