@@ -17,6 +17,22 @@ const MAGIC_V1: &[u8; 16] = b"sockspan-rec-v1\n";
 /// Data-record header bytes in v1 recordings (the epoch follows them since v2).
 const V1_DATA_HEADER_LEN: usize = agent_common::DataEvent::HEADER_LEN - 8;
 
+/// Creates (or truncates) a recording file readable by its owner only, refusing to follow a
+/// symbolic link: a recording holds raw payloads (bodies, cookies, credentials).
+pub fn create_recording(path: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    // An existing file keeps its mode through O_TRUNC: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
 pub fn write_header(w: &mut impl Write) -> io::Result<()> {
     w.write_all(MAGIC)
 }
@@ -427,4 +443,27 @@ pub fn synthetic_in_flight(n: u32) -> (RawBatch, RawBatch) {
         b.send_response(c, 2000 + i as u32, 1000 + i as u32, SMALL_RESPONSE);
     }
     (started, b.batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn recordings_are_private_and_never_follow_links() {
+        let dir = std::env::temp_dir().join(format!("sockspan-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.rec");
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let f = super::create_recording(&path).unwrap();
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(f.metadata().unwrap().len(), 0, "truncated");
+        let link = dir.join("link.rec");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let err = super::create_recording(&link).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -76,7 +76,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let record: Option<Box<dyn std::io::Write + Send>> = match &cli.record {
         Some(path) => {
             let mut f = std::io::BufWriter::new(
-                std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+                crate::replay::create_recording(path)
+                    .with_context(|| format!("create recording {} (owner-only, no symlinks)", path.display()))?,
             );
             crate::replay::write_header(&mut f)?;
             Some(Box::new(f))
