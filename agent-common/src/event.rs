@@ -114,12 +114,16 @@ pub struct DataEvent {
     /// events of a thread with the same epoch ran in one stretch of that thread's event loop
     /// with no input in between that userspace cannot see.
     pub epoch: u64,
+    /// When the wait that began this epoch would have timed out (monotonic ns; `u64::MAX`: it
+    /// would not, 0: not a loop thread). A loop computes that timeout from its nearest timer, so
+    /// none of its timer callbacks runs before this time.
+    pub wait_deadline_ns: u64,
     /// The first bytes the syscall moved, in stream order (across iovecs).
     pub payload: [u8; MAX_CAPTURE],
 }
 impl DataEvent {
     /// Bytes before the payload.
-    pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>() + 16;
+    pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>() + 24;
 }
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DataEvent::HEADER_LEN + MAX_CAPTURE);
 

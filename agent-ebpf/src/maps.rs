@@ -27,9 +27,19 @@ pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(PENDIN
 #[map]
 pub static FD_INFO: LruHashMap<u64, FdInfo> = LruHashMap::with_max_entries(FD_INFO_MAX_ENTRIES, 0);
 
-/// Loop epoch per thread (pid_tgid), see `agent_common::DataEvent::epoch`.
+/// Each loop thread's epoch and wait deadline (pid_tgid), see `agent_common::DataEvent::epoch`.
 #[map]
-pub static LOOP_EPOCH: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LOOP_EPOCH_MAX_ENTRIES, 0);
+pub static LOOP_STATE: LruHashMap<u64, LoopState> = LruHashMap::with_max_entries(LOOP_EPOCH_MAX_ENTRIES, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LoopState {
+    pub epoch: u64,
+    /// Deadline of the wait that began the current epoch.
+    pub deadline_ns: u64,
+    /// Deadline of the wait in progress (set at its entry, moved to `deadline_ns` at its exit).
+    pub waiting_deadline_ns: u64,
+}
 
 /// Processes (tgid) that moved bytes on a TCP socket: the waits of other processes cost one
 /// lookup and are not counted.

@@ -13,7 +13,7 @@ use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, direction, side, t
 
 use crate::{
     FastMap,
-    decode::Event,
+    decode::{Event, LoopStamp},
     http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
     loops::{Cause, LoopHint, LoopTracker},
 };
@@ -122,6 +122,8 @@ struct Connection {
     undecided_chunks: u32,
     /// The peer is the agent itself: never parsed, never a span.
     own: bool,
+    /// Loop epoch in which its current outgoing message began (loop threads only).
+    out_epoch: u64,
 }
 
 /// Chunks looked at before a connection of unknown side is declared not HTTP.
@@ -199,7 +201,7 @@ impl ConnTable {
     pub fn on_event(&mut self, ev: &Event<'_>, out: &mut Vec<ConnOutput>) {
         match ev {
             Event::TcpState(s) => self.on_state(s),
-            Event::Connect { header: h, epoch } => self.loops.on_connect(h.pid, h.tid, h.fd, h.sock, *epoch),
+            Event::Connect { header: h, lp } => self.loops.on_connect(h.pid, h.tid, h.fd, h.sock, *lp, h.ts_enter_ns),
             Event::Close(s) => {
                 self.loops.on_close(s.header.pid, s.header.fd);
                 let key = (s.header.pid, s.header.fd);
@@ -208,15 +210,12 @@ impl ConnTable {
                 }
             }
             Event::Data {
-                header: h,
-                payload,
-                epoch,
-                ..
+                header: h, payload, lp, ..
             } => {
                 let first = out.len();
                 self.on_data(h, payload, out);
-                if *epoch != 0 {
-                    self.on_loop_data(h, *epoch, out, first);
+                if lp.epoch != 0 {
+                    self.on_loop_data(h, *lp, out, first);
                 }
             }
         }
@@ -225,7 +224,7 @@ impl ConnTable {
     /// Tells the loop tracker what a loop thread's read completed (and reports the requests
     /// that read confirms), or which requests its write started (with their causes);
     /// `out[first..]` is what this event produced.
-    fn on_loop_data(&mut self, h: &EventHeader, epoch: u64, out: &mut Vec<ConnOutput>, first: usize) {
+    fn on_loop_data(&mut self, h: &EventHeader, lp: LoopStamp, out: &mut Vec<ConnOutput>, first: usize) {
         if h.direction == direction::INGRESS {
             let mut causes = out[first..].iter().filter_map(|o| match o {
                 ConnOutput::Started(s) if s.facts.side == Side::Server => Some(Cause::Request {
@@ -265,11 +264,27 @@ impl ConnTable {
                 },
                 other => other,
             });
-            for (conn_id, seq) in self.loops.on_input(h.pid, h.tid, epoch, cause) {
+            for (conn_id, seq) in self.loops.on_input(h.pid, h.tid, lp, h.fd, cause) {
                 out.push(ConnOutput::LoopConfirmed { conn_id, seq });
             }
         } else {
-            self.loops.on_output(h.pid, h.tid, epoch);
+            // A write that goes on with a message begun in an earlier stretch: a completion
+            // callback may run in this one on behalf of that message's request.
+            let starts = out[first..].iter().any(|o| match o {
+                ConnOutput::Started(s) => s.facts.side == Side::Client,
+                ConnOutput::Answering { .. } => true,
+                _ => false,
+            });
+            let older = match self.conns.get_mut(&(h.pid, h.fd)) {
+                Some(c) if c.sock == h.sock => {
+                    if starts {
+                        c.out_epoch = lp.epoch;
+                    }
+                    c.out_epoch != lp.epoch
+                }
+                _ => false,
+            };
+            self.loops.on_output(h.pid, h.tid, lp, older);
             for o in &mut out[first..] {
                 if let ConnOutput::Started(s) = o
                     && s.facts.side == Side::Client
@@ -277,9 +292,9 @@ impl ConnTable {
                     // Seen from its start: its first request is the connection's first.
                     let first_on_conn = s.request.seq == 0 && s.facts.aligned;
                     let request = (s.facts.conn_id, s.request.seq);
-                    s.loop_hint = self
-                        .loops
-                        .hint(h.pid, h.tid, h.fd, h.sock, epoch, request, first_on_conn);
+                    s.loop_hint =
+                        self.loops
+                            .hint(h.pid, h.tid, h.fd, h.sock, lp, h.ts_enter_ns, request, first_on_conn);
                 }
             }
         }
@@ -451,6 +466,7 @@ impl ConnTable {
             last_activity_ns: 0,
             undecided_chunks: 0,
             own,
+            out_epoch: 0,
         }
     }
 

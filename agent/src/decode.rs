@@ -7,14 +7,14 @@ pub enum Event<'a> {
     Data {
         header: EventHeader,
         flags: u32,
-        /// The thread's loop epoch (see `DataEvent::epoch`).
-        epoch: u64,
+        /// The thread's loop epoch and wait deadline (see `DataEvent::epoch`).
+        lp: LoopStamp,
         payload: &'a [u8],
     },
     /// A thread connect()ed a TCP socket (fd, socket and thread in the header).
     Connect {
         header: EventHeader,
-        epoch: u64,
+        lp: LoopStamp,
     },
     Close(SockEvent),
     TcpState(SockEvent),
@@ -27,6 +27,14 @@ impl Event<'_> {
             Event::Close(s) | Event::TcpState(s) => &s.header,
         }
     }
+}
+
+/// Where in its event loop a thread was at a syscall (see `DataEvent::epoch`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoopStamp {
+    /// 0: not a loop thread.
+    pub epoch: u64,
+    pub wait_deadline_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -67,10 +75,14 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
             }
             let hl = size_of::<EventHeader>();
             let word = |at: usize| u32::from_ne_bytes([record[at], record[at + 1], record[at + 2], record[at + 3]]);
+            let dword = |at: usize| u64::from(word(at)) | (u64::from(word(at + 4)) << 32);
             let (captured, flags) = (word(hl) as usize, word(hl + 4));
-            let epoch = u64::from(word(hl + 8)) | (u64::from(word(hl + 12)) << 32);
+            let lp = LoopStamp {
+                epoch: dword(hl + 8),
+                wait_deadline_ns: dword(hl + 16),
+            };
             if header.kind == kind::CONNECT {
-                return Ok(Event::Connect { header, epoch });
+                return Ok(Event::Connect { header, lp });
             }
             let available = record.len() - DataEvent::HEADER_LEN;
             if captured > available || captured > MAX_CAPTURE {
@@ -79,7 +91,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
             Ok(Event::Data {
                 header,
                 flags,
-                epoch,
+                lp,
                 payload: &record[DataEvent::HEADER_LEN..DataEvent::HEADER_LEN + captured],
             })
         }
@@ -95,7 +107,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
 
 /// Encodes a data (or connect) event the way the kernel sends it (for recordings, tests and
 /// benchmarks).
-pub fn encode_data(header: &EventHeader, flags: u32, epoch: u64, payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_data(header: &EventHeader, flags: u32, lp: LoopStamp, payload: &[u8], out: &mut Vec<u8>) {
     let payload = &payload[..payload.len().min(MAX_CAPTURE)];
     // SAFETY: EventHeader is plain #[repr(C)] data without padding.
     let hb =
@@ -103,7 +115,8 @@ pub fn encode_data(header: &EventHeader, flags: u32, epoch: u64, payload: &[u8],
     out.extend_from_slice(hb);
     out.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
     out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&epoch.to_ne_bytes());
+    out.extend_from_slice(&lp.epoch.to_ne_bytes());
+    out.extend_from_slice(&lp.wait_deadline_ns.to_ne_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -130,13 +143,20 @@ mod tests {
             ..Default::default()
         };
         let mut buf = Vec::new();
-        encode_data(&h, 0, 42, b"hello", &mut buf);
+        let lp = LoopStamp {
+            epoch: 42,
+            wait_deadline_ns: 7,
+        };
+        encode_data(&h, 0, lp, b"hello", &mut buf);
         match decode(&buf).unwrap() {
             Event::Data {
-                header, payload, epoch, ..
+                header,
+                payload,
+                lp: got,
+                ..
             } => {
                 assert_eq!(header, h);
-                assert_eq!(epoch, 42);
+                assert_eq!(got, lp);
                 assert_eq!(payload, b"hello");
             }
             other => panic!("unexpected {other:?}"),
@@ -169,7 +189,7 @@ mod tests {
                 ..Default::default()
             },
             0,
-            0,
+            LoopStamp::default(),
             b"abc",
             &mut buf,
         );

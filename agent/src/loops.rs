@@ -17,6 +17,13 @@
 //! the one of the message read last before it. Until then the hint is *unconfirmed*; if the
 //! stretch ends first, the stitcher turns it into a span link, not a parent.
 //!
+//! A write is also certain when the stretch read one connection only, before the time the wait
+//! that began it would have timed out, and nothing in it flushed a message begun earlier: the
+//! loop computes that timeout from its nearest timer and from pending work (immediates, queued
+//! completions make it 0), so no timer has fired yet, no immediate was pending, and whatever ran
+//! since the read (its callback, immediates and write completions it caused) came from that
+//! one message. This covers the quiet loops, where a stretch often holds a single callback.
+//!
 //! Precision guards, each a reason to give no cause:
 //! - the thread is not a loop thread (epoch 0): thread-per-request servers are the thread
 //!   rule's, not this one's;
@@ -31,7 +38,11 @@
 //! - the write is on the connection whose response was just read while the process's other
 //!   connections to that peer were all busy: a full client pool hands a freed connection to a
 //!   request queued for one, in that response's callback (a span link, not a parent).
-use crate::FastMap;
+use crate::{FastMap, decode::LoopStamp};
+
+/// How early, before the wait's deadline, a timer may already fire: loops keep time in whole
+/// milliseconds (libuv truncates; a coarse clock may lag by another one).
+const TIMER_SLACK_NS: u64 = 2_000_000;
 
 /// The message a loop thread acted on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +80,13 @@ pub struct LoopHint {
 #[derive(Debug, Clone, Default)]
 struct Stretch {
     epoch: u64,
+    /// When the wait that began it would have timed out.
+    deadline_ns: u64,
     last: Option<Cause>,
+    /// Fds read in this stretch (two are enough to say "more than one").
+    read_fds: Vec<i32>,
+    /// A write in it went on with a message begun in an earlier stretch.
+    older_flushed: bool,
     /// Client requests (connection, seq) given a cause in this stretch, unconfirmed.
     unconfirmed: Vec<(u64, u64)>,
     /// Fds connected in this stretch, their connect unconfirmed.
@@ -95,6 +112,13 @@ struct ProcessLoops {
     /// When it was last looked at (the tracker's own count of lookups): the least recently
     /// seen processes are forgotten first.
     seen: u64,
+}
+
+impl Stretch {
+    /// Whatever the thread does at `at_ns` comes from the one message read in this stretch.
+    fn lone(&self, at_ns: u64) -> bool {
+        self.read_fds.len() == 1 && !self.older_flushed && at_ns.saturating_add(TIMER_SLACK_NS) < self.deadline_ns
+    }
 }
 
 impl ProcessLoops {
@@ -250,17 +274,18 @@ impl LoopTracker {
         p
     }
 
-    /// The thread's stretch, started afresh if `epoch` is a new one (what waited for
+    /// The thread's stretch, started afresh if `lp` is a new epoch (what waited for
     /// confirmation in the old one never gets it).
-    fn stretch(&mut self, pid: u32, tid: u32, epoch: u64) -> &mut Stretch {
+    fn stretch(&mut self, pid: u32, tid: u32, lp: LoopStamp) -> &mut Stretch {
         if self.stretches.len() >= MAX_THREADS && !self.stretches.contains_key(&(pid, tid)) {
             self.stretches.clear();
         }
         let s = self.stretches.entry((pid, tid)).or_default();
-        if s.epoch != epoch {
+        if s.epoch != lp.epoch {
             self.stats.abstained[Abstain::Unconfirmed as usize] += s.unconfirmed.len() as u64;
             *s = Stretch {
-                epoch,
+                epoch: lp.epoch,
+                deadline_ns: lp.wait_deadline_ns,
                 ..Stretch::default()
             };
         }
@@ -270,8 +295,8 @@ impl LoopTracker {
     /// A loop thread (epoch ≠ 0) read bytes; `cause` is the whole message they completed, if
     /// exactly one. What the thread wrote or connected earlier in the stretch was inside an I/O
     /// callback: those client requests are returned, confirmed.
-    pub fn on_input(&mut self, pid: u32, tid: u32, epoch: u64, cause: Option<Cause>) -> Vec<(u64, u64)> {
-        if epoch == 0 {
+    pub fn on_input(&mut self, pid: u32, tid: u32, lp: LoopStamp, fd: i32, cause: Option<Cause>) -> Vec<(u64, u64)> {
+        if lp.epoch == 0 {
             return Vec::new();
         }
         let p = self.process(pid);
@@ -279,8 +304,11 @@ impl LoopTracker {
         if matches!(cause, Some(Cause::Request { .. })) {
             p.serves = true;
         }
-        let s = self.stretch(pid, tid, epoch);
+        let s = self.stretch(pid, tid, lp);
         s.last = cause;
+        if !s.read_fds.contains(&fd) && s.read_fds.len() < 2 {
+            s.read_fds.push(fd);
+        }
         let confirmed = std::mem::take(&mut s.unconfirmed);
         for fd in std::mem::take(&mut s.connecting) {
             if let Some(c) = self.connects.get_mut(&(pid, fd)) {
@@ -291,12 +319,16 @@ impl LoopTracker {
         confirmed
     }
 
-    /// A loop thread wrote bytes (it does TCP I/O, whatever it writes).
-    pub fn on_output(&mut self, pid: u32, tid: u32, epoch: u64) {
-        if epoch == 0 {
+    /// A loop thread wrote bytes (it does TCP I/O, whatever it writes); `older`: they go on
+    /// with a message begun in an earlier stretch.
+    pub fn on_output(&mut self, pid: u32, tid: u32, lp: LoopStamp, older: bool) {
+        if lp.epoch == 0 {
             return;
         }
         self.process(pid).note_thread(tid);
+        if older {
+            self.stretch(pid, tid, lp).older_flushed = true;
+        }
     }
 
     /// The cause of the stretch thread `tid` is in, or why there is none.
@@ -312,26 +344,20 @@ impl LoopTracker {
             .ok_or(Abstain::NoMessage)
     }
 
-    /// A thread connected socket `sock` as fd `fd`.
-    pub fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, sock: u64, epoch: u64) {
-        self.on_output(pid, tid, epoch);
+    /// A thread connected socket `sock` as fd `fd` at `at_ns`.
+    pub fn on_connect(&mut self, pid: u32, tid: u32, fd: i32, sock: u64, lp: LoopStamp, at_ns: u64) {
+        self.on_output(pid, tid, lp, false);
         self.connects.remove(&(pid, fd));
-        let Ok(cause) = self.current(pid, tid, epoch) else {
+        let Ok(cause) = self.current(pid, tid, lp.epoch) else {
             return;
         };
+        let confirmed = self.stretch(pid, tid, lp).lone(at_ns);
         if self.connects.len() >= MAX_CONNECTS {
             self.connects.clear();
         }
-        self.connects.insert(
-            (pid, fd),
-            Connect {
-                sock,
-                cause,
-                confirmed: false,
-            },
-        );
-        let s = self.stretch(pid, tid, epoch);
-        if s.connecting.len() < MAX_PER_STRETCH {
+        self.connects.insert((pid, fd), Connect { sock, cause, confirmed });
+        let s = self.stretch(pid, tid, lp);
+        if !confirmed && s.connecting.len() < MAX_PER_STRETCH {
             s.connecting.push(fd);
         }
     }
@@ -348,7 +374,8 @@ impl LoopTracker {
         tid: u32,
         fd: i32,
         sock: u64,
-        epoch: u64,
+        lp: LoopStamp,
+        at_ns: u64,
         request: (u64, u64),
         first_on_conn: bool,
     ) -> Option<LoopHint> {
@@ -370,7 +397,7 @@ impl LoopTracker {
                 confirmed: c.confirmed,
             });
         }
-        match self.current(pid, tid, epoch) {
+        match self.current(pid, tid, lp.epoch) {
             Ok(
                 cause @ Cause::Response {
                     conn_id,
@@ -387,7 +414,15 @@ impl LoopTracker {
                 })
             }
             Ok(cause) => {
-                let s = self.stretch(pid, tid, epoch);
+                let s = self.stretch(pid, tid, lp);
+                if s.lone(at_ns) {
+                    self.stats.hints[Via::Stretch as usize] += 1;
+                    return Some(LoopHint {
+                        cause,
+                        via: Via::Stretch,
+                        confirmed: true,
+                    });
+                }
                 if s.unconfirmed.len() >= MAX_PER_STRETCH {
                     // A client flooding requests without reading: nothing to confirm them by.
                     self.stats.abstained[Abstain::Unconfirmed as usize] += 1;
@@ -431,15 +466,19 @@ mod tests {
     #[test]
     fn processes_forgotten_least_recently_seen_first() {
         let mut t = LoopTracker::new(None);
-        t.on_output(1, 10, 1);
-        t.on_output(1, 11, 1); // two loop threads: never qualifies
+        let lp = LoopStamp {
+            epoch: 1,
+            wait_deadline_ns: 0,
+        };
+        t.on_output(1, 10, lp, false);
+        t.on_output(1, 11, lp, false); // two loop threads: never qualifies
         for pid in 2..=MAX_PROCESSES as u32 {
-            t.on_output(pid, pid, 1);
+            t.on_output(pid, pid, lp, false);
             if pid % 1000 == 0 {
-                t.on_output(1, 10, 1); // process 1 stays busy
+                t.on_output(1, 10, lp, false); // process 1 stays busy
             }
         }
-        t.on_output(MAX_PROCESSES as u32 + 1, 7, 1);
+        t.on_output(MAX_PROCESSES as u32 + 1, 7, lp, false);
         assert!(t.processes.len() <= MAX_PROCESSES / 2 + 2, "{}", t.processes.len());
         assert!(!t.processes.contains_key(&2), "the stalest process is forgotten");
         let busy = &t.processes[&1];

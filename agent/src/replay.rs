@@ -7,15 +7,15 @@ use std::io::{self, Read, Write};
 use agent_common::{AF_INET, EventHeader, SockEvent, direction, kind, side, syscall, tcp_state};
 
 use crate::{
-    decode::{encode_data, encode_sock},
+    decode::{LoopStamp, encode_data, encode_sock},
     reader::RawBatch,
 };
 
 pub const MAGIC: &[u8; 16] = b"sockspan-rec-v2\n";
 /// Recordings made before data records carried the loop epoch: read with epoch 0.
 const MAGIC_V1: &[u8; 16] = b"sockspan-rec-v1\n";
-/// Data-record header bytes in v1 recordings (the epoch follows them since v2).
-const V1_DATA_HEADER_LEN: usize = agent_common::DataEvent::HEADER_LEN - 8;
+/// Data-record header bytes in v1 recordings (the loop stamp follows them since v2).
+const V1_DATA_HEADER_LEN: usize = agent_common::DataEvent::HEADER_LEN - 16;
 
 /// Creates (or truncates) a recording file readable by its owner only, refusing to follow a
 /// symbolic link: a recording holds raw payloads (bodies, cookies, credentials).
@@ -79,7 +79,7 @@ pub fn read_recording(mut r: impl Read, batch_records: usize) -> Result<Vec<RawB
         if v1 && rec.first() == Some(&kind::DATA) && rec.len() >= V1_DATA_HEADER_LEN {
             upgraded.clear();
             upgraded.extend_from_slice(&rec[..V1_DATA_HEADER_LEN]);
-            upgraded.extend_from_slice(&0u64.to_ne_bytes());
+            upgraded.extend_from_slice(&[0; 16]);
             upgraded.extend_from_slice(&rec[V1_DATA_HEADER_LEN..]);
             rec = &upgraded;
         }
@@ -101,8 +101,8 @@ pub struct StreamBuilder {
     buf: Vec<u8>,
     pub now_ns: u64,
     next_sock: u64,
-    /// Loop epoch stamped on each thread's events (threads absent: 0, not a loop thread).
-    pub epochs: crate::FastMap<u32, u64>,
+    /// Loop stamp of each thread's events (threads absent: not a loop thread).
+    pub loops: crate::FastMap<u32, LoopStamp>,
 }
 
 impl Default for StreamBuilder {
@@ -131,7 +131,7 @@ impl StreamBuilder {
             buf: Vec::new(),
             now_ns: 1_000_000_000,
             next_sock: 0xffff_0000_0000_1000,
-            epochs: crate::FastMap::default(),
+            loops: crate::FastMap::default(),
         }
     }
 
@@ -180,9 +180,9 @@ impl StreamBuilder {
             ts_exit_ns: t,
             ..Default::default()
         };
-        let epoch = self.epochs.get(&tid).copied().unwrap_or(0);
+        let lp = self.loops.get(&tid).copied().unwrap_or_default();
         self.buf.clear();
-        encode_data(&header, 0, epoch, &[], &mut self.buf);
+        encode_data(&header, 0, lp, &[], &mut self.buf);
         self.batch.push(&self.buf);
     }
 
@@ -248,8 +248,8 @@ impl StreamBuilder {
             comm: c,
         };
         self.buf.clear();
-        let epoch = self.epochs.get(&tid).copied().unwrap_or(0);
-        encode_data(&header, 0, epoch, captured, &mut self.buf);
+        let lp = self.loops.get(&tid).copied().unwrap_or_default();
+        encode_data(&header, 0, lp, captured, &mut self.buf);
         self.batch.push(&self.buf);
     }
 

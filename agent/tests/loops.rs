@@ -1,6 +1,7 @@
 //! The event-loop rule on scripted kernel streams: a single loop thread serving several
 //! requests at once, whose calls carry nothing of the request that caused them.
 use sockspan::{
+    decode::LoopStamp,
     loops::{Abstain, LoopStats},
     pipeline::Processor,
     replay::{SimConn, StreamBuilder},
@@ -76,8 +77,19 @@ impl Bed {
         Self { b, inbound, outbound }
     }
 
+    /// Thread `tid` is in epoch `e` of its loop, begun by a wait that did not block (timeout 0:
+    /// work was pending), so only a later read confirms what it writes.
     fn epoch(&mut self, tid: u32, e: u64) {
-        self.b.epochs.insert(tid, e);
+        self.wait(tid, e, 0);
+    }
+
+    /// Thread `tid` is in epoch `e`, begun by a wait that would have timed out at `deadline`.
+    fn wait(&mut self, tid: u32, e: u64, deadline: u64) {
+        let lp = LoopStamp {
+            epoch: e,
+            wait_deadline_ns: deadline,
+        };
+        self.b.loops.insert(tid, lp);
     }
 
     /// The load generator sends `p` on inbound connection `i`; the loop thread reads it.
@@ -338,4 +350,66 @@ fn a_connection_freed_while_its_pool_is_full_may_go_to_a_queued_request() {
         some("/in/a", "loop_unconfirmed")
     );
     assert_eq!(abstained(&st, Abstain::PoolHandoff), 1);
+}
+
+#[test]
+fn a_quiet_stretch_with_one_message_needs_no_later_read() {
+    let mut bed = Bed::new(6, 4);
+    // Connection 3 is left cold: its first request comes after a connect.
+    for o in 0..3 {
+        bed.call(o, LOOP, &format!("/warm/{o}"));
+        bed.answer_call(o, LOOP);
+    }
+    bed.epoch(LOOP, 1);
+    bed.request_in(5, "/in/waiting"); // in flight throughout: the thread alone cannot tell
+    bed.request_in(4, "/in/other");
+    // /in/other's answer begins; its body goes on in a later stretch.
+    let c = bed.inbound[4];
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n";
+    bed.b.data(
+        LOOP,
+        LOOP,
+        c.server_fd,
+        c.server_sock,
+        1,
+        true,
+        head,
+        head.len(),
+        "loop",
+    );
+    // The wait asked to wake in 50 ms (the loop's nearest timer): one message read, then a call
+    // and a connect with no read after them. Nothing but that message's callback (and what it
+    // scheduled) can have run: no timer is due, no immediate was pending.
+    let deadline = bed.b.now_ns + 50_000_000;
+    bed.wait(LOOP, 2, deadline);
+    bed.request_in(0, "/in/quiet");
+    bed.call(0, LOOP, "/call/quiet");
+    let k3 = bed.outbound[3];
+    bed.b.connect_call(&k3, LOOP);
+    // Once the deadline is near, a timer may have fired: a link only.
+    bed.b.now_ns = deadline;
+    bed.call(1, LOOP, "/call/timer-time");
+    // Two connections read in the stretch: the first one's immediates may run after the second.
+    bed.wait(LOOP, 3, u64::MAX);
+    bed.request_in(1, "/in/first");
+    bed.request_in(2, "/in/second");
+    bed.call(2, LOOP, "/call/after-two");
+    // A stretch that flushed a message begun earlier (a completion callback may follow it).
+    bed.wait(LOOP, 4, u64::MAX);
+    bed.request_in(3, "/in/flushing");
+    bed.b
+        .data(LOOP, LOOP, c.server_fd, c.server_sock, 1, true, b"more-body", 9, "loop");
+    bed.call(1, LOOP, "/call/after-flush");
+    bed.wait(LOOP, 5, u64::MAX);
+    bed.request_in(1, "/in/late");
+    bed.call(3, LOOP, "/call/first-on-quiet-connect");
+    let (spans, _) = bed.end();
+    assert_eq!(parent_of(&spans, "/call/quiet"), some("/in/quiet", "loop"));
+    assert_eq!(parent_of(&spans, "/call/timer-time"), None);
+    assert_eq!(parent_of(&spans, "/call/after-two"), None);
+    assert_eq!(parent_of(&spans, "/call/after-flush"), None);
+    assert_eq!(
+        parent_of(&spans, "/call/first-on-quiet-connect"),
+        some("/in/quiet", "loop_connect")
+    );
 }

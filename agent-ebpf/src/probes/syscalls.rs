@@ -147,7 +147,7 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         // Data from a pipe, eventfd or unix socket may wake work in an event loop that
         // userspace cannot attribute: it ends the loop thread's current epoch.
         if p.direction == direction::INGRESS && arg::<i64>(ctx, RET).is_ok_and(|r| r > 0) {
-            bump_epoch(pid_tgid, false);
+            bump_epoch(pid_tgid);
         }
         return Ok(0);
     }
