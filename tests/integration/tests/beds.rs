@@ -24,13 +24,13 @@ fn recall_floor(rt: Runtime, concurrency: usize, keepalive: bool) -> f64 {
     match (rt, concurrency, keepalive) {
         // One request in flight: the thread rule links every call.
         (Runtime::Node | Runtime::NodePool | Runtime::Asyncio, 1, _) => 0.95,
-        // The event-loop rule, when a later read in the same stretch of the loop confirms the
-        // call came from an I/O callback (measured 55-82%); with a new connection per call,
-        // the connects come in the stretch's last callback and are never confirmed.
         // At concurrency 4 stretches hold fewer callbacks: more calls come last in theirs
-        // (measured 43%), some confirmed by a stretch that read one connection only.
-        (Runtime::Node, 4, true) => 0.25,
-        (Runtime::Node, _, true) => 0.4,
+        // (measured 29-43%), some confirmed by a stretch that read one connection only.
+        (Runtime::Node, 4, true) => 0.15,
+        // The event-loop rule, when a later read in the same stretch of the loop confirms the
+        // call came from an I/O callback (measured 51-76% at c=8-32); with a new connection per
+        // call, the connects come in the stretch's last callback and are rarely confirmed.
+        (Runtime::Node, _, true) => 0.35,
         _ => 0.0,
     }
 }
