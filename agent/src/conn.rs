@@ -306,21 +306,20 @@ impl ConnTable {
         let Some(peer) = self.conns.get(&(pid, fd)).and_then(|c| c.remote) else {
             return false;
         };
-        let conns = &self.conns;
         let Some(siblings) = self.by_peer.get_mut(&(pid, peer)) else {
             return false;
         };
-        siblings.retain(|k| conns.get(k).is_some_and(|c| c.remote == Some(peer)));
+        drop_gone(siblings, &self.conns, peer);
         siblings.iter().any(|&k| {
             k != (pid, fd)
-                && conns
+                && self
+                    .conns
                     .get(&k)
                     .is_some_and(|c| c.side == Some(Side::Client) && c.http.pending_requests() == 0)
         })
     }
 
-    /// Indexes a new client connection by (process, peer), dropping entries of connections
-    /// gone since (so churn to one peer keeps the list short).
+    /// Indexes a new client connection by (process, peer).
     fn index_peer(&mut self, pid: u32, fd: i32) {
         let Some(peer) = self.conns.get(&(pid, fd)).and_then(|c| c.remote) else {
             return;
@@ -328,9 +327,8 @@ impl ConnTable {
         if self.by_peer.len() >= MAX_CONNECTIONS && !self.by_peer.contains_key(&(pid, peer)) {
             self.by_peer.clear();
         }
-        let conns = &self.conns;
         let siblings = self.by_peer.entry((pid, peer)).or_default();
-        siblings.retain(|k| conns.get(k).is_some_and(|c| c.remote == Some(peer)));
+        drop_gone(siblings, &self.conns, peer);
         if siblings.len() < MAX_SIBLINGS && !siblings.contains(&(pid, fd)) {
             siblings.push((pid, fd));
         }
@@ -601,6 +599,12 @@ impl Connection {
             }));
         }
     }
+}
+
+/// Drops from a (process, peer) index the connections gone or no longer to `peer` (so churn to
+/// one peer keeps the list short).
+fn drop_gone(siblings: &mut Vec<(u32, i32)>, conns: &FastMap<(u32, i32), Connection>, peer: SocketAddr) {
+    siblings.retain(|k| conns.get(k).is_some_and(|c| c.remote == Some(peer)));
 }
 
 /// Side of a connection that predates the agent, from the first bytes seen on it.
