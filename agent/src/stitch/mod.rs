@@ -363,17 +363,19 @@ impl Stitcher {
             return self.child_of(parent, source);
         }
         let candidates = self.serving.candidates(s.pid, s.start_ns);
+        let looped = rules::event_loop(&self.serving, &self.finished_calls, &self.decided, s);
         let chosen = rules::thread(&self.serving, s, &candidates)
             .map(|k| (k, ParentSource::Thread))
             .or_else(|| rules::proxy(&self.serving, s, &candidates).map(|k| (k, ParentSource::Proxy)))
-            .or_else(|| rules::event_loop(&self.serving, &self.finished_calls, &self.decided, s));
+            .or_else(|| looped.filter(|l| l.2).map(|(k, source, _)| (k, source)));
         let Some((key, source)) = chosen else {
             if !candidates.is_empty() {
                 self.stats.ambiguous += 1;
             }
             let mut root = self.new_root();
-            root.link = rules::event_loop_unconfirmed(&self.serving, &self.finished_calls, &self.decided, s)
-                .and_then(|k| self.serving.get(&k))
+            root.link = looped
+                .filter(|l| !l.2)
+                .and_then(|(k, _, _)| self.serving.get(&k))
                 .map(|f| SpanLink {
                     trace_id: f.trace_id,
                     span_id: f.span_id,

@@ -60,38 +60,16 @@ pub fn proxy(serving: &Serving, s: &RequestStart, candidates: &[Key]) -> Option<
 }
 
 /// Rung 5: A call written by a process's single event-loop thread: the server request its last
-/// message in the same stretch leads to (see `crate::loops`), while that request is in flight,
-/// once a later read in the stretch confirmed the call came from that message's callback.
+/// message in the same stretch leads to (see `crate::loops`), while that request is in flight.
+/// The flag says whether a later read in the stretch confirmed the call came from that message's
+/// callback: a parent if so; if not, only a span link (a timer, an immediate or a completion
+/// callback may have run after it: likely, not certain).
 pub fn event_loop(
     serving: &Serving,
     finished: &FinishedCalls,
     decided: &FastMap<Key, Decided>,
     s: &RequestStart,
-) -> Option<(Key, ParentSource)> {
-    loop_candidate(serving, finished, decided, s).filter(|_| s.loop_hint.is_some_and(|h| h.confirmed))
-}
-
-/// Not a rung but a link: the server request an unconfirmed event-loop hint leads to. The call
-/// came after the stretch's last read, from its callback or from a timer, an immediate or a
-/// completion callback that ran after it: likely, not certain.
-pub fn event_loop_unconfirmed(
-    serving: &Serving,
-    finished: &FinishedCalls,
-    decided: &FastMap<Key, Decided>,
-    s: &RequestStart,
-) -> Option<Key> {
-    loop_candidate(serving, finished, decided, s)
-        .filter(|_| s.loop_hint.is_some_and(|h| !h.confirmed))
-        .map(|(key, _)| key)
-}
-
-/// The server request in flight in the writer's process that an event-loop hint leads to.
-fn loop_candidate(
-    serving: &Serving,
-    finished: &FinishedCalls,
-    decided: &FastMap<Key, Decided>,
-    s: &RequestStart,
-) -> Option<(Key, ParentSource)> {
+) -> Option<(Key, ParentSource, bool)> {
     let hint = s.loop_hint?;
     let (key, source) = match hint.cause {
         Cause::Request { conn_id, seq } => ((conn_id, seq), ParentSource::Loop),
@@ -111,7 +89,7 @@ fn loop_candidate(
     serving
         .get(&key)
         .is_some_and(|f| f.pid == s.pid && f.start_ns <= s.start_ns)
-        .then_some((key, source))
+        .then_some((key, source, hint.confirmed))
 }
 
 /// The one candidate that satisfies `pred`, if exactly one does.
