@@ -197,30 +197,32 @@ pub struct LoopStats {
     pub abstained: [u64; Abstain::ALL.len()],
 }
 
-/// One exported counter: (metric name, help, label name, label value, value).
-pub type Exported = (&'static str, &'static str, &'static str, &'static str, u64);
+/// One exported counter family: (metric name, help, [(label name, label value, value)]).
+pub type Family = (&'static str, &'static str, Vec<(&'static str, &'static str, u64)>);
 
 impl LoopStats {
     /// Every counter, named and described here, beside what it counts.
-    pub fn counters(&self) -> Vec<Exported> {
-        const HINTS: &str = "sockspan_loop_hints_total";
-        const HINTS_HELP: &str = "Client requests written by an event-loop thread that were given the message that caused them, by how (the same stretch of the loop, or the stretch that opened the connection).";
-        const ABSTAINED: &str = "sockspan_loop_abstained_total";
-        const ABSTAINED_HELP: &str =
-            "Client requests written by an event-loop thread that were given no cause, by reason.";
+    pub fn counters(&self) -> Vec<Family> {
         let hints = [(Via::Stretch, "stretch"), (Via::Connect, "connect")]
             .into_iter()
-            .map(|(via, name)| (HINTS, HINTS_HELP, "via", name, self.hints[via as usize]));
-        let abstained = Abstain::ALL.into_iter().map(|a| {
+            .map(|(via, name)| ("via", name, self.hints[via as usize]))
+            .collect();
+        let abstained = Abstain::ALL
+            .into_iter()
+            .map(|a| ("reason", a.as_str(), self.abstained[a as usize]))
+            .collect();
+        vec![
             (
-                ABSTAINED,
-                ABSTAINED_HELP,
-                "reason",
-                a.as_str(),
-                self.abstained[a as usize],
-            )
-        });
-        hints.chain(abstained).collect()
+                "sockspan_loop_hints_total",
+                "Client requests written by an event-loop thread that were given the message that caused them, by how (the same stretch of the loop, or the stretch that opened the connection).",
+                hints,
+            ),
+            (
+                "sockspan_loop_abstained_total",
+                "Client requests written by an event-loop thread that were given no cause, by reason.",
+                abstained,
+            ),
+        ]
     }
 }
 
@@ -351,15 +353,15 @@ impl LoopTracker {
         let Ok(cause) = self.current(pid, tid, lp.epoch) else {
             return;
         };
-        let confirmed = self.stretch(pid, tid, lp).lone(at_ns);
+        let s = self.stretch(pid, tid, lp);
+        let confirmed = s.lone(at_ns);
+        if !confirmed && s.connecting.len() < MAX_PER_STRETCH {
+            s.connecting.push(fd);
+        }
         if self.connects.len() >= MAX_CONNECTS {
             self.connects.clear();
         }
         self.connects.insert((pid, fd), Connect { sock, cause, confirmed });
-        let s = self.stretch(pid, tid, lp);
-        if !confirmed && s.connecting.len() < MAX_PER_STRETCH {
-            s.connecting.push(fd);
-        }
     }
 
     /// The cause of client request `request` (connection, seq), whose first bytes thread `tid`
@@ -445,15 +447,6 @@ impl LoopTracker {
     /// Forgets a closed fd's pending connect.
     pub fn on_close(&mut self, pid: u32, fd: i32) {
         self.connects.remove(&(pid, fd));
-    }
-
-    /// Entries held (for memory accounting and tests).
-    pub fn len(&self) -> usize {
-        self.stretches.len() + self.processes.len() + self.connects.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -204,12 +204,8 @@ impl Metrics {
             c(name, help, &[("", "", n)]);
         }
         let loops = self.loops.lock().map(|g| g.counters()).unwrap_or_default();
-        let mut names: Vec<(&str, &str)> = loops.iter().map(|e| (e.0, e.1)).collect();
-        names.dedup();
-        for (name, help) in names {
-            let labelled: Vec<(&str, &str, u64)> =
-                loops.iter().filter(|e| e.0 == name).map(|e| (e.2, e.3, e.4)).collect();
-            c(name, help, &labelled);
+        for (name, help, labelled) in &loops {
+            c(name, help, labelled);
         }
         c(
             "sockspan_spans_created_total",
