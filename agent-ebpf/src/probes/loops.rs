@@ -100,11 +100,11 @@ fn wait_deadline(ctx: &TracePointContext, timeout: Timeout, now: u64) -> u64 {
     now.saturating_add(after)
 }
 
-/// Starts a new epoch for the current thread at the end of its wait.
+/// Starts a new epoch for the current thread at the end of its wait. Only threads that passed
+/// `traced_thread` at the wait's start have an entry: no second check here.
 #[inline(always)]
 fn on_wait_end() -> u32 {
-    let Some(pid_tgid) = traced_thread() else { return 0 };
-    if let Some(s) = LOOP_STATE.get_ptr_mut(pid_tgid) {
+    if let Some(s) = LOOP_STATE.get_ptr_mut(bpf_get_current_pid_tgid()) {
         // SAFETY: this thread's own entry; only this thread writes it.
         unsafe {
             (*s).epoch += 1;
