@@ -16,6 +16,9 @@ pub mod kind {
     /// A process connect()ed a TCP socket: a [`super::DataEvent`] with no payload, so userspace
     /// learns which thread opened the connection, and in which loop epoch.
     pub const CONNECT: u8 = 2;
+    /// A Go program's runtime or `net/http` did something syscalls do not show (uprobes):
+    /// [`super::GoEvent`].
+    pub const GO: u8 = 3;
     /// A traced TCP socket's fd was closed by its process: [`super::SockEvent`].
     pub const CLOSE: u8 = 10;
     /// A TCP socket changed state (ESTABLISHED or CLOSE): [`super::SockEvent`].
@@ -118,12 +121,15 @@ pub struct DataEvent {
     /// would not, 0: not a loop thread). A loop computes that timeout from its nearest timer, so
     /// none of its timer callbacks runs before this time.
     pub wait_deadline_ns: u64,
+    /// The Go goroutine (its `g` pointer) that made the syscall, in processes whose Go hooks
+    /// are attached; else 0.
+    pub goroutine: u64,
     /// The first bytes the syscall moved, in stream order (across iovecs).
     pub payload: [u8; MAX_CAPTURE],
 }
 impl DataEvent {
     /// Bytes before the payload.
-    pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>() + 24;
+    pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>() + 32;
 }
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DataEvent::HEADER_LEN + MAX_CAPTURE);
 
@@ -145,6 +151,32 @@ pub struct SockEvent {
 }
 const _: () = assert!(core::mem::size_of::<SockEvent>() == 64 + 8 + 32);
 
+/// What a [`GoEvent`] reports. Goroutines are named by their `g` pointer (the runtime reuses a
+/// `g` only for a goroutine it creates again, which a new [`go_op::SPAWN`] reports).
+pub mod go_op {
+    /// `runtime.newproc1` returned: goroutine `a` created goroutine `b`.
+    pub const SPAWN: u8 = 1;
+    /// `net/http.(*persistConn).roundTrip` began: goroutine `a` sends a request over the
+    /// pooled connection `b` (a `*persistConn`), which that connection's write loop writes.
+    pub const ROUND_TRIP: u8 = 2;
+    /// `net/http.(*persistConn).writeLoop` began: goroutine `a` writes every request of the
+    /// pooled connection `b`.
+    pub const WRITE_LOOP: u8 = 3;
+}
+
+/// One Go runtime or `net/http` hook's report (`kind::GO`), see [`go_op`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoEvent {
+    pub header: EventHeader,
+    /// One of [`go_op`].
+    pub op: u8,
+    pub _pad: [u8; 7],
+    pub a: u64,
+    pub b: u64,
+}
+const _: () = assert!(core::mem::size_of::<GoEvent>() == 64 + 24);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` data, no padding bytes, every bit pattern valid.
@@ -153,4 +185,6 @@ mod pod {
     unsafe impl aya::Pod for super::DataEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GoEvent {}
 }

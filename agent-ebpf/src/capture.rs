@@ -49,6 +49,7 @@ fn scratch_event(p: &PendingCall, pid_tgid: u64, kind: u8, side: u8, ret: i64) -
     ev.flags = if data { p.recv_flags } else { 0 };
     ev.captured_len = 0;
     (ev.epoch, ev.wait_deadline_ns) = crate::probes::loops::loop_state(pid_tgid);
+    ev.goroutine = crate::probes::golang::current_goroutine(pid_tgid);
     Ok(ev)
 }
 

@@ -2,8 +2,8 @@
 use agent_common::{
     DataEvent, MAX_CAPTURE,
     maps::{
-        DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, LOOP_EPOCH_MAX_ENTRIES, PENDING_MAX_ENTRIES, TRACED_TGIDS_MAX_ENTRIES,
-        counter,
+        DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, GO_SPAWNING_MAX_ENTRIES, GO_TGIDS_MAX_ENTRIES, LOOP_EPOCH_MAX_ENTRIES,
+        PENDING_MAX_ENTRIES, TRACED_TGIDS_MAX_ENTRIES, counter,
     },
 };
 use aya_ebpf::{
@@ -45,6 +45,15 @@ pub struct LoopState {
 /// lookup and are not counted.
 #[map]
 pub static TRACED_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(TRACED_TGIDS_MAX_ENTRIES, 0);
+
+/// Go processes whose hooks fired (marked by the hooks themselves): only their data events
+/// look the goroutine up.
+#[map]
+pub static GO_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(GO_TGIDS_MAX_ENTRIES, 0);
+
+/// The goroutine that called `runtime.newproc1`, by thread (pid_tgid), until it returns.
+#[map]
+pub static GO_SPAWNING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(GO_SPAWNING_MAX_ENTRIES, 0);
 
 /// The agent's own client sockets (its OTLP connections): their ESTABLISHED events are flagged
 /// so userspace can ignore the peer side (a collector on this node), which would otherwise

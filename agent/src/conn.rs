@@ -14,6 +14,7 @@ use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, direction, side, t
 use crate::{
     FastMap,
     decode::{Event, LoopStamp},
+    goroutines::{GoChain, GoTracker},
     http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
     loops::{Cause, LoopHint, LoopTracker},
 };
@@ -79,6 +80,12 @@ pub struct ConnStart {
     pub facts: ConnFacts,
     /// For a client request written by an event-loop thread: the message that caused it.
     pub loop_hint: Option<LoopHint>,
+    /// In a hooked Go process: the goroutine whose syscall completed the headers (a server
+    /// request's reader, a client request's writer), else 0.
+    pub goroutine: u64,
+    /// For a client request of a hooked Go process: the goroutine that asked for it and its
+    /// creators (see `goroutines`).
+    pub go_chain: Option<GoChain>,
 }
 
 /// An exchange with the facts of the connection it happened on.
@@ -153,6 +160,8 @@ pub struct ConnTable {
     proc: ProcTuples,
     /// What each event-loop thread read last (see `loops`).
     pub loops: LoopTracker,
+    /// Which goroutine asked for each request in Go programs (see `goroutines`).
+    pub go: GoTracker,
     /// Client connections by (process, peer): whether a client pool is full.
     by_peer: FastMap<(u32, SocketAddr), Vec<(u32, i32)>>,
 }
@@ -177,8 +186,15 @@ impl ConnTable {
             own_pid: std::process::id(),
             proc: ProcTuples::new("/proc"),
             loops: LoopTracker::new(Some(crate::process::is_go_program)),
+            go: GoTracker::new(),
             by_peer: FastMap::default(),
         }
+    }
+
+    /// Asks for the Go hooks of each Go process seen (its pid, sent to `hooks`).
+    pub fn hooking_go(mut self, hooks: std::sync::mpsc::Sender<u32>) -> Self {
+        self.go = GoTracker::with_hooks(crate::process::is_go_program, hooks);
+        self
     }
 
     /// A table that never reads /proc (replays of recordings from another machine).
@@ -210,12 +226,34 @@ impl ConnTable {
                 }
             }
             Event::Data {
-                header: h, payload, lp, ..
+                header: h,
+                payload,
+                lp,
+                goroutine,
+                ..
             } => {
                 let first = out.len();
+                self.go.saw_process(h.pid);
                 self.on_data(h, payload, out);
                 if lp.epoch != 0 {
                     self.on_loop_data(h, *lp, out, first);
+                }
+                if *goroutine != 0 {
+                    self.on_goroutine_data(h.pid, *goroutine, &mut out[first..]);
+                }
+            }
+            Event::Go(g) => self.go.on_event(g),
+        }
+    }
+
+    /// Stamps the requests a Go process's syscall started with its goroutine, and client
+    /// requests with the chain of goroutines that asked for them.
+    fn on_goroutine_data(&mut self, pid: u32, goroutine: u64, produced: &mut [ConnOutput]) {
+        for o in produced {
+            if let ConnOutput::Started(s) = o {
+                s.goroutine = goroutine;
+                if s.facts.side == Side::Client {
+                    s.go_chain = self.go.chain(pid, goroutine);
                 }
             }
         }
@@ -580,6 +618,8 @@ impl Connection {
                 request,
                 facts: self.facts(side),
                 loop_hint: None,
+                goroutine: 0,
+                go_chain: None,
             }));
         }
     }

@@ -1,5 +1,5 @@
 //! Raw ring-buffer records → typed events. Every length is checked; nothing here panics.
-use agent_common::{DataEvent, EventHeader, MAX_CAPTURE, SockEvent, kind};
+use agent_common::{DataEvent, EventHeader, GoEvent, MAX_CAPTURE, SockEvent, kind};
 
 /// One decoded record, borrowing its payload from the raw bytes.
 #[derive(Debug, Clone, Copy)]
@@ -9,6 +9,8 @@ pub enum Event<'a> {
         flags: u32,
         /// The thread's loop epoch and wait deadline (see `DataEvent::epoch`).
         lp: LoopStamp,
+        /// The Go goroutine that made the syscall (0: not known, see `DataEvent::goroutine`).
+        goroutine: u64,
         payload: &'a [u8],
     },
     /// A thread connect()ed a TCP socket (fd, socket and thread in the header).
@@ -18,6 +20,8 @@ pub enum Event<'a> {
     },
     Close(SockEvent),
     TcpState(SockEvent),
+    /// A Go program's runtime or `net/http` hook fired (see `agent_common::go_op`).
+    Go(GoEvent),
 }
 
 impl Event<'_> {
@@ -25,6 +29,7 @@ impl Event<'_> {
         match self {
             Event::Data { header, .. } | Event::Connect { header, .. } => header,
             Event::Close(s) | Event::TcpState(s) => &s.header,
+            Event::Go(g) => &g.header,
         }
     }
 }
@@ -81,6 +86,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
                 epoch: dword(hl + 8),
                 wait_deadline_ns: dword(hl + 16),
             };
+            let goroutine = dword(hl + 24);
             if header.kind == kind::CONNECT {
                 return Ok(Event::Connect { header, lp });
             }
@@ -92,6 +98,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
                 header,
                 flags,
                 lp,
+                goroutine,
                 payload: &record[DataEvent::HEADER_LEN..DataEvent::HEADER_LEN + captured],
             })
         }
@@ -101,13 +108,14 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::TCP_STATE => Ok(Event::TcpState(
             read(record).ok_or(DecodeError::Short { len: record.len() })?,
         )),
+        kind::GO => Ok(Event::Go(read(record).ok_or(DecodeError::Short { len: record.len() })?)),
         other => Err(DecodeError::UnknownKind { kind: other }),
     }
 }
 
 /// Encodes a data (or connect) event the way the kernel sends it (for recordings, tests and
 /// benchmarks).
-pub fn encode_data(header: &EventHeader, flags: u32, lp: LoopStamp, payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_data(header: &EventHeader, flags: u32, lp: LoopStamp, goroutine: u64, payload: &[u8], out: &mut Vec<u8>) {
     let payload = &payload[..payload.len().min(MAX_CAPTURE)];
     // SAFETY: EventHeader is plain #[repr(C)] data without padding.
     let hb =
@@ -117,7 +125,15 @@ pub fn encode_data(header: &EventHeader, flags: u32, lp: LoopStamp, payload: &[u
     out.extend_from_slice(&flags.to_ne_bytes());
     out.extend_from_slice(&lp.epoch.to_ne_bytes());
     out.extend_from_slice(&lp.wait_deadline_ns.to_ne_bytes());
+    out.extend_from_slice(&goroutine.to_ne_bytes());
     out.extend_from_slice(payload);
+}
+
+/// Encodes a Go hook's record the way the kernel sends it.
+pub fn encode_go(ev: &GoEvent, out: &mut Vec<u8>) {
+    // SAFETY: GoEvent is plain #[repr(C)] data without padding.
+    let b = unsafe { std::slice::from_raw_parts((ev as *const GoEvent).cast::<u8>(), size_of::<GoEvent>()) };
+    out.extend_from_slice(b);
 }
 
 /// Encodes a socket event the way the kernel sends it.
@@ -147,16 +163,18 @@ mod tests {
             epoch: 42,
             wait_deadline_ns: 7,
         };
-        encode_data(&h, 0, lp, b"hello", &mut buf);
+        encode_data(&h, 0, lp, 0xc000_0001, b"hello", &mut buf);
         match decode(&buf).unwrap() {
             Event::Data {
                 header,
                 payload,
                 lp: got,
+                goroutine,
                 ..
             } => {
                 assert_eq!(header, h);
                 assert_eq!(got, lp);
+                assert_eq!(goroutine, 0xc000_0001);
                 assert_eq!(payload, b"hello");
             }
             other => panic!("unexpected {other:?}"),
@@ -177,6 +195,21 @@ mod tests {
         let mut buf = Vec::new();
         encode_sock(&ev, &mut buf);
         assert!(matches!(decode(&buf), Ok(Event::TcpState(e)) if e == ev));
+        let go = agent_common::GoEvent {
+            header: EventHeader {
+                kind: kind::GO,
+                pid: 3,
+                ..Default::default()
+            },
+            op: agent_common::go_op::SPAWN,
+            a: 1,
+            b: 2,
+            ..Default::default()
+        };
+        buf.clear();
+        encode_go(&go, &mut buf);
+        assert!(matches!(decode(&buf), Ok(Event::Go(e)) if e == go));
+        assert_eq!(decode(&buf[..70]).unwrap_err().reason(), "short");
     }
 
     #[test]
@@ -190,6 +223,7 @@ mod tests {
             },
             0,
             LoopStamp::default(),
+            0,
             b"abc",
             &mut buf,
         );

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod decode;
 pub mod export;
+pub mod goroutines;
 pub mod http;
 pub mod loader;
 pub mod loops;

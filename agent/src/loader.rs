@@ -10,7 +10,7 @@ use agent_common::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{TracePoint, UProbe, trace_point::TracePointLinkId, uprobe::UProbeScope},
 };
 
 /// The eBPF object built by build.rs.
@@ -62,6 +62,16 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("syscalls", "sys_exit_select"),
     ("syscalls", "sys_enter_pselect6"),
     ("syscalls", "sys_exit_pselect6"),
+];
+
+/// Go programs' hooks (`agent-ebpf/src/probes/golang.rs`): program → the function it attaches
+/// to (a return hook's program is a uretprobe). Attached per Go executable, when a Go process
+/// is first seen moving TCP bytes (see `crate::goroutines`).
+pub const GO_HOOKS: &[(&str, &str)] = &[
+    ("go_newproc1", "runtime.newproc1"),
+    ("go_newproc1_ret", "runtime.newproc1"),
+    ("go_round_trip", "net/http.(*persistConn).roundTrip"),
+    ("go_write_loop", "net/http.(*persistConn).writeLoop"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +216,11 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
             .map_err(|source| LoaderError::Program { name, source })?;
         links.push((name, link));
     }
+    for &(name, _) in GO_HOOKS {
+        uprobe(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoaderError::Program { name, source })?;
+    }
     let events = ebpf.take_map(EVENTS_MAP).ok_or(LoaderError::Map {
         name: EVENTS_MAP,
         source: aya::maps::MapError::InvalidName {
@@ -232,6 +247,58 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         events,
         counters,
     })
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| LoaderError::Program { name, source })
+}
+
+/// Attaches the Go hooks to the executables of the Go processes it is told of (by pid), each
+/// executable once; owns the programs meanwhile and hands them back when `stop` is set.
+pub fn hook_go_programs(
+    mut ebpf: Ebpf,
+    pids: std::sync::mpsc::Receiver<u32>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
+) -> Ebpf {
+    use std::{os::unix::fs::MetadataExt as _, sync::atomic::Ordering};
+    let mut hooked = std::collections::HashSet::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(pid) = pids.recv_timeout(std::time::Duration::from_millis(100)) else {
+            continue;
+        };
+        let exe = format!("/proc/{pid}/exe");
+        let Ok(meta) = std::fs::metadata(&exe) else { continue };
+        if !hooked.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        match attach_go_hooks(&mut ebpf, &exe) {
+            Ok(()) => {
+                metrics.go_executables_hooked.inc();
+                tracing::info!(pid, exe = %std::fs::read_link(&exe).unwrap_or_default().display(), "Go hooks attached");
+            }
+            Err(e) => {
+                metrics.go_executables_failed.inc();
+                tracing::warn!(pid, error = %e, "Go hooks not attached: calls of this program get no goroutine parents");
+            }
+        }
+    }
+    ebpf
+}
+
+fn attach_go_hooks(ebpf: &mut Ebpf, exe: &str) -> Result<(), LoaderError> {
+    for &(name, symbol) in GO_HOOKS {
+        uprobe(ebpf, name)?
+            .attach(symbol, exe, UProbeScope::AllProcesses)
+            .map_err(|source| LoaderError::Program { name, source })?;
+    }
+    Ok(())
 }
 
 /// Kernel-side counters summed over CPUs.

@@ -122,6 +122,8 @@ impl Processor {
                         aligned: s.facts.aligned,
                         peer: s.facts.remote,
                         loop_hint: s.loop_hint,
+                        goroutine: s.goroutine,
+                        go_chain: s.go_chain,
                         method: s.request.method,
                         target: s.request.target,
                     });
@@ -157,6 +159,7 @@ impl Processor {
     pub fn publish_stats(&self) {
         self.metrics.set_stitch(self.stitcher.stats());
         self.metrics.set_loops(self.conns.loops.stats);
+        self.metrics.set_go(self.conns.go.stats);
         let s = &self.conns.http_stats;
         self.metrics.connections_opened.set(self.conns.opened);
         self.metrics.connections_evicted.set(self.conns.evicted);

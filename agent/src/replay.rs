@@ -11,11 +11,13 @@ use crate::{
     reader::RawBatch,
 };
 
-pub const MAGIC: &[u8; 16] = b"sockspan-rec-v2\n";
-/// Recordings made before data records carried the loop epoch: read with epoch 0.
-const MAGIC_V1: &[u8; 16] = b"sockspan-rec-v1\n";
-/// Data-record header bytes in v1 recordings (the loop stamp follows them since v2).
-const V1_DATA_HEADER_LEN: usize = agent_common::DataEvent::HEADER_LEN - 16;
+pub const MAGIC: &[u8; 16] = b"sockspan-rec-v3\n";
+/// Older recordings, read with the fields their data records lack set to 0: v1 (before the loop
+/// stamp) and v2 (before the goroutine), with the header bytes of their data records.
+const OLDER: [(&[u8; 16], usize); 2] = [
+    (b"sockspan-rec-v1\n", agent_common::DataEvent::HEADER_LEN - 24),
+    (b"sockspan-rec-v2\n", agent_common::DataEvent::HEADER_LEN - 8),
+];
 
 /// Creates (or truncates) a recording file readable by its owner only, refusing to follow a
 /// symbolic link: a recording holds raw payloads (bodies, cookies, credentials).
@@ -59,10 +61,11 @@ pub enum ReplayError {
 pub fn read_recording(mut r: impl Read, batch_records: usize) -> Result<Vec<RawBatch>, ReplayError> {
     let mut magic = [0u8; 16];
     r.read_exact(&mut magic).map_err(|_| ReplayError::BadMagic)?;
-    let v1 = &magic == MAGIC_V1;
-    if &magic != MAGIC && !v1 {
-        return Err(ReplayError::BadMagic);
-    }
+    let old_header_len = match OLDER.iter().find(|(m, _)| **m == magic) {
+        Some(&(_, len)) => Some(len),
+        None if &magic == MAGIC => None,
+        None => return Err(ReplayError::BadMagic),
+    };
     let mut upgraded = Vec::new();
     let mut data = Vec::new();
     r.read_to_end(&mut data)?;
@@ -76,11 +79,14 @@ pub fn read_recording(mut r: impl Read, batch_records: usize) -> Result<Vec<RawB
             .ok_or(ReplayError::Truncated(n))?;
         let len = u32::from_le_bytes(len_bytes) as usize;
         let mut rec = data.get(at + 4..at + 4 + len).ok_or(ReplayError::Truncated(n))?;
-        if v1 && rec.first() == Some(&kind::DATA) && rec.len() >= V1_DATA_HEADER_LEN {
+        if let Some(old) = old_header_len
+            && matches!(rec.first(), Some(&(kind::DATA | kind::CONNECT)))
+            && rec.len() >= old
+        {
             upgraded.clear();
-            upgraded.extend_from_slice(&rec[..V1_DATA_HEADER_LEN]);
-            upgraded.extend_from_slice(&[0; 16]);
-            upgraded.extend_from_slice(&rec[V1_DATA_HEADER_LEN..]);
+            upgraded.extend_from_slice(&rec[..old]);
+            upgraded.resize(agent_common::DataEvent::HEADER_LEN, 0);
+            upgraded.extend_from_slice(&rec[old..]);
             rec = &upgraded;
         }
         if batches.last().is_some_and(|b| b.len() >= batch_records) {
@@ -103,6 +109,8 @@ pub struct StreamBuilder {
     next_sock: u64,
     /// Loop stamp of each thread's events (threads absent: not a loop thread).
     pub loops: crate::FastMap<u32, LoopStamp>,
+    /// The goroutine each thread runs (threads absent: not known, 0).
+    pub goroutines: crate::FastMap<u32, u64>,
 }
 
 impl Default for StreamBuilder {
@@ -132,6 +140,7 @@ impl StreamBuilder {
             now_ns: 1_000_000_000,
             next_sock: 0xffff_0000_0000_1000,
             loops: crate::FastMap::default(),
+            goroutines: crate::FastMap::default(),
         }
     }
 
@@ -181,8 +190,32 @@ impl StreamBuilder {
             ..Default::default()
         };
         let lp = self.loops.get(&tid).copied().unwrap_or_default();
+        let g = self.goroutines.get(&tid).copied().unwrap_or_default();
         self.buf.clear();
-        encode_data(&header, 0, lp, &[], &mut self.buf);
+        encode_data(&header, 0, lp, g, &[], &mut self.buf);
+        self.batch.push(&self.buf);
+    }
+
+    /// A Go hook's report from thread `tid` of `pid` (see `agent_common::go_op`).
+    pub fn go(&mut self, pid: u32, tid: u32, op: u8, a: u64, b: u64) {
+        let t = self.tick(1_000);
+        let ev = agent_common::GoEvent {
+            header: EventHeader {
+                kind: kind::GO,
+                pid,
+                tid,
+                fd: -1,
+                ts_enter_ns: t,
+                ts_exit_ns: t,
+                ..Default::default()
+            },
+            op,
+            a,
+            b,
+            ..Default::default()
+        };
+        self.buf.clear();
+        crate::decode::encode_go(&ev, &mut self.buf);
         self.batch.push(&self.buf);
     }
 
@@ -249,7 +282,8 @@ impl StreamBuilder {
         };
         self.buf.clear();
         let lp = self.loops.get(&tid).copied().unwrap_or_default();
-        encode_data(&header, 0, lp, captured, &mut self.buf);
+        let g = self.goroutines.get(&tid).copied().unwrap_or_default();
+        encode_data(&header, 0, lp, g, captured, &mut self.buf);
         self.batch.push(&self.buf);
     }
 

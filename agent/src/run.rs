@@ -65,8 +65,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (None, None)
     };
     let sinks = Sinks::new(print, otlp_tx, metrics.clone());
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let stop_hooking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hooker = {
+        let (stop, metrics) = (stop_hooking.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name("go-hooks".into())
+            .spawn(move || loader::hook_go_programs(ebpf, go_rx, stop, metrics))
+            .context("start the Go hooks thread")?
+    };
     let processor = Processor::new(
-        ConnTable::new(),
+        ConnTable::new().hooking_go(go_tx),
         ProcessTable::new(),
         SpanFactory::new(SpanOptions {
             keep_query_values: cli.keep_query_values,
@@ -132,6 +141,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!("Shutdown budget exceeded; exiting with spans still queued");
     }
+    stop_hooking.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ebpf = hooker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the Go hooks thread panicked"))?;
     loader::detach(ebpf, links);
     tracing::debug!(elapsed = ?stopping.elapsed(), "Programs detached");
     tracing::info!(summary = %metrics.summary(), "sockspan stopped");

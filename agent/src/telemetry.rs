@@ -55,6 +55,11 @@ pub struct Metrics {
     pub stitch: Mutex<crate::stitch::StitchStats>,
     /// The event-loop tracker's causes and abstentions.
     pub loops: Mutex<crate::loops::LoopStats>,
+    /// The goroutine tracker's reports and chains.
+    pub go: Mutex<crate::goroutines::GoStats>,
+    /// Go executables hooked, and those whose hooks failed (the attacher's counts).
+    pub go_executables_hooked: Counter,
+    pub go_executables_failed: Counter,
 }
 
 impl Metrics {
@@ -83,6 +88,12 @@ impl Metrics {
 
     pub fn set_loops(&self, stats: crate::loops::LoopStats) {
         if let Ok(mut g) = self.loops.lock() {
+            *g = stats;
+        }
+    }
+
+    pub fn set_go(&self, stats: crate::goroutines::GoStats) {
+        if let Ok(mut g) = self.go.lock() {
             *g = stats;
         }
     }
@@ -205,6 +216,12 @@ impl Metrics {
         }
         let loops = self.loops.lock().map(|g| g.counters()).unwrap_or_default();
         for (name, help, labelled) in &loops {
+            c(name, help, labelled);
+        }
+        let mut go = self.go.lock().map(|g| *g).unwrap_or_default();
+        go.executables_hooked = self.go_executables_hooked.get();
+        go.executables_failed = self.go_executables_failed.get();
+        for (name, help, labelled) in &go.counters() {
             c(name, help, labelled);
         }
         c(

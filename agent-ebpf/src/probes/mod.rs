@@ -1,3 +1,4 @@
+pub mod golang;
 pub mod loops;
 pub mod sock;
 pub mod syscalls;

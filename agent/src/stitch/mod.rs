@@ -35,7 +35,11 @@
 //!    (`loop_connect`). The cause must still be in flight, and confirmed: the connection stage
 //!    reports it once the thread reads again in that stretch ([`Stitcher::confirm_loop_hint`]
 //!    marks the held start). An unconfirmed cause gives a span link, not a parent.
-//! 6. otherwise no parent: a new trace.
+//! 6. goroutine (see `crate::goroutines`): a client request of a hooked Go process is the
+//!    child of the one in-flight server request read by the goroutine that asked for it, or
+//!    else by its nearest creator that read any, if that request began before the creator
+//!    created the next goroutine of the chain.
+//! 7. otherwise no parent: a new trace.
 mod calls;
 pub mod context;
 mod pairing;
@@ -56,6 +60,7 @@ use self::{
 use crate::{
     FastMap,
     conn::Side,
+    goroutines::GoChain,
     loops::LoopHint,
     span::{AttrValue, IdGenerator, Span, SpanLink},
 };
@@ -71,10 +76,11 @@ pub enum ParentSource {
     Loop,
     LoopResponse,
     LoopConnect,
+    Goroutine,
 }
 
 impl ParentSource {
-    pub const ALL: [ParentSource; 8] = [
+    pub const ALL: [ParentSource; 9] = [
         ParentSource::Traceparent,
         ParentSource::B3,
         ParentSource::Thread,
@@ -83,6 +89,7 @@ impl ParentSource {
         ParentSource::Loop,
         ParentSource::LoopResponse,
         ParentSource::LoopConnect,
+        ParentSource::Goroutine,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -95,6 +102,7 @@ impl ParentSource {
             ParentSource::Loop => "loop",
             ParentSource::LoopResponse => "loop_response",
             ParentSource::LoopConnect => "loop_connect",
+            ParentSource::Goroutine => "goroutine",
         }
     }
 }
@@ -120,6 +128,10 @@ pub struct RequestStart {
     pub peer: Option<SocketAddr>,
     /// Client requests written by an event-loop thread: the message that caused it.
     pub loop_hint: Option<LoopHint>,
+    /// In a hooked Go process, the goroutine that read (server) or wrote (client) it; else 0.
+    pub goroutine: u64,
+    /// Client requests of a hooked Go process: the goroutines that asked for it.
+    pub go_chain: Option<GoChain>,
 }
 
 /// A finished span with the keys that tie it to its start.
@@ -336,6 +348,7 @@ impl Stitcher {
                 InFlight {
                     pid: s.pid,
                     tid: s.tid,
+                    goroutine: s.goroutine,
                     start_ns: s.start_ns,
                     method: s.method,
                     target: s.target,
@@ -367,7 +380,8 @@ impl Stitcher {
         let chosen = rules::thread(&self.serving, s, &candidates)
             .map(|k| (k, ParentSource::Thread))
             .or_else(|| rules::proxy(&self.serving, s, &candidates).map(|k| (k, ParentSource::Proxy)))
-            .or_else(|| looped.filter(|l| l.2).map(|(k, source, _)| (k, source)));
+            .or_else(|| looped.filter(|l| l.2).map(|(k, source, _)| (k, source)))
+            .or_else(|| rules::goroutine(&self.serving, s, &candidates).map(|k| (k, ParentSource::Goroutine)));
         let Some((key, source)) = chosen else {
             if !candidates.is_empty() {
                 self.stats.ambiguous += 1;

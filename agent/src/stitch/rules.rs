@@ -92,6 +92,22 @@ pub fn event_loop(
         .then_some((key, source, hint.confirmed))
 }
 
+/// Rung 6: A call in a Go program, asked for by a goroutine (`s.go_chain`): the request that the
+/// nearest goroutine of the chain reading any of `candidates` read, if exactly one of its
+/// requests began before that goroutine created the chain's next one. No nearer goroutine read
+/// one: a goroutine that reads requests is the one serving them (Go's server runs each
+/// connection's handler in the goroutine that reads it).
+pub fn goroutine(serving: &Serving, s: &RequestStart, candidates: &[Key]) -> Option<Key> {
+    let chain = s.go_chain?;
+    for (g, since) in chain.iter() {
+        let reads = |f: &InFlight| f.goroutine == g;
+        if candidates.iter().any(|k| serving.get(k).is_some_and(reads)) {
+            return only(serving, candidates, |f| reads(f) && f.start_ns <= since);
+        }
+    }
+    None
+}
+
 /// The one candidate that satisfies `pred`, if exactly one does.
 fn only(serving: &Serving, candidates: &[Key], pred: impl Fn(&InFlight) -> bool) -> Option<Key> {
     let mut matching = candidates.iter().filter(|k| serving.get(k).is_some_and(&pred));

@@ -13,6 +13,8 @@ pub struct InFlight {
     pub pid: u32,
     /// The thread that read it.
     pub tid: u32,
+    /// The goroutine that read it, in a hooked Go process; else 0.
+    pub goroutine: u64,
     pub start_ns: u64,
     pub method: String,
     pub target: String,

@@ -32,6 +32,8 @@ fn start(
         aligned: true,
         peer: Some(ep(if side == Side::Client { link.1 } else { link.0 })),
         loop_hint: None,
+        goroutine: 0,
+        go_chain: None,
     }
 }
 
@@ -113,6 +115,53 @@ fn chain_across_processes() {
     for s in [s1, c2, s2] {
         assert_eq!(s.trace_id, c1.trace_id);
     }
+}
+
+/// A Go server (pid 2) serves two requests at once, read by goroutines 0xa and 0xb on threads
+/// that say nothing. A call asked for by a goroutine that 0xa created while serving its request
+/// is that request's child, several creations down; one asked for by a worker that 0xb created
+/// before its current request began (a background goroutine) is nobody's.
+#[test]
+fn goroutine_chains_lead_to_the_request_their_creator_was_serving() {
+    use crate::goroutines::{GoChain, MAX_DEPTH};
+    fn chain(links: &[(u64, u64)]) -> Option<GoChain> {
+        let mut c = GoChain {
+            links: [(0, 0); MAX_DEPTH],
+            len: links.len(),
+        };
+        c.links[..links.len()].copy_from_slice(links);
+        Some(c)
+    }
+    let server = |conn, g, t, target: &'static str, port| {
+        let mut st = start(conn, 0, Side::Server, 2, 20 + conn as u32, t, target, (port, 8000));
+        st.goroutine = g;
+        st
+    };
+    let call = |conn, t, target: &'static str, port, links: &'static [(u64, u64)]| {
+        let mut st = start(conn, 0, Side::Client, 2, 29, t, target, (port, 9000));
+        st.go_chain = chain(links);
+        st
+    };
+    let spans = run(vec![
+        Box::new(move |s| s.push_start(server(1, 0xa, 100, "/a", 5000))),
+        Box::new(move |s| s.push_start(server(2, 0xb, 110, "/b", 5001))),
+        // 0xa created 0x1 at 120, which created 0x2 at 130, which asked for the call
+        Box::new(move |s| s.push_start(call(3, 140, "/x", 6000, &[(0x2, u64::MAX), (0x1, 130), (0xa, 120)]))),
+        // 0xb created 0x3 at 50, before its request began at 110
+        Box::new(move |s| s.push_start(call(4, 150, "/y", 6001, &[(0x3, u64::MAX), (0xb, 50)]))),
+        // 0xb asks itself
+        Box::new(move |s| s.push_start(call(5, 160, "/z", 6002, &[(0xb, u64::MAX)]))),
+        Box::new(|s| s.push_done(done(3, 0, Side::Client, 170))),
+        Box::new(|s| s.push_done(done(4, 0, Side::Client, 171))),
+        Box::new(|s| s.push_done(done(5, 0, Side::Client, 172))),
+        Box::new(|s| s.push_done(done(1, 0, Side::Server, 180))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Server, 181))),
+    ]);
+    let (a, b) = (&spans["1/0"], &spans["2/0"]);
+    assert_eq!(spans["3/0"].parent_span_id, Some(a.span_id));
+    assert_eq!(source(&spans["3/0"]), Some("goroutine"));
+    assert_eq!(spans["4/0"].parent_span_id, None, "a goroutine older than the request");
+    assert_eq!(spans["5/0"].parent_span_id, Some(b.span_id));
 }
 
 /// Items arrive out of order (server read before the client's write event): sorted by time.
