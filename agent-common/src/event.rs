@@ -156,12 +156,11 @@ const _: () = assert!(core::mem::size_of::<SockEvent>() == 64 + 8 + 32);
 pub mod go_op {
     /// `runtime.newproc1` returned: goroutine `a` created goroutine `b`.
     pub const SPAWN: u8 = 1;
-    /// `net/http.(*persistConn).roundTrip` began: goroutine `a` sends a request over the
-    /// pooled connection `b` (a `*persistConn`), which that connection's write loop writes.
+    /// `net/http.(*persistConn).roundTrip` began: goroutine `a` asks for request `b` (a
+    /// `*http.Request`), which the pooled connection's write loop goroutine then writes.
     pub const ROUND_TRIP: u8 = 2;
-    /// `net/http.(*persistConn).writeLoop` began: goroutine `a` writes every request of the
-    /// pooled connection `b`.
-    pub const WRITE_LOOP: u8 = 3;
+    /// `net/http.(*Request).write` began: goroutine `a` writes request `b` (a `*http.Request`).
+    pub const REQUEST_WRITE: u8 = 3;
 }
 
 /// One Go runtime or `net/http` hook's report (`kind::GO`), see [`go_op`].

@@ -39,6 +39,11 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_KEEP_QUERY_VALUES")]
     pub keep_query_values: bool,
 
+    /// Do not attach the Go hooks (uprobes on `runtime.newproc1` and `net/http`'s pooled
+    /// connections in Go programs): no goroutine parents, and none of the hooks' cost.
+    #[arg(long, env = "SOCKSPAN_NO_GO_HOOKS")]
+    pub no_go_hooks: bool,
+
     /// Log format on stderr.
     #[arg(long, env = "SOCKSPAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -193,7 +193,7 @@ impl ConnTable {
 
     /// Asks for the Go hooks of each Go process seen (its pid, sent to `hooks`).
     pub fn hooking_go(mut self, hooks: std::sync::mpsc::Sender<u32>) -> Self {
-        self.go = GoTracker::with_hooks(crate::process::is_go_program, hooks);
+        self.go = GoTracker::with_hooks(crate::process::is_hookable_go_program, hooks);
         self
     }
 

@@ -3,12 +3,13 @@
 //! A Go HTTP server reads each request and runs its handler in the connection's goroutine; the
 //! handler's calls run in that goroutine or in goroutines it creates (a fan-out), perhaps
 //! several levels down. `net/http`'s client does not write a request from the goroutine that
-//! asks for it: the pooled connection's write loop does, after `persistConn.roundTrip` hands it
-//! the request. Threads say nothing (goroutines move between them), so the kernel reports the
-//! goroutine of every syscall of a hooked Go process, and three hooks report what syscalls
-//! cannot show (`agent-ebpf/src/probes/golang.rs`): goroutine creation, `roundTrip` (which
-//! goroutine asks for which connection) and `writeLoop` (which goroutine writes for which
-//! connection).
+//! asks for it: the pooled connection's write loop goroutine does, after
+//! `persistConn.roundTrip` hands it the request. Threads say nothing (goroutines move between
+//! them), so the kernel reports the goroutine of every syscall of a hooked Go process, and three
+//! hooks report what syscalls cannot show (`agent-ebpf/src/probes/golang.rs`): goroutine
+//! creation, `roundTrip` (which goroutine asks for which `*http.Request`) and `Request.write`
+//! (which goroutine writes it). Keyed by the request, not the connection, so connections
+//! opened before the hooks were attached are followed too.
 //!
 //! From these the tracker gives each client request a [`GoChain`]: the goroutine that asked for
 //! it, then its creator, and so on, each with the moment it created the next. The stitcher's
@@ -18,8 +19,8 @@
 //! goroutine) names no parent.
 //!
 //! Precision: a `g` is reused by the runtime only for a goroutine it creates anew, which a new
-//! creation record reports (it resets what was known of that `g`); a `*persistConn` is reused
-//! only after its connection is gone, and its next `roundTrip` or `writeLoop` overwrites it.
+//! creation record reports (it resets what was known of that `g`); a `*http.Request`'s memory
+//! is reused only after the request is done, and its next `roundTrip` overwrites its asker.
 use std::sync::mpsc::Sender;
 
 use agent_common::{GoEvent, go_op};
@@ -55,9 +56,9 @@ impl GoChain {
 struct GoProcess {
     /// goroutine → (its creator, when it was created).
     creator: FastMap<u64, (u64, u64)>,
-    /// write-loop goroutine → the `*persistConn` it writes for.
-    writes_for: FastMap<u64, u64>,
-    /// `*persistConn` → the goroutine in its latest `roundTrip`.
+    /// goroutine → the `*http.Request` it writes (its latest `Request.write`).
+    writing: FastMap<u64, u64>,
+    /// `*http.Request` → the goroutine that asked for it in `roundTrip`.
     asker: FastMap<u64, u64>,
 }
 
@@ -68,14 +69,14 @@ pub struct GoStats {
     /// a binary built with `-ldflags=-s`; or the kernel refused), counted by the attacher.
     pub executables_hooked: u64,
     pub executables_failed: u64,
-    /// Hook reports by kind: creations, round trips, write loops.
+    /// Hook reports by kind: creations, round trips, request writes.
     pub spawns: u64,
     pub round_trips: u64,
-    pub write_loops: u64,
+    pub request_writes: u64,
     /// Client requests given a chain.
     pub chains: u64,
-    /// Client requests written by a write loop whose asking goroutine is unknown (the request
-    /// began before the hooks were attached).
+    /// Client requests written by a goroutine whose hooks said nothing of who asked for them
+    /// (written before the hooks were attached, or by a client other than `net/http`'s).
     pub unknown_asker: u64,
     /// Indexes that reached their bound and started over.
     pub resets: u64,
@@ -99,7 +100,7 @@ impl GoStats {
                 vec![
                     ("hook", "newproc1", self.spawns),
                     ("hook", "round_trip", self.round_trips),
-                    ("hook", "write_loop", self.write_loops),
+                    ("hook", "request_write", self.request_writes),
                 ],
             ),
             (
@@ -176,17 +177,17 @@ impl GoTracker {
         let (index_len, stats) = match ev.op {
             go_op::SPAWN => {
                 p.creator.insert(ev.b, (ev.a, ev.header.ts_exit_ns));
-                // The new goroutine reuses a `g`: what that `g` wrote for before is void.
-                p.writes_for.remove(&ev.b);
+                // The new goroutine reuses a `g`: what that `g` wrote before is void.
+                p.writing.remove(&ev.b);
                 (p.creator.len(), &mut self.stats.spawns)
             }
             go_op::ROUND_TRIP => {
                 p.asker.insert(ev.b, ev.a);
                 (p.asker.len(), &mut self.stats.round_trips)
             }
-            go_op::WRITE_LOOP => {
-                p.writes_for.insert(ev.a, ev.b);
-                (p.writes_for.len(), &mut self.stats.write_loops)
+            go_op::REQUEST_WRITE => {
+                p.writing.insert(ev.a, ev.b);
+                (p.writing.len(), &mut self.stats.request_writes)
             }
             _ => return,
         };
@@ -203,8 +204,10 @@ impl GoTracker {
             return None;
         }
         let p = self.procs.get(&pid)?;
-        let asker = match p.writes_for.get(&writer) {
-            Some(conn) => match p.asker.get(conn) {
+        // A request `net/http` writes names its asker (a write loop's, another goroutine's, or
+        // its own); any other write is its writer's own.
+        let asker = match p.writing.get(&writer) {
+            Some(req) => match p.asker.get(req) {
                 Some(&g) => g,
                 None => {
                     self.stats.unknown_asker += 1;
@@ -251,12 +254,12 @@ mod tests {
     }
 
     #[test]
-    fn a_write_loop_request_goes_back_to_its_asker_and_the_asker_s_creators() {
+    fn a_written_request_goes_back_to_its_asker_and_the_asker_s_creators() {
         let mut t = GoTracker::new();
         t.on_event(&ev(go_op::SPAWN, 10, 20, 100)); // handler 10 creates 20
         t.on_event(&ev(go_op::SPAWN, 20, 30, 200)); // 20 creates 30
-        t.on_event(&ev(go_op::WRITE_LOOP, 99, 0xc0, 250));
-        t.on_event(&ev(go_op::ROUND_TRIP, 30, 0xc0, 300));
+        t.on_event(&ev(go_op::ROUND_TRIP, 30, 0xe0, 300));
+        t.on_event(&ev(go_op::REQUEST_WRITE, 99, 0xe0, 350)); // the write loop 99 writes it
         let c = t.chain(1, 99).unwrap();
         assert_eq!(c.iter().collect::<Vec<_>>(), [(30, u64::MAX), (20, 200), (10, 100)]);
         // A goroutine writing its own request is its own asker.
@@ -268,16 +271,16 @@ mod tests {
     #[test]
     fn a_reused_g_forgets_its_former_life() {
         let mut t = GoTracker::new();
-        t.on_event(&ev(go_op::WRITE_LOOP, 99, 0xc0, 1));
-        t.on_event(&ev(go_op::SPAWN, 10, 99, 2)); // the runtime reuses 99 for a new goroutine
-        t.on_event(&ev(go_op::ROUND_TRIP, 7, 0xc0, 3));
+        t.on_event(&ev(go_op::ROUND_TRIP, 7, 0xe0, 1));
+        t.on_event(&ev(go_op::REQUEST_WRITE, 99, 0xe0, 2));
+        t.on_event(&ev(go_op::SPAWN, 10, 99, 3)); // the runtime reuses 99 for a new goroutine
         assert_eq!(t.chain(1, 99).unwrap().iter().next(), Some((99, u64::MAX)));
     }
 
     #[test]
-    fn a_write_loop_whose_asker_is_unknown_gives_no_chain() {
+    fn a_request_whose_asker_is_unknown_gives_no_chain() {
         let mut t = GoTracker::new();
-        t.on_event(&ev(go_op::WRITE_LOOP, 99, 0xc0, 1));
+        t.on_event(&ev(go_op::REQUEST_WRITE, 99, 0xe0, 1));
         assert_eq!(t.chain(1, 99), None);
         assert_eq!(t.stats.unknown_asker, 1);
     }

@@ -71,7 +71,7 @@ pub const GO_HOOKS: &[(&str, &str)] = &[
     ("go_newproc1", "runtime.newproc1"),
     ("go_newproc1_ret", "runtime.newproc1"),
     ("go_round_trip", "net/http.(*persistConn).roundTrip"),
-    ("go_write_loop", "net/http.(*persistConn).writeLoop"),
+    ("go_request_write", "net/http.(*Request).write"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +260,8 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
 }
 
 /// Attaches the Go hooks to the executables of the Go processes it is told of (by pid), each
-/// executable once; owns the programs meanwhile and hands them back when `stop` is set.
+/// executable once; owns the programs meanwhile and hands them back when `stop` is set or no
+/// one can ask any more.
 pub fn hook_go_programs(
     mut ebpf: Ebpf,
     pids: std::sync::mpsc::Receiver<u32>,
@@ -270,8 +271,11 @@ pub fn hook_go_programs(
     use std::{os::unix::fs::MetadataExt as _, sync::atomic::Ordering};
     let mut hooked = std::collections::HashSet::new();
     while !stop.load(Ordering::Relaxed) {
-        let Ok(pid) = pids.recv_timeout(std::time::Duration::from_millis(100)) else {
-            continue;
+        let pid = match pids.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(pid) => pid,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            // No one will ask any more (hooks off, or the pipeline ended).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let exe = format!("/proc/{pid}/exe");
         let Ok(meta) = std::fs::metadata(&exe) else { continue };

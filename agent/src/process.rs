@@ -240,19 +240,42 @@ mod tests {
 /// `.note.go.buildid` section (every Go toolchain since 1.13 writes one). Goroutines move
 /// between threads and switch without a syscall, which some stitching rules must know.
 pub fn is_go_program(pid: u32) -> bool {
-    std::fs::File::open(format!("/proc/{pid}/exe")).is_ok_and(|f| elf_has_go_section(f).unwrap_or(false))
+    go_build_info(&format!("/proc/{pid}/exe")).is_some()
 }
 
-/// Reads an ELF64 little-endian file's section names; true if one is a Go build section.
-fn elf_has_go_section(mut f: impl std::io::Read + std::io::Seek) -> std::io::Result<bool> {
+/// Whether process `pid` runs an x86-64 Go program built by Go 1.18 or later, whose functions
+/// take their arguments in registers and keep the goroutine in R14: the Go hooks read both
+/// (`agent-ebpf/src/probes/golang.rs`), so older or other programs are not hooked.
+pub fn is_hookable_go_program(pid: u32) -> bool {
+    go_build_info(&format!("/proc/{pid}/exe")).is_some_and(|b| b.x86_64 && b.version.is_some_and(|v| v >= (1, 18)))
+}
+
+/// What an executable's Go build sections say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoBuild {
+    pub x86_64: bool,
+    /// (major, minor) of the Go toolchain, when the build info holds it inline (Go 1.18+).
+    pub version: Option<(u32, u32)>,
+}
+
+fn go_build_info(path: &str) -> Option<GoBuild> {
+    std::fs::File::open(path)
+        .ok()
+        .and_then(|f| read_go_build(f).ok().flatten())
+}
+
+/// Reads an ELF64 little-endian file's section headers; `Some` if one is a Go build section.
+fn read_go_build(mut f: impl std::io::Read + std::io::Seek) -> std::io::Result<Option<GoBuild>> {
     use std::io::SeekFrom;
     let mut eh = [0u8; 64];
     f.read_exact(&mut eh)?;
     if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
-        return Ok(false);
+        return Ok(None);
     }
     let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
     let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    const EM_X86_64: u16 = 62;
+    let x86_64 = u16_at(&eh, 0x12) == EM_X86_64;
     let (shoff, shentsize, shnum, shstrndx) = (
         u64_at(&eh, 0x28),
         u16_at(&eh, 0x3a),
@@ -260,7 +283,7 @@ fn elf_has_go_section(mut f: impl std::io::Read + std::io::Seek) -> std::io::Res
         u16_at(&eh, 0x3e),
     );
     if shentsize != 64 || shnum == 0 || shnum > 4096 || shstrndx >= shnum {
-        return Ok(false);
+        return Ok(None);
     }
     let mut table = vec![0u8; usize::from(shnum) * 64];
     f.seek(SeekFrom::Start(shoff))?;
@@ -268,16 +291,45 @@ fn elf_has_go_section(mut f: impl std::io::Read + std::io::Seek) -> std::io::Res
     let names_hdr = &table[usize::from(shstrndx) * 64..][..64];
     let (names_off, names_len) = (u64_at(names_hdr, 0x18), u64_at(names_hdr, 0x20));
     if names_len > 1 << 20 {
-        return Ok(false);
+        return Ok(None);
     }
     let mut names = vec![0u8; names_len as usize];
     f.seek(SeekFrom::Start(names_off))?;
     f.read_exact(&mut names)?;
-    Ok(table.chunks_exact(64).any(|sh| {
+    let name_of = |sh: &[u8]| {
         let at = u32::from_le_bytes([sh[0], sh[1], sh[2], sh[3]]) as usize;
-        let name = names.get(at..).map(|n| n.split(|&b| b == 0).next().unwrap_or(&[]));
-        matches!(name, Some(b".go.buildinfo" | b".note.go.buildid"))
-    }))
+        names.get(at..).map(|n| n.split(|&b| b == 0).next().unwrap_or(&[]))
+    };
+    let mut found = None;
+    for sh in table.chunks_exact(64) {
+        match name_of(sh) {
+            Some(b".go.buildinfo") => {
+                let mut info = [0u8; 64];
+                f.seek(SeekFrom::Start(u64_at(sh, 0x18)))?;
+                let n = f.read(&mut info)?;
+                return Ok(Some(GoBuild {
+                    x86_64,
+                    version: build_info_version(&info[..n]),
+                }));
+            }
+            Some(b".note.go.buildid") => found = Some(GoBuild { x86_64, version: None }),
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+/// The toolchain version in a `.go.buildinfo` section: a 32-byte header (magic
+/// `\xff Go buildinf:`, pointer size, flags), then, when flag 2 is set (Go 1.18+), the version
+/// as a length-prefixed string such as `go1.21.3`.
+fn build_info_version(info: &[u8]) -> Option<(u32, u32)> {
+    if !info.starts_with(b"\xff Go buildinf:") || info.get(15)? & 2 == 0 {
+        return None;
+    }
+    let len = usize::from(*info.get(32)?);
+    let v = std::str::from_utf8(info.get(33..33 + len)?).ok()?;
+    let mut parts = v.strip_prefix("go")?.split(['.', 'r', 'b', '-', ' ']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -285,8 +337,31 @@ mod go_tests {
     #[test]
     fn this_rust_binary_is_not_go_and_garbage_is_not_elf() {
         let me = std::fs::File::open("/proc/self/exe").unwrap();
-        assert!(!super::elf_has_go_section(me).unwrap());
-        assert!(!super::elf_has_go_section(std::io::Cursor::new(vec![0u8; 100])).unwrap());
-        assert!(super::elf_has_go_section(std::io::Cursor::new(vec![0u8; 10])).is_err());
+        assert_eq!(super::read_go_build(me).unwrap(), None);
+        assert_eq!(
+            super::read_go_build(std::io::Cursor::new(vec![0u8; 100])).unwrap(),
+            None
+        );
+        assert!(super::read_go_build(std::io::Cursor::new(vec![0u8; 10])).is_err());
+    }
+
+    #[test]
+    fn build_info_versions() {
+        let info = |flags: u8, v: &str| {
+            let mut b = b"\xff Go buildinf:".to_vec();
+            b.push(8);
+            b.push(flags);
+            b.resize(32, 0);
+            b.push(v.len() as u8);
+            b.extend_from_slice(v.as_bytes());
+            b
+        };
+        assert_eq!(super::build_info_version(&info(2, "go1.19.8")), Some((1, 19)));
+        assert_eq!(super::build_info_version(&info(3, "go1.22rc1")), Some((1, 22)));
+        assert_eq!(super::build_info_version(&info(2, "go1.21")), Some((1, 21)));
+        // Go 1.17 and older keep pointers to the strings, not the strings.
+        assert_eq!(super::build_info_version(&info(0, "go1.16")), None);
+        assert_eq!(super::build_info_version(&info(2, "devel +abc")), None);
+        assert_eq!(super::build_info_version(b"\xff Go buildinf:"), None);
     }
 }

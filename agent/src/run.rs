@@ -74,8 +74,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .spawn(move || loader::hook_go_programs(ebpf, go_rx, stop, metrics))
             .context("start the Go hooks thread")?
     };
+    let conns = if cli.no_go_hooks {
+        ConnTable::new()
+    } else {
+        ConnTable::new().hooking_go(go_tx)
+    };
     let processor = Processor::new(
-        ConnTable::new().hooking_go(go_tx),
+        conns,
         ProcessTable::new(),
         SpanFactory::new(SpanOptions {
             keep_query_values: cli.keep_query_values,

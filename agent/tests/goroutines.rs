@@ -54,19 +54,19 @@ fn calls_written_by_write_loops_go_back_to_the_request_their_asker_serves() {
     let outbound: Vec<_> = (0..2)
         .map(|i| b.connect(GO, 50 + i, BACKEND, 60 + i, 45000 + i as u16, 9090))
         .collect();
-    // Write loops 0x70 and 0x71 of pooled connections 0xc0 and 0xc1, on outbound 0 and 1.
-    b.go(GO, T2, go_op::WRITE_LOOP, 0x70, 0xc0);
-    b.go(GO, T2, go_op::WRITE_LOOP, 0x71, 0xc1);
     // Both requests read on thread 1, by the connections' goroutines 0xa and 0xb.
     b.goroutines.insert(T1, 0xa);
     b.send_request(&inbound[0], LOADGEN_TID, T1, &get("/a"));
     b.goroutines.insert(T1, 0xb);
     b.send_request(&inbound[1], LOADGEN_TID, T1, &get("/b"));
-    // 0xa creates 0x1, which asks for /x over 0xc1; 0xb asks for /y itself over 0xc0. The write
-    // loops write them from the thread the other request was read on.
+    // 0xa creates 0x1, which asks for /x (request 0xe1); 0xb asks for /y itself (0xe0). The
+    // write loops 0x71 and 0x70 of the pooled connections write them, from the thread the other
+    // request was read on.
     b.go(GO, T1, go_op::SPAWN, 0xa, 0x1);
-    b.go(GO, T2, go_op::ROUND_TRIP, 0x1, 0xc1);
-    b.go(GO, T1, go_op::ROUND_TRIP, 0xb, 0xc0);
+    b.go(GO, T2, go_op::ROUND_TRIP, 0x1, 0xe1);
+    b.go(GO, T1, go_op::ROUND_TRIP, 0xb, 0xe0);
+    b.go(GO, T1, go_op::REQUEST_WRITE, 0x71, 0xe1);
+    b.go(GO, T2, go_op::REQUEST_WRITE, 0x70, 0xe0);
     b.goroutines.insert(T1, 0x71);
     b.send_request(&outbound[1], T1, BACKEND_TID, &get("/x"));
     b.goroutines.insert(T2, 0x70);
@@ -87,5 +87,5 @@ fn calls_written_by_write_loops_go_back_to_the_request_their_asker_serves() {
     assert_eq!(parent_of(&spans, "/x"), Some(("/a".into(), "goroutine".into())));
     assert_eq!(parent_of(&spans, "/y"), Some(("/b".into(), "goroutine".into())));
     let st = p.conns.go.stats;
-    assert_eq!((st.spawns, st.round_trips, st.write_loops, st.chains), (1, 2, 2, 2));
+    assert_eq!((st.spawns, st.round_trips, st.request_writes, st.chains), (1, 2, 2, 2));
 }

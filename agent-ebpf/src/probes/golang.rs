@@ -1,6 +1,6 @@
 //! Go programs: which goroutine made each syscall, which goroutine created which, and which
 //! goroutine asked for each request that `net/http`'s client writes from its connection's
-//! write loop (uprobes, attached by userspace to Go executables only; see
+//! write loop goroutine (uprobes, attached by userspace to Go executables only; see
 //! `agent/src/goroutines.rs`).
 //!
 //! Register use follows Go's internal ABI on x86-64 (Go 1.17 and later): arguments and results
@@ -9,7 +9,10 @@
 //! entry name the goroutine.
 use agent_common::{EventHeader, GoEvent, go_op, kind};
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated,
+    },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -97,18 +100,23 @@ pub fn go_newproc1_ret(ctx: RetProbeContext) -> u32 {
     emit(go_op::SPAWN, caller, child)
 }
 
-/// `net/http.(*persistConn).roundTrip(pc, req)`: goroutine R14 sends a request over `pc` (RAX).
+/// `net/http.(*persistConn).roundTrip(pc, treq *transportRequest)`: goroutine R14 asks for the
+/// request `treq` embeds as its first field (RBX points at it), which the connection's write
+/// loop writes.
 #[uprobe]
 pub fn go_round_trip(ctx: ProbeContext) -> u32 {
-    // SAFETY: the probe's own register snapshot.
-    let (g, pc) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rax) };
-    emit(go_op::ROUND_TRIP, g, pc)
+    // SAFETY: the probe's own register snapshot; user memory through the helper.
+    let (g, treq) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rbx) };
+    let Ok(req) = (unsafe { bpf_probe_read_user(treq as *const u64) }) else {
+        return 0;
+    };
+    emit(go_op::ROUND_TRIP, g, req)
 }
 
-/// `net/http.(*persistConn).writeLoop(pc)`: goroutine R14 is `pc`'s (RAX) writer.
+/// `net/http.(*Request).write(r, ...)`: goroutine R14 writes request `r` (RAX).
 #[uprobe]
-pub fn go_write_loop(ctx: ProbeContext) -> u32 {
+pub fn go_request_write(ctx: ProbeContext) -> u32 {
     // SAFETY: the probe's own register snapshot.
-    let (g, pc) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rax) };
-    emit(go_op::WRITE_LOOP, g, pc)
+    let (g, req) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rax) };
+    emit(go_op::REQUEST_WRITE, g, req)
 }

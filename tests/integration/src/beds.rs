@@ -176,6 +176,20 @@ fn build_go() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Sends M the load generator's requests, unscored: what a service served before the agent
+/// started (its client pool opens then).
+pub fn load(m: &Middle, cfg: &BedConfig) -> Result<Vec<LoadRequest>> {
+    let args = [
+        bed_fixture("loadgen.py").display().to_string(),
+        m.proc.port.to_string(),
+        cfg.count.to_string(),
+        cfg.concurrency.to_string(),
+        onoff(m.keepalive).into(),
+    ];
+    let out = topology::run_client(SVC_LOADGEN, &args, Duration::from_secs(120))?;
+    parse_requests(&out)
+}
+
 /// `backend.py` on a free port, as [`SVC_BACKEND`].
 pub fn start_backend() -> Result<Proc> {
     let port = free_port();
@@ -229,7 +243,7 @@ impl Middle {
             .collect()
     }
 
-    fn output_tail(&self) -> String {
+    pub fn output_tail(&self) -> String {
         let lines = self.proc.lines();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
@@ -452,15 +466,7 @@ fn check_plan<'t>(
 /// Run the load generator against `m`, then collect and score the spans.
 pub fn run_config(rx: &Receiver, m: &Middle, cfg: &BedConfig) -> Result<BedRun> {
     let t0 = Instant::now();
-    let args = [
-        bed_fixture("loadgen.py").display().to_string(),
-        m.proc.port.to_string(),
-        cfg.count.to_string(),
-        cfg.concurrency.to_string(),
-        onoff(m.keepalive).into(),
-    ];
-    let out = topology::run_client(SVC_LOADGEN, &args, Duration::from_secs(120))?;
-    let load = parse_requests(&out)?;
+    let load = load(m, cfg)?;
     let load_time = t0.elapsed();
     let truth = m.truth()?;
     let (truth, problems) = check_plan(m, cfg, &load, &truth);

@@ -176,6 +176,57 @@ fn go_bed() -> Result<()> {
     bed(Runtime::Go)
 }
 
+/// A Go service already serving, its client pool open, when the agent starts (a DaemonSet rolled
+/// out onto running pods): requests written over connections that predate the hooks are
+/// followed too, since the hooks key them by request, not by connection.
+#[test]
+fn go_started_before_the_agent() -> Result<()> {
+    let _g = serial();
+    require!(Python, Go);
+    let rx = Receiver::start()?;
+    let backend = beds::start_backend()?;
+    let m = Middle::start(Runtime::Go, backend.port, true)?;
+    let cfg = BedConfig {
+        concurrency: 8,
+        count: 80,
+    };
+    let warm = beds::load(&m, &cfg)?;
+    assert!(
+        warm.iter().all(|r| r.status == 200),
+        "warm-up failed: {}",
+        m.output_tail()
+    );
+    let agent = AgentBuilder::new().otlp(&rx, Protocol::Grpc).metrics().start()?;
+    // the hooks attach when the process is first seen moving bytes: give them that moment
+    let _ = beds::load(
+        &m,
+        &BedConfig {
+            concurrency: 1,
+            count: 2,
+        },
+    )?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let run = beds::run_config(&rx, &m, &cfg)?;
+    let i = &run.row.inproc;
+    println!(
+        "--- go, started before the agent: in-process precision {} recall {}",
+        pct(i.precision()),
+        pct(i.recall())
+    );
+    let metrics = agent.metrics()?;
+    agent.stop()?;
+    assert!(run.problems.is_empty(), "{:?}", run.problems);
+    assert!(i.precision() >= MIN_PRECISION, "{}", run.wrong.join("\n"));
+    assert!(
+        i.recall() >= recall_floor(Runtime::Go, 8, true),
+        "recall {}",
+        pct(i.recall())
+    );
+    let unknown = metrics.value("sockspan_go_chains_total", Some(r#"asker="unknown""#));
+    assert_eq!(unknown, Some(0.0), "calls over pooled connections lost their asker");
+    Ok(())
+}
+
 #[test]
 fn java_bed() -> Result<()> {
     let _g = serial();
