@@ -18,8 +18,6 @@ pub const LOOP_EPOCH_MAX_ENTRIES: u32 = 64 * 1024;
 /// Processes seen using TCP sockets: only their threads' waits bump a loop epoch (LRU).
 pub const TRACED_TGIDS_MAX_ENTRIES: u32 = 16 * 1024;
 
-/// Go processes whose hooks fired: their data events carry the goroutine (LRU).
-pub const GO_TGIDS_MAX_ENTRIES: u32 = 4 * 1024;
 /// Threads inside `runtime.newproc1` (between its entry and return hooks), LRU.
 pub const GO_SPAWNING_MAX_ENTRIES: u32 = 16 * 1024;
 

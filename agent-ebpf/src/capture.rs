@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 
-use crate::maps::{EVENTS, PendingCall, SCRATCH, buf_kind, capture_bytes, count, wakeup_bytes};
+use crate::maps::{EVENTS, PendingCall, SCRATCH, buf_kind, capture_bytes, count, traced, wakeup_bytes};
 
 /// Offsets in `struct user_msghdr` (include/linux/socket.h, stable UAPI layout on 64-bit).
 const MSGHDR_IOV: usize = 16;
@@ -24,7 +24,14 @@ struct IoVec {
 /// Fills the per-CPU scratch slot's record header for the current thread's syscall `p`: a data
 /// event (`kind::DATA`, moving `ret` bytes) or a connect (`kind::CONNECT`).
 #[inline(always)]
-fn scratch_event(p: &PendingCall, pid_tgid: u64, kind: u8, side: u8, ret: i64) -> Result<&'static mut DataEvent, i64> {
+fn scratch_event(
+    p: &PendingCall,
+    pid_tgid: u64,
+    kind: u8,
+    side: u8,
+    ret: i64,
+    traced: u8,
+) -> Result<&'static mut DataEvent, i64> {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Err(-1);
     };
@@ -49,14 +56,19 @@ fn scratch_event(p: &PendingCall, pid_tgid: u64, kind: u8, side: u8, ret: i64) -
     ev.flags = if data { p.recv_flags } else { 0 };
     ev.captured_len = 0;
     (ev.epoch, ev.wait_deadline_ns) = crate::probes::loops::loop_state(pid_tgid);
-    ev.goroutine = crate::probes::golang::current_goroutine(pid_tgid);
+    ev.goroutine = if traced & traced::GO != 0 {
+        crate::probes::golang::current_goroutine()
+    } else {
+        0
+    };
     Ok(ev)
 }
 
 /// Emits a data event for a finished syscall that moved `ret` bytes on a TCP socket.
 #[inline(always)]
-pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(), i64> {
-    let ev = scratch_event(p, pid_tgid, kind::DATA, side, ret)?;
+/// `traced`: the process's `maps::traced` flags.
+pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8, traced: u8) -> Result<(), i64> {
+    let ev = scratch_event(p, pid_tgid, kind::DATA, side, ret, traced)?;
     let mut want = u64::from(capture_bytes());
     if want > ret as u64 {
         want = ret as u64;
@@ -88,8 +100,8 @@ pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8) -> Result<(
 
 /// Emits the payload-less record of a connect() on a TCP socket (see `kind::CONNECT`).
 #[inline(always)]
-pub fn emit_connect(p: &PendingCall, pid_tgid: u64) -> Result<(), i64> {
-    let ev = scratch_event(p, pid_tgid, kind::CONNECT, agent_common::side::CONNECTED, 0)?;
+pub fn emit_connect(p: &PendingCall, pid_tgid: u64, traced: u8) -> Result<(), i64> {
+    let ev = scratch_event(p, pid_tgid, kind::CONNECT, agent_common::side::CONNECTED, 0, traced)?;
     // SAFETY: HEADER_LEN ≤ size_of::<DataEvent>().
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), DataEvent::HEADER_LEN) };
     submit(bytes)

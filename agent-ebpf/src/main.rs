@@ -1,6 +1,6 @@
 //! sockspan's kernel programs.
 //!
-//! Hook choice: this design rests on tracepoints only, because the kernels it must run on
+//! Hook choice: this design rests on tracepoints, because the kernels it must run on
 //! include ones built without kprobes and ones that refuse fentry/fexit (trampolines).
 //! - `syscalls:sys_{enter,exit}_*` give the fd, the thread, the user buffer and the byte count;
 //!   entry arguments are stashed per thread (`PENDING`) and consumed at exit.
@@ -9,6 +9,9 @@
 //!   pipes and unix sockets cost one hash insert/delete and produce nothing.
 //! - `sock:inet_sock_set_state` gives the 4-tuple of every TCP socket as it becomes ESTABLISHED
 //!   (userspace joins it to data events on the socket identity) and marks connect()ing sockets.
+//! - uprobes, on Go executables only (`probes::golang`): goroutine creation and `net/http`'s
+//!   client hand-off, which no syscall shows. A uprobe hit traps (~10 µs here), so they sit on
+//!   functions that run once per call or goroutine, never per syscall.
 //!
 //! The programs only read; they never write into application memory.
 #![no_std]

@@ -2,8 +2,8 @@
 use agent_common::{
     DataEvent, MAX_CAPTURE,
     maps::{
-        DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, GO_SPAWNING_MAX_ENTRIES, GO_TGIDS_MAX_ENTRIES, LOOP_EPOCH_MAX_ENTRIES,
-        PENDING_MAX_ENTRIES, TRACED_TGIDS_MAX_ENTRIES, counter,
+        DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, GO_SPAWNING_MAX_ENTRIES, LOOP_EPOCH_MAX_ENTRIES, PENDING_MAX_ENTRIES,
+        TRACED_TGIDS_MAX_ENTRIES, counter,
     },
 };
 use aya_ebpf::{
@@ -42,14 +42,17 @@ pub struct LoopState {
 }
 
 /// Processes (tgid) that moved bytes on a TCP socket: the waits of other processes cost one
-/// lookup and are not counted.
+/// lookup and are not counted. The value holds [`traced`] flags.
 #[map]
 pub static TRACED_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(TRACED_TGIDS_MAX_ENTRIES, 0);
 
-/// Go processes whose hooks fired (marked by the hooks themselves): only their data events
-/// look the goroutine up.
-#[map]
-pub static GO_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(GO_TGIDS_MAX_ENTRIES, 0);
+/// Flags of a [`TRACED_TGIDS`] entry.
+pub mod traced {
+    /// The process moved bytes on a TCP socket.
+    pub const TCP: u8 = 1;
+    /// Its Go hooks fired: its data events carry the goroutine (one lookup serves both).
+    pub const GO: u8 = 2;
+}
 
 /// The goroutine that called `runtime.newproc1`, by thread (pid_tgid), until it returns.
 #[map]

@@ -19,19 +19,15 @@ use aya_ebpf::{
 
 use crate::{
     capture::submit,
-    maps::{GO_SPAWNING, GO_TGIDS},
+    maps::{GO_SPAWNING, TRACED_TGIDS, traced},
 };
 
 /// Byte offset of R14 in the x86-64 `struct pt_regs` (r15 comes first).
 const PT_REGS_R14: usize = 8;
 
-/// The goroutine running on the current thread, for a process whose Go hooks fired; else 0.
+/// The goroutine running on the current thread (in a Go process: its hooks fired).
 #[inline(always)]
-pub fn current_goroutine(pid_tgid: u64) -> u64 {
-    // SAFETY: presence check only.
-    if unsafe { GO_TGIDS.get((pid_tgid >> 32) as u32).is_none() } {
-        return 0;
-    }
+pub fn current_goroutine() -> u64 {
     // SAFETY: helpers valid in tracing programs; the registers are read through the
     // fault-tolerant helper.
     unsafe {
@@ -49,7 +45,11 @@ pub fn current_goroutine(pid_tgid: u64) -> u64 {
 fn emit(op: u8, a: u64, b: u64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
-    let _ = GO_TGIDS.insert(pid, 1, 0);
+    let flags = traced::TCP | traced::GO;
+    // SAFETY: copied out at once.
+    if unsafe { TRACED_TGIDS.get(pid).copied() } != Some(flags) {
+        let _ = TRACED_TGIDS.insert(pid, flags, 0);
+    }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let ev = GoEvent {

@@ -11,7 +11,7 @@ use aya_ebpf::{
 
 use crate::{
     capture::{emit_connect, emit_data, sock_event, submit_sock},
-    maps::{FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, count, fd_key, self_tgid},
+    maps::{FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, count, fd_key, self_tgid, traced},
     probes::loops::bump_epoch,
 };
 
@@ -151,7 +151,7 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         }
         return Ok(0);
     }
-    mark_traced(pid_tgid);
+    let traced = mark_traced(pid_tgid);
     if p.syscall == LATE {
         if p.direction != spec.dir {
             return Ok(0);
@@ -196,17 +196,22 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
             0,
         );
     }
-    emit_data(&p, pid_tgid, ret, fd_side)?;
+    emit_data(&p, pid_tgid, ret, fd_side, traced)?;
     Ok(0)
 }
 
-/// Remembers that the thread's process uses TCP sockets: its poll-family waits now count.
+/// Remembers that the thread's process uses TCP sockets (its poll-family waits now count);
+/// returns what is known of the process (`maps::traced` flags).
 #[inline(always)]
-fn mark_traced(pid_tgid: u64) {
+fn mark_traced(pid_tgid: u64) -> u8 {
     let tgid = (pid_tgid >> 32) as u32;
-    // SAFETY: presence check only.
-    if unsafe { TRACED_TGIDS.get(tgid).is_none() } {
-        let _ = TRACED_TGIDS.insert(tgid, 1, 0);
+    // SAFETY: copied out at once.
+    match unsafe { TRACED_TGIDS.get(tgid).copied() } {
+        Some(flags) => flags,
+        None => {
+            let _ = TRACED_TGIDS.insert(tgid, traced::TCP, 0);
+            traced::TCP
+        }
     }
 }
 
@@ -365,8 +370,8 @@ fn exit_connect(ctx: &TracePointContext) -> Result<u32, i64> {
             _pad: [0; 7],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, p.fd), info, 0);
-        mark_traced(pid_tgid);
-        emit_connect(&p, pid_tgid)?;
+        let traced = mark_traced(pid_tgid);
+        emit_connect(&p, pid_tgid, traced)?;
     }
     Ok(0)
 }
