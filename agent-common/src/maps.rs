@@ -8,7 +8,7 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 
 /// Default ring-buffer size (bytes, power of two, multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 16 * 1024 * 1024;
-/// In-flight syscalls tracked at once (entry → exit), across all threads.
+/// In-flight syscalls tracked at once (entry → exit), across all threads (LRU).
 pub const PENDING_MAX_ENTRIES: u32 = 32 * 1024;
 /// Sockets remembered per (tgid, fd) (LRU: entries of processes that exited age out).
 pub const FD_INFO_MAX_ENTRIES: u32 = 64 * 1024;
@@ -31,6 +31,10 @@ pub mod counter {
     pub const PAYLOAD_READ_FAILED: u32 = 2;
     /// Events written to the ring buffer.
     pub const EVENTS_SUBMITTED: u32 = 3;
+    /// A send or receive seen at the socket layer with no entry stash (it began before the
+    /// programs were attached, or its stash was evicted from the full `PENDING` LRU): stashed
+    /// late, completed from the saved registers at exit.
+    pub const LATE_STASH: u32 = 4;
     /// Number of slots.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }

@@ -39,6 +39,11 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_KEEP_QUERY_VALUES")]
     pub keep_query_values: bool,
 
+    /// Export `url.path` as sent (default: ids, emails and token-like segments become `{id}`,
+    /// `{email}`, `{token}`, as in span names).
+    #[arg(long, env = "SOCKSPAN_KEEP_PATH")]
+    pub keep_path: bool,
+
     /// Do not attach the Go hooks (uprobes on `runtime.newproc1` and `net/http`'s pooled
     /// connections in Go programs): no goroutine parents, and none of the hooks' cost.
     #[arg(long, env = "SOCKSPAN_NO_GO_HOOKS")]

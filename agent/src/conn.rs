@@ -17,6 +17,7 @@ use crate::{
     goroutines::{GoChain, GoTracker},
     http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
     loops::{Cause, LoopHint, LoopTracker},
+    telemetry::Family,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -208,6 +209,30 @@ impl ConnTable {
 
     pub fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// This stage's families: its connections, the HTTP parser's counts, the event-loop
+    /// tracker's (the goroutine tracker's go out with the Go hooks' attacher's, in the pipeline).
+    pub fn families(&self) -> Vec<Family> {
+        let mut f = vec![
+            Family::total("sockspan_connections_total", "TCP connections tracked.", self.opened),
+            Family::total(
+                "sockspan_connections_evicted_total",
+                "Connections forgotten because idle or over the table limit.",
+                self.evicted,
+            ),
+            Family::level(
+                "sockspan_connections",
+                "TCP connections tracked now.",
+                self.conns.len() as u64,
+            ),
+        ];
+        f.extend(self.http_stats.families(&[
+            ("not_http", self.not_http_undecided),
+            ("agent_own_traffic", self.own_traffic),
+        ]));
+        f.extend(self.loops.stats.families());
+        f
     }
 
     pub fn is_empty(&self) -> bool {

@@ -53,13 +53,20 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Low-cardinality labels for metrics, by [`Self::index`].
+    pub const REASONS: [&'static str; 3] = ["short", "unknown_kind", "bad_payload_len"];
+
+    pub fn index(&self) -> usize {
+        match self {
+            DecodeError::Short { .. } => 0,
+            DecodeError::UnknownKind { .. } => 1,
+            DecodeError::BadPayloadLen { .. } => 2,
+        }
+    }
+
     /// Low-cardinality label for metrics.
     pub fn reason(&self) -> &'static str {
-        match self {
-            DecodeError::Short { .. } => "short",
-            DecodeError::UnknownKind { .. } => "unknown_kind",
-            DecodeError::BadPayloadLen { .. } => "bad_payload_len",
-        }
+        Self::REASONS[self.index()]
     }
 }
 

@@ -25,7 +25,7 @@ use std::sync::mpsc::Sender;
 
 use agent_common::{GoEvent, go_op};
 
-use crate::FastMap;
+use crate::{FastMap, telemetry::Family};
 
 /// Ancestors followed from the asking goroutine (a fan-out inside a fan-out is 2).
 pub const MAX_DEPTH: usize = 6;
@@ -84,9 +84,9 @@ pub struct GoStats {
 
 impl GoStats {
     /// Every counter, named and described here, beside what it counts.
-    pub fn counters(&self) -> Vec<crate::loops::Family> {
+    pub fn families(&self) -> Vec<Family> {
         vec![
-            (
+            Family::counter(
                 "sockspan_go_executables_total",
                 "Go executables seen, by whether their hooks (goroutine creation, net/http round trips) were attached.",
                 vec![
@@ -94,7 +94,7 @@ impl GoStats {
                     ("result", "failed", self.executables_failed),
                 ],
             ),
-            (
+            Family::counter(
                 "sockspan_go_hook_reports_total",
                 "Reports of the Go hooks, by hook.",
                 vec![
@@ -103,7 +103,7 @@ impl GoStats {
                     ("hook", "request_write", self.request_writes),
                 ],
             ),
-            (
+            Family::counter(
                 "sockspan_go_chains_total",
                 "Client requests of hooked Go processes, by whether the goroutine that asked for them is known.",
                 vec![
@@ -111,10 +111,10 @@ impl GoStats {
                     ("asker", "unknown", self.unknown_asker),
                 ],
             ),
-            (
+            Family::total(
                 "sockspan_go_index_resets_total",
                 "Goroutine indexes that reached their bound and started over.",
-                vec![("", "", self.resets)],
+                self.resets,
             ),
         ]
     }

@@ -312,6 +312,7 @@ pub struct KernelCounters {
     pub pending_full: u64,
     pub payload_read_failed: u64,
     pub events_submitted: u64,
+    pub late_stashes: u64,
 }
 
 pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
@@ -321,5 +322,6 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
         pending_full: sum(counter::PENDING_FULL),
         payload_read_failed: sum(counter::PAYLOAD_READ_FAILED),
         events_submitted: sum(counter::EVENTS_SUBMITTED),
+        late_stashes: sum(counter::LATE_STASH),
     }
 }

@@ -38,7 +38,7 @@
 //! - the write is on the connection whose response was just read while the process's other
 //!   connections to that peer were all busy: a full client pool hands a freed connection to a
 //!   request queued for one, in that response's callback (a span link, not a parent).
-use crate::{FastMap, decode::LoopStamp};
+use crate::{FastMap, decode::LoopStamp, telemetry::Family};
 
 /// How early, before the wait's deadline, a timer may already fire: loops keep time in whole
 /// milliseconds (libuv truncates; a coarse clock may lag by another one).
@@ -197,12 +197,9 @@ pub struct LoopStats {
     pub abstained: [u64; Abstain::ALL.len()],
 }
 
-/// One exported counter family: (metric name, help, [(label name, label value, value)]).
-pub type Family = (&'static str, &'static str, Vec<(&'static str, &'static str, u64)>);
-
 impl LoopStats {
     /// Every counter, named and described here, beside what it counts.
-    pub fn counters(&self) -> Vec<Family> {
+    pub fn families(&self) -> Vec<Family> {
         let hints = [(Via::Stretch, "stretch"), (Via::Connect, "connect")]
             .into_iter()
             .map(|(via, name)| ("via", name, self.hints[via as usize]))
@@ -212,12 +209,12 @@ impl LoopStats {
             .map(|a| ("reason", a.as_str(), self.abstained[a as usize]))
             .collect();
         vec![
-            (
+            Family::counter(
                 "sockspan_loop_hints_total",
                 "Client requests written by an event-loop thread that were given the message that caused them, by how (the same stretch of the loop, or the stretch that opened the connection).",
                 hints,
             ),
-            (
+            Family::counter(
                 "sockspan_loop_abstained_total",
                 "Client requests written by an event-loop thread that were given no cause, by reason.",
                 abstained,

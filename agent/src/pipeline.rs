@@ -6,13 +6,13 @@ use tokio::sync::mpsc;
 
 use crate::{
     conn::{ConnOutput, ConnTable},
-    decode::decode,
-    export::{PrintFormat, Printer, otlp::ExportQueue},
+    decode::{DecodeError, decode},
+    export::{PrintFormat, PrintQueue, otlp::ExportQueue},
     process::ProcessTable,
     reader::RawBatch,
     span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
     stitch::{self, Finished, RequestStart, Stitcher},
-    telemetry::Metrics,
+    telemetry::{Family, Metrics},
 };
 
 /// A response whose end could not be seen (headers past the capture limit) ends after this idle time.
@@ -31,6 +31,10 @@ pub struct Processor {
     outputs: Vec<ConnOutput>,
     /// Monotonic clock for the reorder window (a replay uses a stopped clock: event time only).
     clock: fn() -> u64,
+    /// Records that could not be decoded, by [`DecodeError::index`].
+    decode_failed: [u64; DecodeError::REASONS.len()],
+    /// HTTP exchanges assembled.
+    exchanges: u64,
 }
 
 impl Processor {
@@ -42,10 +46,15 @@ impl Processor {
     /// For replays and benchmarks: nothing read from this machine (/proc, clock), deterministic
     /// ids, event time only.
     pub fn offline(metrics: Arc<Metrics>) -> Self {
+        Self::offline_with(metrics, SpanOptions::default())
+    }
+
+    /// [`Processor::offline`] with other span options (tests that find spans by raw path).
+    pub fn offline_with(metrics: Arc<Metrics>, opts: SpanOptions) -> Self {
         Self::with_parts(
             ConnTable::without_proc(),
             ProcessTable::without_proc(),
-            SpanFactory::with_clock_offset(SpanOptions::default(), 0),
+            SpanFactory::with_clock_offset(opts, 0),
             Stitcher::new(IdGenerator::seeded(1)),
             || 0,
             metrics,
@@ -68,6 +77,8 @@ impl Processor {
             metrics,
             outputs: Vec::new(),
             clock,
+            decode_failed: [0; DecodeError::REASONS.len()],
+            exchanges: 0,
         }
     }
 
@@ -77,7 +88,7 @@ impl Processor {
             match decode(record) {
                 Ok(ev) => self.conns.on_event(&ev, &mut self.outputs),
                 Err(e) => {
-                    self.metrics.events_decode_failed.inc();
+                    self.decode_failed[e.index()] += 1;
                     tracing::debug!(reason = e.reason(), error = %e, "Dropped an undecodable event");
                 }
             }
@@ -136,7 +147,7 @@ impl Processor {
                 } => self.stitcher.push_answering(conn_id, seq, ts_ns, tid),
                 ConnOutput::LoopConfirmed { conn_id, seq } => self.stitcher.confirm_loop_hint(conn_id, seq),
                 ConnOutput::Exchange(cx) => {
-                    self.metrics.exchanges.inc();
+                    self.exchanges += 1;
                     let resource = self.procs.get(cx.facts.pid, &cx.facts.comm);
                     let end_ns = cx.end_ns();
                     let span = self.spans.build(&cx, resource);
@@ -157,51 +168,76 @@ impl Processor {
     }
 
     pub fn publish_stats(&self) {
-        self.metrics.set_stitch(self.stitcher.stats());
-        self.metrics.set_loops(self.conns.loops.stats);
-        self.metrics.set_go(self.conns.go.stats);
-        let s = &self.conns.http_stats;
-        self.metrics.connections_opened.set(self.conns.opened);
-        self.metrics.connections_evicted.set(self.conns.evicted);
-        self.metrics.set_http_rejected(vec![
-            ("not_http", s.not_http + self.conns.not_http_undecided),
-            ("agent_own_traffic", self.conns.own_traffic),
-            ("header_too_large", s.header_too_large),
-            ("bad_framing", s.bad_framing),
-            ("truncated_headers", s.truncated_headers),
-            ("unmatched_response", s.unmatched_responses),
-            ("resync_skipped_chunk", s.resync_skipped_chunks),
-        ]);
+        let mut families = self.conns.families();
+        families.extend(self.stitcher.families());
+        families.extend(self.families());
+        self.metrics.set_stages(families);
+    }
+
+    /// The processor's own counts (records it could not decode, exchanges assembled) and the
+    /// goroutine tracker's with the Go hooks' attacher's.
+    fn families(&self) -> Vec<Family> {
+        let failed = DecodeError::REASONS
+            .iter()
+            .zip(self.decode_failed)
+            .map(|(reason, n)| ("reason", *reason, n))
+            .collect();
+        let mut go = self.conns.go.stats;
+        go.executables_hooked = self.metrics.go_executables_hooked.get();
+        go.executables_failed = self.metrics.go_executables_failed.get();
+        let mut f = vec![
+            Family::counter(
+                "sockspan_events_decode_failed_total",
+                "Records dropped because they could not be decoded, by reason.",
+                failed,
+            ),
+            Family::total(
+                "sockspan_http_exchanges_total",
+                "HTTP request/response exchanges assembled.",
+                self.exchanges,
+            ),
+        ];
+        f.extend(go.families());
+        f
     }
 }
 
 /// Where finished spans go.
 pub struct Sinks {
-    pub printer: Option<Printer<std::io::Stdout>>,
+    printer: Option<(PrintQueue, std::thread::JoinHandle<()>)>,
     pub otlp: Option<ExportQueue>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Sinks {
-    pub fn new(print: Option<PrintFormat>, otlp: Option<ExportQueue>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            printer: print.map(|f| Printer::new(f, std::io::stdout())),
-            otlp,
-            metrics,
-        }
+    /// Starts the print thread when printing.
+    pub fn new(print: Option<PrintFormat>, otlp: Option<ExportQueue>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let printer = match print {
+            Some(f) => Some(PrintQueue::start(f, std::io::stdout(), metrics.print.clone())?),
+            None => None,
+        };
+        Ok(Self { printer, otlp, metrics })
     }
 
     pub fn send(&mut self, spans: Vec<Span>) {
         if spans.is_empty() {
             return;
         }
-        if let Some(p) = &mut self.printer {
-            let n = p.print(&spans);
-            self.metrics.spans_printed.add(n as u64);
+        if let Some((p, _)) = &self.printer {
+            p.send(&spans);
         }
         if let Some(q) = &self.otlp {
             q.send(spans, &self.metrics);
         }
+    }
+
+    /// Closes the print queue; the print thread, if any, ends once it has written what it
+    /// holds (the caller decides how long to wait for it).
+    pub fn into_print_thread(self) -> Option<std::thread::JoinHandle<()>> {
+        self.printer.map(|(queue, thread)| {
+            drop(queue);
+            thread
+        })
     }
 }
 
@@ -241,4 +277,14 @@ pub async fn run(
     if let Some(w) = &mut record {
         let _ = w.flush();
     }
+    // The last lines get a moment to reach a slow terminal; a blocked one keeps them.
+    if let Some(thread) = sinks.into_print_thread() {
+        let deadline = tokio::time::Instant::now() + PRINT_DRAIN;
+        while !thread.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
+
+/// How long the last printed lines may take to reach a slow terminal at shutdown.
+const PRINT_DRAIN: Duration = Duration::from_secs(1);

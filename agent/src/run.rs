@@ -64,7 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         (None, None)
     };
-    let sinks = Sinks::new(print, otlp_tx, metrics.clone());
+    let sinks = Sinks::new(print, otlp_tx, metrics.clone()).context("start the print thread")?;
     let (go_tx, go_rx) = std::sync::mpsc::channel();
     let stop_hooking = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hooker = {
@@ -84,6 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         ProcessTable::new(),
         SpanFactory::new(SpanOptions {
             keep_query_values: cli.keep_query_values,
+            keep_path: cli.keep_path,
         }),
         metrics.clone(),
     );
@@ -105,11 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("metrics address {addr}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = telemetry::serve(listener, m).await {
-                tracing::warn!(error = %e, "Metrics endpoint stopped");
-            }
-        });
+        tokio::spawn(telemetry::serve(listener, m));
     }
     let kernel_metrics = metrics.clone();
     tokio::spawn(async move {
@@ -128,14 +125,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         "sockspan ready"
     );
 
-    wait_for_signal().await?;
-    tracing::info!("Stopping: flushing pending spans");
+    let (mut reader_task, mut pipeline_task) = (reader_task, pipeline_task);
+    // A stage that ends before it is told to (a panic, a fatal error) leaves an agent that
+    // captures nothing: stop everything and exit non-zero instead.
+    let failed: Option<String> = tokio::select! {
+        r = wait_for_signal() => {
+            r?;
+            None
+        }
+        r = &mut reader_task => Some(format!("the ring-buffer reader stopped: {}", ended(r))),
+        r = &mut pipeline_task => Some(format!("the pipeline stopped: {}", ended(r))),
+    };
+    match &failed {
+        None => tracing::info!("Stopping: flushing pending spans"),
+        Some(why) => tracing::error!("{why}; stopping"),
+    }
     cancel.cancel();
     let stopping = std::time::Instant::now();
     let drained = tokio::time::timeout(SHUTDOWN_BUDGET, async {
-        let _ = reader_task.await;
+        if !reader_task.is_finished() || failed.is_none() {
+            let _ = (&mut reader_task).await;
+        }
         tracing::debug!(elapsed = ?stopping.elapsed(), "Reader stopped");
-        let _ = pipeline_task.await;
+        if !pipeline_task.is_finished() || failed.is_none() {
+            let _ = (&mut pipeline_task).await;
+        }
         tracing::debug!(elapsed = ?stopping.elapsed(), "Pipeline drained");
         if let Some(t) = export_task {
             let _ = t.await;
@@ -153,7 +167,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     loader::detach(ebpf, links);
     tracing::debug!(elapsed = ?stopping.elapsed(), "Programs detached");
     tracing::info!(summary = %metrics.summary(), "sockspan stopped");
-    Ok(())
+    match failed {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
+}
+
+/// How a task that should still run ended.
+fn ended<T: std::fmt::Debug>(r: Result<T, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(v) => format!("it returned {v:?}"),
+        Err(e) if e.is_panic() => "it panicked (see the panic message above)".into(),
+        Err(e) => e.to_string(),
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -174,7 +200,7 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
         .with_context(|| format!("read {}", path.display()))?;
     let metrics = Metrics::new();
     let mut processor = Processor::offline(metrics.clone());
-    let mut sinks = Sinks::new(Some(format), None, metrics.clone());
+    let mut sinks = Sinks::new(Some(format), None, metrics.clone()).context("start the print thread")?;
     for batch in &batches {
         let mut spans = Vec::new();
         processor.process(batch, &mut spans);
@@ -183,6 +209,9 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
     let mut spans = Vec::new();
     processor.finish(&mut spans);
     sinks.send(spans);
+    if let Some(thread) = sinks.into_print_thread() {
+        let _ = thread.join();
+    }
     eprintln!("{}", metrics.summary());
     Ok(())
 }

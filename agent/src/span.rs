@@ -68,6 +68,31 @@ pub struct SpanLink {
     pub source: &'static str,
 }
 
+#[cfg(test)]
+impl Span {
+    /// A minimal server span numbered `i`, for tests of the sinks.
+    pub fn sample(i: u64) -> Span {
+        Span {
+            trace_id: [1; 16],
+            span_id: i.to_be_bytes(),
+            parent_span_id: None,
+            kind: SpanKind::Server,
+            name: "GET /".into(),
+            start_unix_ns: 0,
+            end_unix_ns: 0,
+            attributes: Vec::new(),
+            error: false,
+            resource: Arc::new(ProcessInfo {
+                pid: 1,
+                service_name: "s".into(),
+                executable_name: "s".into(),
+                host_name: "h".into(),
+            }),
+            links: Vec::new(),
+        }
+    }
+}
+
 impl Span {
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
         self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
@@ -79,6 +104,9 @@ impl Span {
 pub struct SpanOptions {
     /// Export query values as sent instead of `REDACTED`.
     pub keep_query_values: bool,
+    /// Export `url.path` as sent instead of with its identifier- and secret-like segments
+    /// generalised (span names are generalised either way).
+    pub keep_path: bool,
 }
 
 /// Maps monotonic kernel timestamps to Unix time and builds spans. Ids are not made here:
@@ -117,7 +145,12 @@ impl SpanFactory {
         let (path, query) = split_target(&req.target);
         let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(18);
         attrs.push(("http.request.method", method_value(&req.method)));
-        attrs.push(("url.path", AttrValue::text(path)));
+        let url_path = if self.opts.keep_path {
+            path.to_owned()
+        } else {
+            route(path)
+        };
+        attrs.push(("url.path", AttrValue::text(url_path)));
         if let Some(q) = query {
             let q = if self.opts.keep_query_values {
                 q.to_owned()
@@ -131,7 +164,7 @@ impl SpanFactory {
             "network.protocol.version",
             AttrValue::fixed(if req.version_minor == 0 { "1.0" } else { "1.1" }),
         ));
-        let host = req.host.as_deref().map(split_host_port);
+        let host = req.host.as_deref().map(|h| split_host_port(without_userinfo(h)));
         // Formatted once: it is both client.address (server spans) and network.peer.address.
         let remote_ip = f.remote.map(|r| r.ip().to_string());
         match kind {
@@ -248,6 +281,12 @@ pub fn redact_query(q: &str) -> String {
         .join("&")
 }
 
+/// An authority without its `user:password@` part (a client that builds `Host` from a URL
+/// with credentials sends them there).
+fn without_userinfo(authority: &str) -> &str {
+    authority.rsplit_once('@').map_or(authority, |(_, host)| host)
+}
+
 /// "host:port" / "[v6]:port" / "host".
 fn split_host_port(h: &str) -> (&str, Option<u16>) {
     if let Some(rest) = h.strip_prefix('[')
@@ -270,7 +309,8 @@ fn span_name(method: &str, path: &str) -> String {
     name
 }
 
-/// Low-cardinality route: identifier-like path segments become `{id}`.
+/// Low-cardinality route, safe to export: identifier- and secret-like path segments become
+/// placeholders (`{id}`, `{email}`, `{token}`, see [`placeholder`]).
 pub fn route(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     push_route(&mut out, path);
@@ -283,24 +323,70 @@ fn push_route(out: &mut String, path: &str) {
         if i > 0 {
             out.push('/');
         }
-        out.push_str(if is_identifier(seg) { "{id}" } else { seg });
+        out.push_str(placeholder(seg).unwrap_or(seg));
     }
     if out.len() == start {
         out.push('/');
     }
 }
 
-/// All digits, a UUID, or ≥ 8 characters with at least one digit (hashes, tokens, ids).
-fn is_identifier(seg: &str) -> bool {
+/// What replaces a path segment that names one thing (an id) or may be a secret (an email, a
+/// token); `None` for a plain name.
+fn placeholder(seg: &str) -> Option<&'static str> {
     if seg.is_empty() {
-        return false;
+        return None;
     }
+    if is_email(seg) {
+        Some("{email}")
+    } else if is_jwt(seg) {
+        Some("{token}")
+    } else if is_identifier(seg) {
+        Some("{id}")
+    } else if is_token(seg) {
+        Some("{token}")
+    } else {
+        None
+    }
+}
+
+/// All digits, a UUID, or ≥ 8 characters with at least one digit (hashes, ids, most tokens).
+fn is_identifier(seg: &str) -> bool {
     let digits = seg.bytes().filter(u8::is_ascii_digit).count();
     digits == seg.len()
         || (seg.len() == 36
             && seg.bytes().filter(|&b| b == b'-').count() == 4
             && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
         || (seg.len() >= 8 && digits > 0)
+}
+
+/// `local@domain.tld`, raw or percent-encoded (`%40`).
+fn is_email(seg: &str) -> bool {
+    let at = seg
+        .find('@')
+        .map(|i| (i, 1))
+        .or_else(|| seg.find("%40").map(|i| (i, 3)));
+    at.is_some_and(|(i, len)| i > 0 && seg[i + len..].contains('.'))
+}
+
+/// A JSON Web Token: three base64url parts, the first a JSON object (`eyJ` is `{"`).
+fn is_jwt(seg: &str) -> bool {
+    seg.starts_with("eyJ") && seg.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+/// A digit-free random-looking string: ≥ 16 characters of the base64/URL-token alphabet whose
+/// letters mix cases the way random text does (a quarter or more upper case, and some lower
+/// case), or hex of ≥ 16 characters. `getUserProfileSettings` stays a name.
+fn is_token(seg: &str) -> bool {
+    if seg.len() < 16
+        || !seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'+' | b'=' | b'.' | b'~' | b'%'))
+    {
+        return false;
+    }
+    let upper = seg.bytes().filter(u8::is_ascii_uppercase).count();
+    let lower = seg.bytes().filter(u8::is_ascii_lowercase).count();
+    seg.bytes().all(|b| b.is_ascii_hexdigit()) || (upper * 4 >= seg.len() && lower >= 2)
 }
 
 /// Unix time minus CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads), in ns.
@@ -378,6 +464,16 @@ mod tests {
             ("/o/550e8400-e29b-41d4-a716-446655440000/x", "/o/{id}/x"),
             ("/static/index.html", "/static/index.html"),
             ("/page2", "/page2"),
+            ("/users/bob@example.com/orders", "/users/{email}/orders"),
+            ("/u/bob%40example.com", "/u/{email}"),
+            ("/reset/QmFzZTYxVGrZWXaXRoTmEaWdpdHM", "/reset/{token}"),
+            ("/k/9f86d081884c7d659a2feaa0c55ad015", "/k/{id}"),
+            ("/k/deadbeefcafebabedeadbeef", "/k/{token}"),
+            ("/k/abcdefabcdefabcdef", "/k/{token}"),
+            ("/a/eyJhbGciOiJIUzI1NiJ9.e30.c2ln", "/a/{token}"),
+            ("/api/getUserProfileSettings", "/api/getUserProfileSettings"),
+            ("/docs/introduction-to-the-api", "/docs/introduction-to-the-api"),
+            ("/v1/@me", "/v1/@me"),
         ] {
             assert_eq!(route(path), want, "{path}");
         }
@@ -395,6 +491,13 @@ mod tests {
         );
         assert_eq!(redact_query("eyJhbGciOiJIUzI1NiJ9.e30.sig"), "REDACTED");
         assert_eq!(redact_query("a=1&&b"), "a=REDACTED&&REDACTED");
+    }
+
+    #[test]
+    fn credentials_in_an_authority_are_dropped() {
+        assert_eq!(split_host_port(without_userinfo("user:pw@h:8")), ("h", Some(8)));
+        assert_eq!(without_userinfo("h:8"), "h:8");
+        assert_eq!(split_target("http://user:pw@h:8/p?q=1"), ("/p", Some("q=1")));
     }
 
     #[test]

@@ -29,37 +29,90 @@ impl Counter {
     }
 }
 
-/// Counters shared by every stage. Names follow `sockspan_<what>_total`.
+/// What kind of value a [`Family`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One exported metric family, named, described and filled by the stage that keeps its values
+/// (`families()` beside each stage's counters); this module only prints them.
+#[derive(Clone, Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    /// (label name, label value, value); an empty label name gives the bare metric name.
+    pub samples: Vec<(&'static str, &'static str, u64)>,
+}
+
+impl Family {
+    pub fn counter(name: &'static str, help: &'static str, samples: Vec<(&'static str, &'static str, u64)>) -> Self {
+        Self {
+            name,
+            help,
+            kind: Kind::Counter,
+            samples,
+        }
+    }
+
+    /// One unlabelled counter.
+    pub fn total(name: &'static str, help: &'static str, n: u64) -> Self {
+        Self::counter(name, help, vec![("", "", n)])
+    }
+
+    /// One unlabelled gauge.
+    pub fn level(name: &'static str, help: &'static str, n: u64) -> Self {
+        Self {
+            kind: Kind::Gauge,
+            ..Self::total(name, help, n)
+        }
+    }
+
+    fn render(&self, s: &mut String) {
+        let kind = match self.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let _ = writeln!(s, "# HELP {} {}\n# TYPE {} {kind}", self.name, self.help, self.name);
+        for (k, v, n) in &self.samples {
+            if k.is_empty() {
+                let _ = writeln!(s, "{} {n}", self.name);
+            } else {
+                let _ = writeln!(s, "{}{{{k}=\"{v}\"}} {n}", self.name);
+            }
+        }
+    }
+}
+
+/// Counts kept across threads (reader, exporter, Go hooks' attacher) and the latest snapshot of
+/// the pipeline stages' own families. Names follow `sockspan_<what>_total`.
 #[derive(Default, Debug)]
 pub struct Metrics {
     pub events_read: Counter,
     pub events_dropped_channel_full: Counter,
-    pub events_decode_failed: Counter,
     pub kernel_ringbuf_full: Counter,
     pub kernel_pending_full: Counter,
     pub kernel_payload_read_failed: Counter,
     pub kernel_events_submitted: Counter,
-    pub connections_opened: Counter,
-    pub connections_evicted: Counter,
-    pub exchanges: Counter,
+    pub kernel_late_stashes: Counter,
     pub spans_created: Counter,
     pub spans_exported: Counter,
-    pub spans_printed: Counter,
+    /// The print thread's counts.
+    pub print: Arc<crate::export::PrintCounts>,
     pub spans_dropped_queue_full: Counter,
     pub spans_dropped_export_failed: Counter,
     pub spans_dropped_channel_full: Counter,
+    /// Spans handed to the exporter and not yet exported or dropped (its queue and the
+    /// requests in progress).
+    pub spans_queued: Counter,
     pub export_requests_failed: Counter,
-    /// HTTP parser rejections by reason (label values are static names).
-    pub http_rejected: Mutex<Vec<(&'static str, u64)>>,
-    /// The stitcher's decisions.
-    pub stitch: Mutex<crate::stitch::StitchStats>,
-    /// The event-loop tracker's causes and abstentions.
-    pub loops: Mutex<crate::loops::LoopStats>,
-    /// The goroutine tracker's reports and chains.
-    pub go: Mutex<crate::goroutines::GoStats>,
     /// Go executables hooked, and those whose hooks failed (the attacher's counts).
     pub go_executables_hooked: Counter,
     pub go_executables_failed: Counter,
+    /// The pipeline stages' families, as they last published them.
+    stages: Mutex<Vec<Family>>,
 }
 
 impl Metrics {
@@ -72,30 +125,24 @@ impl Metrics {
         self.kernel_pending_full.set(k.pending_full);
         self.kernel_payload_read_failed.set(k.payload_read_failed);
         self.kernel_events_submitted.set(k.events_submitted);
+        self.kernel_late_stashes.set(k.late_stashes);
     }
 
-    pub fn set_http_rejected(&self, values: Vec<(&'static str, u64)>) {
-        if let Ok(mut g) = self.http_rejected.lock() {
-            *g = values;
+    /// Replaces the stages' snapshot.
+    pub fn set_stages(&self, families: Vec<Family>) {
+        if let Ok(mut g) = self.stages.lock() {
+            *g = families;
         }
     }
 
-    pub fn set_stitch(&self, stats: crate::stitch::StitchStats) {
-        if let Ok(mut g) = self.stitch.lock() {
-            *g = stats;
-        }
-    }
-
-    pub fn set_loops(&self, stats: crate::loops::LoopStats) {
-        if let Ok(mut g) = self.loops.lock() {
-            *g = stats;
-        }
-    }
-
-    pub fn set_go(&self, stats: crate::goroutines::GoStats) {
-        if let Ok(mut g) = self.go.lock() {
-            *g = stats;
-        }
+    /// The value of an unlabelled family of the stages' snapshot, or of one labelled sample.
+    pub fn stage_value(&self, name: &str, label_value: Option<&str>) -> Option<u64> {
+        let g = self.stages.lock().ok()?;
+        let f = g.iter().find(|f| f.name == name)?;
+        f.samples
+            .iter()
+            .find(|(k, v, _)| label_value.map_or(k.is_empty(), |want| *v == want))
+            .map(|s| s.2)
     }
 
     /// Spans lost anywhere after creation.
@@ -105,185 +152,148 @@ impl Metrics {
             + self.spans_dropped_channel_full.get()
     }
 
+    /// The families kept here.
+    fn own_families(&self) -> Vec<Family> {
+        vec![
+            Family::total(
+                "sockspan_kernel_events_submitted_total",
+                "Events the kernel programs wrote to the ring buffer.",
+                self.kernel_events_submitted.get(),
+            ),
+            Family::counter(
+                "sockspan_kernel_events_lost_total",
+                "Events the kernel could not deliver, by reason.",
+                vec![
+                    ("reason", "ringbuf_full", self.kernel_ringbuf_full.get()),
+                    ("reason", "pending_map_full", self.kernel_pending_full.get()),
+                    ("reason", "payload_read_failed", self.kernel_payload_read_failed.get()),
+                ],
+            ),
+            Family::total(
+                "sockspan_kernel_late_stashes_total",
+                "Sends and receives seen at the socket layer without their entry (begun before the agent attached, or evicted from the full in-flight syscall table), completed from the saved registers.",
+                self.kernel_late_stashes.get(),
+            ),
+            Family::total(
+                "sockspan_events_read_total",
+                "Ring-buffer records read by userspace (every submitted event is read: submitted = read once the ring is drained).",
+                self.events_read.get(),
+            ),
+            Family::counter(
+                "sockspan_events_dropped_total",
+                "Events read but dropped before the pipeline, by reason.",
+                vec![("reason", "channel_full", self.events_dropped_channel_full.get())],
+            ),
+            Family::total(
+                "sockspan_spans_created_total",
+                "Spans built from exchanges (= exported + dropped + queued, when exporting).",
+                self.spans_created.get(),
+            ),
+            Family::total(
+                "sockspan_spans_exported_total",
+                "Spans accepted by the OTLP endpoint.",
+                self.spans_exported.get(),
+            ),
+            Family::total(
+                "sockspan_spans_printed_total",
+                "Spans printed on stdout.",
+                self.print.printed.load(Relaxed),
+            ),
+            Family::counter(
+                "sockspan_spans_dropped_total",
+                "Spans lost, by reason (export_*, channel_full: not exported; print_*: not printed, the terminal did not keep up or failed).",
+                vec![
+                    ("reason", "export_queue_full", self.spans_dropped_queue_full.get()),
+                    ("reason", "export_failed", self.spans_dropped_export_failed.get()),
+                    ("reason", "channel_full", self.spans_dropped_channel_full.get()),
+                    (
+                        "reason",
+                        "print_queue_full",
+                        self.print.dropped_queue_full.load(Relaxed),
+                    ),
+                    ("reason", "print_failed", self.print.dropped_write_failed.load(Relaxed)),
+                ],
+            ),
+            Family {
+                kind: Kind::Gauge,
+                ..Family::counter(
+                    "sockspan_spans_queued",
+                    "Spans waiting for a sink: handed to the exporter and not yet exported or dropped (otlp), formatted and not yet written (print).",
+                    vec![
+                        ("sink", "otlp", self.spans_queued.get()),
+                        ("sink", "print", self.print.queued.load(Relaxed)),
+                    ],
+                )
+            },
+            Family::total(
+                "sockspan_export_requests_failed_total",
+                "OTLP export requests that failed.",
+                self.export_requests_failed.get(),
+            ),
+            Family::level(
+                "sockspan_heap_bytes",
+                "Bytes the agent has allocated and not freed.",
+                crate::alloc::live_bytes(),
+            ),
+        ]
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let mut c = |name: &str, help: &str, labels: &[(&str, &str, u64)]| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (k, v, n) in labels {
-                if k.is_empty() {
-                    let _ = writeln!(s, "{name} {n}");
-                } else {
-                    let _ = writeln!(s, "{name}{{{k}=\"{v}\"}} {n}");
-                }
+        for f in self.own_families() {
+            f.render(&mut s);
+        }
+        if let Ok(g) = self.stages.lock() {
+            for f in g.iter() {
+                f.render(&mut s);
             }
-        };
-        c(
-            "sockspan_kernel_events_submitted_total",
-            "Events the kernel programs wrote to the ring buffer.",
-            &[("", "", self.kernel_events_submitted.get())],
-        );
-        c(
-            "sockspan_kernel_events_lost_total",
-            "Events the kernel could not deliver, by reason.",
-            &[
-                ("reason", "ringbuf_full", self.kernel_ringbuf_full.get()),
-                ("reason", "pending_map_full", self.kernel_pending_full.get()),
-                ("reason", "payload_read_failed", self.kernel_payload_read_failed.get()),
-            ],
-        );
-        c(
-            "sockspan_events_read_total",
-            "Ring-buffer records read by userspace.",
-            &[("", "", self.events_read.get())],
-        );
-        c(
-            "sockspan_events_dropped_total",
-            "Events dropped in userspace, by reason.",
-            &[
-                ("reason", "channel_full", self.events_dropped_channel_full.get()),
-                ("reason", "decode_failed", self.events_decode_failed.get()),
-            ],
-        );
-        c(
-            "sockspan_connections_total",
-            "TCP connections tracked.",
-            &[("", "", self.connections_opened.get())],
-        );
-        c(
-            "sockspan_connections_evicted_total",
-            "Connections forgotten because idle or over the table limit.",
-            &[("", "", self.connections_evicted.get())],
-        );
-        c(
-            "sockspan_http_exchanges_total",
-            "HTTP request/response exchanges assembled.",
-            &[("", "", self.exchanges.get())],
-        );
-        let rejected: Vec<(&str, &str, u64)> = self
-            .http_rejected
-            .lock()
-            .map(|g| g.iter().map(|(r, n)| ("reason", *r, *n)).collect())
-            .unwrap_or_default();
-        c(
-            "sockspan_http_rejected_total",
-            "Streams or messages the HTTP parser rejected or skipped, by reason.",
-            &rejected,
-        );
-        let st = self.stitch.lock().map(|g| *g).unwrap_or_default();
-        let parents: Vec<(&str, &str, u64)> = crate::stitch::ParentSource::ALL
-            .iter()
-            .map(|src| ("source", src.as_str(), st.parents[*src as usize]))
-            .collect();
-        c(
-            "sockspan_stitch_parents_total",
-            "Requests given a parent, by the rule that inferred it.",
-            &parents,
-        );
-        for (name, help, n) in [
-            (
-                "sockspan_stitch_roots_total",
-                "Requests that started a trace (no parent inferred).",
-                st.roots,
-            ),
-            (
-                "sockspan_stitch_abstained_total",
-                "Client requests left without a parent because several in-flight requests could be theirs.",
-                st.ambiguous,
-            ),
-            (
-                "sockspan_stitch_links_total",
-                "Requests left without a parent but given a span link to a likely one (an unconfirmed event-loop cause).",
-                st.loop_links,
-            ),
-            (
-                "sockspan_stitch_late_loop_confirmations_total",
-                "Event-loop causes confirmed only after their request had been decided without them.",
-                st.late_loop_confirmations,
-            ),
-            (
-                "sockspan_stitch_late_items_total",
-                "Events that arrived after the reorder window had passed their time.",
-                st.late_items,
-            ),
-            (
-                "sockspan_stitch_thread_rule_disabled_total",
-                "Processes seen answering from another thread than the reading one (no parents by thread).",
-                st.thread_rule_disabled,
-            ),
-        ] {
-            c(name, help, &[("", "", n)]);
         }
-        let loops = self.loops.lock().map(|g| g.counters()).unwrap_or_default();
-        for (name, help, labelled) in &loops {
-            c(name, help, labelled);
-        }
-        let mut go = self.go.lock().map(|g| *g).unwrap_or_default();
-        go.executables_hooked = self.go_executables_hooked.get();
-        go.executables_failed = self.go_executables_failed.get();
-        for (name, help, labelled) in &go.counters() {
-            c(name, help, labelled);
-        }
-        c(
-            "sockspan_spans_created_total",
-            "Spans built from exchanges.",
-            &[("", "", self.spans_created.get())],
-        );
-        c(
-            "sockspan_spans_exported_total",
-            "Spans accepted by the OTLP endpoint.",
-            &[("", "", self.spans_exported.get())],
-        );
-        c(
-            "sockspan_spans_printed_total",
-            "Spans printed on stdout.",
-            &[("", "", self.spans_printed.get())],
-        );
-        c(
-            "sockspan_spans_dropped_total",
-            "Spans lost, by reason.",
-            &[
-                ("reason", "export_queue_full", self.spans_dropped_queue_full.get()),
-                ("reason", "export_failed", self.spans_dropped_export_failed.get()),
-                ("reason", "channel_full", self.spans_dropped_channel_full.get()),
-            ],
-        );
-        c(
-            "sockspan_export_requests_failed_total",
-            "OTLP export requests that failed.",
-            &[("", "", self.export_requests_failed.get())],
-        );
-        let _ = writeln!(
-            s,
-            "# HELP sockspan_heap_bytes Bytes the agent has allocated and not freed.\n\
-             # TYPE sockspan_heap_bytes gauge\nsockspan_heap_bytes {}",
-            crate::alloc::live_bytes()
-        );
         s
     }
 
-    /// One line for the end of a run.
     pub fn summary(&self) -> String {
         format!(
-            "events_read={} kernel_lost={} events_dropped={} exchanges={} spans_created={} spans_exported={} spans_printed={} spans_dropped={}",
+            "events_read={} kernel_lost={} events_dropped={} spans_created={} spans_exported={} spans_printed={} spans_dropped={}",
             self.events_read.get(),
             self.kernel_ringbuf_full.get() + self.kernel_pending_full.get(),
-            self.events_dropped_channel_full.get() + self.events_decode_failed.get(),
-            self.exchanges.get(),
+            self.events_dropped_channel_full.get(),
             self.spans_created.get(),
             self.spans_exported.get(),
-            self.spans_printed.get(),
+            self.print.printed.load(Relaxed),
             self.spans_dropped(),
         )
     }
 }
 
-/// Serves `GET /metrics` (and anything else) with the Prometheus text.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+/// Connections answered at once; more wait in the listen backlog (a flood costs a bounded amount).
+const MAX_METRICS_CONNECTIONS: usize = 32;
+
+/// Serves `GET /metrics` (and anything else) with the Prometheus text. Runs until the agent
+/// stops: a failed accept (out of file descriptors, a connection reset while queued) is logged
+/// and retried after a pause, never the end of the endpoint.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut failures = 0u64;
     loop {
-        let (mut sock, _) = listener.accept().await?;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Rate-limited: the first failure, then every 100th.
+                if failures.is_multiple_of(100) {
+                    tracing::warn!(error = %e, failures = failures + 1, "Metrics endpoint: accept failed; retrying");
+                }
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // One request per connection: read it to its end (bounded) before answering, so
             // the client never sees its unread request reset the connection.
             let mut buf = [0u8; 4096];
@@ -300,9 +310,13 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> 
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            // A reader that stops reading must not hold the slot: the answer has 2 s too.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            })
+            .await;
         });
     }
 }

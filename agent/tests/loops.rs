@@ -5,8 +5,14 @@ use sockspan::{
     loops::{Abstain, LoopStats},
     pipeline::Processor,
     replay::{SimConn, StreamBuilder},
-    span::{AttrValue, Span, SpanKind},
+    span::{AttrValue, Span, SpanKind, SpanOptions},
     telemetry::Metrics,
+};
+
+/// Spans keep their paths as sent: the scripts find them by path.
+const RAW_PATHS: SpanOptions = SpanOptions {
+    keep_query_values: false,
+    keep_path: true,
 };
 
 const LOADGEN: u32 = 100;
@@ -19,7 +25,7 @@ fn get(path: &str) -> Vec<u8> {
 }
 
 fn run(b: StreamBuilder) -> (Vec<Span>, LoopStats) {
-    let mut p = Processor::offline(Metrics::new());
+    let mut p = Processor::offline_with(Metrics::new(), RAW_PATHS);
     let mut spans = Vec::new();
     p.process(&b.batch, &mut spans);
     p.finish(&mut spans);

@@ -6,12 +6,18 @@ use sockspan::{
     pipeline::Processor,
     reader::RawBatch,
     replay::{StreamBuilder, read_recording},
-    span::{AttrValue, Span, SpanKind},
+    span::{AttrValue, Span, SpanKind, SpanOptions},
     telemetry::Metrics,
 };
 
+/// Spans keep their paths as sent: the scripts find them by path.
+const RAW_PATHS: SpanOptions = SpanOptions {
+    keep_query_values: false,
+    keep_path: true,
+};
+
 fn run(batches: &[RawBatch]) -> Vec<Span> {
-    let mut p = Processor::offline(Metrics::new());
+    let mut p = Processor::offline_with(Metrics::new(), RAW_PATHS);
     let mut spans = Vec::new();
     for b in batches {
         p.process(b, &mut spans);
@@ -184,7 +190,7 @@ fn binary_traffic_is_counted_not_traced() {
         &[0x16, 0x03, 0x03, 0x00],
     );
     let metrics = Metrics::new();
-    let mut p = Processor::offline(metrics.clone());
+    let mut p = Processor::offline_with(metrics.clone(), RAW_PATHS);
     let mut spans = Vec::new();
     p.process(&b.batch, &mut spans);
     p.finish(&mut spans);
@@ -265,7 +271,7 @@ fn own_export_ignored_but_its_port_reused_elsewhere_is_traced() {
     let c = b.connect(100, 5, 200, 7, 40000, 8080);
     b.exchange(&c, b"GET /shared-port HTTP/1.1\r\nHost: s\r\n\r\n", ok);
 
-    let mut p = Processor::offline(Metrics::new());
+    let mut p = Processor::offline_with(Metrics::new(), RAW_PATHS);
     p.conns.set_own_pid(agent_pid);
     let mut spans = Vec::new();
     p.process(&b.batch, &mut spans);

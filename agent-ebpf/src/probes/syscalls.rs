@@ -425,6 +425,8 @@ pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool, late_dir: u8) 
             is_tcp: 1,
             ..PendingCall::now(LATE, late_dir, buf_kind::NONE)
         };
-        let _ = PENDING.insert(pid_tgid, late, 0);
+        if PENDING.insert(pid_tgid, late, 0).is_ok() {
+            count(counter::LATE_STASH);
+        }
     }
 }

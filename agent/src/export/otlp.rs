@@ -227,6 +227,7 @@ impl OtlpExporter {
         let mut open = true;
         loop {
             self.launch(&mut work, &mut in_flight);
+            self.publish_queued(&work);
             if !open && work.is_empty() && in_flight.is_empty() {
                 break;
             }
@@ -261,6 +262,15 @@ impl OtlpExporter {
         for exporter in &self.idle {
             let _ = exporter.shutdown_with_timeout(Duration::from_millis(200));
         }
+    }
+
+    /// Spans handed over and not yet exported or dropped: in the channel or the queue, waiting
+    /// as jobs, or being exported.
+    fn publish_queued(&self, work: &Work) {
+        let jobs: u64 = work.jobs.iter().map(|(_, s)| s.len() as u64).sum();
+        self.metrics
+            .spans_queued
+            .set(self.queued.load(Relaxed) as u64 + jobs + work.in_flight_spans);
     }
 
     /// Starts exports while an exporter is idle and there is a full batch (or anything, when
@@ -501,24 +511,7 @@ mod tests {
     /// Spans waiting for export are bounded as a whole; what does not fit is counted.
     #[test]
     fn export_queue_bounds_waiting_spans() {
-        let span = |i: u64| Span {
-            trace_id: [1; 16],
-            span_id: i.to_be_bytes(),
-            parent_span_id: None,
-            kind: SpanKind::Server,
-            name: "GET /".into(),
-            start_unix_ns: 0,
-            end_unix_ns: 0,
-            attributes: Vec::new(),
-            error: false,
-            resource: Arc::new(ProcessInfo {
-                pid: 1,
-                service_name: "s".into(),
-                executable_name: "s".into(),
-                host_name: "h".into(),
-            }),
-            links: Vec::new(),
-        };
+        let span = Span::sample;
         let (tx, mut rx) = mpsc::channel(16);
         let queued = Arc::new(AtomicUsize::new(0));
         let q = ExportQueue {

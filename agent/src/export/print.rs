@@ -1,5 +1,12 @@
 //! Live spans on stdout: one readable line per span, or one JSON object per line.
-use std::io::Write;
+use std::{
+    io::Write,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+        mpsc,
+    },
+};
 
 use serde_json::{Map, Value, json};
 
@@ -25,17 +32,93 @@ impl<W: Write> Printer<W> {
     pub fn print(&mut self, spans: &[Span]) -> usize {
         let mut n = 0;
         for span in spans {
-            let line = match self.format {
-                PrintFormat::Text => text_line(span),
-                PrintFormat::Json => json_line(span).to_string(),
-            };
-            if writeln!(self.out, "{line}").is_err() {
+            if writeln!(self.out, "{}", self.format.line(span)).is_err() {
                 break;
             }
             n += 1;
         }
         let _ = self.out.flush();
         n
+    }
+}
+
+impl PrintFormat {
+    fn line(self, span: &Span) -> String {
+        match self {
+            PrintFormat::Text => text_line(span),
+            PrintFormat::Json => json_line(span).to_string(),
+        }
+    }
+}
+
+/// Bytes of formatted lines waiting for the terminal; beyond it batches are dropped (counted).
+const MAX_QUEUED_BYTES: u64 = 8 << 20;
+
+/// What the print thread did, for the metrics.
+#[derive(Debug, Default)]
+pub struct PrintCounts {
+    pub printed: AtomicU64,
+    /// Dropped because the terminal (or pipe) did not keep up, or failed (closed).
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_write_failed: AtomicU64,
+    /// Spans formatted and waiting to be written.
+    pub queued: AtomicU64,
+    queued_bytes: AtomicU64,
+}
+
+/// Prints from a thread of its own: capture never waits for a terminal. The pipeline formats
+/// each batch and hands it over; while the output does not keep up, batches beyond
+/// [`MAX_QUEUED_BYTES`] are dropped and counted.
+pub struct PrintQueue {
+    format: PrintFormat,
+    tx: mpsc::Sender<(String, u64)>,
+    counts: Arc<PrintCounts>,
+}
+
+impl PrintQueue {
+    /// Starts the print thread on `out`; it ends once the queue is dropped and drained.
+    pub fn start(
+        format: PrintFormat,
+        mut out: impl Write + Send + 'static,
+        counts: Arc<PrintCounts>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel::<(String, u64)>();
+        let c = counts.clone();
+        let thread = std::thread::Builder::new().name("print".into()).spawn(move || {
+            for (text, n) in rx {
+                let ok = out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok();
+                let counter = if ok { &c.printed } else { &c.dropped_write_failed };
+                counter.fetch_add(n, Relaxed);
+                c.queued.fetch_sub(n, Relaxed);
+                c.queued_bytes.fetch_sub(text.len() as u64, Relaxed);
+            }
+        })?;
+        Ok((Self { format, tx, counts }, thread))
+    }
+
+    /// Formats `spans` and queues them for the print thread, or drops them (counted).
+    pub fn send(&self, spans: &[Span]) {
+        let n = spans.len() as u64;
+        if n == 0 {
+            return;
+        }
+        let c = &self.counts;
+        if c.queued_bytes.load(Relaxed) >= MAX_QUEUED_BYTES {
+            c.dropped_queue_full.fetch_add(n, Relaxed);
+            return;
+        }
+        let mut text = String::new();
+        for span in spans {
+            text.push_str(&self.format.line(span));
+            text.push('\n');
+        }
+        c.queued.fetch_add(n, Relaxed);
+        c.queued_bytes.fetch_add(text.len() as u64, Relaxed);
+        if let Err(mpsc::SendError((text, n))) = self.tx.send((text, n)) {
+            c.queued.fetch_sub(n, Relaxed);
+            c.queued_bytes.fetch_sub(text.len() as u64, Relaxed);
+            c.dropped_write_failed.fetch_add(n, Relaxed);
+        }
     }
 }
 
@@ -136,4 +219,46 @@ fn utc_time(unix_ns: u64) -> String {
     let micros = (unix_ns % 1_000_000_000) / 1000;
     let day = secs % 86_400;
     format!("{:02}:{:02}:{:02}.{micros:06}", day / 3600, (day / 60) % 60, day % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A terminal that takes nothing until released.
+    struct Stalled(mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Capture goes on while the terminal is stalled: what does not fit is dropped and counted,
+    /// and every span handed over ends printed or dropped.
+    #[test]
+    fn a_stalled_terminal_costs_counted_lines_not_capture() {
+        let (release, stalled) = mpsc::channel();
+        let counts = Arc::new(PrintCounts::default());
+        let (q, thread) = PrintQueue::start(PrintFormat::Json, Stalled(stalled), counts.clone()).unwrap();
+        let batch: Vec<Span> = (0..1000).map(Span::sample).collect();
+        for _ in 0..100 {
+            q.send(&batch);
+        }
+        let dropped = counts.dropped_queue_full.load(Relaxed);
+        assert!(dropped > 0, "100,000 JSON lines exceed the queue's bytes");
+        assert_eq!(
+            counts.queued.load(Relaxed) + counts.printed.load(Relaxed) + dropped,
+            100_000
+        );
+        drop(release);
+        drop(q);
+        thread.join().unwrap();
+        assert_eq!(counts.printed.load(Relaxed) + dropped, 100_000);
+        assert_eq!(counts.queued.load(Relaxed), 0);
+    }
 }

@@ -95,8 +95,8 @@ pub struct Request {
     pub headers_truncated: bool,
     /// 0-based index of this request on its connection, in stream order, assigned when its
     /// request line is recognized (pipelined requests get consecutive numbers). Requests that
-    /// are dropped (cut mid-headers by close, abandoned when parsing stops) still consume
-    /// their number, so gaps are possible. For [`HttpConn::new_resync`] connections numbering
+    /// are dropped (cut mid-headers by close) still consume their number, so gaps are
+    /// possible. For [`HttpConn::new_resync`] connections numbering
     /// starts at 0 with the first request seen, not with the connection's first request.
     pub seq: u64,
 }
@@ -157,13 +157,61 @@ pub struct HttpStats {
     pub pending_overflow: u64,
     /// Messages cut by close: responses mid-body (emitted anyway), messages mid-headers (dropped).
     pub incomplete_at_close: u64,
-    /// Requests waiting for a response when the connection stopped being parsed (dropped).
+    /// Requests waiting for a response when the connection stopped being parsed (emitted
+    /// unanswered).
     pub abandoned_requests: u64,
     /// Started requests dropped from the [`HttpConn::take_started`] queue (not taken in time).
     pub started_overflow: u64,
 }
 
 impl HttpStats {
+    /// Every counter, named and described here, beside what it counts. `conn_rejected`: the
+    /// connection stage's own rejections (label, count), which share the rejection family.
+    pub fn families(&self, conn_rejected: &[(&'static str, u64)]) -> Vec<crate::telemetry::Family> {
+        use crate::telemetry::Family;
+        let mut rejected = vec![
+            ("reason", "not_http", self.not_http),
+            ("reason", "header_too_large", self.header_too_large),
+            ("reason", "bad_framing", self.bad_framing),
+            ("reason", "truncated_headers", self.truncated_headers),
+            ("reason", "unmatched_response", self.unmatched_responses),
+            ("reason", "resync_skipped_chunk", self.resync_skipped_chunks),
+            ("reason", "sync_lost", self.sync_lost),
+            ("reason", "pending_overflow", self.pending_overflow),
+            ("reason", "incomplete_at_close", self.incomplete_at_close),
+            ("reason", "abandoned_request", self.abandoned_requests),
+            ("reason", "started_overflow", self.started_overflow),
+        ];
+        for &(reason, n) in conn_rejected {
+            match rejected.iter_mut().find(|r| r.1 == reason) {
+                Some(r) => r.2 += n,
+                None => rejected.push(("reason", reason, n)),
+            }
+        }
+        vec![
+            Family::counter(
+                "sockspan_http_messages_total",
+                "HTTP messages whose headers were parsed, by kind (interim: 1xx skipped; upgrade: parsing stopped after a 101 or CONNECT).",
+                vec![
+                    ("kind", "request", self.requests),
+                    ("kind", "response", self.responses),
+                    ("kind", "interim", self.interim_responses),
+                    ("kind", "upgrade", self.upgrades),
+                ],
+            ),
+            Family::counter(
+                "sockspan_http_rejected_total",
+                "Streams, messages or chunks the HTTP stage rejected, skipped or lost, by reason.",
+                rejected,
+            ),
+            Family::total(
+                "sockspan_http_unanswered_requests_total",
+                "Requests that ended without a response (emitted as spans with no status).",
+                self.unanswered_requests,
+            ),
+        ]
+    }
+
     /// Adds every counter of `other` to `self`.
     pub fn add(&mut self, other: &HttpStats) {
         let HttpStats {
@@ -603,7 +651,7 @@ impl HttpConn {
                 Prefix::NeedMore if end.is_none() && !too_large => {}
                 Prefix::NoMatch | Prefix::NeedMore => {
                     st.not_http += 1;
-                    self.die(st);
+                    self.die(out, st);
                     return rest.len();
                 }
             }
@@ -741,7 +789,7 @@ impl HttpConn {
         };
         let Some(rl) = parsed else {
             st.not_http += 1;
-            self.die(st);
+            self.die(out, st);
             return;
         };
         // A truncated section's last line may be cut mid-value: use complete lines only.
@@ -840,7 +888,7 @@ impl HttpConn {
         let (line, block, _) = parse::split_first_line(buf);
         let Some((version_minor, status)) = parse::parse_status_line(line) else {
             st.not_http += 1;
-            self.die(st);
+            self.die(out, st);
             return;
         };
         let block = if truncated {
@@ -881,7 +929,7 @@ impl HttpConn {
             // The connection now carries another protocol.
             self.complete_response(out);
             st.upgrades += 1;
-            self.die(st);
+            self.die(out, st);
             return;
         }
         if truncated {
@@ -987,11 +1035,15 @@ impl HttpConn {
         }
     }
 
-    /// Stops parsing this connection for good.
-    fn die(&mut self, st: &mut HttpStats) {
+    /// Stops parsing this connection for good. Requests still waiting for a response come out
+    /// unanswered (counted), so nothing downstream waits for them forever.
+    fn die(&mut self, out: &mut Vec<Exchange>, st: &mut HttpStats) {
         self.dead = true;
         st.abandoned_requests += self.pending.len() as u64;
-        self.pending.clear();
+        out.extend(self.pending.drain(..).map(|(_, request)| Exchange {
+            request: *request,
+            response: None,
+        }));
         self.cur_req = None;
         self.cur_resp = None;
         self.req = Stream::new(State::Resync);

@@ -63,6 +63,7 @@ use crate::{
     goroutines::GoChain,
     loops::LoopHint,
     span::{AttrValue, IdGenerator, Span, SpanLink},
+    telemetry::Family,
 };
 
 /// How a parent was inferred (exported as `sockspan.parent.source`).
@@ -224,6 +225,67 @@ impl Stitcher {
             thread_rule_disabled: self.serving.thread_rule_disabled,
             ..self.stats
         }
+    }
+
+    /// Every counter and gauge of the stitcher, named and described here.
+    pub fn families(&self) -> Vec<Family> {
+        let st = self.stats();
+        let parents = ParentSource::ALL
+            .iter()
+            .map(|src| ("source", src.as_str(), st.parents[*src as usize]))
+            .collect();
+        vec![
+            Family::counter(
+                "sockspan_stitch_parents_total",
+                "Requests given a parent, by the rule that inferred it.",
+                parents,
+            ),
+            Family::total(
+                "sockspan_stitch_roots_total",
+                "Requests that started a trace (no parent inferred).",
+                st.roots,
+            ),
+            Family::total(
+                "sockspan_stitch_abstained_total",
+                "Client requests left without a parent because several in-flight requests could be theirs.",
+                st.ambiguous,
+            ),
+            Family::total(
+                "sockspan_stitch_links_total",
+                "Requests left without a parent but given a span link to a likely one (an unconfirmed event-loop cause).",
+                st.loop_links,
+            ),
+            Family::total(
+                "sockspan_stitch_late_loop_confirmations_total",
+                "Event-loop causes confirmed only after their request had been decided without them.",
+                st.late_loop_confirmations,
+            ),
+            Family::total(
+                "sockspan_stitch_late_items_total",
+                "Events that arrived after the reorder window had passed their time.",
+                st.late_items,
+            ),
+            Family::total(
+                "sockspan_stitch_unmatched_done_total",
+                "Spans finished whose start was never decided (over the decision table's bound): exported as roots.",
+                st.unmatched_done,
+            ),
+            Family::total(
+                "sockspan_stitch_thread_rule_disabled_total",
+                "Processes seen answering from another thread than the reading one (no parents by thread).",
+                st.thread_rule_disabled,
+            ),
+            Family::level(
+                "sockspan_requests_in_flight",
+                "Requests started whose span is not finished yet.",
+                self.in_flight() as u64,
+            ),
+            Family::level(
+                "sockspan_stitch_queued",
+                "Items waiting in the reorder buffer.",
+                self.queued() as u64,
+            ),
+        ]
     }
 
     /// Requests started whose span is not finished yet.

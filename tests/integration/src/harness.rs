@@ -387,13 +387,20 @@ impl Default for AgentBuilder {
 }
 
 impl AgentBuilder {
+    /// An agent that exports `url.path` as sent (`--keep-path`): tests find their spans by the
+    /// unique ids in their paths. [`AgentBuilder::as_shipped`] drops it.
     pub fn new() -> Self {
         Self {
-            args: Vec::new(),
+            args: vec!["--keep-path".into()],
             env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into())],
             ready_timeout: Duration::from_secs(60),
             metrics_port: None,
         }
+    }
+    /// No test-only flags: the defaults a user gets (paths generalised).
+    pub fn as_shipped(mut self) -> Self {
+        self.args.retain(|a| a != "--keep-path");
+        self
     }
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
@@ -452,12 +459,16 @@ impl AgentBuilder {
         let stderr = Lines::default();
         stdout.spawn_reader(guard.child().stdout.take().unwrap());
         stderr.spawn_reader(guard.child().stderr.take().unwrap());
+        let exporting = self.env.iter().any(|(k, _)| k == "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let printing = !exporting || self.args.iter().any(|a| a.starts_with("--print"));
         let mut agent = Agent {
             guard,
             stdout,
             stderr,
             metrics_port: self.metrics_port,
             started: Instant::now(),
+            exporting,
+            printing,
         };
         let deadline = Instant::now() + self.ready_timeout;
         loop {
@@ -497,6 +508,9 @@ pub struct Agent {
     pub stderr: Lines,
     pub metrics_port: Option<u16>,
     pub started: Instant,
+    /// Started with an OTLP endpoint; printing (without one, or with `--print`).
+    exporting: bool,
+    printing: bool,
 }
 
 impl Agent {
@@ -519,7 +533,11 @@ impl Agent {
         }
     }
     /// Graceful stop: SIGTERM, must exit 0 within 5 s. Returns the agent's stderr and stdout.
+    /// An agent serving metrics must first account for everything ([`Agent::check_accounting`]).
     pub fn stop(mut self) -> Result<(Lines, Lines)> {
+        if self.metrics_port.is_some() {
+            self.check_accounting()?;
+        }
         let (st, took) = self.terminate(Duration::from_secs(5))?;
         // give the pipe readers a moment to drain
         std::thread::sleep(Duration::from_millis(50));
@@ -548,6 +566,43 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(25));
         }
     }
+    /// The agent's books balance once the load has stopped: every event the kernel submitted
+    /// was read, and every span created was exported, dropped (counted, by reason) or is still
+    /// queued (exporting), or printed (printing). Polled for up to 10 s: spans in flight settle.
+    pub fn check_accounting(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.metrics()?;
+            let submitted = m.get("sockspan_kernel_events_submitted_total");
+            let read = m.get("sockspan_events_read_total");
+            let created = m.get("sockspan_spans_created_total");
+            let dropped = |reason: &str| m.value("sockspan_spans_dropped_total", Some(reason)).unwrap_or(0.0);
+            let queued = |sink: &str| m.value("sockspan_spans_queued", Some(sink)).unwrap_or(0.0);
+            let exported = m.get("sockspan_spans_exported_total");
+            let not_exported = dropped(r#"reason="export_"#) + dropped(r#"reason="channel_full""#);
+            let printed = m.get("sockspan_spans_printed_total");
+            let not_printed = dropped(r#"reason="print_"#);
+            let exported_balance = created == exported + not_exported + queued(r#"sink="otlp""#);
+            let printed_balance = created == printed + not_printed + queued(r#"sink="print""#);
+            let spans_balance = if self.exporting {
+                exported_balance && (!self.printing || printed_balance)
+            } else {
+                printed_balance
+            };
+            if read >= submitted && spans_balance {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent's books do not balance: events submitted {submitted}, read {read}; spans created \
+                     {created}, exported {exported} (+{not_exported} dropped), printed {printed} (+{not_printed} dropped)\n{}",
+                    m.text
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Fetch `/metrics` (needs [`AgentBuilder::metrics`]).
     pub fn metrics(&self) -> Result<Metrics> {
         let port = self.metrics_port.context("agent started without --metrics-addr")?;

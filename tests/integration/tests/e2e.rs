@@ -827,14 +827,18 @@ fn privacy_secrets_never_exported() -> Result<()> {
     let py = Server::python(None)?;
     let node = Server::node(None)?;
     let agent = AgentBuilder::new()
+        .as_shipped()
         .otlp(&rx, Protocol::HttpProtobuf)
         .arg("--print=json")
         .start()?;
 
-    let path = format!("{}/setcookie", unique_path("privacy"));
+    // Path segments that name a person or carry a token: an email, an id with the secret in it,
+    // a digit-free token, a JWT. Exported generalised, as in the span name.
+    let path = "/privacy/SECRET8@example.com/r0SECRET7x/xSECRETkeyQpLmZnWvRtYu/setcookie";
+    let generalised = "/privacy/{email}/{id}/{token}/setcookie";
     let tr = curl(
         // a bare query component (no `=`) can be a token too
-        &[format!("{}?token=SECRET3&x=1&SECRET6", py.url(&path))],
+        &[format!("{}?token=SECRET3&x=1&SECRET6", py.url(path))],
         &[
             "-H",
             "Cookie: session=SECRET1",
@@ -845,7 +849,7 @@ fn privacy_secrets_never_exported() -> Result<()> {
         ],
     )?;
     assert_eq!(tr[0].status, 200);
-    let path2 = format!("{}/setcookie", unique_path("privacy"));
+    let path2 = "/second/eyJhbGciOiJIUzI1NiJ9.eyJTRUNSRVQ5IjoxfQ.SECRETsig/setcookie";
     let q2 = format!("{path2}?token=SECRET3&x=1&SECRET6");
     let out = node_client(
         node.port,
@@ -871,16 +875,29 @@ fn privacy_secrets_never_exported() -> Result<()> {
         ],
     )?;
     assert_eq!(statuses(&out), vec![200]);
+    // An absolute-form target (as sent to a proxy) with credentials in its authority.
+    let absolute = format!("http://user:SECRET4@127.0.0.1:{}/third/setcookie", py.port);
+    let out = python_client(py.port, &[&absolute])?;
+    assert_eq!(statuses(&out).len(), 1);
 
-    let spans = rx.wait_for_matching(2, SPAN_TIMEOUT, SETTLE, |s| s.url_path() == Some(path.as_str()))?;
-    rx.wait_for_matching(4, SPAN_TIMEOUT, SETTLE, |s| s.url_path() == Some(path2.as_str()))?;
-    let ex = one_exchange(&spans, &path)?;
+    let spans = rx.wait_for_matching(2, SPAN_TIMEOUT, SETTLE, |s| s.url_path() == Some(generalised))?;
+    rx.wait_for_matching(4, SPAN_TIMEOUT, SETTLE, |s| {
+        s.url_path() == Some("/second/{token}/setcookie")
+    })?;
+    rx.wait_for_matching(2, SPAN_TIMEOUT, SETTLE, |s| s.url_path() == Some("/third/setcookie"))?;
+    let ex = one_exchange(&spans, generalised)?;
     for s in [&ex.server, &ex.client] {
         ensure!(
             s.attr_str("url.query") == Some("token=REDACTED&x=REDACTED&REDACTED"),
             "{} url.query {:?}, want \"token=REDACTED&x=REDACTED&REDACTED\"",
             s.kind,
             s.attr("url.query")
+        );
+        ensure!(
+            s.name == format!("GET {generalised}"),
+            "{} span name {:?}",
+            s.kind,
+            s.name
         );
     }
     let agent_stdout_stderr = {
