@@ -589,17 +589,21 @@ impl ConnTable {
         }
     }
 
+    /// At the connection limit: evicts the least recently active sixteenth of the table at
+    /// once, so a full table costs one scan per 4,096 new connections, not one per connection.
     fn evict_oldest(&mut self, out: &mut Vec<ConnOutput>) {
-        if let Some(key) = self
-            .conns
-            .iter()
-            .min_by_key(|(_, c)| c.last_activity_ns)
-            .map(|(k, _)| *k)
-            && let Some(mut c) = self.conns.remove(&key)
-        {
-            self.evicted += 1;
-            let at = c.last_activity_ns;
-            c.close(at, false, &mut self.http_stats, out);
+        let mut by_age: Vec<(u64, (u32, i32))> = self.conns.iter().map(|(k, c)| (c.last_activity_ns, *k)).collect();
+        let n = (by_age.len() / 16).max(1).min(by_age.len());
+        if n == 0 {
+            return;
+        }
+        by_age.select_nth_unstable(n - 1);
+        for (_, key) in &by_age[..n] {
+            if let Some(mut c) = self.conns.remove(key) {
+                self.evicted += 1;
+                let at = c.last_activity_ns;
+                c.close(at, false, &mut self.http_stats, out);
+            }
         }
     }
 }

@@ -434,7 +434,8 @@ pub fn synthetic_chain(requests: u32, concurrency: u32) -> RawBatch {
     let concurrency = concurrency.max(1);
     let mut b = StreamBuilder::new();
     let front = b.connect_many(concurrency, 1000, 10, 2000, 8080);
-    let back = b.connect_many(concurrency, 2000, 5000, 3000, 9090);
+    // The middle's client fds come after its server fds (10 ..): no fd names two connections.
+    let back = b.connect_many(concurrency, 2000, 10 + concurrency as i32, 3000, 9090);
     let mut r = 0;
     while r < requests {
         let n = concurrency.min(requests - r);

@@ -312,20 +312,41 @@ fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
 }
 
 /// Runs `sockspan bench-stitch`: a two-hop chain replayed through every stage (spans/s), then
-/// 10,000 requests held in flight (heap bytes per request).
+/// 10,000 requests held in flight (heap bytes per request); then the chain again with 10 to
+/// 40,000 requests in flight at once, whose cost per event must stay flat (no path scans every
+/// request in flight; beyond 65,536 connections the table evicts, counted).
 fn stitch(bin: &Path, tmp: &Path) -> std::result::Result<Vec<String>, String> {
     let (status, lines) = run_subcommand(bin, tmp, &["bench-stitch", "--in-flight", "10000"])?;
-    let wanted: Vec<String> = lines
+    let mut wanted: Vec<String> = lines
         .iter()
         .filter(|l| l.starts_with("stitch:") || l.starts_with("in_flight:"))
         .cloned()
         .collect();
-    if status.success() && wanted.len() == 2 {
-        Ok(wanted)
-    } else {
-        Err(format!("{status}: {}", lines.join(" | ")))
+    if !status.success() || wanted.len() != 2 {
+        return Err(format!("{status}: {}", lines.join(" | ")));
     }
+    for concurrency in STITCH_SWEEP {
+        let c = concurrency.to_string();
+        let args = [
+            "bench-stitch",
+            "--requests",
+            "100000",
+            "--concurrency",
+            &c,
+            "--in-flight",
+            "10",
+        ];
+        let (status, lines) = run_subcommand(bin, tmp, &args)?;
+        match lines.iter().find(|l| l.starts_with("stitch:")) {
+            Some(l) if status.success() => wanted.push(l.clone()),
+            _ => return Err(format!("{status}: {}", lines.join(" | "))),
+        }
+    }
+    Ok(wanted)
 }
+
+/// Requests in flight at once in the stitching sweep.
+const STITCH_SWEEP: [u32; 4] = [10, 1_000, 10_000, 40_000];
 
 /// `key=value` from a line of `k=v` tokens.
 pub fn kv(line: &str, key: &str) -> Option<f64> {

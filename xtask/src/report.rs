@@ -297,22 +297,25 @@ pub fn render(r: &Results) -> String {
     }
     match &r.stitch {
         Ok(lines) => {
-            for line in lines {
-                let (what, key, unit) = if line.starts_with("stitch:") {
-                    (
-                        "(d) stitching, whole pipeline on a two-hop chain, one thread",
-                        "spans_per_sec",
-                        "spans/s",
-                    )
+            for (i, line) in lines.iter().enumerate() {
+                if line.starts_with("in_flight:") {
+                    let figure = crate::bench::kv(line, "heap_bytes_per_request")
+                        .map_or("?".to_owned(), |v| format!("{v:.0} bytes"));
+                    let what = "(e) heap held per request in flight (10,000 in flight)";
+                    let _ = writeln!(s, "| {what} | {figure} (`{line}`) | bounded | |");
+                } else if i == 0 {
+                    let figure =
+                        crate::bench::kv(line, "spans_per_sec").map_or("?".to_owned(), |v| format!("{v:.0} spans/s"));
+                    let what = "(d) stitching, whole pipeline on a two-hop chain, one thread";
+                    let _ = writeln!(s, "| {what} | {figure} (`{line}`) | bounded | |");
                 } else {
-                    (
-                        "(e) heap held per request in flight (10,000 in flight)",
-                        "heap_bytes_per_request",
-                        "bytes",
-                    )
-                };
-                let figure = crate::bench::kv(line, key).map_or("?".to_owned(), |v| format!("{v:.0} {unit}"));
-                let _ = writeln!(s, "| {what} | {figure} (`{line}`) | bounded | |");
+                    // The sweep: cost per event with more and more requests in flight.
+                    let in_flight = crate::bench::kv(line, "concurrency").unwrap_or(0.0);
+                    let figure = crate::bench::kv(line, "events_per_sec")
+                        .map_or("?".to_owned(), |v| format!("{:.2} µs per event", 1e6 / v));
+                    let what = format!("(d) the same, {in_flight:.0} requests in flight at once");
+                    let _ = writeln!(s, "| {what} | {figure} (`{line}`) | flat | |");
+                }
             }
         }
         Err(why) => {

@@ -437,15 +437,14 @@ impl Stitcher {
         if let Some((parent, source)) = rules::propagated(s) {
             return self.child_of(parent, source);
         }
-        let candidates = self.serving.candidates(s.pid, s.start_ns);
         let looped = rules::event_loop(&self.serving, &self.finished_calls, &self.decided, s);
-        let chosen = rules::thread(&self.serving, s, &candidates)
+        let chosen = rules::thread(&self.serving, s)
             .map(|k| (k, ParentSource::Thread))
-            .or_else(|| rules::proxy(&self.serving, s, &candidates).map(|k| (k, ParentSource::Proxy)))
+            .or_else(|| rules::proxy(&self.serving, s).map(|k| (k, ParentSource::Proxy)))
             .or_else(|| looped.filter(|l| l.2).map(|(k, source, _)| (k, source)))
-            .or_else(|| rules::goroutine(&self.serving, s, &candidates).map(|k| (k, ParentSource::Goroutine)));
+            .or_else(|| rules::goroutine(&self.serving, s).map(|k| (k, ParentSource::Goroutine)));
         let Some((key, source)) = chosen else {
-            if !candidates.is_empty() {
+            if self.serving.serves(s.pid) {
                 self.stats.ambiguous += 1;
             }
             let mut root = self.new_root();

@@ -6,7 +6,7 @@ use super::{
     calls::FinishedCalls,
     context::ContextFormat,
     pairing::{Pairing, SpanIds},
-    serving::{InFlight, Key, Serving},
+    serving::{Facet, InFlight, Key, Serving, identifiers},
 };
 use crate::{
     FastMap,
@@ -29,13 +29,13 @@ pub fn propagated(s: &RequestStart) -> Option<(SpanIds, ParentSource)> {
     ))
 }
 
-/// Rung 2: A call written by a thread serving exactly one request (of `candidates`), in a process
-/// whose requests stay on the thread that read them.
-pub fn thread(serving: &Serving, s: &RequestStart, candidates: &[Key]) -> Option<Key> {
+/// Rung 2: A call written by a thread serving exactly one request, in a process whose requests
+/// stay on the thread that read them.
+pub fn thread(serving: &Serving, s: &RequestStart) -> Option<Key> {
     if !serving.threads_reliable(s.pid) {
         return None;
     }
-    only(serving, candidates, |f| f.tid == s.tid)
+    only(serving.with(s.pid, Facet::Thread(s.tid), s.start_ns), |_| true)
 }
 
 /// Rung 3: A server request's client at the other end of the same connection on this host.
@@ -45,18 +45,28 @@ pub fn connection(pairing: &mut Pairing, s: &RequestStart) -> Option<(SpanIds, P
 
 /// Rung 4: A call whose request line is that of exactly one request the process serves (a reverse
 /// proxy); failing any such, one sharing an identifier-like path segment with exactly one.
-pub fn proxy(serving: &Serving, s: &RequestStart, candidates: &[Key]) -> Option<Key> {
+pub fn proxy(serving: &Serving, s: &RequestStart) -> Option<Key> {
     let same_line = |f: &InFlight| f.method == s.method && f.target == s.target;
-    if candidates.iter().any(|k| serving.get(k).is_some_and(same_line)) {
-        return only(serving, candidates, same_line);
+    let facet = Facet::line(&s.method, &s.target);
+    if serving.with(s.pid, facet, s.start_ns).any(|(_, f)| same_line(f)) {
+        return only(serving.with(s.pid, facet, s.start_ns), same_line);
     }
+    // Every request sharing any of the call's identifiers, each once.
     let ids = identifiers(&s.target);
-    if ids.is_empty() {
-        return None;
+    let mut found: Option<Key> = None;
+    for id in &ids {
+        let shares = |f: &InFlight| identifiers(&f.target).contains(id);
+        for (k, _) in serving
+            .with(s.pid, Facet::id(id), s.start_ns)
+            .filter(|(_, f)| shares(f))
+        {
+            match found {
+                Some(other) if other != k => return None,
+                _ => found = Some(k),
+            }
+        }
     }
-    only(serving, candidates, |f| {
-        identifiers(&f.target).iter().any(|id| ids.contains(id))
-    })
+    found
 }
 
 /// Rung 5: A call written by a process's single event-loop thread: the server request its last
@@ -93,38 +103,26 @@ pub fn event_loop(
 }
 
 /// Rung 6: A call in a Go program, asked for by a goroutine (`s.go_chain`): the request that the
-/// nearest goroutine of the chain reading any of `candidates` read, if exactly one of its
+/// nearest goroutine of the chain reading any request in flight read, if exactly one of its
 /// requests began before that goroutine created the chain's next one. No nearer goroutine read
 /// one: a goroutine that reads requests is the one serving them (Go's server runs each
 /// connection's handler in the goroutine that reads it).
-pub fn goroutine(serving: &Serving, s: &RequestStart, candidates: &[Key]) -> Option<Key> {
+pub fn goroutine(serving: &Serving, s: &RequestStart) -> Option<Key> {
     let chain = s.go_chain?;
     for (g, since) in chain.iter() {
-        let reads = |f: &InFlight| f.goroutine == g;
-        if candidates.iter().any(|k| serving.get(k).is_some_and(reads)) {
-            return only(serving, candidates, |f| reads(f) && f.start_ns <= since);
+        let facet = Facet::Goroutine(g);
+        if serving.with(s.pid, facet, s.start_ns).next().is_some() {
+            return only(serving.with(s.pid, facet, s.start_ns), |f| f.start_ns <= since);
         }
     }
     None
 }
 
-/// The one candidate that satisfies `pred`, if exactly one does.
-fn only(serving: &Serving, candidates: &[Key], pred: impl Fn(&InFlight) -> bool) -> Option<Key> {
-    let mut matching = candidates.iter().filter(|k| serving.get(k).is_some_and(&pred));
+/// The one candidate that satisfies `pred`, if exactly one does (stops at a second).
+fn only<'a>(candidates: impl Iterator<Item = (Key, &'a InFlight)>, pred: impl Fn(&InFlight) -> bool) -> Option<Key> {
+    let mut matching = candidates.filter(|(_, f)| pred(f));
     match (matching.next(), matching.next()) {
-        (Some(k), None) => Some(*k),
+        (Some((k, _)), None) => Some(k),
         _ => None,
     }
-}
-
-/// Identifier-like path segments (≥ 8 characters with a digit, or ≥ 4 digits): ids that
-/// travel from an incoming request into the calls it makes.
-fn identifiers(target: &str) -> Vec<&str> {
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    path.split('/')
-        .filter(|seg| {
-            let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-            (seg.len() >= 8 && digits > 0) || (digits >= 4 && digits == seg.len())
-        })
-        .collect()
 }

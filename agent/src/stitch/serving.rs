@@ -1,6 +1,11 @@
 //! The server-request index: the requests each process is serving, the candidate parents of the
-//! calls it makes.
-use std::net::SocketAddr;
+//! calls it makes, looked up by what the rules know of a call (its thread, goroutine, request
+//! line or an identifier in its path): a call costs the requests that share that fact, not every
+//! request its process serves (a busy proxy has thousands).
+use std::{
+    hash::{BuildHasher, Hash},
+    net::SocketAddr,
+};
 
 use crate::{FastMap, FastSet};
 
@@ -26,6 +31,72 @@ pub struct InFlight {
     pub calls: FastMap<(Option<SocketAddr>, String, String), u32>,
 }
 
+/// A fact of a server request that a rule looks it up by, within its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Facet {
+    /// The thread that read it.
+    Thread(u32),
+    /// The goroutine that read it.
+    Goroutine(u64),
+    /// A hash of its method and target (equal lines collide; the rule compares the strings).
+    Line(u64),
+    /// A hash of an identifier-like segment of its path ([`identifiers`]).
+    Id(u64),
+}
+
+impl Facet {
+    pub fn line(method: &str, target: &str) -> Self {
+        Facet::Line(hash(&(method, target)))
+    }
+
+    pub fn id(identifier: &str) -> Self {
+        Facet::Id(hash(&identifier))
+    }
+}
+
+fn hash(v: &impl Hash) -> u64 {
+    // A fixed seed: facets of one request are computed at insert and again at removal.
+    foldhash::fast::FixedState::with_seed(0x5eed).hash_one(v)
+}
+
+/// Identifier-like path segments (≥ 8 characters with a digit, or ≥ 4 digits): ids that
+/// travel from an incoming request into the calls it makes.
+pub fn identifiers(target: &str) -> Vec<&str> {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    path.split('/')
+        .filter(|seg| {
+            let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+            (seg.len() >= 8 && digits > 0) || (digits >= 4 && digits == seg.len())
+        })
+        .collect()
+}
+
+/// Takes `key` out of the facet index (it is being answered, or gone).
+fn unindex(by_facet: &mut FastMap<(u32, Facet), FastSet<Key>>, key: &Key, f: &InFlight) {
+    for facet in facets(f) {
+        let slot = (f.pid, facet);
+        if let Some(keys) = by_facet.get_mut(&slot) {
+            keys.remove(key);
+            if keys.is_empty() {
+                by_facet.remove(&slot);
+            }
+        }
+    }
+}
+
+/// Every facet of a request.
+fn facets(f: &InFlight) -> Vec<Facet> {
+    let mut v = vec![Facet::Thread(f.tid), Facet::line(&f.method, &f.target)];
+    if f.goroutine != 0 {
+        v.push(Facet::Goroutine(f.goroutine));
+    }
+    let mut ids = identifiers(&f.target);
+    ids.sort_unstable();
+    ids.dedup();
+    v.extend(ids.into_iter().map(Facet::id));
+    v
+}
+
 const MAX_PER_PROCESS: usize = 50_000;
 /// Processes remembered as moving requests between threads (forgotten all at once beyond this:
 /// pids get reused, and a forgotten process is marked again at its next such answer).
@@ -34,7 +105,10 @@ const MAX_THREAD_MARKS: usize = 65_536;
 #[derive(Default)]
 pub struct Serving {
     inflight: FastMap<Key, InFlight>,
-    by_process: FastMap<u32, FastSet<Key>>,
+    /// Requests in flight per process (the bound per process).
+    by_process: FastMap<u32, usize>,
+    /// Requests not being answered yet (the only candidate parents), by (process, facet).
+    by_facet: FastMap<(u32, Facet), FastSet<Key>>,
     /// Processes seen answering a request from another thread than the one that read it.
     moves_between_threads: FastSet<u32>,
     /// Processes added to `moves_between_threads`.
@@ -43,11 +117,15 @@ pub struct Serving {
 
 impl Serving {
     pub fn insert(&mut self, key: Key, f: InFlight) {
-        let keys = self.by_process.entry(f.pid).or_default();
-        if keys.len() < MAX_PER_PROCESS {
-            keys.insert(key);
-            self.inflight.insert(key, f);
+        let n = self.by_process.entry(f.pid).or_default();
+        if *n >= MAX_PER_PROCESS || self.inflight.contains_key(&key) {
+            return;
         }
+        *n += 1;
+        for facet in facets(&f) {
+            self.by_facet.entry((f.pid, facet)).or_default().insert(key);
+        }
+        self.inflight.insert(key, f);
     }
 
     pub fn get(&self, key: &Key) -> Option<&InFlight> {
@@ -62,24 +140,31 @@ impl Serving {
     /// thread than the reader answers, the process's requests move between threads.
     pub fn answering(&mut self, key: &Key, tid: u32) {
         let Some(f) = self.inflight.get_mut(key) else { return };
+        if f.answering {
+            return;
+        }
         f.answering = true;
-        if f.tid != tid && !self.moves_between_threads.contains(&f.pid) {
+        unindex(&mut self.by_facet, key, f);
+        let (pid, reader) = (f.pid, f.tid);
+        if reader != tid && !self.moves_between_threads.contains(&pid) {
             if self.moves_between_threads.len() >= MAX_THREAD_MARKS {
                 self.moves_between_threads.clear();
             }
-            self.moves_between_threads.insert(f.pid);
+            self.moves_between_threads.insert(pid);
             self.thread_rule_disabled += 1;
         }
     }
 
     pub fn remove(&mut self, key: &Key) {
-        if let Some(gone) = self.inflight.remove(key)
-            && let Some(keys) = self.by_process.get_mut(&gone.pid)
-        {
-            keys.remove(key);
-            if keys.is_empty() {
+        let Some(gone) = self.inflight.remove(key) else { return };
+        if let Some(n) = self.by_process.get_mut(&gone.pid) {
+            *n -= 1;
+            if *n == 0 {
                 self.by_process.remove(&gone.pid);
             }
+        }
+        if !gone.answering {
+            unindex(&mut self.by_facet, key, &gone);
         }
     }
 
@@ -88,18 +173,23 @@ impl Serving {
         !self.moves_between_threads.contains(&pid)
     }
 
-    /// Server requests of `pid` read by `before_ns` and not yet being answered.
-    pub fn candidates(&self, pid: u32, before_ns: u64) -> Vec<Key> {
-        let Some(keys) = self.by_process.get(&pid) else {
-            return Vec::new();
-        };
-        keys.iter()
-            .copied()
-            .filter(|k| {
+    /// Whether `pid` serves any request now.
+    pub fn serves(&self, pid: u32) -> bool {
+        self.by_process.contains_key(&pid)
+    }
+
+    /// Server requests of `pid` with `facet`, read by `before_ns` and not yet being answered,
+    /// in no particular order.
+    pub fn with(&self, pid: u32, facet: Facet, before_ns: u64) -> impl Iterator<Item = (Key, &InFlight)> {
+        self.by_facet
+            .get(&(pid, facet))
+            .into_iter()
+            .flatten()
+            .filter_map(move |k| {
                 self.inflight
                     .get(k)
-                    .is_some_and(|f| !f.answering && f.start_ns <= before_ns)
+                    .filter(|f| f.start_ns <= before_ns)
+                    .map(|f| (*k, f))
             })
-            .collect()
     }
 }
