@@ -31,9 +31,15 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_RING_BYTES", default_value_t = agent_common::maps::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
 
-    /// Serve the agent's own Prometheus metrics at http://ADDR/metrics.
+    /// Serve the agent's own Prometheus metrics at http://ADDR/metrics, and its health at
+    /// http://ADDR/healthz.
     #[arg(long, env = "SOCKSPAN_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// `/healthz` answers 503 once OTLP exports have failed for this many seconds without a
+    /// success (or the pipeline has not moved for 10 s).
+    #[arg(long, env = "SOCKSPAN_UNHEALTHY_AFTER", value_name = "SECONDS", default_value_t = 60)]
+    pub unhealthy_after: u64,
 
     /// Export query-string values as sent (default: `key=REDACTED`).
     #[arg(long, env = "SOCKSPAN_KEEP_QUERY_VALUES")]

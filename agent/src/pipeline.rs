@@ -267,7 +267,10 @@ pub async fn run(
                 }
                 None => break,
             },
-            _ = tick.tick() => processor.tick(monotonic_ns(), &mut spans),
+            _ = tick.tick() => {
+                processor.tick(monotonic_ns(), &mut spans);
+                sinks.metrics.pipeline_alive_ms.set(crate::telemetry::now_ms());
+            }
         }
         sinks.send(spans);
     }

@@ -106,7 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("metrics address {addr}"))?;
-        tokio::spawn(telemetry::serve(listener, m));
+        tokio::spawn(telemetry::serve(listener, m, Duration::from_secs(cli.unhealthy_after)));
     }
     let kernel_metrics = metrics.clone();
     tokio::spawn(async move {

@@ -111,6 +111,10 @@ pub struct Metrics {
     /// Go executables hooked, and those whose hooks failed (the attacher's counts).
     pub go_executables_hooked: Counter,
     pub go_executables_failed: Counter,
+    /// Health: when (monotonic ms) exports began failing without a success since (0: they do
+    /// not fail), and when the pipeline last ticked.
+    pub export_failing_since_ms: Counter,
+    pub pipeline_alive_ms: Counter,
     /// The pipeline stages' families, as they last published them.
     stages: Mutex<Vec<Family>>,
 }
@@ -143,6 +147,33 @@ impl Metrics {
             .iter()
             .find(|(k, v, _)| label_value.map_or(k.is_empty(), |want| *v == want))
             .map(|s| s.2)
+    }
+
+    /// The export succeeded: healthy again.
+    pub fn export_succeeded(&self) {
+        self.export_failing_since_ms.set(0);
+    }
+
+    /// An export failed: failing since now, unless it already was.
+    pub fn export_failed(&self) {
+        if self.export_failing_since_ms.get() == 0 {
+            self.export_failing_since_ms.set(now_ms().max(1));
+        }
+    }
+
+    /// Why the agent is unhealthy, if it is: the pipeline has not ticked for 10 s (stuck), or
+    /// exports have failed for longer than `export_grace` without one success.
+    pub fn unhealthy(&self, export_grace: std::time::Duration) -> Option<String> {
+        let now = now_ms();
+        let alive = self.pipeline_alive_ms.get();
+        if alive != 0 && now.saturating_sub(alive) > PIPELINE_STALL_MS {
+            return Some(format!("pipeline stalled for {} ms", now - alive));
+        }
+        let since = self.export_failing_since_ms.get();
+        if since != 0 && now.saturating_sub(since) > export_grace.as_millis() as u64 {
+            return Some(format!("OTLP export failing for {} ms", now - since));
+        }
+        None
     }
 
     /// Spans lost anywhere after creation.
@@ -266,13 +297,21 @@ impl Metrics {
     }
 }
 
+/// A pipeline that has not ticked for this long is stuck.
+const PIPELINE_STALL_MS: u64 = 10_000;
+
+pub fn now_ms() -> u64 {
+    crate::span::monotonic_ns() / 1_000_000
+}
+
 /// Connections answered at once; more wait in the listen backlog (a flood costs a bounded amount).
 const MAX_METRICS_CONNECTIONS: usize = 32;
 
-/// Serves `GET /metrics` (and anything else) with the Prometheus text. Runs until the agent
-/// stops: a failed accept (out of file descriptors, a connection reset while queued) is logged
-/// and retried after a pause, never the end of the endpoint.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+/// Serves `GET /healthz` (200 `ok`, or 503 and why: see [`Metrics::unhealthy`]) and the
+/// Prometheus text for anything else. Runs until the agent stops: a failed accept (out of file
+/// descriptors, a connection reset while queued) is logged and retried after a pause, never the
+/// end of the endpoint.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, export_grace: std::time::Duration) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     let mut failures = 0u64;
     loop {
@@ -305,9 +344,16 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
                     _ => break,
                 }
             }
-            let body = metrics.render();
+            let (status, body) = if buf[..seen].starts_with(b"GET /healthz") {
+                match metrics.unhealthy(export_grace) {
+                    None => ("200 OK", "ok\n".to_owned()),
+                    Some(why) => ("503 Service Unavailable", format!("unhealthy: {why}\n")),
+                }
+            } else {
+                ("200 OK", metrics.render())
+            };
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
             // A reader that stops reading must not hold the slot: the answer has 2 s too.

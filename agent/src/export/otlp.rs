@@ -331,6 +331,7 @@ impl OtlpExporter {
         match done.result {
             Ok(()) => {
                 self.metrics.spans_exported.add(done.count);
+                self.metrics.export_succeeded();
                 self.backoff = BACKOFF_MIN;
             }
             Err(e) => self.failed(done.count, &e),
@@ -339,6 +340,7 @@ impl OtlpExporter {
 
     fn failed(&mut self, count: u64, error: &str) {
         self.metrics.spans_dropped_export_failed.add(count);
+        self.metrics.export_failed();
         let now = tokio::time::Instant::now();
         // Concurrent requests failing together start one backoff, not one each.
         if self.retry_at.is_none_or(|t| t <= now) {

@@ -1353,6 +1353,22 @@ fn non_http_traffic_yields_no_spans() -> Result<()> {
     Ok(())
 }
 
+/// `GET path` on the agent's metrics port: (status, body).
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 #[test]
 fn unreachable_collector_drops_and_exits_cleanly() -> Result<()> {
     let _g = serial();
@@ -1364,9 +1380,14 @@ fn unreachable_collector_drops_and_exits_cleanly() -> Result<()> {
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{closed}"))
             .env("OTEL_EXPORTER_OTLP_PROTOCOL", proto)
             .env("OTEL_BSP_EXPORT_TIMEOUT", "1000")
+            .arg("--unhealthy-after")
+            .arg("2")
             .metrics()
             .start()
             .with_context(|| format!("protocol {proto}"))?;
+        let port = agent.metrics_port.context("metrics port")?;
+        let (status, body) = http_get(port, "/healthz")?;
+        ensure!(status == 200, "{proto}: /healthz before any export: {status} {body}");
         let base = unique_path("unreach");
         let urls: Vec<String> = (0..5).map(|i| srv.url(&format!("{base}/n{i}"))).collect();
         assert!(curl(&urls, &[])?.iter().all(|t| t.status == 200));
@@ -1383,6 +1404,19 @@ fn unreachable_collector_drops_and_exits_cleanly() -> Result<()> {
             agent.is_running(),
             "{proto}: agent died with the collector unreachable:\n{}",
             agent.stderr.tail(20)
+        );
+        // exports have failed for longer than --unhealthy-after: /healthz says so
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let (status, body) = loop {
+            let (status, body) = http_get(port, "/healthz")?;
+            if status == 503 || std::time::Instant::now() > deadline {
+                break (status, body);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        ensure!(
+            status == 503 && body.contains("export failing"),
+            "{proto}: /healthz with exports failing: {status} {body}"
         );
         // still serving traffic after the failures
         let tr = curl(&[srv.url(&format!("{base}/after"))], &[])?;
