@@ -5,4 +5,4 @@ pub mod otlp;
 pub mod print;
 
 pub use otlp::{BspConfig, OtlpExporter};
-pub use print::{PrintCounts, PrintFormat, PrintQueue, Printer};
+pub use print::{PrintCounts, PrintFormat, PrintQueue};

@@ -18,30 +18,6 @@ pub enum PrintFormat {
     Json,
 }
 
-pub struct Printer<W: Write> {
-    format: PrintFormat,
-    out: W,
-}
-
-impl<W: Write> Printer<W> {
-    pub fn new(format: PrintFormat, out: W) -> Self {
-        Self { format, out }
-    }
-
-    /// Prints a batch; returns how many spans were written (a closed stdout writes none).
-    pub fn print(&mut self, spans: &[Span]) -> usize {
-        let mut n = 0;
-        for span in spans {
-            if writeln!(self.out, "{}", self.format.line(span)).is_err() {
-                break;
-            }
-            n += 1;
-        }
-        let _ = self.out.flush();
-        n
-    }
-}
-
 impl PrintFormat {
     fn line(self, span: &Span) -> String {
         match self {
