@@ -116,3 +116,45 @@ fn damaged_streams_never_panic_and_every_record_is_accounted() {
         }
     }
 }
+
+/// Every way a request can end without an answer frees what the agent holds for it: a silent
+/// connection ages out, a connection that stops being HTTP emits what it waited for, a closed
+/// one emits its waiting requests. After each, nothing is left in flight. (A replay's clock is
+/// stopped, so the stitcher releases at `finish`; the connection stage's part is seen before.)
+#[test]
+fn requests_that_never_end_well_leave_no_state_behind() {
+    // 1,000 requests never answered on connections that then fall silent: aged out.
+    let (started, _answers) = sockspan::replay::synthetic_in_flight(1000);
+    let mut p = Processor::offline(Metrics::new());
+    let mut spans = Vec::new();
+    p.process(&started, &mut spans);
+    assert_eq!(p.conns.len(), 2000, "both ends of each connection tracked");
+    p.tick(u64::MAX / 2, &mut spans);
+    assert_eq!(p.conns.len(), 0, "silent connections aged out");
+    p.finish(&mut spans);
+    assert_eq!((p.stitcher.in_flight(), p.stitcher.queued()), (0, 0));
+    assert_eq!(
+        spans.len(),
+        2000,
+        "each request comes out once, unanswered, on both ends"
+    );
+
+    // A connection that stops being HTTP with a request waiting; another closed with one.
+    let mut b = StreamBuilder::new();
+    let dies = b.connect(1, 10, 2, 20, 40000, 8080);
+    let closes = b.connect(1, 11, 2, 21, 40001, 8080);
+    b.send_request(&dies, 1, 2, b"GET /dies HTTP/1.1\r\nHost: h\r\n\r\n");
+    b.send_request(&dies, 1, 2, b"\x00\x01\x02 binary after a request");
+    b.send_request(&closes, 1, 2, b"GET /closes HTTP/1.1\r\nHost: h\r\n\r\n");
+    b.close(&closes);
+    let mut p = Processor::offline(Metrics::new());
+    let mut spans = Vec::new();
+    p.process(&b.batch, &mut spans);
+    assert_eq!(
+        p.conns.http_stats.abandoned_requests, 2,
+        "/dies, on both ends, emitted when parsing stopped"
+    );
+    p.finish(&mut spans);
+    assert_eq!((p.stitcher.in_flight(), p.stitcher.queued()), (0, 0));
+    assert_eq!(spans.len(), 4, "both requests reported on both ends");
+}
