@@ -29,9 +29,9 @@ use crate::{FastMap, telemetry::Family};
 
 /// Ancestors followed from the asking goroutine (a fan-out inside a fan-out is 2).
 pub const MAX_DEPTH: usize = 6;
-/// Goroutines (or connections) remembered per process and per index; beyond it the index
-/// starts over (counted): a Go program holds at most this many goroutines at once, since the
-/// runtime reuses a `g` for each new goroutine.
+/// Entries per process and per index; beyond it the index starts over (counted). Goroutines
+/// are bounded by what a program holds at once (the runtime reuses a `g` for each new one);
+/// requests leave the asker index when their first write is seen.
 const MAX_PER_PROCESS: usize = 1 << 17;
 /// Processes remembered; beyond it all start over (processes that exited leave nothing else).
 const MAX_PROCESSES: usize = 4096;
@@ -203,12 +203,13 @@ impl GoTracker {
         if writer == 0 {
             return None;
         }
-        let p = self.procs.get(&pid)?;
+        let p = self.procs.get_mut(&pid)?;
         // A request `net/http` writes names its asker (a write loop's, another goroutine's, or
-        // its own); any other write is its writer's own.
+        // its own); any other write is its writer's own. Its first write is the one that starts
+        // it: the asker is not needed after.
         let asker = match p.writing.get(&writer) {
-            Some(req) => match p.asker.get(req) {
-                Some(&g) => g,
+            Some(req) => match p.asker.remove(req) {
+                Some(g) => g,
                 None => {
                     self.stats.unknown_asker += 1;
                     return None;
