@@ -258,7 +258,6 @@ impl ConnTable {
                 ..
             } => {
                 let first = out.len();
-                self.go.saw_process(h.pid);
                 self.on_data(h, payload, out);
                 if lp.epoch != 0 {
                     self.on_loop_data(h, *lp, out, first);
@@ -415,6 +414,8 @@ impl ConnTable {
             if self.conns.len() >= MAX_CONNECTIONS {
                 self.evict_oldest(out);
             }
+            // A process's first bytes always open a connection here: the one place to learn of it.
+            self.go.saw_process(h.pid);
             let c = self.open(h);
             let client = c.side == Some(Side::Client);
             self.conns.insert(key, c);

@@ -152,8 +152,8 @@ impl GoTracker {
         }
     }
 
-    /// A process moved bytes on a TCP socket: if it is a Go program seen for the first time,
-    /// ask for its hooks.
+    /// A process opened a TCP connection: if it is a Go program seen for the first time, ask for
+    /// its hooks.
     pub fn saw_process(&mut self, pid: u32) {
         let Some(d) = &mut self.detector else { return };
         if d.checked.contains_key(&pid) {
