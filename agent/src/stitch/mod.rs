@@ -418,6 +418,7 @@ impl Stitcher {
                     span_id: ids.span_id,
                     answering: false,
                     calls: FastMap::default(),
+                    facets: Vec::new(),
                 },
             );
         }

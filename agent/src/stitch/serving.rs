@@ -29,6 +29,8 @@ pub struct InFlight {
     pub answering: bool,
     /// Calls made on its behalf, by (peer, method, target): for resend counts.
     pub calls: FastMap<(Option<SocketAddr>, String, String), u32>,
+    /// Where it is indexed (set by [`Serving::insert`], so they are worked out once).
+    pub facets: Vec<Facet>,
 }
 
 /// A fact of a server request that a rule looks it up by, within its process.
@@ -73,7 +75,7 @@ pub fn identifiers(target: &str) -> Vec<&str> {
 
 /// Takes `key` out of the facet index (it is being answered, or gone).
 fn unindex(by_facet: &mut FastMap<(u32, Facet), FastSet<Key>>, key: &Key, f: &InFlight) {
-    for facet in facets(f) {
+    for &facet in &f.facets {
         let slot = (f.pid, facet);
         if let Some(keys) = by_facet.get_mut(&slot) {
             keys.remove(key);
@@ -116,13 +118,14 @@ pub struct Serving {
 }
 
 impl Serving {
-    pub fn insert(&mut self, key: Key, f: InFlight) {
+    pub fn insert(&mut self, key: Key, mut f: InFlight) {
         let n = self.by_process.entry(f.pid).or_default();
         if *n >= MAX_PER_PROCESS || self.inflight.contains_key(&key) {
             return;
         }
         *n += 1;
-        for facet in facets(&f) {
+        f.facets = facets(&f);
+        for &facet in &f.facets {
             self.by_facet.entry((f.pid, facet)).or_default().insert(key);
         }
         self.inflight.insert(key, f);
