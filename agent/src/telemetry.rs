@@ -62,12 +62,16 @@ impl Family {
         Self::counter(name, help, vec![("", "", n)])
     }
 
-    /// One unlabelled gauge.
-    pub fn level(name: &'static str, help: &'static str, n: u64) -> Self {
+    pub fn gauge(name: &'static str, help: &'static str, samples: Vec<(&'static str, &'static str, u64)>) -> Self {
         Self {
             kind: Kind::Gauge,
-            ..Self::total(name, help, n)
+            ..Self::counter(name, help, samples)
         }
+    }
+
+    /// One unlabelled gauge.
+    pub fn level(name: &'static str, help: &'static str, n: u64) -> Self {
+        Self::gauge(name, help, vec![("", "", n)])
     }
 
     fn render(&self, s: &mut String) {
@@ -245,17 +249,14 @@ impl Metrics {
                     ("reason", "print_failed", self.print.dropped_write_failed.load(Relaxed)),
                 ],
             ),
-            Family {
-                kind: Kind::Gauge,
-                ..Family::counter(
-                    "sockspan_spans_queued",
-                    "Spans waiting for a sink: handed to the exporter and not yet exported or dropped (otlp), formatted and not yet written (print).",
-                    vec![
-                        ("sink", "otlp", self.spans_queued.get()),
-                        ("sink", "print", self.print.queued.load(Relaxed)),
-                    ],
-                )
-            },
+            Family::gauge(
+                "sockspan_spans_queued",
+                "Spans waiting for a sink: handed to the exporter and not yet exported or dropped (otlp), formatted and not yet written (print).",
+                vec![
+                    ("sink", "otlp", self.spans_queued.get()),
+                    ("sink", "print", self.print.queued.load(Relaxed)),
+                ],
+            ),
             Family::total(
                 "sockspan_export_requests_failed_total",
                 "OTLP export requests that failed.",
