@@ -103,14 +103,16 @@ pub struct ConnExchange {
 impl ConnExchange {
     /// Monotonic ns of the exchange's end: the last response byte; without a response, the
     /// moment the connection ended (a client that gave up waited until then), else the last
-    /// request byte.
+    /// request byte. Never before the request's first byte: the stitcher orders an exchange's
+    /// end after its start by this time (else the start would stay in flight for good).
     pub fn end_ns(&self) -> u64 {
         let req = &self.exchange.request;
-        match (&self.exchange.response, self.closed_ns) {
+        let end = match (&self.exchange.response, self.closed_ns) {
             (Some(r), _) => r.last_ns,
             (None, Some(closed)) if !self.at_shutdown => closed.max(req.last_ns),
             (None, _) => req.last_ns,
-        }
+        };
+        end.max(req.first_ns)
     }
 }
 
