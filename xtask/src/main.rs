@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, run, test and benchmark sockspan on a Debian 12 machine (as root).
 //! The eBPF object itself is built by `agent/build.rs` during a plain `cargo build`.
 mod bench;
+mod fuzz;
 mod report;
 mod setup;
 mod testsuite;
@@ -40,6 +41,27 @@ enum Cmd {
         /// Only the release build and the end-to-end tests.
         #[arg(long)]
         e2e: bool,
+    },
+    /// Coverage-guided fuzzing (libFuzzer, stable toolchain): each target on a copy of its seed corpus.
+    Fuzz {
+        /// Target to fuzz (repeatable; default: every target).
+        #[arg(long = "target", value_name = "T", value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop each job after this many executions instead, if sooner.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// libFuzzer processes per target (sharing its corpus).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        jobs: u32,
+        /// Rewrite fuzz/corpus/ from the recordings and hand-written samples first.
+        #[arg(long)]
+        regen_corpus: bool,
+        /// More libFuzzer flags (after `--`), e.g. `-- -max_len=4096`.
+        #[arg(last = true, value_name = "LIBFUZZER_FLAGS")]
+        libfuzzer: Vec<String>,
     },
     /// Benchmarks: pipeline throughput, overhead under wrk vs a bpftrace floor, agent memory.
     Bench {
@@ -81,6 +103,21 @@ fn real_main() -> Result<()> {
                 e2e: e2e || all,
             })
         }
+        Cmd::Fuzz {
+            targets,
+            seconds,
+            runs,
+            jobs,
+            regen_corpus,
+            libfuzzer,
+        } => fuzz::fuzz(&fuzz::Opts {
+            targets,
+            seconds,
+            runs,
+            jobs,
+            regen_corpus,
+            libfuzzer,
+        }),
         Cmd::Bench {
             duration,
             connections,
