@@ -33,9 +33,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Run the whole test suite: fmt, clippy, unit + replay tests, release build, end-to-end tests.
+    /// Run the whole test suite: fmt, clippy, unit + replay tests, a bounded fuzz pass, release build,
+    /// end-to-end tests.
     Test {
-        /// Only fmt, clippy and the unit + replay tests (no root needed beyond set-up).
+        /// Only fmt, clippy, the unit + replay tests and the bounded fuzz pass (no root needed beyond
+        /// set-up).
         #[arg(long, conflicts_with = "e2e")]
         unit: bool,
         /// Only the release build and the end-to-end tests.

@@ -4,9 +4,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{setup, util};
+
+/// Seconds of each fuzz target in the test suite (`cargo xtask fuzz` runs longer ones).
+const FUZZ_SECONDS: u64 = 15;
 
 pub struct Selection {
     pub unit: bool,
@@ -38,6 +41,14 @@ pub fn test(sel: &Selection) -> Result<()> {
             name: "unit + replay tests",
             cmd: cargo(&["test"]),
             counts: true,
+        });
+        // A bounded coverage-guided pass of every fuzz target; a failing input fails the suite.
+        let mut fuzz = Command::new(std::env::current_exe().context("cannot find the xtask binary")?);
+        fuzz.args(["fuzz", "--seconds", &FUZZ_SECONDS.to_string()]);
+        steps.push(Step {
+            name: "fuzz (bounded)",
+            cmd: fuzz,
+            counts: false,
         });
     }
     if sel.e2e {
