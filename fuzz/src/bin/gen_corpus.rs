@@ -8,9 +8,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{direction, side};
+use agent_common::{direction, go_op, side};
 use sockspan::{
-    decode::{Event, decode},
+    decode::{Event, LoopStamp, decode},
     http::looks_like_request,
     reader::RawBatch,
     replay::{StreamBuilder, read_recording, synthetic, synthetic_chain},
@@ -23,7 +23,19 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 type Sample = (&'static str, Vec<(&'static [u8], u8)>, Vec<(&'static [u8], u8)>);
 
 fn samples() -> Vec<Sample> {
+    // A header section over MAX_HEADER_BYTES (16 KiB) in 4 KiB chunks: also makes libFuzzer's
+    // default input size limit (the largest seed) big enough to reach that limit.
+    let big: &'static [u8] = Box::leak(
+        format!("GET /big HTTP/1.1\r\nHost: h\r\nCookie: {}\r\n\r\n", "c".repeat(17_000))
+            .into_bytes()
+            .into_boxed_slice(),
+    );
     vec![
+        (
+            "header-too-large",
+            big.chunks(4096).map(|c| (c, 0)).collect(),
+            vec![(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n", 0)],
+        ),
         (
             "keepalive",
             vec![
@@ -162,6 +174,20 @@ fn main() -> Result<()> {
     for (name, reqs, resps) in samples() {
         let mut b = StreamBuilder::new();
         let c = b.connect(1, 10, 2, 20, 40000, 8080);
+        if name == "keepalive" || name == "pipelined" {
+            // The client is an event loop thread in a Go program (loop stamps, goroutines).
+            b.loops.insert(
+                1,
+                LoopStamp {
+                    epoch: 1,
+                    wait_deadline_ns: u64::MAX,
+                },
+            );
+            b.goroutines.insert(1, 0xc000_0100);
+            b.go(1, 1, go_op::SPAWN, 0xc000_0001, 0xc000_0100);
+            b.go(1, 1, go_op::ROUND_TRIP, 0xc000_0001, 0xc000_0200);
+        }
+        b.connect_call(&c, 1);
         let n = reqs.len().max(resps.len());
         for i in 0..n {
             if let Some(&(bytes, gap)) = reqs.get(i) {
