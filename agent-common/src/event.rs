@@ -6,6 +6,11 @@
 
 /// Upper bound of payload bytes copied per syscall (the kernel's scratch buffer size).
 pub const MAX_CAPTURE: usize = 8192;
+/// Bytes of one request-carrying syscall (a server's read, a client's write) captured whole, in
+/// records of up to [`MAX_CAPTURE`] bytes: pipelined requests sharing one large read or write
+/// are all seen. Other calls (responses) get one record of the capture setting's size, as
+/// bodies are skipped by length.
+pub const REQUEST_CAPTURE_MAX: usize = 64 * 1024;
 /// iovecs of one readv/writev/recvmsg/sendmsg whose bytes are captured.
 pub const MAX_IOVECS: usize = 8;
 

@@ -2,7 +2,9 @@
 //! truncated to the bytes actually captured.
 use core::ffi::c_void;
 
-use agent_common::{DataEvent, EventHeader, MAX_CAPTURE, MAX_IOVECS, SockEvent, kind, maps::counter};
+use agent_common::{
+    DataEvent, EventHeader, MAX_CAPTURE, MAX_IOVECS, REQUEST_CAPTURE_MAX, SockEvent, kind, maps::counter,
+};
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
@@ -64,11 +66,16 @@ fn scratch_event(
     Ok(ev)
 }
 
-/// Emits a data event for a finished syscall that moved `ret` bytes on a TCP socket.
-#[inline(always)]
+/// Emits the data event(s) of a finished syscall that moved `ret` bytes on a TCP socket: one
+/// record of up to the capture setting's bytes, or, when `segmented` (a call that carries
+/// requests, or a response on a connection that pipelines), [`emit_segments`].
 /// `traced`: the process's `maps::traced` flags.
-pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8, traced: u8) -> Result<(), i64> {
+#[inline(always)]
+pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8, traced: u8, segmented: bool) -> Result<(), i64> {
     let ev = scratch_event(p, pid_tgid, kind::DATA, side, ret, traced)?;
+    if segmented {
+        return emit_segments(ev, p, ret as u64);
+    }
     let mut want = u64::from(capture_bytes());
     if want > ret as u64 {
         want = ret as u64;
@@ -80,15 +87,52 @@ pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8, traced: u8)
         buf_kind::PLAIN => copy_user(ev.payload.as_mut_ptr(), p.buf, want),
         buf_kind::IOVEC => copy_iovecs(ev.payload.as_mut_ptr(), p.buf, p.count, want),
         buf_kind::MSGHDR => {
-            // SAFETY: reads user memory through the helper, which tolerates bad pointers.
-            let iov: u64 = unsafe { bpf_probe_read_user((p.buf as usize + MSGHDR_IOV) as *const u64) }.unwrap_or(0);
-            let n: u64 = unsafe { bpf_probe_read_user((p.buf as usize + MSGHDR_IOVLEN) as *const u64) }.unwrap_or(0);
+            let (iov, n) = msghdr_iovecs(p.buf);
             copy_iovecs(ev.payload.as_mut_ptr(), iov, n, want)
         }
         _ => 0,
     };
-    ev.captured_len = captured as u32;
+    send_record(ev, captured)
+}
 
+/// Emits a call's bytes as consecutive records of up to [`MAX_CAPTURE`] bytes, each fully
+/// captured, up to [`REQUEST_CAPTURE_MAX`] bytes in all; the last record also reports the bytes
+/// past that (a gap to userspace). Each record reports its own stretch of the call. Calls with
+/// iovecs get one record of up to [`MAX_CAPTURE`] bytes: walking iovecs inside this loop
+/// costs the verifier more than a program may take.
+#[inline(always)]
+fn emit_segments(ev: &mut DataEvent, p: &PendingCall, total: u64) -> Result<(), i64> {
+    if p.buf_kind != buf_kind::PLAIN {
+        let want = total.min(MAX_CAPTURE as u64);
+        let captured = match p.buf_kind {
+            buf_kind::IOVEC => copy_iovecs(ev.payload.as_mut_ptr(), p.buf, p.count, want),
+            buf_kind::MSGHDR => {
+                let (iov, n) = msghdr_iovecs(p.buf);
+                copy_iovecs(ev.payload.as_mut_ptr(), iov, n, want)
+            }
+            _ => 0,
+        };
+        return send_record(ev, captured);
+    }
+    let mut done: u64 = 0;
+    for _ in 0..REQUEST_CAPTURE_MAX / MAX_CAPTURE {
+        let rest = total - done;
+        let last = rest <= MAX_CAPTURE as u64 || done + MAX_CAPTURE as u64 >= REQUEST_CAPTURE_MAX as u64;
+        let captured = copy_user(ev.payload.as_mut_ptr(), p.buf + done, rest.min(MAX_CAPTURE as u64));
+        ev.header.bytes = if last { rest } else { MAX_CAPTURE as u64 } as i64;
+        send_record(ev, captured)?;
+        if last {
+            break;
+        }
+        done += MAX_CAPTURE as u64;
+    }
+    Ok(())
+}
+
+/// Sends the scratch event with its first `captured` payload bytes.
+#[inline(always)]
+fn send_record(ev: &mut DataEvent, captured: u64) -> Result<(), i64> {
+    ev.captured_len = captured as u32;
     let mut len = DataEvent::HEADER_LEN as u64 + captured;
     if len > core::mem::size_of::<DataEvent>() as u64 {
         len = core::mem::size_of::<DataEvent>() as u64;
@@ -96,6 +140,22 @@ pub fn emit_data(p: &PendingCall, pid_tgid: u64, ret: i64, side: u8, traced: u8)
     // SAFETY: `len` ≤ size_of::<DataEvent>() and the scratch slot is at least that large.
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), len as usize) };
     submit(bytes)
+}
+
+/// The iovec array and count of a `struct user_msghdr` at `msg`.
+#[inline(always)]
+fn msghdr_iovecs(msg: u64) -> (u64, u64) {
+    // SAFETY: reads user memory through the helper, which tolerates bad pointers.
+    let iov: u64 = unsafe { bpf_probe_read_user((msg as usize + MSGHDR_IOV) as *const u64) }.unwrap_or(0);
+    let n: u64 = unsafe { bpf_probe_read_user((msg as usize + MSGHDR_IOVLEN) as *const u64) }.unwrap_or(0);
+    (iov, n)
+}
+
+/// A server's reads and a client's writes carry requests (sides the kernel saw established).
+#[inline(always)]
+pub fn carries_requests(dir: u8, side: u8) -> bool {
+    (side == agent_common::side::ACCEPTED && dir == agent_common::direction::INGRESS)
+        || (side == agent_common::side::CONNECTED && dir == agent_common::direction::EGRESS)
 }
 
 /// Emits the payload-less record of a connect() on a TCP socket (see `kind::CONNECT`).

@@ -135,7 +135,10 @@ impl PendingCall {
 pub struct FdInfo {
     pub sock: u64,
     pub side: u8,
-    pub _pad: [u8; 7],
+    /// A request-carrying call on this fd moved more than one capture window (pipelining, or
+    /// large headers): its responses are captured in segments too, as they may share a call.
+    pub wide: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Globals set by userspace at load time (`EbpfLoader::override_global`).

@@ -10,8 +10,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    capture::{emit_connect, emit_data, sock_event, submit_sock},
-    maps::{FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, count, fd_key, self_tgid, traced},
+    capture::{carries_requests, emit_connect, emit_data, sock_event, submit_sock},
+    maps::{
+        FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, capture_bytes, count, fd_key, self_tgid, traced,
+    },
     probes::loops::bump_epoch,
 };
 
@@ -191,12 +193,21 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
             FdInfo {
                 sock: p.sock,
                 side: fd_side,
-                _pad: [0; 7],
+                wide: 0,
+                _pad: [0; 6],
             },
             0,
         );
     }
-    emit_data(&p, pid_tgid, ret, fd_side, traced)?;
+    let requests = carries_requests(p.direction, fd_side);
+    let wide = known.is_some_and(|info| info.sock == p.sock && info.wide != 0);
+    emit_data(&p, pid_tgid, ret, fd_side, traced, requests || wide)?;
+    if requests && !wide && ret as u64 > u64::from(capture_bytes()) {
+        // SAFETY: a single byte written in place; a concurrent update writes the same value.
+        if let Some(info) = FD_INFO.get_ptr_mut(key) {
+            unsafe { (*info).wide = 1 };
+        }
+    }
     Ok(0)
 }
 
@@ -340,7 +351,8 @@ fn exit_accept(ctx: &TracePointContext) -> Result<u32, i64> {
         let info = FdInfo {
             sock: 0,
             side: side::ACCEPTED,
-            _pad: [0; 7],
+            wide: 0,
+            _pad: [0; 6],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, ret as i32), info, 0);
     }
@@ -367,7 +379,8 @@ fn exit_connect(ctx: &TracePointContext) -> Result<u32, i64> {
         let info = FdInfo {
             sock: p.sock,
             side: side::CONNECTED,
-            _pad: [0; 7],
+            wide: 0,
+            _pad: [0; 6],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, p.fd), info, 0);
         let traced = mark_traced(pid_tgid);

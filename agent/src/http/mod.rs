@@ -151,6 +151,9 @@ pub struct HttpStats {
     pub upgrades: u64,
     /// A gap covered framing bytes (chunk-size line, next message's start): stream resynced.
     pub sync_lost: u64,
+    /// A gap may have hidden whole messages (pipelined beyond what one call's capture holds):
+    /// the request stream stopped, or (responses hidden while requests waited) the connection.
+    pub messages_hidden: u64,
     /// Requests emitted with `response: None` at close.
     pub unanswered_requests: u64,
     /// Requests emitted unanswered because too many were waiting.
@@ -177,6 +180,7 @@ impl HttpStats {
             ("reason", "unmatched_response", self.unmatched_responses),
             ("reason", "resync_skipped_chunk", self.resync_skipped_chunks),
             ("reason", "sync_lost", self.sync_lost),
+            ("reason", "messages_hidden", self.messages_hidden),
             ("reason", "pending_overflow", self.pending_overflow),
             ("reason", "incomplete_at_close", self.incomplete_at_close),
             ("reason", "abandoned_request", self.abandoned_requests),
@@ -226,6 +230,7 @@ impl HttpStats {
             interim_responses,
             upgrades,
             sync_lost,
+            messages_hidden,
             unanswered_requests,
             pending_overflow,
             incomplete_at_close,
@@ -243,6 +248,7 @@ impl HttpStats {
         self.interim_responses += interim_responses;
         self.upgrades += upgrades;
         self.sync_lost += sync_lost;
+        self.messages_hidden += messages_hidden;
         self.unanswered_requests += unanswered_requests;
         self.pending_overflow += pending_overflow;
         self.incomplete_at_close += incomplete_at_close;
@@ -282,6 +288,11 @@ enum State {
     UnknownEnd(Unknown),
     /// Skipping chunks until one starts with a start line.
     Resync,
+    /// Request stream only, for good: a capture gap may have hidden whole requests
+    /// (pipelining), so a later request could be paired with a hidden one's response. The
+    /// requests already waiting are still answered; every later response is counted unmatched,
+    /// one per request lost.
+    Lost,
 }
 
 /// Why a response's end is unknown; decides what later chunks count for.
@@ -348,6 +359,9 @@ pub struct HttpConn {
     /// Requests awaiting their response, oldest first (boxed: an idle queue's spare slots
     /// then cost a pointer each, not a whole request).
     pending: VecDeque<(u64, Box<Request>)>,
+    /// Responses still to come for requests pushed out of `pending` (emitted unanswered):
+    /// they are skipped, so later responses pair with their own requests.
+    owed_to_evicted: u64,
     next_id: u64,
     /// Sequence number of the next request line recognized.
     next_seq: u64,
@@ -386,6 +400,7 @@ impl HttpConn {
             req: Stream::new(state),
             resp: Stream::new(state),
             pending: VecDeque::new(),
+            owed_to_evicted: 0,
             next_id: 0,
             next_seq: 0,
             started: VecDeque::new(),
@@ -606,7 +621,7 @@ impl HttpConn {
                         }
                     }
                 }
-                State::UnknownEnd(_) | State::Resync => return false,
+                State::UnknownEnd(_) | State::Resync | State::Lost => return false,
             }
         }
         !self.dead
@@ -670,15 +685,16 @@ impl HttpConn {
     /// Skips the chunk's gap (bytes past the captured prefix).
     fn feed_gap(&mut self, dir: Dir, c: &Chunk<'_>, gap: u64, out: &mut Vec<Exchange>, st: &mut HttpStats) {
         match self.stream(dir).state {
-            State::Start => {
-                // The next message starts inside the gap: its start line is unknown.
-                st.sync_lost += 1;
-                self.set_state(dir, State::Resync);
-            }
+            // The next message starts inside the gap: whole messages may be hidden there.
+            State::Start => self.lose_hidden(dir, out, st),
             State::Headers => {
                 if self.stream(dir).validated {
                     st.truncated_headers += 1;
                     self.finish_headers(dir, c, true, out, st);
+                    // More than one header section's worth unseen: later requests may be too.
+                    if dir == Dir::Req && gap > MAX_HEADER_BYTES as u64 && !self.dead {
+                        self.lose_hidden(dir, out, st);
+                    }
                 } else {
                     st.sync_lost += 1;
                     self.set_state(dir, State::Resync);
@@ -693,8 +709,7 @@ impl HttpConn {
                     GapOutcome::Done { leftover } => {
                         self.body_done(dir, out);
                         if leftover > 0 {
-                            st.sync_lost += 1;
-                            self.set_state(dir, State::Resync);
+                            self.lose_hidden(dir, out, st);
                         }
                     }
                     GapOutcome::LostSync => {
@@ -703,7 +718,30 @@ impl HttpConn {
                     }
                 }
             }
-            State::UnknownEnd(_) | State::Resync => {}
+            State::UnknownEnd(_) | State::Resync | State::Lost => {}
+        }
+    }
+
+    /// A gap may hide whole messages of `dir`'s stream, so counting messages to pair them is
+    /// off by an unknown number from here on. Hidden requests: the request stream stops (the
+    /// responses of requests already waiting still pair, in order). Hidden responses while
+    /// requests wait: which requests they answered is unknown, so the connection stops. Hidden
+    /// responses with nothing waiting answered nothing known: the stream just resyncs.
+    fn lose_hidden(&mut self, dir: Dir, out: &mut Vec<Exchange>, st: &mut HttpStats) {
+        match dir {
+            Dir::Resp if self.pending.is_empty() => {
+                st.sync_lost += 1;
+                self.resp.state = State::Resync;
+            }
+            Dir::Resp => {
+                st.messages_hidden += 1;
+                self.die(out, st);
+            }
+            Dir::Req => {
+                st.messages_hidden += 1;
+                self.cur_req = None;
+                self.req.state = State::Lost;
+            }
         }
     }
 
@@ -858,6 +896,7 @@ impl HttpConn {
             && let Some((_, request)) = self.pending.pop_front()
         {
             st.pending_overflow += 1;
+            self.owed_to_evicted += 1;
             out.push(Exchange {
                 request: *request,
                 response: None,
@@ -904,11 +943,16 @@ impl HttpConn {
             return;
         }
         st.responses += 1;
-        let front = self
-            .pending
-            .front()
-            .map(|(id, r)| (*id, r.method == "HEAD", r.method == "CONNECT"));
-        if front.is_none() {
+        let answers_evicted = self.owed_to_evicted > 0;
+        let front = if answers_evicted {
+            self.owed_to_evicted -= 1;
+            None
+        } else {
+            self.pending
+                .front()
+                .map(|(id, r)| (*id, r.method == "HEAD", r.method == "CONNECT"))
+        };
+        if front.is_none() && !answers_evicted {
             st.unmatched_responses += 1;
         }
         let (is_head, is_connect) = front.map_or((false, false), |(_, h, c)| (h, c));
