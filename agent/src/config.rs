@@ -22,10 +22,18 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_PRINT", value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "text")]
     pub print: Option<PrintArg>,
 
-    /// Payload bytes captured per syscall (request line and headers must fit).
+    /// Payload bytes captured per response syscall (status line and headers must fit). Calls that
+    /// carry requests, and responses of connections that pipeline, are captured whole up to 64 KiB.
     #[arg(long, env = "SOCKSPAN_CAPTURE_BYTES", default_value_t = agent_common::config::DEFAULT_CAPTURE_BYTES,
           value_parser = clap::value_parser!(u32).range(64..=agent_common::MAX_CAPTURE as i64))]
     pub capture_bytes: u32,
+
+    /// The agent's whole memory (resident bytes; e.g. `256MiB`). Past it, state is given back,
+    /// least useful first, and new events or spans are dropped, all counted
+    /// (`sockspan_memory_shed_total`, `reason="memory_limit"`).
+    #[arg(long, env = "SOCKSPAN_MEMORY_LIMIT", value_name = "SIZE", default_value = "256MiB",
+          value_parser = crate::budget::parse_size)]
+    pub memory_limit: u64,
 
     /// Kernel ring buffer size in bytes (a power of two, at least 64 KiB).
     #[arg(long, env = "SOCKSPAN_RING_BYTES", default_value_t = agent_common::maps::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]

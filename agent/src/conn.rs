@@ -220,7 +220,7 @@ impl ConnTable {
             Family::total("sockspan_connections_total", "TCP connections tracked.", self.opened),
             Family::total(
                 "sockspan_connections_evicted_total",
-                "Connections forgotten because idle or over the table limit.",
+                "Connections forgotten because idle, over the table limit or over the memory budget.",
                 self.evicted,
             ),
             Family::level(
@@ -235,6 +235,14 @@ impl ConnTable {
         ]));
         f.extend(self.loops.stats.families());
         f
+    }
+
+    /// Frees the tables' spare capacity (a hash table keeps its largest size otherwise): after
+    /// state was shed under the memory budget.
+    pub fn shrink(&mut self) {
+        self.conns.shrink_to_fit();
+        self.tuples.shrink_to_fit();
+        self.by_peer.shrink_to_fit();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -414,7 +422,7 @@ impl ConnTable {
         };
         if !known {
             if self.conns.len() >= MAX_CONNECTIONS {
-                self.evict_oldest(out);
+                self.evict_oldest(16, out);
             }
             // A process's first bytes always open a connection here: the one place to learn of it.
             self.go.saw_process(h.pid);
@@ -592,13 +600,14 @@ impl ConnTable {
         }
     }
 
-    /// At the connection limit: evicts the least recently active sixteenth of the table at
-    /// once, so a full table costs one scan per 4,096 new connections, not one per connection.
-    fn evict_oldest(&mut self, out: &mut Vec<ConnOutput>) {
+    /// Evicts the least recently active `1/share` of the table at once (at the connection
+    /// limit a sixteenth, so a full table costs one scan per 4,096 new connections, not one per
+    /// connection). Their waiting requests go out unanswered. Returns how many were evicted.
+    pub fn evict_oldest(&mut self, share: usize, out: &mut Vec<ConnOutput>) -> usize {
         let mut by_age: Vec<(u64, (u32, i32))> = self.conns.iter().map(|(k, c)| (c.last_activity_ns, *k)).collect();
-        let n = (by_age.len() / 16).max(1).min(by_age.len());
+        let n = (by_age.len() / share.max(1)).max(1).min(by_age.len());
         if n == 0 {
-            return;
+            return 0;
         }
         by_age.select_nth_unstable(n - 1);
         for (_, key) in &by_age[..n] {
@@ -608,6 +617,7 @@ impl ConnTable {
                 c.close(at, false, &mut self.http_stats, out);
             }
         }
+        n
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod btf;
+pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod decode;

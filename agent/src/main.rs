@@ -75,7 +75,9 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         Err(e) => {
             eprintln!("sockspan: {e:#}");
             // Bad configuration is a usage error; anything else a runtime failure.
-            if e.chain().any(|c| c.is::<sockspan::export::otlp::ConfigError>()) {
+            if e.chain()
+                .any(|c| c.is::<sockspan::export::otlp::ConfigError>() || c.is::<sockspan::budget::BudgetTooSmall>())
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

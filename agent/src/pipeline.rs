@@ -5,6 +5,7 @@ use std::{io::Write, sync::Arc, time::Duration};
 use tokio::sync::mpsc;
 
 use crate::{
+    budget::{self, MemoryBudget},
     conn::{ConnOutput, ConnTable},
     decode::{DecodeError, decode},
     export::{PrintFormat, PrintQueue, otlp::ExportQueue},
@@ -19,6 +20,8 @@ use crate::{
 const IDLE_FLUSH_NS: u64 = 1_000_000_000;
 /// Connections silent this long are forgotten.
 const IDLE_EVICT_NS: u64 = 300 * 1_000_000_000;
+/// The resident size is read at most this often (a read of /proc/self/statm).
+const BUDGET_CHECK_NS: u64 = 10_000_000;
 /// How often the idle work runs.
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -35,6 +38,15 @@ pub struct Processor {
     decode_failed: [u64; DecodeError::REASONS.len()],
     /// HTTP exchanges assembled.
     exchanges: u64,
+    /// The live agent's memory budget (none in replays: their output must not depend on the
+    /// machine's memory).
+    budget: Option<MemoryBudget>,
+    /// State given back to keep within the budget: reorder-window flushes, connections evicted.
+    shed_reorder: u64,
+    shed_connections: u64,
+    ticks: u64,
+    budget_checked_ns: u64,
+    budget_checked_heap: u64,
 }
 
 impl Processor {
@@ -79,12 +91,28 @@ impl Processor {
             clock,
             decode_failed: [0; DecodeError::REASONS.len()],
             exchanges: 0,
+            budget: None,
+            shed_reorder: 0,
+            shed_connections: 0,
+            ticks: 0,
+            budget_checked_ns: 0,
+            budget_checked_heap: 0,
         }
+    }
+
+    /// Keeps the state within `budget` (see [`Self::keep_within_budget`]).
+    pub fn with_budget(mut self, budget: MemoryBudget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Processes one batch of raw records; finished spans are appended to `out`.
     pub fn process(&mut self, batch: &RawBatch, out: &mut Vec<Span>) {
-        for record in batch.iter() {
+        for (i, record) in batch.iter().enumerate() {
+            if i % 64 == 63 {
+                // A batch can hold tens of thousands of requests (records of pipelined ones).
+                self.keep_within_budget(out);
+            }
             match decode(record) {
                 Ok(ev) => self.conns.on_event(&ev, &mut self.outputs),
                 Err(e) => {
@@ -94,6 +122,56 @@ impl Processor {
             }
         }
         self.build_spans(out);
+        self.keep_within_budget(out);
+    }
+
+    /// Over the budget's shedding mark (checked every [`BUDGET_CHECK_NS`], or sooner once the
+    /// heap grew by a sixteenth of the state's part): gives the
+    /// allocator's spare pages back first; if that is not enough, gives state back until the
+    /// agent is under its target, least useful first: the reorder window is released at once
+    /// (spans go out without waiting for late events, a few parents may be missed), then the
+    /// least recently active eighth of the connections, repeatedly (their waiting requests go
+    /// out unanswered, which frees the stitcher's state for them too). Each step is counted.
+    fn keep_within_budget(&mut self, out: &mut Vec<Span>) {
+        let Some(budget) = self.budget else { return };
+        let (now, heap) = ((self.clock)(), crate::alloc::live_bytes());
+        if now.saturating_sub(self.budget_checked_ns) < BUDGET_CHECK_NS
+            && heap < self.budget_checked_heap + budget.heap_bytes() / 16
+        {
+            return;
+        }
+        (self.budget_checked_ns, self.budget_checked_heap) = (now, heap);
+        if budget::resident_now() <= budget.shed_above() {
+            return;
+        }
+        crate::alloc::give_back();
+        if budget::resident_now() <= budget.shed_above() {
+            return;
+        }
+        let before = out.len();
+        self.stitcher.flush(out);
+        self.metrics.spans_created.add((out.len() - before) as u64);
+        self.shed_reorder += 1;
+        for _ in 0..16 {
+            self.conns.shrink();
+            self.stitcher.shrink();
+            crate::alloc::give_back();
+            if budget::resident_now() <= budget.shed_to() || self.conns.is_empty() {
+                break;
+            }
+            self.shed_connections += self.conns.evict_oldest(8, &mut self.outputs) as u64;
+            let before = out.len();
+            self.build_spans(out);
+            let built = out.len();
+            self.stitcher.flush(out);
+            self.metrics.spans_created.add((out.len() - built) as u64);
+            if budget.exhausted() {
+                // No room even for the spans of what was shed: dropped here, counted, rather
+                // than held until the sinks refuse them (they are many at once).
+                self.metrics.spans_dropped_memory_limit.add((out.len() - before) as u64);
+                out.truncate(before);
+            }
+        }
     }
 
     /// Idle work: ends responses whose end can't be seen, forgets silent connections.
@@ -102,6 +180,13 @@ impl Processor {
             .tick(now_mono_ns, IDLE_FLUSH_NS, IDLE_EVICT_NS, &mut self.outputs);
         self.build_spans(out);
         self.publish_stats();
+        self.ticks += 1;
+        if self.budget.is_some() && self.ticks.is_multiple_of(4) {
+            // Memory freed since (batches, spans sent, connections gone) stops counting as
+            // resident within a second.
+            crate::alloc::give_back();
+            budget::resident_now();
+        }
     }
 
     /// Ends everything (shutdown, end of a replay): in-flight requests come out marked
@@ -195,6 +280,14 @@ impl Processor {
                 "sockspan_http_exchanges_total",
                 "HTTP request/response exchanges assembled.",
                 self.exchanges,
+            ),
+            Family::counter(
+                "sockspan_memory_shed_total",
+                "State given back to stay within --memory-limit, by stage (reorder: the reorder window released early, once per time over the mark; connections: connections evicted).",
+                vec![
+                    ("stage", "reorder", self.shed_reorder),
+                    ("stage", "connections", self.shed_connections),
+                ],
             ),
         ];
         f.extend(go.families());

@@ -10,6 +10,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::MemoryBudget;
+
 use crate::telemetry::Metrics;
 
 /// Raw records copied out of the ring buffer, back to back.
@@ -75,11 +77,12 @@ pub struct Reader {
     pub ring: RingBuf<MapData>,
     pub metrics: Arc<Metrics>,
     pub pool: Arc<BatchPool>,
+    pub budget: MemoryBudget,
 }
 
 impl Reader {
     pub async fn run(self, tx: mpsc::Sender<RawBatch>, cancel: CancellationToken) -> std::io::Result<()> {
-        let (metrics, pool) = (self.metrics, self.pool);
+        let (metrics, pool, budget) = (self.metrics, self.pool, self.budget);
         // SAFETY: the RingBuf owns its map fd, which stays open as long as the AsyncFd owns it.
         let mut fd = unsafe { AsyncFd::register_with_interest(self.ring, Interest::READABLE) }?;
         let mut tick = tokio::time::interval(POLL_INTERVAL);
@@ -94,9 +97,9 @@ impl Reader {
             let ring = match woke {
                 Some(mut guard) => {
                     guard.clear_ready();
-                    drain(guard.get_inner_mut(), &tx, &metrics, &pool)
+                    drain(guard.get_inner_mut(), &tx, &metrics, &pool, budget)
                 }
-                None => drain(fd.get_mut(), &tx, &metrics, &pool),
+                None => drain(fd.get_mut(), &tx, &metrics, &pool, budget),
             };
             if !ring || cancelled {
                 return Ok(());
@@ -106,12 +109,18 @@ impl Reader {
 }
 
 /// Drains everything waiting; returns false once the next stage is gone.
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics, pool: &BatchPool) -> bool {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<RawBatch>,
+    metrics: &Metrics,
+    pool: &BatchPool,
+    budget: MemoryBudget,
+) -> bool {
     let mut batch = pool.get();
     while let Some(item) = ring.next() {
         batch.push(&item);
         drop(item);
-        if batch.len() >= BATCH_RECORDS && !send(std::mem::replace(&mut batch, pool.get()), tx, metrics) {
+        if batch.len() >= BATCH_RECORDS && !send(std::mem::replace(&mut batch, pool.get()), tx, metrics, budget) {
             return false;
         }
     }
@@ -119,12 +128,18 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<RawBatch>, metrics: &Met
         pool.put(batch);
         return true;
     }
-    send(batch, tx, metrics)
+    send(batch, tx, metrics, budget)
 }
 
-fn send(batch: RawBatch, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics) -> bool {
+/// Hands a batch to the pipeline; drops it (counted) when the pipeline lags by a full channel
+/// or the agent is out of its memory budget.
+fn send(batch: RawBatch, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics, budget: MemoryBudget) -> bool {
     let n = batch.len() as u64;
     metrics.events_read.add(n);
+    if budget.exhausted() {
+        metrics.events_dropped_memory_limit.add(n);
+        return !tx.is_closed();
+    }
     match tx.try_send(batch) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {

@@ -6,6 +6,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    budget::MemoryBudget,
     config::Cli,
     conn::ConnTable,
     export::{BspConfig, OtlpExporter, PrintFormat, otlp},
@@ -34,7 +35,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (None, true) => None,
     };
 
+    // Listen for signals before the slow start (loading takes seconds): a stop asked for
+    // meanwhile is then seen, not lost (a background job starts with SIGINT ignored).
+    let stop_signal = stop_signal()?;
+    let budget = MemoryBudget::new(cli.memory_limit, u64::from(cli.ring_bytes))?;
     let metrics = Metrics::new();
+    metrics.memory_limit.add(budget.limit());
     let loaded = loader::load(KernelConfig {
         capture_bytes: cli.capture_bytes,
         ring_bytes: cli.ring_bytes,
@@ -54,13 +60,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         ring: events,
         metrics: metrics.clone(),
         pool: pool.clone(),
+        budget,
     };
     let reader_task = tokio::spawn(reader.run(raw_tx, cancel.clone()));
 
     let (otlp_tx, export_task) = if exporting {
         let exporter = OtlpExporter::from_env(bsp, metrics.clone()).context("OTLP exporter")?;
         let (queue, rx) = exporter.queue();
-        (Some(queue), Some(tokio::spawn(exporter.run(rx))))
+        (Some(queue.with_budget(budget)), Some(tokio::spawn(exporter.run(rx))))
     } else {
         (None, None)
     };
@@ -87,7 +94,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             keep_path: cli.keep_path,
         }),
         metrics.clone(),
-    );
+    )
+    .with_budget(budget);
     let record: Option<Box<dyn std::io::Write + Send>> = match &cli.record {
         Some(path) => {
             let mut f = std::io::BufWriter::new(
@@ -117,6 +125,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     });
 
+    // Loading left megabytes freed (the object file's parse, verifier logs): give them back.
+    crate::alloc::give_back();
     tracing::info!(
         programs = loader::PROGRAMS.len(),
         capture_bytes = cli.capture_bytes,
@@ -129,10 +139,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // A stage that ends before it is told to (a panic, a fatal error) leaves an agent that
     // captures nothing: stop everything and exit non-zero instead.
     let failed: Option<String> = tokio::select! {
-        r = wait_for_signal() => {
-            r?;
-            None
-        }
+        () = stop_signal => None,
         r = &mut reader_task => Some(format!("the ring-buffer reader stopped: {}", ended(r))),
         r = &mut pipeline_task => Some(format!("the pipeline stopped: {}", ended(r))),
     };
@@ -182,15 +189,17 @@ fn ended<T: std::fmt::Debug>(r: Result<T, tokio::task::JoinError>) -> String {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Registers the SIGTERM and SIGINT handlers now; the future ends at the first of either.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    })
 }
 
 /// Replays a recording and prints its spans.

@@ -96,6 +96,7 @@ impl Family {
 pub struct Metrics {
     pub events_read: Counter,
     pub events_dropped_channel_full: Counter,
+    pub events_dropped_memory_limit: Counter,
     pub kernel_ringbuf_full: Counter,
     pub kernel_pending_full: Counter,
     pub kernel_payload_read_failed: Counter,
@@ -108,6 +109,9 @@ pub struct Metrics {
     pub spans_dropped_queue_full: Counter,
     pub spans_dropped_export_failed: Counter,
     pub spans_dropped_channel_full: Counter,
+    pub spans_dropped_memory_limit: Counter,
+    /// The `--memory-limit` in bytes (0: none, e.g. in replays).
+    pub memory_limit: Counter,
     /// Spans handed to the exporter and not yet exported or dropped (its queue and the
     /// requests in progress).
     pub spans_queued: Counter,
@@ -185,6 +189,7 @@ impl Metrics {
         self.spans_dropped_queue_full.get()
             + self.spans_dropped_export_failed.get()
             + self.spans_dropped_channel_full.get()
+            + self.spans_dropped_memory_limit.get()
     }
 
     /// The families kept here.
@@ -217,7 +222,10 @@ impl Metrics {
             Family::counter(
                 "sockspan_events_dropped_total",
                 "Events read but dropped before the pipeline, by reason.",
-                vec![("reason", "channel_full", self.events_dropped_channel_full.get())],
+                vec![
+                    ("reason", "channel_full", self.events_dropped_channel_full.get()),
+                    ("reason", "memory_limit", self.events_dropped_memory_limit.get()),
+                ],
             ),
             Family::total(
                 "sockspan_spans_created_total",
@@ -241,6 +249,7 @@ impl Metrics {
                     ("reason", "export_queue_full", self.spans_dropped_queue_full.get()),
                     ("reason", "export_failed", self.spans_dropped_export_failed.get()),
                     ("reason", "channel_full", self.spans_dropped_channel_full.get()),
+                    ("reason", "memory_limit", self.spans_dropped_memory_limit.get()),
                     (
                         "reason",
                         "print_queue_full",
@@ -267,6 +276,16 @@ impl Metrics {
                 "Bytes the agent has allocated and not freed.",
                 crate::alloc::live_bytes(),
             ),
+            Family::level(
+                "sockspan_resident_bytes",
+                "The agent's resident size when last measured (what --memory-limit bounds).",
+                crate::budget::resident_now(),
+            ),
+            Family::level(
+                "sockspan_memory_limit_bytes",
+                "The --memory-limit: the agent's whole memory budget (the heap, sockspan_heap_bytes, gets it less the ring buffer and a fixed part).",
+                self.memory_limit.get(),
+            ),
         ]
     }
 
@@ -289,7 +308,7 @@ impl Metrics {
             "events_read={} kernel_lost={} events_dropped={} spans_created={} spans_exported={} spans_printed={} spans_dropped={}",
             self.events_read.get(),
             self.kernel_ringbuf_full.get() + self.kernel_pending_full.get(),
-            self.events_dropped_channel_full.get(),
+            self.events_dropped_channel_full.get() + self.events_dropped_memory_limit.get(),
             self.spans_created.get(),
             self.spans_exported.get(),
             self.print.printed.load(Relaxed),

@@ -23,6 +23,7 @@ use opentelemetry_sdk::{
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
+    budget::MemoryBudget,
     process::ProcessInfo,
     span::{AttrValue, Span, SpanKind},
     telemetry::Metrics,
@@ -136,11 +137,22 @@ pub struct ExportQueue {
     tx: mpsc::Sender<Vec<Span>>,
     queued: Arc<AtomicUsize>,
     limit: usize,
+    budget: Option<MemoryBudget>,
 }
 
 impl ExportQueue {
+    /// Spans are refused (dropped, counted) while the agent is out of `budget`.
+    pub fn with_budget(mut self, budget: MemoryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
     /// Hands spans to the exporter; what does not fit is dropped and counted.
     pub fn send(&self, mut spans: Vec<Span>, metrics: &Metrics) {
+        if self.budget.is_some_and(|b| b.exhausted()) {
+            metrics.spans_dropped_memory_limit.add(spans.len() as u64);
+            return;
+        }
         let room = self.limit.saturating_sub(self.queued.load(Relaxed));
         if spans.len() > room {
             metrics.spans_dropped_queue_full.add((spans.len() - room) as u64);
@@ -212,6 +224,7 @@ impl OtlpExporter {
             tx,
             queued: self.queued.clone(),
             limit: self.bsp.max_queue_size,
+            budget: None,
         };
         (q, rx)
     }
@@ -520,6 +533,7 @@ mod tests {
             tx,
             queued: queued.clone(),
             limit: 10,
+            budget: None,
         };
         let metrics = Metrics::new();
         q.send((0..6).map(span).collect(), &metrics);

@@ -288,6 +288,13 @@ impl Stitcher {
         ]
     }
 
+    /// Frees spare capacity after state was shed under the memory budget (see
+    /// [`crate::conn::ConnTable::shrink`]).
+    pub fn shrink(&mut self) {
+        self.decided.shrink_to_fit();
+        self.awaiting_confirmation.shrink_to_fit();
+    }
+
     /// Requests started whose span is not finished yet.
     pub fn in_flight(&self) -> usize {
         self.decided.len()

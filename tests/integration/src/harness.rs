@@ -579,7 +579,9 @@ impl Agent {
             let dropped = |reason: &str| m.value("sockspan_spans_dropped_total", Some(reason)).unwrap_or(0.0);
             let queued = |sink: &str| m.value("sockspan_spans_queued", Some(sink)).unwrap_or(0.0);
             let exported = m.get("sockspan_spans_exported_total");
-            let not_exported = dropped(r#"reason="export_"#) + dropped(r#"reason="channel_full""#);
+            let not_exported = dropped(r#"reason="export_"#)
+                + dropped(r#"reason="channel_full""#)
+                + dropped(r#"reason="memory_limit""#);
             let printed = m.get("sockspan_spans_printed_total");
             let not_printed = dropped(r#"reason="print_"#);
             let exported_balance = created == exported + not_exported + queued(r#"sink="otlp""#);
@@ -904,6 +906,18 @@ pub fn tcp_peer_server() -> Result<Server> {
         .arg(fixture("tcp_peer.py"))
         .arg("server")
         .arg(port.to_string());
+    Server::spawn(ServerKind::Python, cmd, port, None)
+}
+
+/// An asyncio HTTP server for thousands of connections (tests/fixtures/hold_server.py):
+/// answers every request (`answer`), or reads them and never answers.
+pub fn hold_server(answer: bool) -> Result<Server> {
+    let port = free_port();
+    let mut cmd = Command::new("python3");
+    cmd.arg("-u")
+        .arg(fixture("hold_server.py"))
+        .arg(port.to_string())
+        .arg(if answer { "answer" } else { "sink" });
     Server::spawn(ServerKind::Python, cmd, port, None)
 }
 
