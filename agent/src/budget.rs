@@ -101,6 +101,18 @@ impl MemoryBudget {
         self.limit - self.heap / 4
     }
 
+    /// The reader channel's share: record bytes read and not yet processed (a lagging
+    /// pipeline's backlog), a quarter of the state's part.
+    pub fn reader_backlog_bytes(&self) -> u64 {
+        self.heap / 4
+    }
+
+    /// The export queue's share: spans waiting for the collector (a slow or unreachable one
+    /// fills it), a quarter of the state's part.
+    pub fn export_queue_bytes(&self) -> u64 {
+        self.heap / 4
+    }
+
     /// The agent was over its limit when last measured: new state should be refused.
     pub fn exhausted(&self) -> bool {
         resident() > self.limit

@@ -20,6 +20,9 @@ use crate::{
 const IDLE_FLUSH_NS: u64 = 1_000_000_000;
 /// Connections silent this long are forgotten.
 const IDLE_EVICT_NS: u64 = 300 * 1_000_000_000;
+/// Spans built before a batch ends that are handed to the sinks at once (see
+/// [`Processor::process_with`]).
+const EARLY_HANDOFF: usize = 4096;
 /// The resident size is read at most this often (a read of /proc/self/statm).
 const BUDGET_CHECK_NS: u64 = 10_000_000;
 /// How often the idle work runs.
@@ -108,10 +111,19 @@ impl Processor {
 
     /// Processes one batch of raw records; finished spans are appended to `out`.
     pub fn process(&mut self, batch: &RawBatch, out: &mut Vec<Span>) {
+        self.process_with(batch, out, |_| {});
+    }
+
+    /// [`Self::process`], handing `out` to `early` whenever it holds [`EARLY_HANDOFF`] spans:
+    /// one batch can end thousands of connections, each with dozens of requests waiting.
+    pub fn process_with(&mut self, batch: &RawBatch, out: &mut Vec<Span>, mut early: impl FnMut(&mut Vec<Span>)) {
         for (i, record) in batch.iter().enumerate() {
             if i % 64 == 63 {
                 // A batch can hold tens of thousands of requests (records of pipelined ones).
                 self.keep_within_budget(out);
+                if out.len() >= EARLY_HANDOFF {
+                    early(out);
+                }
             }
             match decode(record) {
                 Ok(ev) => self.conns.on_event(&ev, &mut self.outputs),
@@ -355,7 +367,7 @@ pub async fn run(
                         tracing::warn!(error = %e, "Recording failed; recording stops");
                         record = None;
                     }
-                    processor.process(&batch, &mut spans);
+                    processor.process_with(&batch, &mut spans, |s| sinks.send(std::mem::take(s)));
                     pool.put(batch);
                 }
                 None => break,

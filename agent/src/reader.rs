@@ -44,10 +44,13 @@ impl RawBatch {
 }
 
 /// Batches handed back after processing, so their buffers are reused: allocating and freeing
-/// a few hundred KiB per batch made the kernel zero fresh pages at every batch.
+/// a few hundred KiB per batch made the kernel zero fresh pages at every batch. It also counts
+/// the bytes of the batches handed to the pipeline and not yet back: the reader channel's
+/// backlog, which the memory budget bounds.
 #[derive(Default, Debug)]
 pub struct BatchPool {
     free: std::sync::Mutex<Vec<RawBatch>>,
+    backlog_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl BatchPool {
@@ -57,7 +60,27 @@ impl BatchPool {
         self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_default()
     }
 
+    /// Record bytes handed to the pipeline and not yet put back.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.backlog_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn handed_over(&self, batch_bytes: usize) {
+        self.backlog_bytes
+            .fetch_add(batch_bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn given_back(&self, batch_bytes: usize) {
+        let _ = self.backlog_bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| Some(b.saturating_sub(batch_bytes as u64)),
+        );
+    }
+
+    /// Takes a batch back after processing (or an empty one the reader did not send).
     pub fn put(&self, mut batch: RawBatch) {
+        self.given_back(batch.bytes.len());
         batch.bytes.clear();
         batch.ends.clear();
         if let Ok(mut f) = self.free.lock()
@@ -120,7 +143,7 @@ fn drain(
     while let Some(item) = ring.next() {
         batch.push(&item);
         drop(item);
-        if batch.len() >= BATCH_RECORDS && !send(std::mem::replace(&mut batch, pool.get()), tx, metrics, budget) {
+        if batch.len() >= BATCH_RECORDS && !send(std::mem::replace(&mut batch, pool.get()), tx, metrics, pool, budget) {
             return false;
         }
     }
@@ -128,24 +151,37 @@ fn drain(
         pool.put(batch);
         return true;
     }
-    send(batch, tx, metrics, budget)
+    send(batch, tx, metrics, pool, budget)
 }
 
-/// Hands a batch to the pipeline; drops it (counted) when the pipeline lags by a full channel
-/// or the agent is out of its memory budget.
-fn send(batch: RawBatch, tx: &mpsc::Sender<RawBatch>, metrics: &Metrics, budget: MemoryBudget) -> bool {
+/// Hands a batch to the pipeline; drops it (counted) when the pipeline lags by a full channel,
+/// its backlog is past the reader's share of the memory budget, or the agent is out of budget.
+fn send(
+    batch: RawBatch,
+    tx: &mpsc::Sender<RawBatch>,
+    metrics: &Metrics,
+    pool: &BatchPool,
+    budget: MemoryBudget,
+) -> bool {
     let n = batch.len() as u64;
+    let size = batch.bytes.len();
     metrics.events_read.add(n);
-    if budget.exhausted() {
+    if budget.exhausted() || pool.backlog_bytes() + size as u64 > budget.reader_backlog_bytes() {
         metrics.events_dropped_memory_limit.add(n);
         return !tx.is_closed();
     }
+    // Counted before the pipeline can give it back.
+    pool.handed_over(size);
     match tx.try_send(batch) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
+            pool.given_back(size);
             metrics.events_dropped_channel_full.add(n);
             true
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            pool.given_back(size);
+            false
+        }
     }
 }

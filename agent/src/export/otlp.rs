@@ -29,6 +29,9 @@ use crate::{
     telemetry::Metrics,
 };
 
+/// Heap bytes a queued span holds, about (65,536 queued spans measured near 60 MiB).
+pub const SPAN_BYTES: u64 = 1024;
+
 /// Batch span processor settings (`OTEL_BSP_*`; spec defaults except the queue size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BspConfig {
@@ -141,8 +144,10 @@ pub struct ExportQueue {
 }
 
 impl ExportQueue {
-    /// Spans are refused (dropped, counted) while the agent is out of `budget`.
+    /// Holds no more spans than the budget's export share, at [`SPAN_BYTES`] each (beyond:
+    /// `export_queue_full`), and refuses spans (`memory_limit`) while the agent is over it.
     pub fn with_budget(mut self, budget: MemoryBudget) -> Self {
+        self.limit = self.limit.min((budget.export_queue_bytes() / SPAN_BYTES) as usize);
         self.budget = Some(budget);
         self
     }
