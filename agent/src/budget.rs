@@ -1,8 +1,8 @@
 //! One memory budget for the whole agent (`--memory-limit`), on its resident size. Every
 //! stage's state draws from it: past [`MemoryBudget::shed_above`] the pipeline first gives the
 //! allocator's spare memory back to the system, then sheds state, least useful first (the
-//! reorder window, then the least recently active connections, whose waiting requests go out
-//! unanswered), until the agent is under [`MemoryBudget::shed_to`]; past the limit itself the
+//! reorder window, then the least recently active connections, whose waiting requests end
+//! unanswered and their spans dropped), until the agent is under [`MemoryBudget::shed_to`]; past the limit itself the
 //! reader drops event batches and the exporter drops spans instead of queueing them. Each is
 //! counted by stage and reason (`memory_limit`). The resident size is what a container's memory
 //! limit sees; the live heap alone (exact, [`crate::alloc::live_bytes`]) leaves out the
@@ -92,13 +92,14 @@ impl MemoryBudget {
     }
 
     /// Past this resident size, the pipeline sheds state until it is back under
-    /// [`Self::shed_to`]: an eighth and a quarter of the state's part below the limit.
+    /// [`Self::shed_to`]: a quarter and a half of the state's part below the limit (a burst
+    /// of requests grows the heap by megabytes between two checks).
     pub fn shed_above(&self) -> u64 {
-        self.limit - self.heap / 8
+        self.limit - self.heap / 4
     }
 
     pub fn shed_to(&self) -> u64 {
-        self.limit - self.heap / 4
+        self.limit - self.heap / 2
     }
 
     /// The reader channel's share: record bytes read and not yet processed (a lagging

@@ -142,8 +142,9 @@ impl Processor {
     /// allocator's spare pages back first; if that is not enough, gives state back until the
     /// agent is under its target, least useful first: the reorder window is released at once
     /// (spans go out without waiting for late events, a few parents may be missed), then the
-    /// least recently active eighth of the connections, repeatedly (their waiting requests go
-    /// out unanswered, which frees the stitcher's state for them too). Each step is counted.
+    /// least recently active eighth of the connections, repeatedly: their waiting requests end
+    /// unanswered, which frees the stitcher's state for them too, and their spans are dropped
+    /// (`memory_limit`). Each step is counted.
     fn keep_within_budget(&mut self, out: &mut Vec<Span>) {
         let Some(budget) = self.budget else { return };
         let (now, heap) = ((self.clock)(), crate::alloc::live_bytes());
@@ -160,6 +161,8 @@ impl Processor {
         if budget::resident_now() <= budget.shed_above() {
             return;
         }
+        // What was processed so far becomes spans as usual; only what is shed below is dropped.
+        self.build_spans(out);
         let before = out.len();
         self.stitcher.flush(out);
         self.metrics.spans_created.add((out.len() - before) as u64);
@@ -177,12 +180,10 @@ impl Processor {
             let built = out.len();
             self.stitcher.flush(out);
             self.metrics.spans_created.add((out.len() - built) as u64);
-            if budget.exhausted() {
-                // No room even for the spans of what was shed: dropped here, counted, rather
-                // than held until the sinks refuse them (they are many at once).
-                self.metrics.spans_dropped_memory_limit.add((out.len() - before) as u64);
-                out.truncate(before);
-            }
+            // The shed requests' spans (unanswered) would hold as much memory as the requests
+            // did: dropped here, counted.
+            self.metrics.spans_dropped_memory_limit.add((out.len() - before) as u64);
+            out.truncate(before);
         }
     }
 
