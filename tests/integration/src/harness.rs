@@ -909,6 +909,19 @@ pub fn tcp_peer_server() -> Result<Server> {
     Server::spawn(ServerKind::Python, cmd, port, None)
 }
 
+/// `tests/fixtures/hostile_client.py MODE PORT ARGS...` (slowloris, churn, pipelined and held
+/// connections); its JSON output.
+pub fn hostile(mode: &str, port: u16, args: &[&str]) -> Result<serde_json::Value> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(fixture("hostile_client.py"))
+        .arg(mode)
+        .arg(port.to_string())
+        .args(args);
+    let (st, out, err) = run(&mut cmd, Duration::from_secs(300))?;
+    ensure!(st.success(), "hostile client {mode} failed ({st}): {err}\n{out}");
+    Ok(serde_json::from_str(out.trim())?)
+}
+
 /// An asyncio HTTP server for thousands of connections (tests/fixtures/hold_server.py):
 /// answers every request (`answer`), or reads them and never answers.
 pub fn hold_server(answer: bool) -> Result<Server> {

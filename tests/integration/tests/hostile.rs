@@ -4,30 +4,18 @@
 //!
 //! Needs root, the release agent and python3; skips outside CI when missing, panics with CI=true.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use agent_integration_tests::{
     Receiver,
     checks::{one_exchange, under},
-    harness::{AgentBuilder, Metrics, Protocol, Server, curl, fixture, run, serial, unique_path},
+    harness::{AgentBuilder, Metrics, Protocol, Server, curl, hostile, serial, unique_path},
     require,
 };
 use anyhow::{Result, ensure};
 
 const SPAN_TIMEOUT: Duration = Duration::from_secs(20);
 const SETTLE: Duration = Duration::from_millis(800);
-
-/// `tests/fixtures/hostile_client.py MODE PORT ARGS...`; its JSON output.
-fn hostile(mode: &str, port: u16, args: &[&str]) -> Result<serde_json::Value> {
-    let mut cmd = Command::new("python3");
-    cmd.arg(fixture("hostile_client.py"))
-        .arg(mode)
-        .arg(port.to_string())
-        .args(args);
-    let (st, out, err) = run(&mut cmd, Duration::from_secs(120))?;
-    ensure!(st.success(), "hostile client {mode} failed ({st}): {err}\n{out}");
-    Ok(serde_json::from_str(out.trim())?)
-}
 
 fn gauge(m: &Metrics, name: &str) -> f64 {
     m.value(name, None).unwrap_or(-1.0)

@@ -6,7 +6,6 @@
 //! Needs root, the release agent and python3; skips outside CI when missing, panics with CI=true.
 
 use std::{
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -18,7 +17,7 @@ use std::{
 use agent_integration_tests::{
     Receiver,
     harness::{
-        Agent, AgentBuilder, Metrics, Protocol, Server, curl, fixture, free_port, hold_server, run, serial, unique_path,
+        Agent, AgentBuilder, Metrics, Protocol, Server, curl, free_port, hold_server, hostile, serial, unique_path,
     },
     require,
 };
@@ -26,18 +25,6 @@ use anyhow::{Result, ensure};
 
 /// The budget under test: small enough that the loads below go past it.
 const LIMIT_MIB: u64 = 144;
-
-/// `tests/fixtures/hostile_client.py MODE PORT ARGS...`; its JSON output.
-fn hostile(mode: &str, port: u16, args: &[&str]) -> Result<serde_json::Value> {
-    let mut cmd = Command::new("python3");
-    cmd.arg(fixture("hostile_client.py"))
-        .arg(mode)
-        .arg(port.to_string())
-        .args(args);
-    let (st, out, err) = run(&mut cmd, Duration::from_secs(300))?;
-    ensure!(st.success(), "hostile client {mode} failed ({st}): {err}\n{out}");
-    Ok(serde_json::from_str(out.trim())?)
-}
 
 /// Samples the agent's resident memory every 50 ms; keeps the highest.
 struct RssWatch {
@@ -132,6 +119,11 @@ fn still_within_budget_and_tracing(
         watch.peak_mib(),
         shed(&m)
     );
+    still_tracing(agent, rx, py)
+}
+
+/// The agent still traces a request (two spans), then stops with its books balanced.
+fn still_tracing(agent: Agent, rx: &Receiver, py: &Server) -> Result<()> {
     let path = unique_path("afterload");
     ensure!(
         curl(&[py.url(&path)], &[])?[0].status == 200,
@@ -204,16 +196,7 @@ fn fifty_thousand_unanswered_requests_are_shed_back_within_the_budget() -> Resul
         "still {now_mib:.1} MiB after the burst: {}",
         shed(&m)
     );
-    let path = unique_path("afterburst");
-    ensure!(
-        curl(&[py.url(&path)], &[])?[0].status == 200,
-        "the server stopped answering"
-    );
-    rx.wait_for_matching(2, Duration::from_secs(20), Duration::from_millis(500), |s| {
-        s.url_path().is_some_and(|p| p == path)
-    })?;
-    agent.stop()?;
-    Ok(())
+    still_tracing(agent, &rx, &py)
 }
 
 /// The collector is down (nothing listens at the endpoint) for 30 s of pipelined traffic:
