@@ -1,7 +1,7 @@
 //! Damaged kernel record streams through every userspace stage: bytes flipped, records cut,
 //! dropped, repeated and swapped, random records. Nothing may panic, and the books balance:
-//! every record is decoded or counted as undecodable. (Seeded and repeatable; not coverage-guided
-//! fuzzing, which docs/reliability.md lists as not done.)
+//! every record is decoded or counted as undecodable. (Seeded and repeatable; the coverage-guided
+//! fuzzing of the same stages is in `fuzz/`, run by `cargo xtask fuzz`.)
 use sockspan::{
     pipeline::Processor,
     reader::RawBatch,

@@ -19,6 +19,8 @@ pub const BASE: &[&str] = &[
     "bpftool",
     "nginx",
     "curl",
+    // libFuzzer (the fuzz step) is C++.
+    "g++",
 ];
 /// Only `cargo xtask bench` needs these.
 pub const BENCH: &[&str] = &["wrk", "bpftrace"];
