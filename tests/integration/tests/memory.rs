@@ -73,11 +73,11 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn budgeted(builder: AgentBuilder, limit_mib: u64) -> Result<Agent> {
+fn budgeted(builder: AgentBuilder) -> Result<Agent> {
     builder
         .metrics()
         .arg("--memory-limit")
-        .arg(format!("{limit_mib}MiB"))
+        .arg(format!("{LIMIT_MIB}MiB"))
         .start()
 }
 
@@ -105,17 +105,16 @@ fn still_within_budget_and_tracing(
     rx: &Receiver,
     py: &Server,
     what: &str,
-    limit_mib: u64,
 ) -> Result<()> {
     let m = agent.metrics()?;
     println!(
-        "{what}: peak RSS {:.1} MiB of {limit_mib} MiB; {}",
+        "{what}: peak RSS {:.1} MiB of {LIMIT_MIB} MiB; {}",
         watch.peak_mib(),
         shed(&m)
     );
     ensure!(
-        watch.peak_mib() <= limit_mib as f64,
-        "{what}: peak RSS {:.1} MiB over the {limit_mib} MiB budget ({})",
+        watch.peak_mib() <= LIMIT_MIB as f64,
+        "{what}: peak RSS {:.1} MiB over the {LIMIT_MIB} MiB budget ({})",
         watch.peak_mib(),
         shed(&m)
     );
@@ -143,11 +142,11 @@ fn ten_thousand_idle_keep_alive_connections_stay_within_the_budget() -> Result<(
     let rx = Receiver::start()?;
     let py = Server::python(None)?;
     let held = hold_server(true)?;
-    let agent = budgeted(AgentBuilder::new().otlp(&rx, Protocol::Grpc), LIMIT_MIB)?;
+    let agent = budgeted(AgentBuilder::new().otlp(&rx, Protocol::Grpc))?;
     let watch = RssWatch::start(agent.pid());
     let out = hostile("hold", held.port, &["10000", "1", "5"])?;
     ensure!(out["ok"] == 10000, "{out}");
-    still_within_budget_and_tracing(agent, &watch, &rx, &py, "10,000 idle keep-alive connections", LIMIT_MIB)
+    still_within_budget_and_tracing(agent, &watch, &rx, &py, "10,000 idle keep-alive connections")
 }
 
 #[test]
@@ -157,18 +156,17 @@ fn two_thousand_slowloris_connections_stay_within_the_budget() -> Result<()> {
     let rx = Receiver::start()?;
     let py = Server::python(None)?;
     let held = hold_server(false)?;
-    let agent = budgeted(AgentBuilder::new().otlp(&rx, Protocol::Grpc), LIMIT_MIB)?;
+    let agent = budgeted(AgentBuilder::new().otlp(&rx, Protocol::Grpc))?;
     let watch = RssWatch::start(agent.pid());
     let out = hostile("slowloris", held.port, &["2000", "4"])?;
     ensure!(out["connections"] == 2000, "{out}");
-    still_within_budget_and_tracing(agent, &watch, &rx, &py, "2,000 slowloris connections", LIMIT_MIB)
+    still_within_budget_and_tracing(agent, &watch, &rx, &py, "2,000 slowloris connections")
 }
 
 /// 800 connections each send 63 requests that the server reads and never answers: 50,400
 /// requests in flight on both ends, all arriving within a few batches. State is shed (counted)
 /// and the agent is back under its budget once the burst is absorbed; the burst's peak itself
-/// overshoots (measured 141–143 MiB at 128 MiB: transient allocations of one batch outrun the
-/// checks; docs/reliability.md), so the peak is printed, not asserted.
+/// overshoots (by 3–16 MiB, docs/reliability.md), so the peak is printed, not asserted.
 #[test]
 fn fifty_thousand_unanswered_requests_are_shed_back_within_the_budget() -> Result<()> {
     let _g = serial();
@@ -176,7 +174,7 @@ fn fifty_thousand_unanswered_requests_are_shed_back_within_the_budget() -> Resul
     let rx = Receiver::start()?;
     let py = Server::python(None)?;
     let held = hold_server(false)?;
-    let agent = budgeted(AgentBuilder::new().otlp(&rx, Protocol::Grpc), LIMIT_MIB)?;
+    let agent = budgeted(AgentBuilder::new().otlp(&rx, Protocol::Grpc))?;
     let watch = RssWatch::start(agent.pid());
     let out = hostile("hold", held.port, &["800", "63", "5"])?;
     ensure!(out["connections"] == 800, "{out}");
@@ -212,7 +210,6 @@ fn a_collector_down_under_load_stays_within_the_budget() -> Result<()> {
         AgentBuilder::new()
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", down)
             .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        LIMIT_MIB,
     )?;
     let watch = RssWatch::start(agent.pid());
     let start = Instant::now();
