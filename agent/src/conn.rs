@@ -12,7 +12,7 @@ use std::{
 use agent_common::{AF_INET, AF_INET6, EventHeader, SockEvent, direction, side, tcp_state};
 
 use crate::{
-    FastMap,
+    FastMap, FastSet,
     decode::{Event, LoopStamp},
     goroutines::{GoChain, GoTracker},
     http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
@@ -600,24 +600,45 @@ impl ConnTable {
         }
     }
 
+    /// Drops the least recently active `1/share` of the table at once, reporting nothing: the
+    /// memory budget sheds them, and building what they would report would cost the memory
+    /// being given back. Returns their ids and how many requests were in flight on them.
+    pub fn shed_oldest(&mut self, share: usize) -> (FastSet<u64>, u64) {
+        let (mut ids, mut requests) = (FastSet::default(), 0);
+        for key in self.oldest(share) {
+            if let Some(c) = self.conns.remove(&key) {
+                ids.insert(c.id);
+                if c.side.is_some() && !c.own {
+                    requests += c.http.pending_requests() as u64;
+                }
+            }
+        }
+        (ids, requests)
+    }
+
+    /// The least recently active `1/share` of the table (at least one connection).
+    fn oldest(&self, share: usize) -> Vec<(u32, i32)> {
+        let mut by_age: Vec<(u64, (u32, i32))> = self.conns.iter().map(|(k, c)| (c.last_activity_ns, *k)).collect();
+        let n = (by_age.len() / share.max(1)).max(1).min(by_age.len());
+        if n > 0 {
+            by_age.select_nth_unstable(n - 1);
+        }
+        by_age.into_iter().take(n).map(|(_, key)| key).collect()
+    }
+
     /// Evicts the least recently active `1/share` of the table at once (at the connection
     /// limit a sixteenth, so a full table costs one scan per 4,096 new connections, not one per
     /// connection). Their waiting requests go out unanswered. Returns how many were evicted.
     pub fn evict_oldest(&mut self, share: usize, out: &mut Vec<ConnOutput>) -> usize {
-        let mut by_age: Vec<(u64, (u32, i32))> = self.conns.iter().map(|(k, c)| (c.last_activity_ns, *k)).collect();
-        let n = (by_age.len() / share.max(1)).max(1).min(by_age.len());
-        if n == 0 {
-            return 0;
-        }
-        by_age.select_nth_unstable(n - 1);
-        for (_, key) in &by_age[..n] {
+        let oldest = self.oldest(share);
+        for key in &oldest {
             if let Some(mut c) = self.conns.remove(key) {
                 self.evicted += 1;
                 let at = c.last_activity_ns;
                 c.close(at, false, &mut self.http_stats, out);
             }
         }
-        n
+        oldest.len()
     }
 }
 

@@ -5,6 +5,7 @@ use std::{io::Write, sync::Arc, time::Duration};
 use tokio::sync::mpsc;
 
 use crate::{
+    FastSet,
     budget::{self, MemoryBudget},
     conn::{ConnOutput, ConnTable},
     decode::{DecodeError, decode},
@@ -23,6 +24,9 @@ const IDLE_EVICT_NS: u64 = 300 * 1_000_000_000;
 /// Spans built before a batch ends that are handed to the sinks at once (see
 /// [`Processor::process_with`]).
 const EARLY_HANDOFF: usize = 4096;
+/// Requests the stitcher decides between two checks of the memory budget (each adds its
+/// state: a burst of pipelined requests releases tens of thousands at once).
+const RELEASE_STEP: usize = 4096;
 /// The resident size is read at most this often (a read of /proc/self/statm).
 const BUDGET_CHECK_NS: u64 = 10_000_000;
 /// How often the idle work runs.
@@ -44,9 +48,10 @@ pub struct Processor {
     /// The live agent's memory budget (none in replays: their output must not depend on the
     /// machine's memory).
     budget: Option<MemoryBudget>,
-    /// State given back to keep within the budget: reorder-window flushes, connections evicted.
-    shed_reorder: u64,
+    /// State given back to keep within the budget: connections evicted, and their requests
+    /// ended without spans.
     shed_connections: u64,
+    shed_requests: u64,
     ticks: u64,
     budget_checked_ns: u64,
     budget_checked_heap: u64,
@@ -95,8 +100,8 @@ impl Processor {
             decode_failed: [0; DecodeError::REASONS.len()],
             exchanges: 0,
             budget: None,
-            shed_reorder: 0,
             shed_connections: 0,
+            shed_requests: 0,
             ticks: 0,
             budget_checked_ns: 0,
             budget_checked_heap: 0,
@@ -119,8 +124,11 @@ impl Processor {
     pub fn process_with(&mut self, batch: &RawBatch, out: &mut Vec<Span>, mut early: impl FnMut(&mut Vec<Span>)) {
         for (i, record) in batch.iter().enumerate() {
             if i % 64 == 63 {
-                // A batch can hold tens of thousands of requests (records of pipelined ones).
-                self.keep_within_budget(out);
+                // A batch can hold tens of thousands of requests (records of pipelined ones):
+                // the connection stage's outputs go to the stitcher as they come (held there
+                // until the batch ends, as before) instead of growing one vector by doubling.
+                self.feed_stitcher();
+                self.keep_within_budget();
                 if out.len() >= EARLY_HANDOFF {
                     early(out);
                 }
@@ -134,22 +142,22 @@ impl Processor {
             }
         }
         self.build_spans(out);
-        self.keep_within_budget(out);
+        self.keep_within_budget();
     }
 
     /// Over the budget's shedding mark (checked every [`BUDGET_CHECK_NS`], or sooner once the
-    /// heap grew by a sixteenth of the state's part): gives the
-    /// allocator's spare pages back first; if that is not enough, gives state back until the
-    /// agent is under its target, least useful first: the reorder window is released at once
-    /// (spans go out without waiting for late events, a few parents may be missed), then the
-    /// least recently active eighth of the connections, repeatedly: their waiting requests end
-    /// unanswered, which frees the stitcher's state for them too, and their spans are dropped
-    /// (`memory_limit`). Each step is counted.
-    fn keep_within_budget(&mut self, out: &mut Vec<Span>) {
+    /// heap grew by a thirty-second of the state's part): gives the allocator's spare pages back
+    /// first; if that is not enough, evicts the least recently active connections, an eighth
+    /// at a time, until the agent is under its target: their requests, in flight or held in
+    /// the reorder window, end without spans (`memory_limit`), and the stitcher's state for
+    /// them is freed. Nothing is built for them: building spans (or deciding held requests)
+    /// only to drop them cost as much memory as the shedding gave back, and let a burst
+    /// overshoot the limit. Each step is counted.
+    fn keep_within_budget(&mut self) {
         let Some(budget) = self.budget else { return };
         let (now, heap) = ((self.clock)(), crate::alloc::live_bytes());
         if now.saturating_sub(self.budget_checked_ns) < BUDGET_CHECK_NS
-            && heap < self.budget_checked_heap + budget.heap_bytes() / 16
+            && heap < self.budget_checked_heap + budget.heap_bytes() / 32
         {
             return;
         }
@@ -161,30 +169,46 @@ impl Processor {
         if budget::resident_now() <= budget.shed_above() {
             return;
         }
-        // What was processed so far becomes spans as usual; only what is shed below is dropped.
-        self.build_spans(out);
-        let before = out.len();
-        self.stitcher.flush(out);
-        self.metrics.spans_created.add((out.len() - before) as u64);
-        self.shed_reorder += 1;
-        for _ in 0..16 {
+        tracing::debug!(
+            resident_mib = budget::resident() >> 20,
+            heap_mib = heap >> 20,
+            in_flight = self.stitcher.in_flight(),
+            "Over the memory budget's shedding mark: shedding connections"
+        );
+        // What the connection stage reported so far goes to the stitcher as usual.
+        self.feed_stitcher();
+        for _ in 0..4 {
+            // Evict until the heap freed what must go (the tables keep their capacity until
+            // shrunk, which rehashes them: once per round, not per eviction).
+            let need = budget::resident().saturating_sub(budget.shed_to());
+            let live = crate::alloc::live_bytes();
+            while live.saturating_sub(crate::alloc::live_bytes()) < need / 2 && !self.conns.is_empty() {
+                let (shed, requests) = self.conns.shed_oldest(8);
+                self.abandon(&shed, requests);
+            }
             self.conns.shrink();
             self.stitcher.shrink();
             crate::alloc::give_back();
             if budget::resident_now() <= budget.shed_to() || self.conns.is_empty() {
                 break;
             }
-            self.shed_connections += self.conns.evict_oldest(8, &mut self.outputs) as u64;
-            let before = out.len();
-            self.build_spans(out);
-            let built = out.len();
-            self.stitcher.flush(out);
-            self.metrics.spans_created.add((out.len() - built) as u64);
-            // The shed requests' spans (unanswered) would hold as much memory as the requests
-            // did: dropped here, counted.
-            self.metrics.spans_dropped_memory_limit.add((out.len() - before) as u64);
-            out.truncate(before);
         }
+        tracing::debug!(
+            resident_mib = budget::resident() >> 20,
+            heap_mib = crate::alloc::live_bytes() >> 20,
+            in_flight = self.stitcher.in_flight(),
+            "Shed connections"
+        );
+    }
+
+    /// The requests of shed connections (`requests` were in flight on them) end without spans,
+    /// each counted as a span created and dropped (`memory_limit`) so the books still balance.
+    fn abandon(&mut self, shed: &FastSet<u64>, requests: u64) {
+        let held = self.stitcher.abandon_connections(shed);
+        self.shed_connections += shed.len() as u64;
+        self.shed_requests += requests + held;
+        self.metrics.spans_created.add(requests + held);
+        self.metrics.spans_dropped_memory_limit.add(requests + held);
     }
 
     /// Idle work: ends responses whose end can't be seen, forgets silent connections.
@@ -215,6 +239,22 @@ impl Processor {
 
     /// Feeds the connection stage's outputs to the stitcher, then takes what it released.
     fn build_spans(&mut self, out: &mut Vec<Span>) {
+        self.feed_stitcher();
+        let now = (self.clock)();
+        loop {
+            let before = out.len();
+            let more = self.stitcher.release_some(now, RELEASE_STEP, out);
+            self.metrics.spans_created.add((out.len() - before) as u64);
+            if !more {
+                break;
+            }
+            self.keep_within_budget();
+        }
+    }
+
+    /// Hands the connection stage's outputs to the stitcher (finished exchanges become spans
+    /// there, held in its reorder window).
+    fn feed_stitcher(&mut self) {
         for o in self.outputs.drain(..) {
             match o {
                 ConnOutput::Started(s) => {
@@ -260,9 +300,6 @@ impl Processor {
                 }
             }
         }
-        let before = out.len();
-        self.stitcher.release((self.clock)(), out);
-        self.metrics.spans_created.add((out.len() - before) as u64);
     }
 
     pub fn publish_stats(&self) {
@@ -296,10 +333,10 @@ impl Processor {
             ),
             Family::counter(
                 "sockspan_memory_shed_total",
-                "State given back to stay within --memory-limit, by stage (reorder: the reorder window released early, once per time over the mark; connections: connections evicted).",
+                "State given back to stay within --memory-limit, by stage (connections: connections evicted; requests: their requests, in flight or held, ended without spans).",
                 vec![
-                    ("stage", "reorder", self.shed_reorder),
                     ("stage", "connections", self.shed_connections),
+                    ("stage", "requests", self.shed_requests),
                 ],
             ),
         ];

@@ -159,6 +159,30 @@ impl StreamBuilder {
         client_port: u16,
         server_port: u16,
     ) -> SimConn {
+        self.connect_from(
+            1,
+            client_pid,
+            client_fd,
+            server_pid,
+            server_fd,
+            client_port,
+            server_port,
+        )
+    }
+
+    /// [`Self::connect`] from client address 127.0.0.`host` (more connections than one
+    /// address has ephemeral ports).
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect_from(
+        &mut self,
+        host: u8,
+        client_pid: u32,
+        client_fd: i32,
+        server_pid: u32,
+        server_fd: i32,
+        client_port: u16,
+        server_port: u16,
+    ) -> SimConn {
         let c = SimConn {
             client_pid,
             client_fd,
@@ -170,8 +194,9 @@ impl StreamBuilder {
             server_port,
         };
         self.next_sock += 0x1000;
-        self.established(c.client_sock, client_port, server_port, 0);
-        self.established(c.server_sock, server_port, client_port, 0);
+        let (client, server) = (([127, 0, 0, host], client_port), ([127, 0, 0, 1], server_port));
+        self.established_between(c.client_sock, client, server, 0);
+        self.established_between(c.server_sock, server, client, 0);
         c
     }
 
@@ -222,7 +247,17 @@ impl StreamBuilder {
     /// The ESTABLISHED event of a loopback socket; the kernel sets `pid` only on the agent's own
     /// sockets.
     pub fn established(&mut self, sock: u64, local_port: u16, remote_port: u16, pid: u32) {
-        let lo = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let lo = [127, 0, 0, 1];
+        self.established_between(sock, (lo, local_port), (lo, remote_port), pid);
+    }
+
+    /// [`Self::established`] between IPv4 endpoints.
+    fn established_between(&mut self, sock: u64, local: ([u8; 4], u16), remote: ([u8; 4], u16), pid: u32) {
+        let v4 = |ip: [u8; 4]| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&ip);
+            a
+        };
         let t = self.tick(1_000);
         let ev = SockEvent {
             header: EventHeader {
@@ -235,12 +270,12 @@ impl StreamBuilder {
                 ..Default::default()
             },
             family: AF_INET,
-            local_port,
-            remote_port,
+            local_port: local.1,
+            remote_port: remote.1,
             old_state: tcp_state::SYN_SENT,
             new_state: tcp_state::ESTABLISHED,
-            local_addr: lo,
-            remote_addr: lo,
+            local_addr: v4(local.0),
+            remote_addr: v4(remote.0),
         };
         self.buf.clear();
         encode_sock(&ev, &mut self.buf);
@@ -288,7 +323,7 @@ impl StreamBuilder {
     }
 
     /// `n` connections from `client_pid` (fds from `first_client_fd`) to `server_pid` (fds from
-    /// 10) on `server_port`, each from its own ephemeral port.
+    /// 10) on `server_port`, each from its own ephemeral port (40,000 per client address).
     pub fn connect_many(
         &mut self,
         n: u32,
@@ -299,8 +334,9 @@ impl StreamBuilder {
     ) -> Vec<SimConn> {
         (0..n)
             .map(|i| {
-                let ephemeral = (20000 + i % 40000) as u16;
-                self.connect(
+                let (host, ephemeral) = (1 + (i / 40000) as u8, (20000 + i % 40000) as u16);
+                self.connect_from(
+                    host,
                     client_pid,
                     first_client_fd + i as i32,
                     server_pid,

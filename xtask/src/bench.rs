@@ -313,7 +313,7 @@ fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
 
 /// Runs `sockspan bench-stitch`: a two-hop chain replayed through every stage (spans/s), then
 /// 10,000 requests held in flight (heap bytes per request); then the chain again with 10 to
-/// 40,000 requests in flight at once, whose cost per event must stay flat (no path scans every
+/// 50,000 requests in flight at once, whose cost per event must stay flat (no path scans every
 /// request in flight; beyond 65,536 connections the table evicts, counted).
 fn stitch(bin: &Path, tmp: &Path) -> std::result::Result<Vec<String>, String> {
     let (status, lines) = run_subcommand(bin, tmp, &["bench-stitch", "--in-flight", "10000"])?;
@@ -346,7 +346,7 @@ fn stitch(bin: &Path, tmp: &Path) -> std::result::Result<Vec<String>, String> {
 }
 
 /// Requests in flight at once in the stitching sweep.
-const STITCH_SWEEP: [u32; 4] = [10, 1_000, 10_000, 40_000];
+const STITCH_SWEEP: [u32; 5] = [10, 1_000, 10_000, 40_000, 50_000];
 
 /// `key=value` from a line of `k=v` tokens.
 pub fn kv(line: &str, key: &str) -> Option<f64> {

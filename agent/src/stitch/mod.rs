@@ -58,7 +58,7 @@ use self::{
     serving::{InFlight, Key, Serving},
 };
 use crate::{
-    FastMap,
+    FastMap, FastSet,
     conn::Side,
     goroutines::GoChain,
     loops::LoopHint,
@@ -293,6 +293,9 @@ impl Stitcher {
     pub fn shrink(&mut self) {
         self.decided.shrink_to_fit();
         self.awaiting_confirmation.shrink_to_fit();
+        self.reorder.shrink();
+        self.serving.shrink();
+        self.pairing.shrink();
     }
 
     /// Requests started whose span is not finished yet.
@@ -344,10 +347,20 @@ impl Stitcher {
     /// Processes every item old enough that nothing earlier can still arrive; finished spans
     /// (with their final ids) are appended to `out`.
     pub fn release(&mut self, now_mono_ns: u64, out: &mut Vec<Span>) {
+        while self.release_some(now_mono_ns, usize::MAX, out) {}
+    }
+
+    /// [`Self::release`], at most `n` items at a time (the state of each request decided grows
+    /// here; its owner checks its memory budget in between); whether more are due.
+    pub fn release_some(&mut self, now_mono_ns: u64, n: usize, out: &mut Vec<Span>) -> bool {
         let watermark = self.reorder.watermark(now_mono_ns);
-        while let Some(item) = self.reorder.pop(Some(watermark)) {
+        for _ in 0..n {
+            let Some(item) = self.reorder.pop(Some(watermark)) else {
+                return false;
+            };
             self.process(item, out);
         }
+        true
     }
 
     /// Processes everything queued (shutdown, replays).
@@ -355,6 +368,42 @@ impl Stitcher {
         while let Some(item) = self.reorder.pop(None) {
             self.process(item, out);
         }
+    }
+
+    /// Frees everything kept for the requests of connections `conns`, held or decided, without
+    /// building their spans: the connections were shed under the memory budget, where deciding
+    /// held requests or building spans only to drop them would cost the memory being given
+    /// back. Returns how many finished spans were held (they are dropped).
+    pub fn abandon_connections(&mut self, conns: &FastSet<u64>) -> u64 {
+        let mut spans = 0;
+        self.reorder.discard(|item| {
+            let (conn_id, done) = match item {
+                Item::Start(s) => (s.conn_id, false),
+                Item::Answering { conn_id, .. } => (*conn_id, false),
+                Item::Done(f) => (f.conn_id, true),
+            };
+            let shed = conns.contains(&conn_id);
+            spans += u64::from(shed && done);
+            shed
+        });
+        self.awaiting_confirmation.retain(|key, _| !conns.contains(&key.0));
+        // Server requests are in `serving` (also those past the decision table's bound),
+        // client requests in `pairing`.
+        for key in self.serving.on_connections(conns) {
+            self.serving.remove(&key);
+        }
+        let keys: Vec<Key> = self
+            .decided
+            .keys()
+            .filter(|key| conns.contains(&key.0))
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(d) = self.decided.remove(&key) {
+                self.pairing.forget_client(d.slot, key.1);
+            }
+        }
+        spans
     }
 
     fn process(&mut self, item: Item, out: &mut Vec<Span>) {

@@ -54,6 +54,12 @@ pub struct Pairing {
 }
 
 impl Pairing {
+    /// Frees spare capacity (after state was shed under the memory budget).
+    pub fn shrink(&mut self) {
+        self.by_seq.shrink_to_fit();
+        self.queued.shrink_to_fit();
+    }
+
     /// Indexes a client request once its ids are decided.
     pub fn add_client(&mut self, s: &RequestStart, ids: SpanIds) -> Slot {
         let mut slot = Slot::default();
@@ -105,15 +111,7 @@ impl Pairing {
     /// A client request is done: it leaves the index; if it was answered, its span's times
     /// (`span` carries them; its id is `span_id`, not yet set on it) bound its server span's.
     pub fn client_done(&mut self, slot: Slot, seq: u64, answered: bool, span_id: [u8; 8], span: &Span) {
-        if let Some(link) = slot.queued_on
-            && let Some(q) = self.queued.get_mut(&link)
-        {
-            q.retain(|c| c.seq != seq);
-            if q.is_empty() {
-                self.queued.remove(&link);
-            }
-        }
-        let indexed = slot.by_seq.is_some_and(|key| self.by_seq.remove(&key).is_some());
+        let indexed = self.forget_client(slot, seq);
         if (indexed || slot.queued_on.is_some()) && answered {
             if self.finished_order.len() >= MAX_FINISHED_CLIENTS
                 && let Some(old) = self.finished_order.pop_front()
@@ -123,6 +121,20 @@ impl Pairing {
             self.finished.insert(span_id, (span.start_unix_ns, span.end_unix_ns));
             self.finished_order.push_back(span_id);
         }
+    }
+
+    /// A client request leaves the index (done, or shed under the memory budget); whether it
+    /// was indexed by order.
+    pub fn forget_client(&mut self, slot: Slot, seq: u64) -> bool {
+        if let Some(link) = slot.queued_on
+            && let Some(q) = self.queued.get_mut(&link)
+        {
+            q.retain(|c| c.seq != seq);
+            if q.is_empty() {
+                self.queued.remove(&link);
+            }
+        }
+        slot.by_seq.is_some_and(|key| self.by_seq.remove(&key).is_some())
     }
 
     /// Keeps a server span inside its client span's time range: the server's last write returns

@@ -44,6 +44,29 @@ impl<T> Reorder<T> {
         self.heap.len()
     }
 
+    /// Frees spare capacity (after state was shed under the memory budget): the buffer keeps
+    /// the size of its largest burst otherwise.
+    pub fn shrink(&mut self) {
+        self.heap.shrink_to_fit();
+        self.items.shrink_to_fit();
+    }
+
+    /// Drops every held item `discard` picks (state shed under the memory budget).
+    pub fn discard(&mut self, mut discard: impl FnMut(&T) -> bool) {
+        for slot in &mut self.items {
+            if slot.as_ref().is_some_and(&mut discard) {
+                *slot = None;
+            }
+        }
+        let (items, base) = (&self.items, self.base);
+        self.heap
+            .retain(|Reverse((_, order))| items.get((order - base) as usize).is_some_and(Option::is_some));
+        while let Some(None) = self.items.front() {
+            self.items.pop_front();
+            self.base += 1;
+        }
+    }
+
     /// Holds `item`; returns its arrival order, by which [`Self::get_mut`] finds it.
     pub fn push(&mut self, key: u64, item: T) -> u64 {
         let order = self.next_order;

@@ -118,6 +118,22 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// The requests in flight on connections `conns`.
+    pub fn on_connections(&self, conns: &FastSet<u64>) -> Vec<Key> {
+        self.inflight
+            .keys()
+            .filter(|key| conns.contains(&key.0))
+            .copied()
+            .collect()
+    }
+
+    /// Frees spare capacity (after state was shed under the memory budget).
+    pub fn shrink(&mut self) {
+        self.inflight.shrink_to_fit();
+        self.by_process.shrink_to_fit();
+        self.by_facet.shrink_to_fit();
+    }
+
     pub fn insert(&mut self, key: Key, mut f: InFlight) {
         let n = self.by_process.entry(f.pid).or_default();
         if *n >= MAX_PER_PROCESS || self.inflight.contains_key(&key) {

@@ -414,3 +414,35 @@ fn server_span_kept_inside_its_client_span() {
     assert_eq!(server.parent_span_id, Some(client.span_id));
     assert_eq!((server.start_unix_ns, server.end_unix_ns), (110, 200));
 }
+
+/// Connections shed under the memory budget take everything kept for their requests with
+/// them, decided or still held in the reorder window, and build no spans; the rest go on.
+#[test]
+fn abandoned_connections_leave_no_state_and_no_spans() {
+    let mut st = Stitcher::new(IdGenerator::seeded(1));
+    // Connection 1: a client request decided (released), connection 2 its server end, decided
+    // too; connection 3: a server request held in the window, with its span finished.
+    st.push_start(start(1, 0, Side::Client, 1, 10, 100, "/a", (5000, 8000)));
+    st.push_start(start(2, 0, Side::Server, 2, 20, 110, "/a", (5000, 8000)));
+    let mut out = Vec::new();
+    st.flush(&mut out);
+    st.push_start(start(3, 0, Side::Server, 2, 21, 120, "/b", (5001, 8000)));
+    st.push_done(done(3, 0, Side::Server, 130));
+    st.push_start(start(4, 0, Side::Server, 2, 22, 140, "/c", (5002, 8000)));
+    assert_eq!((st.in_flight(), st.queued()), (2, 3));
+
+    let held = st.abandon_connections(&[1, 2, 3].into_iter().collect());
+    assert_eq!(held, 1, "the finished span held for connection 3 is dropped");
+    assert_eq!(
+        (st.in_flight(), st.queued()),
+        (0, 1),
+        "only connection 4's start is left"
+    );
+    assert!(st.serving.on_connections(&[1, 2, 3].into_iter().collect()).is_empty());
+
+    st.push_done(done(4, 0, Side::Server, 150));
+    st.flush(&mut out);
+    let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["4/0"]);
+    assert_eq!(st.in_flight(), 0);
+}
