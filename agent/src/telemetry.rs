@@ -90,6 +90,28 @@ impl Family {
     }
 }
 
+/// Why an OTLP export request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFailure {
+    Status,
+    TooLarge,
+    Unreachable,
+    Timeout,
+}
+
+impl ExportFailure {
+    pub const ALL: [Self; 4] = [Self::Status, Self::TooLarge, Self::Unreachable, Self::Timeout];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::TooLarge => "too_large",
+            Self::Unreachable => "unreachable",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
 /// Counts kept across threads (reader, exporter, Go hooks' attacher) and the latest snapshot of
 /// the pipeline stages' own families. Names follow `sockspan_<what>_total`.
 #[derive(Default, Debug)]
@@ -115,7 +137,11 @@ pub struct Metrics {
     /// Spans handed to the exporter and not yet exported or dropped (its queue and the
     /// requests in progress).
     pub spans_queued: Counter,
-    pub export_requests_failed: Counter,
+    /// Failed export requests by why: the collector answered with an error status, refused
+    /// the request as too large (413), could not be reached, or did not answer in time.
+    pub export_requests_failed: [Counter; ExportFailure::ALL.len()],
+    /// Spans per export request at most (halved on each 413).
+    pub export_batch_limit: Counter,
     /// Go executables hooked, and those whose hooks failed (the attacher's counts).
     pub go_executables_hooked: Counter,
     pub go_executables_failed: Counter,
@@ -266,10 +292,18 @@ impl Metrics {
                     ("sink", "print", self.print.queued.load(Relaxed)),
                 ],
             ),
-            Family::total(
+            Family::counter(
                 "sockspan_export_requests_failed_total",
-                "OTLP export requests that failed.",
-                self.export_requests_failed.get(),
+                "OTLP export requests that failed (after the exporter's own retries of 429, 502, 503, 504 and network errors), by why: status (an error status), too_large (413: later requests carry half as many spans), unreachable, timeout.",
+                ExportFailure::ALL
+                    .iter()
+                    .map(|f| ("reason", f.as_str(), self.export_requests_failed[*f as usize].get()))
+                    .collect(),
+            ),
+            Family::level(
+                "sockspan_export_batch_limit_spans",
+                "Spans per OTLP export request at most: OTEL_BSP_MAX_EXPORT_BATCH_SIZE, halved each time the collector refused a request as too large.",
+                self.export_batch_limit.get(),
             ),
             Family::level(
                 "sockspan_heap_bytes",

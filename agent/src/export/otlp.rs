@@ -26,7 +26,7 @@ use crate::{
     budget::MemoryBudget,
     process::ProcessInfo,
     span::{AttrValue, Span, SpanKind},
-    telemetry::Metrics,
+    telemetry::{Counter, ExportFailure, Metrics},
 };
 
 /// Heap bytes a queued span holds, about (65,536 queued spans measured near 60 MiB).
@@ -189,12 +189,40 @@ pub struct OtlpExporter {
     /// per backoff period, not one per batch, and the queue never backs up behind it.
     retry_at: Option<tokio::time::Instant>,
     backoff: Duration,
+    /// Spans per export request at most: `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, halved each time
+    /// the collector refuses a request as too large.
+    batch_limit: usize,
     /// Set when the agent stops: the final flush ends by then, dropping (counting) the rest.
     deadline: Option<tokio::time::Instant>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Why an export failed, from the exporter's error (opentelemetry-otlp reports an HTTP
+/// status as "status code: N", a gRPC one as "gRPC code: Name", and a refused or broken
+/// connection as a network or transport error).
+fn classify(error: &str) -> ExportFailure {
+    if error.contains("status code: 413") {
+        ExportFailure::TooLarge
+    } else if error.contains("timed out") || error.contains("DeadlineExceeded") {
+        ExportFailure::Timeout
+    } else if ["network error", "transport error", "Connection refused", "connect"]
+        .iter()
+        .any(|s| error.contains(s))
+    {
+        ExportFailure::Unreachable
+    } else {
+        ExportFailure::Status
+    }
+}
+
+/// `d` ± 20 %, random.
+fn jittered(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish() % 401;
+    d * (800 + r as u32) / 1000
+}
+
 /// Time the final flush may take after the span channel closes.
 pub const FINAL_FLUSH: Duration = Duration::from_millis(2500);
 
@@ -209,9 +237,11 @@ impl OtlpExporter {
         let scope = InstrumentationScope::builder("sockspan")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();
+        metrics.export_batch_limit.set(bsp.max_export_batch_size as u64);
         Ok(Self {
             idle,
             queued: Arc::new(AtomicUsize::new(0)),
+            batch_limit: bsp.max_export_batch_size,
             bsp,
             metrics,
             scope,
@@ -296,15 +326,14 @@ impl OtlpExporter {
     fn launch(&mut self, work: &mut Work, in_flight: &mut JoinSet<Done>) {
         loop {
             if work.jobs.is_empty() {
-                let ready =
-                    work.queue.len() >= self.bsp.max_export_batch_size || (work.flush && !work.queue.is_empty());
+                let ready = work.queue.len() >= self.batch_limit || (work.flush && !work.queue.is_empty());
                 if !ready || self.idle.is_empty() {
                     if work.queue.is_empty() {
                         work.flush = false;
                     }
                     return;
                 }
-                let n = work.queue.len().min(self.bsp.max_export_batch_size);
+                let n = work.queue.len().min(self.batch_limit);
                 let batch: Vec<Span> = work.queue.drain(..n).collect();
                 self.queued.fetch_sub(n, Relaxed);
                 work.jobs.extend(group_by_process(batch, &self.scope));
@@ -356,17 +385,35 @@ impl OtlpExporter {
         }
     }
 
+    /// An export request failed after the exporter's own retries (opentelemetry-otlp retries
+    /// 429, 502, 503, 504 and network errors, with backoff and jitter): its spans are dropped,
+    /// counted. A collector that refused it as too large gets requests half as large from then
+    /// on; any other failure starts (or extends) a backoff.
     fn failed(&mut self, count: u64, error: &str) {
         self.metrics.spans_dropped_export_failed.add(count);
         self.metrics.export_failed();
+        let why = classify(error);
+        let failures: u64 = self.metrics.export_requests_failed.iter().map(Counter::get).sum();
+        self.metrics.export_requests_failed[why as usize].inc();
+        if why == ExportFailure::TooLarge {
+            if self.batch_limit > 1 {
+                self.batch_limit /= 2;
+                self.metrics.export_batch_limit.set(self.batch_limit as u64);
+                tracing::warn!(
+                    spans = count,
+                    batch_limit = self.batch_limit,
+                    "The OTLP collector refused a request as too large (413); spans dropped, later requests carry half as many"
+                );
+            }
+            return;
+        }
         let now = tokio::time::Instant::now();
-        // Concurrent requests failing together start one backoff, not one each.
+        // Concurrent requests failing together start one backoff, not one each; the jitter
+        // keeps a node's agents from retrying a recovering collector in step.
         if self.retry_at.is_none_or(|t| t <= now) {
-            self.retry_at = Some(now + self.backoff);
+            self.retry_at = Some(now + jittered(self.backoff));
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         }
-        let failures = self.metrics.export_requests_failed.get();
-        self.metrics.export_requests_failed.inc();
         // Rate-limited: the first failure, then every 100th.
         if failures.is_multiple_of(100) {
             tracing::warn!(
@@ -552,6 +599,42 @@ mod tests {
         q.send((12..15).map(span).collect(), &metrics);
         assert_eq!(rx.try_recv().map(|b| b.len()).ok(), Some(3));
         assert_eq!(metrics.spans_dropped_queue_full.get(), 2);
+    }
+
+    #[test]
+    fn export_failures_classified_from_the_exporters_messages() {
+        use super::{ExportFailure::*, classify};
+        for (error, why) in [
+            ("HTTP export failed with status code: 413", TooLarge),
+            ("HTTP export failed with status code: 500", Status),
+            ("HTTP export failed: network error", Unreachable),
+            ("export timed out", Timeout),
+            (
+                "TonicTracesClient export failed with gRPC code: Unavailable: transport error: Connection refused (os error 111)",
+                Unreachable,
+            ),
+            (
+                "TonicTracesClient export failed with gRPC code: DeadlineExceeded",
+                Timeout,
+            ),
+            (
+                "TonicTracesClient export failed with gRPC code: PermissionDenied",
+                Status,
+            ),
+        ] {
+            assert_eq!(classify(error), why, "{error}");
+        }
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_a_fifth() {
+        let d = std::time::Duration::from_secs(10);
+        let waits: Vec<_> = (0..64).map(|_| super::jittered(d)).collect();
+        assert!(
+            waits.iter().all(|w| (8_000..=12_000).contains(&w.as_millis())),
+            "{waits:?}"
+        );
+        assert!(waits.iter().any(|w| *w != waits[0]), "not jittered: {waits:?}");
     }
 
     #[test]

@@ -372,6 +372,16 @@ pub enum Protocol {
     HttpProtobuf,
 }
 
+impl Protocol {
+    /// Its `OTEL_EXPORTER_OTLP_PROTOCOL` value.
+    pub fn as_env(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
 /// How to start the agent.
 pub struct AgentBuilder {
     args: Vec<String>,
@@ -414,14 +424,12 @@ impl AgentBuilder {
     }
     /// Export to `rx` with the given protocol (through `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub fn otlp(self, rx: &Receiver, proto: Protocol) -> Self {
-        match proto {
-            Protocol::Grpc => self
-                .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
-                .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            Protocol::HttpProtobuf => self
-                .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.http_endpoint())
-                .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-        }
+        let endpoint = match proto {
+            Protocol::Grpc => rx.grpc_endpoint(),
+            Protocol::HttpProtobuf => rx.http_endpoint(),
+        };
+        self.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", proto.as_env())
     }
     /// Serve Prometheus metrics on a free port (`--metrics-addr 127.0.0.1:PORT`).
     pub fn metrics(mut self) -> Self {

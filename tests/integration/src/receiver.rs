@@ -309,6 +309,36 @@ pub struct RawRequest {
 struct State {
     spans: Vec<CollectedSpan>,
     requests: Vec<RawRequest>,
+    fault: Fault,
+    /// Export requests refused by the fault (neither their spans nor the request recorded).
+    refused: usize,
+}
+
+/// A collector misbehaving, as the export-fault tests set it ([`Receiver::set_fault`]).
+#[derive(Clone, Debug, Default)]
+pub struct Fault {
+    /// Refuse the next this many export requests: HTTP 503, gRPC `Unavailable`.
+    pub unavailable: usize,
+    /// Refuse requests carrying more than this many spans: HTTP 413 (gRPC: `ResourceExhausted`).
+    pub max_spans: Option<usize>,
+    /// Answer each request this late.
+    pub delay: Duration,
+}
+
+/// What the fault makes of a request carrying `spans` spans: the HTTP status to refuse it
+/// with, if any (counted as refused).
+fn refusal(shared: &Shared, spans: usize) -> Option<u16> {
+    let mut st = shared.lock();
+    let status = if st.fault.unavailable > 0 {
+        st.fault.unavailable -= 1;
+        Some(503)
+    } else if st.fault.max_spans.is_some_and(|m| spans > m) {
+        Some(413)
+    } else {
+        None
+    };
+    st.refused += usize::from(status.is_some());
+    status
 }
 
 #[derive(Clone, Default)]
@@ -344,6 +374,13 @@ impl TraceService for GrpcService {
             .unwrap_or_default();
         let req = request.into_inner();
         let spans = flatten(&req, Transport::Grpc);
+        let delay = self.0.lock().fault.delay;
+        tokio::time::sleep(delay).await;
+        match refusal(&self.0, spans.len()) {
+            Some(413) => return Err(tonic::Status::resource_exhausted("request too large")),
+            Some(_) => return Err(tonic::Status::unavailable("refused by the test's fault")),
+            None => {}
+        }
         let raw = RawRequest {
             transport: Transport::Grpc,
             headers,
@@ -410,6 +447,11 @@ async fn http_handler(
         match ExportTraceServiceRequest::decode(body.as_slice()) {
             Ok(req) => {
                 let spans = flatten(&req, Transport::Http);
+                let delay = shared.lock().fault.delay;
+                tokio::time::sleep(delay).await;
+                if let Some(status) = refusal(&shared, spans.len()) {
+                    return reply(status, b"refused by the test's fault".to_vec(), "text/plain");
+                }
                 let ok = ExportTraceServiceResponse::default().encode_to_vec();
                 (Ok(spans.len()), spans, (200, ok, "application/x-protobuf"))
             }
@@ -444,6 +486,11 @@ pub struct Receiver {
 impl Receiver {
     /// Start both the gRPC and the HTTP receiver on ephemeral 127.0.0.1 ports.
     pub fn start() -> Result<Self> {
+        Self::start_on(0, 0)
+    }
+
+    /// [`Self::start`] on given ports (a collector that comes up where an agent already sends).
+    pub fn start_on(grpc_port: u16, http_port: u16) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -453,8 +500,8 @@ impl Receiver {
         let shared = Shared::default();
 
         let (grpc_listener, http_listener) = runtime.block_on(async {
-            let g = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let h = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let g = tokio::net::TcpListener::bind(("127.0.0.1", grpc_port)).await?;
+            let h = tokio::net::TcpListener::bind(("127.0.0.1", http_port)).await?;
             Ok::<_, std::io::Error>((g, h))
         })?;
         let grpc_addr = grpc_listener.local_addr()?;
@@ -582,6 +629,16 @@ impl Receiver {
         }
         std::thread::sleep(settle);
         Ok(self.matching(&filter))
+    }
+
+    /// From now on, misbehave as `fault` says.
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.lock().fault = fault;
+    }
+
+    /// Export requests refused by a fault so far.
+    pub fn refused(&self) -> usize {
+        self.shared.lock().refused
     }
 
     /// Whether any export request carried `name: value` (case-insensitive name).
