@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod event;
+pub mod hooks;
 pub mod maps;
 
 pub use event::*;

@@ -5,6 +5,7 @@ use std::path::Path;
 use agent_common::{
     MAX_CAPTURE,
     config::{GLOBAL_CAPTURE_BYTES, GLOBAL_SELF_TGID, GLOBAL_SOCK_OFFSETS, GLOBAL_WAKEUP_BYTES},
+    hooks::Tracepoint,
     maps::{COUNTERS_MAP, EVENTS_MAP, counter},
 };
 use aya::{
@@ -18,51 +19,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// Every program and the tracepoint it attaches to (category, name); program name = name.
-pub const PROGRAMS: &[(&str, &str)] = &[
-    ("sock", "sock_send_length"),
-    ("sock", "sock_recv_length"),
-    ("sock", "inet_sock_set_state"),
-    ("syscalls", "sys_enter_accept"),
-    ("syscalls", "sys_exit_accept"),
-    ("syscalls", "sys_enter_accept4"),
-    ("syscalls", "sys_exit_accept4"),
-    ("syscalls", "sys_enter_connect"),
-    ("syscalls", "sys_exit_connect"),
-    ("syscalls", "sys_enter_close"),
-    ("syscalls", "sys_enter_read"),
-    ("syscalls", "sys_exit_read"),
-    ("syscalls", "sys_enter_readv"),
-    ("syscalls", "sys_exit_readv"),
-    ("syscalls", "sys_enter_recvfrom"),
-    ("syscalls", "sys_exit_recvfrom"),
-    ("syscalls", "sys_enter_recvmsg"),
-    ("syscalls", "sys_exit_recvmsg"),
-    ("syscalls", "sys_enter_write"),
-    ("syscalls", "sys_exit_write"),
-    ("syscalls", "sys_enter_writev"),
-    ("syscalls", "sys_exit_writev"),
-    ("syscalls", "sys_enter_sendto"),
-    ("syscalls", "sys_exit_sendto"),
-    ("syscalls", "sys_enter_sendmsg"),
-    ("syscalls", "sys_exit_sendmsg"),
-    ("syscalls", "sys_enter_sendfile64"),
-    ("syscalls", "sys_exit_sendfile64"),
-    ("syscalls", "sys_enter_epoll_wait"),
-    ("syscalls", "sys_exit_epoll_wait"),
-    ("syscalls", "sys_enter_epoll_pwait"),
-    ("syscalls", "sys_exit_epoll_pwait"),
-    ("syscalls", "sys_enter_epoll_pwait2"),
-    ("syscalls", "sys_exit_epoll_pwait2"),
-    ("syscalls", "sys_enter_poll"),
-    ("syscalls", "sys_exit_poll"),
-    ("syscalls", "sys_enter_ppoll"),
-    ("syscalls", "sys_exit_ppoll"),
-    ("syscalls", "sys_enter_select"),
-    ("syscalls", "sys_exit_select"),
-    ("syscalls", "sys_enter_pselect6"),
-    ("syscalls", "sys_exit_pselect6"),
-];
+/// Every tracepoint program, and the tracepoint it attaches to: the table of hooks
+/// (`agent_common::hooks`), whose programs are named after their tracepoints.
+pub use agent_common::hooks::TRACEPOINTS as PROGRAMS;
 
 /// Go programs' hooks (`agent-ebpf/src/probes/golang.rs`): program → the function it attaches
 /// to (a return hook's program is a uretprobe). Attached per Go executable, when a Go process
@@ -92,6 +51,19 @@ pub enum LoaderError {
         "the kernel has no tracepoint {category}:{name} (sockspan needs Linux 6.3 or later with syscall tracepoints)"
     )]
     MissingTracepoint { category: &'static str, name: &'static str },
+    #[error(
+        "tracepoint {category}:{name}: field `{field}` is {found} in {TRACEFS}/events/{category}/{name}/format, where sockspan reads offset {offset}, size {size} (agent_common::hooks)"
+    )]
+    FieldMismatch {
+        category: &'static str,
+        name: &'static str,
+        field: &'static str,
+        offset: usize,
+        size: usize,
+        found: String,
+    },
+    #[error("the eBPF object has tracepoint program {0}, which the table of hooks (agent_common::hooks) lacks")]
+    UnlistedProgram(String),
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel refused program {name}: {source}")]
@@ -157,12 +129,55 @@ pub fn preflight() -> Result<(), LoaderError> {
         return Err(LoaderError::NoBtf);
     }
     ensure_tracefs()?;
-    for &(category, name) in PROGRAMS {
-        if !Path::new(TRACEFS).join("events").join(category).join(name).exists() {
-            return Err(LoaderError::MissingTracepoint { category, name });
+    for tp in PROGRAMS {
+        let format = Path::new(TRACEFS)
+            .join("events")
+            .join(tp.category)
+            .join(tp.name)
+            .join("format");
+        let format = std::fs::read_to_string(format).map_err(|_| LoaderError::MissingTracepoint {
+            category: tp.category,
+            name: tp.name,
+        })?;
+        check_fields(tp, &format)?;
+    }
+    Ok(())
+}
+
+/// Every field `tp`'s program reads is where the kernel's format file says it is.
+fn check_fields(tp: &Tracepoint, format: &str) -> Result<(), LoaderError> {
+    for f in tp.fields {
+        let found = format_field(format, f.name);
+        if found != Some((f.offset, f.size)) {
+            return Err(LoaderError::FieldMismatch {
+                category: tp.category,
+                name: tp.name,
+                field: f.name,
+                offset: f.offset,
+                size: f.size,
+                found: match found {
+                    Some((offset, size)) => format!("at offset {offset}, size {size}"),
+                    None => "missing".to_owned(),
+                },
+            });
         }
     }
     Ok(())
+}
+
+/// (offset, size) of field `name` in a tracepoint format file, whose lines read
+/// `field:<C declaration> <name>[<n>];\toffset:<o>;\tsize:<s>;\tsigned:<0|1>;`.
+fn format_field(format: &str, name: &str) -> Option<(usize, usize)> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';');
+        let decl = parts.next()?.strip_prefix("field:")?;
+        let declared = decl.rsplit([' ', '*']).next()?;
+        if declared.split('[').next()? != name {
+            return None;
+        }
+        let value = |key: &str| parts.clone().find_map(|p| p.trim().strip_prefix(key)?.parse().ok());
+        Some((value("offset:")?, value("size:")?))
+    })
 }
 
 fn ensure_tracefs() -> Result<(), LoaderError> {
@@ -203,8 +218,13 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         .map_max_entries(EVENTS_MAP, cfg.ring_bytes)
         .load(EBPF_OBJECT)
         .map_err(LoaderError::Load)?;
+    if let Some((name, _)) = ebpf.programs().find(|(name, p)| {
+        matches!(p, aya::programs::Program::TracePoint(_)) && !PROGRAMS.iter().any(|t| t.name == *name)
+    }) {
+        return Err(LoaderError::UnlistedProgram(name.to_owned()));
+    }
     let mut links = Vec::with_capacity(PROGRAMS.len());
-    for &(category, name) in PROGRAMS {
+    for &Tracepoint { category, name, .. } in PROGRAMS {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or(LoaderError::MissingTracepoint { category, name })?
@@ -323,5 +343,64 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
         payload_read_failed: sum(counter::PAYLOAD_READ_FAILED),
         events_submitted: sum(counter::EVENTS_SUBMITTED),
         late_stashes: sum(counter::LATE_STASH),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::hooks::{Field, Tracepoint};
+
+    use super::{LoaderError, check_fields, format_field};
+
+    const FORMAT: &str = "name: inet_sock_set_state
+ID: 1370
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn fields_found_by_name_in_a_format_file() {
+        assert_eq!(format_field(FORMAT, "skaddr"), Some((8, 8)));
+        assert_eq!(format_field(FORMAT, "oldstate"), Some((16, 4)));
+        assert_eq!(format_field(FORMAT, "saddr_v6"), Some((40, 16)));
+        assert_eq!(format_field(FORMAT, "state"), None);
+    }
+
+    #[test]
+    fn a_field_elsewhere_is_one_clear_error() {
+        const MOVED: Tracepoint = Tracepoint {
+            category: "sock",
+            name: "inet_sock_set_state",
+            fields: &[Field::new("skaddr", 8, 8), Field::new("oldstate", 20, 4)],
+        };
+        let err = check_fields(&MOVED, FORMAT).unwrap_err();
+        assert!(matches!(err, LoaderError::FieldMismatch { field: "oldstate", .. }));
+        let text = err.to_string();
+        assert!(text.contains("field `oldstate` is at offset 16, size 4"), "{text}");
+        assert!(text.contains("where sockspan reads offset 20, size 4"), "{text}");
+        const GONE: Tracepoint = Tracepoint {
+            fields: &[Field::new("newstate", 20, 4)],
+            ..MOVED
+        };
+        assert!(
+            check_fields(&GONE, FORMAT)
+                .unwrap_err()
+                .to_string()
+                .contains("`newstate` is missing")
+        );
+    }
+
+    /// The table agrees with this machine's kernel (where tracefs can be read).
+    #[test]
+    fn the_table_of_hooks_matches_this_kernel() {
+        for tp in super::PROGRAMS {
+            let path = format!("{}/events/{}/{}/format", super::TRACEFS, tp.category, tp.name);
+            if let Ok(format) = std::fs::read_to_string(&path) {
+                check_fields(tp, &format).unwrap();
+            }
+        }
     }
 }

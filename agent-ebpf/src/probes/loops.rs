@@ -14,11 +14,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{LOOP_STATE, LoopState, TRACED_TGIDS, self_tgid};
+use agent_common::hooks::args::{EPOLL_TIMEOUT, POLL_TIMEOUT, PPOLL_TSP, PSELECT_TSP, SELECT_TVP};
 
-const ARG2: usize = 32;
-const ARG3: usize = 40;
-const ARG4: usize = 48;
+use crate::maps::{LOOP_STATE, LoopState, TRACED_TGIDS, self_tgid};
 
 /// How a wait passes its timeout.
 #[derive(Clone, Copy)]
@@ -148,13 +146,13 @@ macro_rules! waits {
     )*};
 }
 
-// Timeout argument slots from /sys/kernel/tracing/events/syscalls/sys_enter_*/format.
+// Timeout arguments: `agent_common::hooks::args`.
 waits! {
-    sys_enter_epoll_wait, sys_exit_epoll_wait => "sys_enter_epoll_wait", "sys_exit_epoll_wait", Timeout::Millis(ARG3);
-    sys_enter_epoll_pwait, sys_exit_epoll_pwait => "sys_enter_epoll_pwait", "sys_exit_epoll_pwait", Timeout::Millis(ARG3);
-    sys_enter_epoll_pwait2, sys_exit_epoll_pwait2 => "sys_enter_epoll_pwait2", "sys_exit_epoll_pwait2", Timeout::Timespec(ARG3);
-    sys_enter_poll, sys_exit_poll => "sys_enter_poll", "sys_exit_poll", Timeout::Millis(ARG2);
-    sys_enter_ppoll, sys_exit_ppoll => "sys_enter_ppoll", "sys_exit_ppoll", Timeout::Timespec(ARG2);
-    sys_enter_select, sys_exit_select => "sys_enter_select", "sys_exit_select", Timeout::Timeval(ARG4);
-    sys_enter_pselect6, sys_exit_pselect6 => "sys_enter_pselect6", "sys_exit_pselect6", Timeout::Timespec(ARG4);
+    sys_enter_epoll_wait, sys_exit_epoll_wait => "sys_enter_epoll_wait", "sys_exit_epoll_wait", Timeout::Millis(EPOLL_TIMEOUT.offset);
+    sys_enter_epoll_pwait, sys_exit_epoll_pwait => "sys_enter_epoll_pwait", "sys_exit_epoll_pwait", Timeout::Millis(EPOLL_TIMEOUT.offset);
+    sys_enter_epoll_pwait2, sys_exit_epoll_pwait2 => "sys_enter_epoll_pwait2", "sys_exit_epoll_pwait2", Timeout::Timespec(EPOLL_TIMEOUT.offset);
+    sys_enter_poll, sys_exit_poll => "sys_enter_poll", "sys_exit_poll", Timeout::Millis(POLL_TIMEOUT.offset);
+    sys_enter_ppoll, sys_exit_ppoll => "sys_enter_ppoll", "sys_exit_ppoll", Timeout::Timespec(PPOLL_TSP.offset);
+    sys_enter_select, sys_exit_select => "sys_enter_select", "sys_exit_select", Timeout::Timeval(SELECT_TVP.offset);
+    sys_enter_pselect6, sys_exit_pselect6 => "sys_enter_pselect6", "sys_exit_pselect6", Timeout::Timespec(PSELECT_TSP.offset);
 }

@@ -1,5 +1,9 @@
 //! `sock:*` tracepoints: tie in-flight syscalls to TCP sockets, and report 4-tuples.
-use agent_common::{AF_INET, AF_INET6, SockEvent, direction, kind, tcp_state};
+use agent_common::{
+    AF_INET, AF_INET6, SockEvent, direction,
+    hooks::{set_state, sock_io},
+    kind, tcp_state,
+};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::tracepoint,
@@ -27,19 +31,18 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_sock_io(ctx: &TracePointContext, dir: u8) -> Result<u32, i64> {
-    // SAFETY: offsets from the tracepoint format.
-    let family: u16 = unsafe { ctx.read_at(16) }.map_err(i64::from)?;
-    let protocol: u16 = unsafe { ctx.read_at(18) }.map_err(i64::from)?;
+    // SAFETY: offsets from the tracepoint format (`agent_common::hooks`, checked at start).
+    let family: u16 = unsafe { ctx.read_at(sock_io::FAMILY.offset) }.map_err(i64::from)?;
+    let protocol: u16 = unsafe { ctx.read_at(sock_io::PROTOCOL.offset) }.map_err(i64::from)?;
     if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    let sk: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
+    let sk: u64 = unsafe { ctx.read_at(sock_io::SK.offset) }.map_err(i64::from)?;
     mark_pending(bpf_get_current_pid_tgid(), sk, false, dir);
     Ok(0)
 }
 
-// inet_sock_set_state: skaddr@8, oldstate@16 i32, newstate@20 i32, sport@24, dport@26 (host
-// order), family@28, protocol@30, saddr@32[4], daddr@36[4], saddr_v6@40[16], daddr_v6@56[16].
+// inet_sock_set_state: its fields in `agent_common::hooks::set_state` (ports in host order).
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     on_state(&ctx).unwrap_or(0)
@@ -47,13 +50,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
-    // SAFETY: offsets from the tracepoint format.
-    let protocol: u16 = unsafe { ctx.read_at(30) }.map_err(i64::from)?;
+    // SAFETY: offsets from the tracepoint format (`agent_common::hooks`, checked at start).
+    let protocol: u16 = unsafe { ctx.read_at(set_state::PROTOCOL.offset) }.map_err(i64::from)?;
     if protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    let newstate: i32 = unsafe { ctx.read_at(20) }.map_err(i64::from)?;
-    let sk: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
+    let newstate: i32 = unsafe { ctx.read_at(set_state::NEWSTATE.offset) }.map_err(i64::from)?;
+    let sk: u64 = unsafe { ctx.read_at(set_state::SKADDR.offset) }.map_err(i64::from)?;
     if newstate == i32::from(tcp_state::SYN_SENT) {
         // Process context of connect(): mark that syscall as TCP.
         let pid_tgid = bpf_get_current_pid_tgid();
@@ -67,20 +70,20 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if newstate != i32::from(tcp_state::ESTABLISHED) && newstate != i32::from(tcp_state::CLOSE) {
         return Ok(0);
     }
-    let oldstate: i32 = unsafe { ctx.read_at(16) }.map_err(i64::from)?;
-    let family: u16 = unsafe { ctx.read_at(28) }.map_err(i64::from)?;
-    let sport: u16 = unsafe { ctx.read_at(24) }.map_err(i64::from)?;
-    let dport: u16 = unsafe { ctx.read_at(26) }.map_err(i64::from)?;
+    let oldstate: i32 = unsafe { ctx.read_at(set_state::OLDSTATE.offset) }.map_err(i64::from)?;
+    let family: u16 = unsafe { ctx.read_at(set_state::FAMILY.offset) }.map_err(i64::from)?;
+    let sport: u16 = unsafe { ctx.read_at(set_state::SPORT.offset) }.map_err(i64::from)?;
+    let dport: u16 = unsafe { ctx.read_at(set_state::DPORT.offset) }.map_err(i64::from)?;
     let mut local_addr = [0u8; 16];
     let mut remote_addr = [0u8; 16];
     if family == AF_INET {
-        let s: [u8; 4] = unsafe { ctx.read_at(32) }.map_err(i64::from)?;
-        let d: [u8; 4] = unsafe { ctx.read_at(36) }.map_err(i64::from)?;
+        let s: [u8; 4] = unsafe { ctx.read_at(set_state::SADDR.offset) }.map_err(i64::from)?;
+        let d: [u8; 4] = unsafe { ctx.read_at(set_state::DADDR.offset) }.map_err(i64::from)?;
         local_addr[..4].copy_from_slice(&s);
         remote_addr[..4].copy_from_slice(&d);
     } else {
-        local_addr = unsafe { ctx.read_at(40) }.map_err(i64::from)?;
-        remote_addr = unsafe { ctx.read_at(56) }.map_err(i64::from)?;
+        local_addr = unsafe { ctx.read_at(set_state::SADDR_V6.offset) }.map_err(i64::from)?;
+        remote_addr = unsafe { ctx.read_at(set_state::DADDR_V6.offset) }.map_err(i64::from)?;
     }
     // Often softirq context: pid/comm are whoever was on the CPU, so they are left out; pid is
     // set to the agent's own tgid for the agent's own sockets.

@@ -1,8 +1,8 @@
 //! `syscalls:sys_{enter,exit}_*` programs: stash arguments at entry, emit at exit.
 //!
-//! Entry layout of every syscall tracepoint (see /sys/kernel/tracing/events/syscalls/*/format):
-//! the arguments are 8-byte slots from offset 16; exit has `long ret` at offset 16.
-use agent_common::{direction, kind, maps::counter, side, syscall, tcp_state};
+//! The fields read are in `agent_common::hooks` (checked against the kernel's tracepoint
+//! formats at start).
+use agent_common::{direction, hooks, kind, maps::counter, side, syscall, tcp_state};
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
@@ -17,11 +17,10 @@ use crate::{
     probes::loops::bump_epoch,
 };
 
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const ARG3: usize = 40;
-const RET: usize = 16;
+const FD: usize = hooks::args::FD.offset;
+const RET: usize = hooks::RET.offset;
+// The generic stash reads every syscall's descriptor from the first slot.
+const _: () = assert!(hooks::args::SENDFILE_OUT_FD.offset == FD);
 
 const MSG_PEEK: u32 = 2;
 const EINPROGRESS: i64 = 115;
@@ -82,7 +81,7 @@ fn stash(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
     let call = PendingCall {
         buf: slot(spec.buf)?,
         count: slot(spec.count)?,
-        fd: arg::<u64>(ctx, ARG0)? as i32,
+        fd: arg::<u64>(ctx, FD)? as i32,
         recv_flags: slot(spec.flags)? as u32,
         ..PendingCall::now(spec.sys, spec.dir, spec.kind)
     };
@@ -161,7 +160,7 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         let Some(args) = user_args() else {
             return Ok(0);
         };
-        let at = |off: usize| if off == 0 { 0 } else { args[((off - ARG0) / 8) & 3] };
+        let at = |off: usize| if off == 0 { 0 } else { args[((off - FD) / 8) & 3] };
         p.syscall = spec.sys;
         p.buf_kind = spec.kind;
         p.fd = args[0] as i32;
@@ -243,16 +242,17 @@ use buf_kind::{IOVEC, MSGHDR, PLAIN};
 use direction::{EGRESS, INGRESS};
 #[rustfmt::skip]
 mod table {
-    //! Argument slots from /sys/kernel/tracing/events/syscalls/sys_enter_*/format.
+    //! Argument slots: `agent_common::hooks::args`.
     use super::*;
-    pub const READ: Spec = Spec::new(syscall::READ, INGRESS, PLAIN, ARG1, 0, 0);
-    pub const READV: Spec = Spec::new(syscall::READV, INGRESS, IOVEC, ARG1, ARG2, 0);
-    pub const RECVFROM: Spec = Spec::new(syscall::RECVFROM, INGRESS, PLAIN, ARG1, 0, ARG3);
-    pub const RECVMSG: Spec = Spec::new(syscall::RECVMSG, INGRESS, MSGHDR, ARG1, 0, ARG2);
-    pub const WRITE: Spec = Spec::new(syscall::WRITE, EGRESS, PLAIN, ARG1, 0, 0);
-    pub const WRITEV: Spec = Spec::new(syscall::WRITEV, EGRESS, IOVEC, ARG1, ARG2, 0);
-    pub const SENDTO: Spec = Spec::new(syscall::SENDTO, EGRESS, PLAIN, ARG1, 0, 0);
-    pub const SENDMSG: Spec = Spec::new(syscall::SENDMSG, EGRESS, MSGHDR, ARG1, 0, 0);
+    use hooks::args::*;
+    pub const READ: Spec = Spec::new(syscall::READ, INGRESS, PLAIN, READ_BUF.offset, 0, 0);
+    pub const READV: Spec = Spec::new(syscall::READV, INGRESS, IOVEC, READV_VEC.offset, READV_VLEN.offset, 0);
+    pub const RECVFROM: Spec = Spec::new(syscall::RECVFROM, INGRESS, PLAIN, RECVFROM_BUF.offset, 0, RECVFROM_FLAGS.offset);
+    pub const RECVMSG: Spec = Spec::new(syscall::RECVMSG, INGRESS, MSGHDR, RECVMSG_MSG.offset, 0, RECVMSG_FLAGS.offset);
+    pub const WRITE: Spec = Spec::new(syscall::WRITE, EGRESS, PLAIN, WRITE_BUF.offset, 0, 0);
+    pub const WRITEV: Spec = Spec::new(syscall::WRITEV, EGRESS, IOVEC, WRITEV_VEC.offset, WRITEV_VLEN.offset, 0);
+    pub const SENDTO: Spec = Spec::new(syscall::SENDTO, EGRESS, PLAIN, SENDTO_BUF.offset, 0, 0);
+    pub const SENDMSG: Spec = Spec::new(syscall::SENDMSG, EGRESS, MSGHDR, SENDMSG_MSG.offset, 0, 0);
     pub const SENDFILE: Spec = Spec::bare(syscall::SENDFILE, EGRESS);
     pub const ACCEPT_ANY: Spec = Spec::bare(ACCEPT, 0);
     pub const CONNECT_ANY: Spec = Spec::bare(CONNECT, 0);
@@ -398,7 +398,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn enter_close(ctx: &TracePointContext) -> Result<u32, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let fd: u64 = arg(ctx, ARG0)?;
+    let fd: u64 = arg(ctx, FD)?;
     let key = fd_key(pid_tgid, fd as i32);
     // SAFETY: copied out at once.
     let Some(info) = (unsafe { FD_INFO.get(key).copied() }) else {
