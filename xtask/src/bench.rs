@@ -66,8 +66,75 @@ pub struct Agent {
     pub get_client: u64,
     pub vm_hwm_kb: u64,
     pub vm_rss_kb: u64,
+    pub cpu: Cpu,
     /// `sockspan_*` counters about events, drops and exports from /metrics.
     pub metrics: Vec<String>,
+}
+
+/// CPU the agent spent on one run: its kernel programs during the load (`bpf_stats`), and its
+/// process from the load's start until its exports settled (`/proc/<pid>/stat`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cpu {
+    pub kernel_ns: u64,
+    pub kernel_runs: u64,
+    pub process_ns: u64,
+}
+
+impl Cpu {
+    /// The agent's programs' (run time, runs) so far: from the fdinfo of the program
+    /// descriptors it holds (with `kernel.bpf_stats_enabled` on), each program once.
+    fn programs(pid: u32) -> (u64, u64) {
+        let mut seen = std::collections::HashMap::new();
+        for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(info) = fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok());
+            if let (Some(id), Some(ns), Some(runs)) = (field("prog_id:"), field("run_time_ns:"), field("run_cnt:")) {
+                seen.insert(id, (ns, runs));
+            }
+        }
+        seen.values().fold((0, 0), |(a, b), (ns, runs)| (a + ns, b + runs))
+    }
+
+    /// The process's user + system time so far, in ns.
+    fn process(pid: u32) -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command name's closing parenthesis: utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        // `rest` starts at field 3 (the state).
+        (ticks(11) + ticks(12)) * 1_000_000_000 / hz
+    }
+}
+
+/// Turns `kernel.bpf_stats_enabled` on while it lives (the kernel then times every program
+/// run); puts the old value back.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn on() -> Self {
+        let old = fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".to_owned());
+        if let Err(e) = fs::write(Self::PATH, "1") {
+            println!("bench: cannot enable {}: {e}; kernel CPU figures will be 0", Self::PATH);
+        }
+        Self(old.trim().to_owned())
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(Self::PATH, &self.0);
+    }
 }
 
 pub enum Pipeline {
@@ -586,7 +653,11 @@ fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<A
     // Keep draining the agent's stderr (into the log) so it never blocks on a full pipe.
     thread::spawn(move || for _ in agent_err {});
 
+    let stats = BpfStats::on();
+    let (kernel_before, process_before) = (Cpu::programs(agent.pid()), Cpu::process(agent.pid()));
     let wrk = load()?;
+    let kernel_after = Cpu::programs(agent.pid());
+    drop(stats);
     if !agent.alive() {
         bail!(
             "the agent exited during the run; its last stderr lines:\n{}",
@@ -612,6 +683,11 @@ fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<A
             .unwrap_or(0)
     };
     let (vm_hwm_kb, vm_rss_kb) = (field("VmHWM:"), field("VmRSS:"));
+    let cpu = Cpu {
+        kernel_ns: kernel_after.0.saturating_sub(kernel_before.0),
+        kernel_runs: kernel_after.1.saturating_sub(kernel_before.1),
+        process_ns: Cpu::process(agent.pid()).saturating_sub(process_before),
+    };
     let metrics = match util::http_get(metrics_port, "/metrics", Duration::from_secs(5)) {
         Ok((200, body)) => body
             .lines()
@@ -642,6 +718,7 @@ fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<A
         get_client: num("\"GET CLIENT\""),
         vm_hwm_kb,
         vm_rss_kb,
+        cpu,
         metrics,
     };
     println!(

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, fs, path::Path};
 use anyhow::{Context, Result};
 
 use crate::{
-    bench::{AgentRuns, LOSS_RATIO_TARGET, PIPELINE_TARGET_EVENTS, Pipeline, Results, Wrk},
+    bench::{Agent, AgentRuns, LOSS_RATIO_TARGET, PIPELINE_TARGET_EVENTS, Pipeline, Results, Wrk},
     setup,
     util::{self, output_of},
 };
@@ -46,6 +46,24 @@ struct AgentFigures {
     spans_pct: Option<f64>,
     vm_hwm_kb: u64,
     vm_rss_kb: u64,
+    /// Medians over the runs: ns per kernel program run, kernel µs per request, process µs
+    /// per span created.
+    kernel_ns_per_run: Option<f64>,
+    kernel_us_per_request: Option<f64>,
+    process_us_per_span: Option<f64>,
+}
+
+/// A counter from the agent's final /metrics lines (`name value`).
+fn counter(a: &Agent, name: &str) -> Option<f64> {
+    a.metrics
+        .iter()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The median of `f` over the runs where it is defined.
+fn median_of(a: &AgentRuns, f: impl Fn(&Agent) -> Option<f64>) -> Option<f64> {
+    let v: Vec<f64> = a.runs.iter().filter_map(f).collect();
+    (!v.is_empty()).then(|| median(v))
 }
 
 /// The agent against the baseline. Ratios are taken per round, where the two ran a few seconds
@@ -116,6 +134,17 @@ fn agent_figures(a: &AgentRuns, off_rps: f64, floor_loss: f64) -> Option<AgentFi
         spans_pct: (requests > 0).then(|| spans as f64 / (2.0 * requests as f64) * 100.0),
         vm_hwm_kb: a.runs.iter().map(|a| a.vm_hwm_kb).max().unwrap_or(0),
         vm_rss_kb: a.runs.last().map_or(0, |a| a.vm_rss_kb),
+        kernel_ns_per_run: median_of(a, |r| {
+            (r.cpu.kernel_runs > 0).then(|| r.cpu.kernel_ns as f64 / r.cpu.kernel_runs as f64)
+        }),
+        kernel_us_per_request: median_of(a, |r| {
+            (r.wrk.requests > 0 && r.cpu.kernel_runs > 0).then(|| r.cpu.kernel_ns as f64 / 1e3 / r.wrk.requests as f64)
+        }),
+        process_us_per_span: median_of(a, |r| {
+            counter(r, "sockspan_spans_created_total")
+                .filter(|n| *n > 0.0)
+                .map(|n| r.cpu.process_ns as f64 / 1e3 / n)
+        }),
     })
 }
 
@@ -382,6 +411,24 @@ pub fn render(r: &Results) -> String {
                 "| (b) spans exported ÷ (2 × requests served){} | {p:.1} % ({server} GET SERVER + {client} GET CLIENT for {requests} requests) | 100 % | {} |",
                 of_baseline(a),
                 if p >= 99.0 { "ok" } else { "spans lost" }
+            );
+        }
+    }
+    for (a, fig) in with_figures(r, &d) {
+        if let (Some(run), Some(req)) = (fig.kernel_ns_per_run, fig.kernel_us_per_request) {
+            let _ = writeln!(
+                s,
+                "| (f) {} kernel programs during (b) (`bpf_stats`) | {run:.0} ns per program run, {req:.2} µs per request | ≤ 400 ns per run | {} |",
+                a.name,
+                if run <= 400.0 { "ok" } else { "over" }
+            );
+        }
+        if let Some(span) = fig.process_us_per_span {
+            let _ = writeln!(
+                s,
+                "| (f) {} process CPU (user + system) from (b)'s start until exports settled | {span:.2} µs per span created, OTLP encoding included | ≤ 1.5 µs | {} |",
+                a.name,
+                if span <= 1.5 { "ok" } else { "over" }
             );
         }
     }
