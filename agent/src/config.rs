@@ -93,6 +93,10 @@ pub enum Command {
         /// Exchanges per connection.
         #[arg(long, default_value_t = 500)]
         per_conn: u32,
+        /// Body bytes of each response (written and read in 64 KiB calls, 1 KiB of each
+        /// captured).
+        #[arg(long, default_value_t = 615)]
+        body_bytes: usize,
         /// Timed repetitions; the best is reported.
         #[arg(long, default_value_t = 3)]
         rounds: u32,

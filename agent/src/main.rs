@@ -45,9 +45,10 @@ fn main() -> ExitCode {
         Some(Command::BenchPipeline {
             connections,
             per_conn,
+            body_bytes,
             rounds,
             recording,
-        }) => match sockspan::run::bench_pipeline(connections, per_conn, rounds, recording.as_deref()) {
+        }) => match sockspan::run::bench_pipeline(connections, per_conn, body_bytes, rounds, recording.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sockspan: {e:#}");

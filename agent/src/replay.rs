@@ -441,18 +441,56 @@ impl StreamBuilder {
 /// A synthetic workload: `connections` keep-alive connections, each with `per_conn` exchanges
 /// of realistic small requests and responses, interleaved as a busy server would see them.
 pub fn synthetic(connections: u32, per_conn: u32) -> RawBatch {
+    synthetic_sized(connections, per_conn, 615)
+}
+
+/// The kernel's default capture of a call that carries no requests (`--capture-bytes`).
+const CAPTURE_BYTES: usize = 1024;
+/// Bytes a server writes, and a client reads, per call of a large response.
+const CALL_BYTES: usize = 64 * 1024;
+
+/// [`synthetic`] with responses of `body_bytes` bytes of body, written and read in calls of
+/// 64 KiB of which the first 1 KiB is captured, as the agent's kernel side captures them.
+pub fn synthetic_sized(connections: u32, per_conn: u32, body_bytes: usize) -> RawBatch {
     let mut b = StreamBuilder::new();
     let conns = b.connect_many(connections, 1000, 10, 2000, 8080);
-    let response = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 06:00:00 GMT\r\nContent-Type: text/html\r\nContent-Length: 615\r\nConnection: keep-alive\r\n\r\n";
-    let mut body = response.to_vec();
-    body.extend(std::iter::repeat_n(b'x', 615));
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 06:00:00 GMT\r\nContent-Type: text/html\r\nContent-Length: {body_bytes}\r\nConnection: keep-alive\r\n\r\n"
+    )
+    .into_bytes();
+    response.extend(std::iter::repeat_n(b'x', body_bytes));
     for r in 0..per_conn {
         for (i, c) in conns.iter().enumerate() {
             let req = format!(
                 "GET /api/items/{}/detail?page={r} HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: wrk/4.2\r\nAccept: */*\r\n\r\n",
                 i as u32 * per_conn + r
             );
-            b.exchange(c, req.as_bytes(), &body);
+            b.send_request(c, c.client_pid, c.server_pid, req.as_bytes());
+            for call in response.chunks(CALL_BYTES) {
+                let (captured, n) = (&call[..call.len().min(CAPTURE_BYTES)], call.len());
+                b.data(
+                    c.server_pid,
+                    c.server_pid,
+                    c.server_fd,
+                    c.server_sock,
+                    side::ACCEPTED,
+                    true,
+                    captured,
+                    n,
+                    "server",
+                );
+                b.data(
+                    c.client_pid,
+                    c.client_pid,
+                    c.client_fd,
+                    c.client_sock,
+                    side::CONNECTED,
+                    false,
+                    captured,
+                    n,
+                    "client",
+                );
+            }
         }
     }
     for c in &conns {

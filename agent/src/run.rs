@@ -227,9 +227,15 @@ pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()>
 
 /// Pipeline throughput on one thread, on a synthetic stream or a recording: prints events/s and
 /// spans/s, then the same with each batch's spans encoded as the OTLP exporter does.
-pub fn bench_pipeline(connections: u32, per_conn: u32, rounds: u32, recording: Option<&Path>) -> Result<()> {
+pub fn bench_pipeline(
+    connections: u32,
+    per_conn: u32,
+    body_bytes: usize,
+    rounds: u32,
+    recording: Option<&Path>,
+) -> Result<()> {
     let stream = match recording {
-        None => crate::replay::synthetic(connections, per_conn),
+        None => crate::replay::synthetic_sized(connections, per_conn, body_bytes),
         Some(path) => {
             let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
             // One batch holds the whole recording.

@@ -178,6 +178,9 @@ pub struct Results {
     /// `sockspan bench-stitch` output lines (stitching throughput; memory with requests in
     /// flight), or why it could not run.
     pub stitch: std::result::Result<Vec<String>, String>,
+    /// (g): each sweep point ("10 connections", "1 MiB bodies", ...) and its `bench-pipeline`
+    /// line, or why the sweep could not run.
+    pub scaling: std::result::Result<Vec<(String, String)>, String>,
     pub off: Vec<Wrk>,
     pub floor: Vec<Floor>,
     pub agent: AgentRuns,
@@ -235,6 +238,13 @@ pub fn bench(opts: &Opts) -> Result<()> {
         Err(why) => println!("bench (d, e): not available: {why}"),
     }
 
+    println!("\nbench (g): the pipeline's cost versus connections and response size, `bench-pipeline`");
+    let scaling = scaling(&bin, &tmp.0);
+    match &scaling {
+        Ok(runs) => runs.iter().for_each(|(what, l)| println!("bench (g): {what}: {l}")),
+        Err(why) => println!("bench (g): not available: {why}"),
+    }
+
     println!("\nbench (b): nginx on core {SERVER_CPU}, wrk on core {CLIENT_CPU}");
     let port = util::free_port(18099)?;
     let _nginx = start_nginx(&tmp.0, port)?;
@@ -260,6 +270,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
     let mut r = Results {
         pipeline,
         stitch,
+        scaling,
         off: Vec::new(),
         floor: Vec::new(),
         agent: AgentRuns::new("agent", &bin),
@@ -410,6 +421,52 @@ fn stitch(bin: &Path, tmp: &Path) -> std::result::Result<Vec<String>, String> {
         }
     }
     Ok(wanted)
+}
+
+/// Keep-alive connections in the pipeline's connection sweep (200,000 exchanges in all).
+const CONNECTION_SWEEP: [u32; 4] = [10, 100, 1_000, 10_000];
+/// Response body sizes in the pipeline's body sweep, with the exchanges per connection (of
+/// 100): fewer for the largest, whose 64 KiB calls each give a record.
+const BODY_SWEEP: [(usize, u32); 4] = [(64, 200), (1024, 200), (16 * 1024, 200), (1024 * 1024, 20)];
+
+/// Runs `sockspan bench-pipeline` over the connection and body-size sweeps: the userspace
+/// pipeline's cost per event and per span as the connections held and the responses grow.
+fn scaling(bin: &Path, tmp: &Path) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut points = Vec::new();
+    for c in CONNECTION_SWEEP {
+        points.push((format!("{c} connections"), c, 200_000 / c, 615));
+    }
+    for (body, per_conn) in BODY_SWEEP {
+        let what = if body >= 1024 * 1024 {
+            format!("{} MiB bodies", body / (1024 * 1024))
+        } else if body >= 1024 {
+            format!("{} KiB bodies", body / 1024)
+        } else {
+            format!("{body} B bodies")
+        };
+        points.push((what, 100, per_conn, body));
+    }
+    let mut runs = Vec::new();
+    for (what, connections, per_conn, body) in points {
+        let (c, p, b) = (connections.to_string(), per_conn.to_string(), body.to_string());
+        let args = [
+            "bench-pipeline",
+            "--connections",
+            &c,
+            "--per-conn",
+            &p,
+            "--body-bytes",
+            &b,
+            "--rounds",
+            "1",
+        ];
+        let (status, lines) = run_subcommand(bin, tmp, &args)?;
+        match lines.iter().find(|l| l.starts_with("with_otlp_encoding:")) {
+            Some(l) if status.success() => runs.push((what, l.trim().to_owned())),
+            _ => return Err(format!("{status}: {}", lines.join(" | "))),
+        }
+    }
+    Ok(runs)
 }
 
 /// Requests in flight at once in the stitching sweep.

@@ -324,6 +324,26 @@ pub fn render(r: &Results) -> String {
             );
         }
     }
+    match &r.scaling {
+        Ok(runs) => {
+            for (what, line) in runs {
+                let per = |key: &str| crate::bench::kv(line, key).map_or("?".to_owned(), |v| format!("{:.2}", 1e6 / v));
+                let _ = writeln!(
+                    s,
+                    "| (g) userspace pipeline with OTLP encoding, one thread, {what} | {} µs per event, {} µs per span (`{line}`) | flat | |",
+                    per("events_per_sec"),
+                    per("spans_per_sec")
+                );
+            }
+        }
+        Err(why) => {
+            let _ = writeln!(
+                s,
+                "| (g) pipeline versus connections and body size | not available: {} | | |",
+                why.replace('|', "\\|").replace('\n', " ")
+            );
+        }
+    }
     match &r.stitch {
         Ok(lines) => {
             for (i, line) in lines.iter().enumerate() {
@@ -590,6 +610,7 @@ mod tests {
                 with_encoding: None,
             },
             stitch: Err("not run".into()),
+            scaling: Err("not run".into()),
             off: vec![wrk(100.0), wrk(120.0), wrk(80.0)],
             floor: [90.0, 70.0, 95.0]
                 .map(|r| Floor {
