@@ -1,9 +1,9 @@
 //! One memory budget for the whole agent (`--memory-limit`), on its resident size. Every
 //! stage's state draws from it: past [`MemoryBudget::shed_above`] the pipeline first gives the
-//! allocator's spare memory back to the system, then sheds state, least useful first (the
-//! reorder window, then the least recently active connections, whose waiting requests end
-//! unanswered and their spans dropped), until the agent is under [`MemoryBudget::shed_to`]; past the limit itself the
-//! reader drops event batches and the exporter drops spans instead of queueing them. Each is
+//! allocator's spare memory back to the system, then sheds the least recently active
+//! connections, whose requests end without spans, until the agent is under
+//! [`MemoryBudget::shed_to`]; past the limit itself the reader drops event batches and the
+//! exporter drops spans instead of queueing them. Each is
 //! counted by stage and reason (`memory_limit`). The resident size is what a container's memory
 //! limit sees; the live heap alone (exact, [`crate::alloc::live_bytes`]) leaves out the
 //! allocator's spare pages and the ring buffer's mapping, which under load were as large.

@@ -377,7 +377,12 @@ impl StreamBuilder {
 
     /// The server writes a response, the client reads it.
     pub fn send_response(&mut self, c: &SimConn, server_tid: u32, client_tid: u32, response: &[u8]) {
-        let n = response.len();
+        self.send_response_call(c, server_tid, client_tid, response, response.len());
+    }
+
+    /// One call's worth of a response, `total` bytes of which `captured` are seen: the
+    /// server's write, then the client's read.
+    fn send_response_call(&mut self, c: &SimConn, server_tid: u32, client_tid: u32, captured: &[u8], total: usize) {
         self.data(
             c.server_pid,
             server_tid,
@@ -385,8 +390,8 @@ impl StreamBuilder {
             c.server_sock,
             side::ACCEPTED,
             true,
-            response,
-            n,
+            captured,
+            total,
             "server",
         );
         self.data(
@@ -396,8 +401,8 @@ impl StreamBuilder {
             c.client_sock,
             side::CONNECTED,
             false,
-            response,
-            n,
+            captured,
+            total,
             "client",
         );
     }
@@ -467,29 +472,8 @@ pub fn synthetic_sized(connections: u32, per_conn: u32, body_bytes: usize) -> Ra
             );
             b.send_request(c, c.client_pid, c.server_pid, req.as_bytes());
             for call in response.chunks(CALL_BYTES) {
-                let (captured, n) = (&call[..call.len().min(CAPTURE_BYTES)], call.len());
-                b.data(
-                    c.server_pid,
-                    c.server_pid,
-                    c.server_fd,
-                    c.server_sock,
-                    side::ACCEPTED,
-                    true,
-                    captured,
-                    n,
-                    "server",
-                );
-                b.data(
-                    c.client_pid,
-                    c.client_pid,
-                    c.client_fd,
-                    c.client_sock,
-                    side::CONNECTED,
-                    false,
-                    captured,
-                    n,
-                    "client",
-                );
+                let captured = &call[..call.len().min(CAPTURE_BYTES)];
+                b.send_response_call(c, c.server_pid, c.client_pid, captured, call.len());
             }
         }
     }

@@ -344,14 +344,10 @@ impl Stitcher {
         self.reorder.push(f.end_ns, Item::Done(f));
     }
 
-    /// Processes every item old enough that nothing earlier can still arrive; finished spans
-    /// (with their final ids) are appended to `out`.
-    pub fn release(&mut self, now_mono_ns: u64, out: &mut Vec<Span>) {
-        while self.release_some(now_mono_ns, usize::MAX, out) {}
-    }
-
-    /// [`Self::release`], at most `n` items at a time (the state of each request decided grows
-    /// here; its owner checks its memory budget in between); whether more are due.
+    /// Processes items old enough that nothing earlier can still arrive, at most `n` (the
+    /// state of each request decided grows here; its owner checks its memory budget in
+    /// between); finished spans (with their final ids) are appended to `out`. Whether more are
+    /// due.
     pub fn release_some(&mut self, now_mono_ns: u64, n: usize, out: &mut Vec<Span>) -> bool {
         let watermark = self.reorder.watermark(now_mono_ns);
         for _ in 0..n {

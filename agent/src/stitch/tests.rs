@@ -363,9 +363,9 @@ fn release_waits_for_the_reorder_window() {
     st.push_start(start(1, 0, Side::Client, 1, 10, 1_000_000_000, "/a", (5000, 8000)));
     st.push_done(done(1, 0, Side::Client, 1_001_000_000));
     let mut out = Vec::new();
-    st.release(1_001_000_000, &mut out);
+    st.release_some(1_001_000_000, usize::MAX, &mut out);
     assert!(out.is_empty(), "held within the window");
-    st.release(2_000_000_000, &mut out);
+    st.release_some(2_000_000_000, usize::MAX, &mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(st.in_flight(), 0);
 }

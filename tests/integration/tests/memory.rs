@@ -121,11 +121,7 @@ fn still_within_budget_and_tracing(
         watch.peak_mib(),
         shed(&m)
     );
-    still_tracing(agent, rx, py)
-}
-
-/// The agent still traces a request (two spans), then stops with its books balanced.
-fn still_tracing(agent: Agent, rx: &Receiver, py: &Server) -> Result<()> {
+    // Still traced (two spans), then a stop with the books balanced.
     let path = unique_path("afterload");
     ensure!(
         curl(&[py.url(&path)], &[])?[0].status == 200,
