@@ -28,7 +28,7 @@ const EARLY_HANDOFF: usize = 4096;
 /// state: a burst of pipelined requests releases tens of thousands at once).
 const RELEASE_STEP: usize = 4096;
 /// The resident size is read at most this often (a read of /proc/self/statm).
-const BUDGET_CHECK_NS: u64 = 10_000_000;
+const BUDGET_CHECK_NS: u64 = 5_000_000;
 /// How often the idle work runs.
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -146,7 +146,7 @@ impl Processor {
     }
 
     /// Over the budget's shedding mark (checked every [`BUDGET_CHECK_NS`], or sooner once the
-    /// heap grew by a thirty-second of the state's part): gives the allocator's spare pages back
+    /// heap grew by a sixty-fourth of the state's part): gives the allocator's spare pages back
     /// first; if that is not enough, evicts the least recently active connections, an eighth
     /// at a time, until the agent is under its target: their requests, in flight or held in
     /// the reorder window, end without spans (`memory_limit`), and the stitcher's state for
@@ -157,7 +157,7 @@ impl Processor {
         let Some(budget) = self.budget else { return };
         let (now, heap) = ((self.clock)(), crate::alloc::live_bytes());
         if now.saturating_sub(self.budget_checked_ns) < BUDGET_CHECK_NS
-            && heap < self.budget_checked_heap + budget.heap_bytes() / 32
+            && heap < self.budget_checked_heap + budget.heap_bytes() / 64
         {
             return;
         }
