@@ -87,6 +87,9 @@ pub struct ConnStart {
     /// For a client request of a hooked Go process: the goroutine that asked for it and its
     /// creators (see `goroutines`).
     pub go_chain: Option<GoChain>,
+    /// The process runs a Go program: goroutines move between threads, so the thread that
+    /// wrote a call says nothing of which request it serves.
+    pub go_program: bool,
 }
 
 /// An exchange with the facts of the connection it happened on.
@@ -269,6 +272,7 @@ impl ConnTable {
             } => {
                 let first = out.len();
                 self.on_data(h, payload, out);
+                self.mark_go_program(h.pid, &mut out[first..]);
                 if lp.epoch != 0 {
                     self.on_loop_data(h, *lp, out, first);
                 }
@@ -277,6 +281,16 @@ impl ConnTable {
                 }
             }
             Event::Go(g) => self.go.on_event(g),
+        }
+    }
+
+    /// Stamps the requests that `pid`'s syscall started with whether it runs Go.
+    fn mark_go_program(&mut self, pid: u32, produced: &mut [ConnOutput]) {
+        let mut go = None;
+        for o in produced {
+            if let ConnOutput::Started(s) = o {
+                s.go_program = *go.get_or_insert_with(|| self.loops.runs_go(pid));
+            }
         }
     }
 
@@ -683,6 +697,7 @@ impl Connection {
                 loop_hint: None,
                 goroutine: 0,
                 go_chain: None,
+                go_program: false,
             }));
         }
     }

@@ -273,6 +273,11 @@ impl LoopTracker {
         p
     }
 
+    /// Whether `pid` runs a Go program (asked once per process).
+    pub fn runs_go(&mut self, pid: u32) -> bool {
+        self.process(pid).go
+    }
+
     /// The thread's stretch, started afresh if `lp` is a new epoch (what waited for
     /// confirmation in the old one never gets it).
     fn stretch(&mut self, pid: u32, tid: u32, lp: LoopStamp) -> &mut Stretch {

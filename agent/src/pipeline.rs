@@ -273,6 +273,7 @@ impl Processor {
                         loop_hint: s.loop_hint,
                         goroutine: s.goroutine,
                         go_chain: s.go_chain,
+                        go_program: s.go_program || s.goroutine != 0,
                         method: s.request.method,
                         target: s.request.target,
                     });

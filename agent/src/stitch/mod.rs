@@ -133,6 +133,8 @@ pub struct RequestStart {
     pub goroutine: u64,
     /// Client requests of a hooked Go process: the goroutines that asked for it.
     pub go_chain: Option<GoChain>,
+    /// The process runs Go (known from its executable, or from a goroutine above).
+    pub go_program: bool,
 }
 
 /// A finished span with the keys that tie it to its start.

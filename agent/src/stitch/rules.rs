@@ -30,9 +30,10 @@ pub fn propagated(s: &RequestStart) -> Option<(SpanIds, ParentSource)> {
 }
 
 /// Rung 2: A call written by a thread serving exactly one request, in a process whose requests
-/// stay on the thread that read them.
+/// stay on the thread that read them: not a Go program (goroutines move between threads from
+/// the start, whether or not an answer has shown it yet).
 pub fn thread(serving: &Serving, s: &RequestStart) -> Option<Key> {
-    if !serving.threads_reliable(s.pid) {
+    if s.go_program || !serving.threads_reliable(s.pid) {
         return None;
     }
     only(serving.with(s.pid, Facet::Thread(s.tid), s.start_ns), |_| true)

@@ -34,6 +34,7 @@ fn start(
         loop_hint: None,
         goroutine: 0,
         go_chain: None,
+        go_program: false,
     }
 }
 
@@ -296,6 +297,24 @@ fn no_thread_rule_once_requests_move_between_threads() {
     assert_eq!(stayed["3/0"].parent_span_id, Some(stayed["2/0"].span_id));
     assert_eq!(source(&stayed["3/0"]), Some("thread"));
     assert_eq!(stayed["4/0"].parent_span_id, Some(stayed["2/0"].span_id));
+}
+
+/// A Go program's thread says nothing of the request a call serves, even before any answer
+/// showed a request moving between threads (the process was serving before the agent started).
+#[test]
+fn no_thread_rule_in_go_programs() {
+    let go = |mut s: RequestStart| {
+        s.go_program = true;
+        s
+    };
+    let spans = run(vec![
+        Box::new(move |s| s.push_start(go(start(1, 0, Side::Server, 2, 20, 100, "/a", (5000, 8000))))),
+        Box::new(move |s| s.push_start(go(start(2, 0, Side::Client, 2, 20, 110, "/b", (5001, 9000))))),
+        Box::new(|s| s.push_done(done(2, 0, Side::Client, 120))),
+        Box::new(|s| s.push_answering(1, 0, 125, 20)),
+        Box::new(|s| s.push_done(done(1, 0, Side::Server, 130))),
+    ]);
+    assert_eq!(spans["2/0"].parent_span_id, None);
 }
 
 /// A request on a connection that predates the agent: numbering starts at the first request
