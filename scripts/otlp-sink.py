@@ -112,8 +112,22 @@ def serve(directory, port):
             self.end_headers()
             self.wfile.write(body)
 
+        def read_body(self):
+            if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            # Chunked (Node.js's exporter streams its body): size lines, chunks, an empty last one.
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():  # trailers, then the blank line
+                        pass
+                    return body
+                body += self.rfile.read(size)
+                self.rfile.readline()
+
         def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = self.read_body()
             if self.path != "/v1/traces":
                 return self.reply(404)
             enc = (self.headers.get("Content-Encoding") or "").lower()

@@ -50,16 +50,18 @@ pub struct Wrk {
     pub foreign: Vec<String>,
 }
 
+/// A floor run: what the load measured (`L`), and the hits.
 #[derive(Debug, Default)]
-pub struct Floor {
-    pub wrk: Wrk,
+pub struct Floor<L = Wrk> {
+    pub load: L,
     /// Tracepoint hits bpftrace counted during the run (all processes).
     pub hits: u64,
 }
 
+/// An agent run: what the load measured (`L`), and what the agent did meanwhile.
 #[derive(Debug, Default)]
-pub struct Agent {
-    pub wrk: Wrk,
+pub struct Agent<L = Wrk> {
+    pub load: L,
     pub sink_requests: u64,
     pub spans_total: u64,
     pub get_server: u64,
@@ -291,7 +293,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
 
         println!("bench (b): round {round}/{n}: floor (bpftrace count-only probes on the agent's tracepoints)");
         r.floor.push(run_floor(&dir, load)?);
-        print_wrk("floor", &r.floor.last().expect("pushed").wrk);
+        print_wrk("floor", &r.floor.last().expect("pushed").load);
 
         let mut agents: Vec<&mut AgentRuns> = std::iter::once(&mut r.agent).chain(&mut r.baseline).collect();
         // The two agents take turns going first, so that neither always runs right after the
@@ -308,9 +310,9 @@ pub fn bench(opts: &Opts) -> Result<()> {
             // Each agent gets its own directory: the sink's files are counted after the run.
             let dir = dir.join(name);
             fs::create_dir_all(&dir)?;
-            match run_agent(&a.bin, &dir, load) {
+            match run_agent(&a.bin, &dir, Output::Otlp, load) {
                 Ok(run) => {
-                    print_wrk(name, &run.wrk);
+                    print_wrk(name, &run.load);
                     a.runs.push(run);
                 }
                 Err(e) => {
@@ -478,7 +480,7 @@ pub fn kv(line: &str, key: &str) -> Option<f64> {
         .find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-fn start_nginx(tmp: &Path, port: u16) -> Result<Guard> {
+pub fn start_nginx(tmp: &Path, port: u16) -> Result<Guard> {
     let dir = tmp.join("nginx");
     fs::create_dir_all(dir.join("www"))?;
     // A small static page (~600 bytes, like nginx's default index.html).
@@ -526,7 +528,7 @@ fn start_nginx(tmp: &Path, port: u16) -> Result<Guard> {
     Ok(g)
 }
 
-fn run_wrk(args: &[String], secs: u64) -> Result<Wrk> {
+pub fn run_wrk(args: &[String], secs: u64) -> Result<Wrk> {
     let foreign = util::foreign_tracers();
     let mut child = Command::new("taskset")
         .args(args)
@@ -619,7 +621,7 @@ pub fn floor_script() -> String {
     )
 }
 
-fn run_floor(tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<Floor> {
+pub fn run_floor<L>(tmp: &Path, load: impl FnOnce() -> Result<L>) -> Result<Floor<L>> {
     let script = tmp.join("floor.bt");
     fs::write(&script, floor_script()).context("write the floor script")?;
     let mut child = Command::new("bpftrace")
@@ -641,7 +643,7 @@ fn run_floor(tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<Floor> {
             errs.join("\n")
         );
     }
-    let wrk = load()?;
+    let load = load()?;
     // SIGINT makes bpftrace print its maps and exit.
     g.stop("INT", Duration::from_secs(30));
     let hits = out
@@ -649,41 +651,32 @@ fn run_floor(tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<Floor> {
         .filter(|l| l.starts_with("@["))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
-    Ok(Floor { wrk, hits })
+    Ok(Floor { load, hits })
 }
 
-fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<Agent> {
-    // The OTLP sink.
-    let sink_dir = tmp.join("sink");
-    fs::create_dir_all(&sink_dir)?;
-    let sink_py = util::root().join("scripts/otlp-sink.py");
-    let mut child = Command::new("python3")
-        .arg(&sink_py)
-        .arg("serve")
-        .arg(&sink_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("start the OTLP sink (python3 scripts/otlp-sink.py)")?;
-    let sink_out = util::lines_to_channel(child.stdout.take().expect("piped"), None);
-    let mut sink = Guard::new("otlp-sink", child);
-    let line = sink_out
-        .recv_timeout(Duration::from_secs(10))
-        .context("the OTLP sink did not say where it listens within 10 s")?;
-    let sink_port: u16 = line
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .context("sink port")?;
+/// What the agent does with its spans in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// OTLP http/protobuf to the local sink.
+    Otlp,
+    /// Printed (text, one line per span) to a file.
+    Print,
+}
+
+pub fn run_agent<L>(bin: &Path, tmp: &Path, output: Output, load: impl FnOnce() -> Result<L>) -> Result<Agent<L>> {
+    let (sink_dir, mut sink, sink_port) = start_sink(tmp)?;
 
     // The agent.
     let metrics_port = util::free_port(18098)?;
     let mut cmd = Command::new(bin);
     cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{sink_port}"))
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .stdin(Stdio::null())
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    if output == Output::Otlp {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{sink_port}"))
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
+    }
+    cmd.stdin(Stdio::null())
         .stdout(fs::File::create(tmp.join("agent.stdout"))?)
         .stderr(Stdio::piped());
     println!("bench (b): starting `{}`", util::show(&cmd));
@@ -712,7 +705,7 @@ fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<A
 
     let stats = BpfStats::on();
     let (kernel_before, process_before) = (Cpu::programs(agent.pid()), Cpu::process(agent.pid()));
-    let wrk = load()?;
+    let load = load()?;
     let kernel_after = Cpu::programs(agent.pid());
     drop(stats);
     if !agent.alive() {
@@ -764,11 +757,13 @@ fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<A
     }
     sink.stop("TERM", Duration::from_secs(5));
 
-    let counted = util::output(Command::new("python3").arg(&sink_py).arg("count").arg(&sink_dir))
-        .context("counting the exported spans failed")?;
+    let counted = match output {
+        Output::Otlp => sink_count(&sink_dir)?,
+        Output::Print => printed_counts(&tmp.join("agent.stdout"))?,
+    };
     let num = |k: &str| json_u64(&counted, k).unwrap_or(0);
     let a = Agent {
-        wrk,
+        load,
         sink_requests: num("\"requests\""),
         spans_total: num("\"spans\""),
         get_server: num("\"GET SERVER\""),
@@ -785,6 +780,65 @@ fn run_agent(bin: &Path, tmp: &Path, load: impl Fn() -> Result<Wrk>) -> Result<A
     Ok(a)
 }
 
+/// Starts scripts/otlp-sink.py on a free port, keeping what it receives in `tmp/sink`:
+/// (that directory, the sink, its port).
+pub fn start_sink(tmp: &Path) -> Result<(PathBuf, Guard, u16)> {
+    let sink_dir = tmp.join("sink");
+    fs::create_dir_all(&sink_dir)?;
+    let mut child = Command::new("python3")
+        .arg(util::root().join("scripts/otlp-sink.py"))
+        .arg("serve")
+        .arg(&sink_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the OTLP sink (python3 scripts/otlp-sink.py)")?;
+    let sink_out = util::lines_to_channel(child.stdout.take().expect("piped"), None);
+    let sink = Guard::new("otlp-sink", child);
+    let line = sink_out
+        .recv_timeout(Duration::from_secs(10))
+        .context("the OTLP sink did not say where it listens within 10 s")?;
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .context("sink port")?;
+    Ok((sink_dir, sink, port))
+}
+
+/// What the sink received in `sink_dir` (JSON: spans, OTLP requests, per method and kind).
+pub fn sink_count(sink_dir: &Path) -> Result<String> {
+    util::output(
+        Command::new("python3")
+            .arg(util::root().join("scripts/otlp-sink.py"))
+            .arg("count")
+            .arg(sink_dir),
+    )
+    .context("counting the exported spans failed")
+}
+
+/// The spans the agent printed (text lines: time, kind, service, name, ...), counted as the
+/// sink counts what it received (`{"spans": N, "GET SERVER": N, "GET CLIENT": N}`).
+fn printed_counts(path: &Path) -> Result<String> {
+    let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let (mut spans, mut server, mut client) = (0u64, 0u64, 0u64);
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().take(4).collect();
+        if t.len() < 4 {
+            continue;
+        }
+        spans += 1;
+        match (t[1], t[3]) {
+            ("SERVER", "GET") => server += 1,
+            ("CLIENT", "GET") => client += 1,
+            _ => {}
+        }
+    }
+    Ok(format!(
+        "{{\"spans\": {spans}, \"GET SERVER\": {server}, \"GET CLIENT\": {client}, \"requests\": 0}}"
+    ))
+}
+
 fn tail_file(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -797,7 +851,7 @@ fn sink_stats(port: u16) -> Option<u64> {
 }
 
 /// The number after `key:` in a flat JSON text (enough for the sink's output).
-fn json_u64(json: &str, key: &str) -> Option<u64> {
+pub fn json_u64(json: &str, key: &str) -> Option<u64> {
     let rest = &json[json.find(key)? + key.len()..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();
     rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())]

@@ -2,6 +2,8 @@
 //! The eBPF object itself is built by `agent/build.rs` during a plain `cargo build`.
 mod bench;
 mod fuzz;
+mod loadgen;
+mod overhead;
 mod report;
 mod setup;
 mod testsuite;
@@ -65,8 +67,11 @@ enum Cmd {
         #[arg(last = true, value_name = "LIBFUZZER_FLAGS")]
         libfuzzer: Vec<String>,
     },
-    /// Benchmarks: pipeline throughput, overhead under wrk vs a bpftrace floor, agent memory.
+    /// Benchmarks: pipeline throughput, overhead under wrk vs a bpftrace floor, agent memory
+    /// (`bench overhead`: every service and configuration side by side, with the peers).
     Bench {
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 10)]
         duration: u64,
@@ -81,6 +86,30 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         baseline: Option<PathBuf>,
         /// Print the figures only; leave docs/benchmarks.md unchanged.
+        #[arg(long)]
+        no_write: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// nginx, Node.js, Python and a two-hop chain, each with no agent, the floor, sockspan
+    /// exporting and printing, and the OpenTelemetry zero-code agent: one table of ratios.
+    Overhead {
+        /// Seconds of the wrk run (maximum req/s) per configuration.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Seconds at each fixed rate.
+        #[arg(long, default_value_t = 5)]
+        rate_secs: u64,
+        /// Fixed rates for the latency figures, req/s.
+        #[arg(long, value_delimiter = ',', default_values_t = [1000u32, 5000, 20000])]
+        rates: Vec<u32>,
+        /// Services to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = overhead::names().into_iter().map(String::from).collect::<Vec<_>>(),
+              value_parser = clap::builder::PossibleValuesParser::new(overhead::names()))]
+        services: Vec<String>,
+        /// Print the table only; leave docs/benchmarks.md unchanged.
         #[arg(long)]
         no_write: bool,
     },
@@ -121,31 +150,51 @@ fn real_main() -> Result<()> {
             libfuzzer,
         }),
         Cmd::Bench {
+            what:
+                Some(BenchWhat::Overhead {
+                    duration,
+                    rate_secs,
+                    rates,
+                    services,
+                    no_write,
+                }),
+            ..
+        } => overhead::overhead(&overhead::Opts {
+            duration,
+            rate_secs,
+            rates,
+            services,
+            no_write,
+            command: bench_command(),
+        }),
+        Cmd::Bench {
+            what: None,
             duration,
             connections,
             rounds,
             baseline,
             no_write,
-        } => {
-            // SOCKSPAN_BIN picks the agent binary (and skips the build), so it is part of the
-            // command that reproduces a run.
-            let bin_env = std::env::var_os("SOCKSPAN_BIN").map(|b| format!("SOCKSPAN_BIN={}", b.to_string_lossy()));
-            let command = bin_env
-                .into_iter()
-                .chain(std::iter::once("cargo xtask".to_owned()))
-                .chain(std::env::args().skip(1))
-                .collect::<Vec<_>>()
-                .join(" ");
-            bench::bench(&bench::Opts {
-                duration,
-                connections,
-                rounds,
-                baseline,
-                no_write,
-                command,
-            })
-        }
+        } => bench::bench(&bench::Opts {
+            duration,
+            connections,
+            rounds,
+            baseline,
+            no_write,
+            command: bench_command(),
+        }),
     }
+}
+
+/// The command line that reproduces a benchmark run. SOCKSPAN_BIN picks the agent binary (and
+/// skips the build), so it is part of it.
+fn bench_command() -> String {
+    let bin_env = std::env::var_os("SOCKSPAN_BIN").map(|b| format!("SOCKSPAN_BIN={}", b.to_string_lossy()));
+    bin_env
+        .into_iter()
+        .chain(std::iter::once("cargo xtask".to_owned()))
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn run(args: &[OsString]) -> Result<()> {

@@ -105,7 +105,7 @@ fn derive(r: &Results) -> Derived {
     } else {
         0.0
     };
-    let floor_rps = rps(&r.floor.iter().map(|f| &f.wrk).collect::<Vec<_>>());
+    let floor_rps = rps(&r.floor.iter().map(|f| &f.load).collect::<Vec<_>>());
     let floor_loss = loss(off_rps, floor_rps);
     let figures = |a: &AgentRuns| agent_figures(a, off_rps, floor_loss);
     Derived {
@@ -123,9 +123,9 @@ fn agent_figures(a: &AgentRuns, off_rps: f64, floor_loss: f64) -> Option<AgentFi
     if a.runs.is_empty() {
         return None;
     }
-    let rps = median(a.runs.iter().map(|a| a.wrk.rps).collect());
+    let rps = median(a.runs.iter().map(|a| a.load.rps).collect());
     let loss = loss(off_rps, rps);
-    let requests: u64 = a.runs.iter().map(|a| a.wrk.requests).sum();
+    let requests: u64 = a.runs.iter().map(|a| a.load.requests).sum();
     let spans: u64 = a.runs.iter().map(|a| a.get_server + a.get_client).sum();
     Some(AgentFigures {
         rps,
@@ -138,7 +138,8 @@ fn agent_figures(a: &AgentRuns, off_rps: f64, floor_loss: f64) -> Option<AgentFi
             (r.cpu.kernel_runs > 0).then(|| r.cpu.kernel_ns as f64 / r.cpu.kernel_runs as f64)
         }),
         kernel_us_per_request: median_of(a, |r| {
-            (r.wrk.requests > 0 && r.cpu.kernel_runs > 0).then(|| r.cpu.kernel_ns as f64 / 1e3 / r.wrk.requests as f64)
+            (r.load.requests > 0 && r.cpu.kernel_runs > 0)
+                .then(|| r.cpu.kernel_ns as f64 / 1e3 / r.load.requests as f64)
         }),
         process_us_per_span: median_of(a, |r| {
             counter(r, "sockspan_spans_created_total")
@@ -154,7 +155,7 @@ fn versus(agent: &AgentRuns, baseline: &AgentRuns) -> Option<Versus> {
         .runs
         .iter()
         .zip(&baseline.runs)
-        .map(|(a, b)| (&a.wrk, &b.wrk))
+        .map(|(a, b)| (&a.load, &b.load))
         .collect();
     if pairs.is_empty() {
         return None;
@@ -425,7 +426,7 @@ pub fn render(r: &Results) -> String {
         if let Some(p) = fig.spans_pct {
             let server: u64 = a.runs.iter().map(|a| a.get_server).sum();
             let client: u64 = a.runs.iter().map(|a| a.get_client).sum();
-            let requests: u64 = a.runs.iter().map(|a| a.wrk.requests).sum();
+            let requests: u64 = a.runs.iter().map(|a| a.load.requests).sum();
             let _ = writeln!(
                 s,
                 "| (b) spans exported ÷ (2 × requests served){} | {p:.1} % ({server} GET SERVER + {client} GET CLIENT for {requests} requests) | 100 % | {} |",
@@ -476,7 +477,7 @@ pub fn render(r: &Results) -> String {
         d.off_spread,
         wrk_errors(&off)
     );
-    let floor: Vec<&Wrk> = r.floor.iter().map(|f| &f.wrk).collect();
+    let floor: Vec<&Wrk> = r.floor.iter().map(|f| &f.load).collect();
     let hits: u64 = r.floor.iter().map(|f| f.hits).sum();
     let freq: u64 = floor.iter().map(|w| w.requests).sum();
     let _ = writeln!(
@@ -490,7 +491,7 @@ pub fn render(r: &Results) -> String {
         wrk_errors(&floor)
     );
     for (a, fig) in with_figures(r, &d) {
-        let wrk: Vec<&Wrk> = a.runs.iter().map(|a| &a.wrk).collect();
+        let wrk: Vec<&Wrk> = a.runs.iter().map(|a| &a.load).collect();
         let spans: u64 = a.runs.iter().map(|a| a.spans_total).sum();
         let exports: u64 = a.runs.iter().map(|a| a.sink_requests).sum();
         let _ = writeln!(
@@ -506,8 +507,8 @@ pub fn render(r: &Results) -> String {
         );
     }
     let mut foreign: Vec<&str> = (r.off.iter())
-        .chain(r.floor.iter().map(|f| &f.wrk))
-        .chain(agents(r).flat_map(|a| a.runs.iter().map(|a| &a.wrk)))
+        .chain(r.floor.iter().map(|f| &f.load))
+        .chain(agents(r).flat_map(|a| a.runs.iter().map(|a| &a.load)))
         .flat_map(|w| w.foreign.iter().map(String::as_str))
         .collect();
     foreign.sort_unstable();
@@ -586,7 +587,7 @@ mod tests {
 
     fn agent(rps: f64) -> Agent {
         Agent {
-            wrk: wrk(rps),
+            load: wrk(rps),
             get_server: 1000,
             get_client: 1000,
             ..Agent::default()
@@ -614,7 +615,7 @@ mod tests {
             off: vec![wrk(100.0), wrk(120.0), wrk(80.0)],
             floor: [90.0, 70.0, 95.0]
                 .map(|r| Floor {
-                    wrk: wrk(r),
+                    load: wrk(r),
                     hits: 17_000,
                 })
                 .into(),
