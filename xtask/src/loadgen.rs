@@ -21,6 +21,8 @@ pub struct Latency {
     pub achieved: f64,
     pub requests: u64,
     pub errors: u64,
+    /// Requests still unsent a second after the schedule ended (the server fell that far behind).
+    pub unsent: u64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
@@ -29,7 +31,7 @@ pub struct Latency {
 impl Latency {
     /// The server kept up: it answered nearly all it was asked, without errors.
     pub fn sustained(&self) -> bool {
-        self.errors == 0 && self.achieved >= 0.97 * f64::from(self.rate)
+        self.errors == 0 && self.unsent == 0 && self.achieved >= 0.97 * f64::from(self.rate)
     }
 }
 
@@ -54,12 +56,13 @@ pub fn run(port: u16, path: &str, rate: u32, secs: u64, connections: u32, cpu: u
             })
         })
         .collect();
-    let (mut all, mut errors, mut last) = (Vec::new(), 0u64, end);
+    let (mut all, mut errors, mut unsent, mut last) = (Vec::new(), 0u64, 0u64, end);
     for w in workers {
-        let (lat, errs, done) = w.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
-        all.extend(lat);
-        errors += errs;
-        last = last.max(done);
+        let r = w.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
+        all.extend(r.latencies_ns);
+        errors += r.errors;
+        unsent += r.unsent;
+        last = last.max(r.finished);
     }
     all.sort_unstable();
     let q = |p: f64| -> f64 {
@@ -74,6 +77,7 @@ pub fn run(port: u16, path: &str, rate: u32, secs: u64, connections: u32, cpu: u
         achieved: all.len() as f64 / (last - start).as_secs_f64(),
         requests: all.len() as u64,
         errors,
+        unsent,
         p50_us: q(0.50),
         p99_us: q(0.99),
         p999_us: q(0.999),
@@ -90,14 +94,30 @@ fn pin_to(cpu: usize) {
     }
 }
 
-/// One connection's schedule: (latencies in ns from each request's due time, errors, when it
-/// finished).
-fn connection(port: u16, request: &[u8], first: Instant, interval: Duration, end: Instant) -> (Vec<u64>, u64, Instant) {
-    let (mut lat, mut errors) = (Vec::new(), 0u64);
+/// What one connection did.
+struct ConnRun {
+    /// From each request's due time to its whole answer.
+    latencies_ns: Vec<u64>,
+    errors: u64,
+    unsent: u64,
+    finished: Instant,
+}
+
+/// How long past the schedule a connection that fell behind keeps sending: a server that
+/// cannot keep up is shown as such, without the run lasting as long as its backlog.
+const OVERRUN: Duration = Duration::from_secs(1);
+
+/// One connection's schedule.
+fn connection(port: u16, request: &[u8], first: Instant, interval: Duration, end: Instant) -> ConnRun {
+    let (mut latencies_ns, mut errors, mut unsent) = (Vec::new(), 0u64, 0u64);
     let mut conn: Option<Conn> = None;
     let mut due = first;
     while due < end {
         let now = Instant::now();
+        if now > end + OVERRUN {
+            unsent += ((end - due).as_nanos() / interval.as_nanos().max(1)) as u64 + 1;
+            break;
+        }
         if due > now {
             thread::sleep(due - now);
         }
@@ -115,7 +135,7 @@ fn connection(port: u16, request: &[u8], first: Instant, interval: Duration, end
         let mut c = c;
         match c.exchange(request) {
             Ok(keep) => {
-                lat.push(due.elapsed().as_nanos() as u64);
+                latencies_ns.push(due.elapsed().as_nanos() as u64);
                 if keep {
                     conn = Some(c);
                 }
@@ -124,7 +144,12 @@ fn connection(port: u16, request: &[u8], first: Instant, interval: Duration, end
         }
         due += interval;
     }
-    (lat, errors, Instant::now())
+    ConnRun {
+        latencies_ns,
+        errors,
+        unsent,
+        finished: Instant::now(),
+    }
 }
 
 struct Conn {

@@ -464,8 +464,8 @@ fn print_row(r: &Row) {
         .iter()
         .map(|l| {
             format!(
-                "{}/s ({:.0}/s, {} errors): p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs",
-                l.rate, l.achieved, l.errors, l.p50_us, l.p99_us, l.p999_us
+                "{}/s ({:.0}/s, {} errors, {} unsent): p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs",
+                l.rate, l.achieved, l.errors, l.unsent, l.p50_us, l.p99_us, l.p999_us
             )
         })
         .collect();
