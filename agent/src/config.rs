@@ -4,7 +4,13 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::export::PrintFormat;
+use crate::{
+    export::PrintFormat,
+    views::{
+        SpanFilter, View,
+        filter::{StatusFilter, parse_duration},
+    },
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,8 +23,9 @@ use crate::export::PrintFormat;
         spans are printed on stdout. Must run as root."
 )]
 pub struct Cli {
-    /// Print spans on stdout: `text` (one line per span, the default) or `json` (one object per line).
-    /// On by default when no OTLP endpoint is configured.
+    /// Print spans on stdout: `text` (one line per span, the default), `json` (one object per
+    /// line) or `traces` (each completed local trace as a timeline). On by default when no OTLP
+    /// endpoint is configured.
     #[arg(long, env = "SOCKSPAN_PRINT", value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "text")]
     pub print: Option<PrintArg>,
 
@@ -63,6 +70,9 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_NO_GO_HOOKS")]
     pub no_go_hooks: bool,
 
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
     /// Log format on stderr.
     #[arg(long, env = "SOCKSPAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -75,12 +85,72 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// Which spans the live view shows (`--print`, `replay`); every given filter must pass. Export
+/// is never filtered.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Show only these services (globs, e.g. `pay*`; repeatable or comma-separated).
+    #[arg(
+        global = true,
+        long = "service",
+        env = "SOCKSPAN_SERVICE",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub services: Vec<String>,
+    /// Show only these processes (repeatable or comma-separated).
+    #[arg(
+        global = true,
+        long = "pid",
+        env = "SOCKSPAN_PID",
+        value_name = "PID",
+        value_delimiter = ','
+    )]
+    pub pids: Vec<u32>,
+    /// Show only spans of these server ports (a server's own, a client's peer's).
+    #[arg(
+        global = true,
+        long = "port",
+        env = "SOCKSPAN_PORT",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    pub ports: Vec<u16>,
+    /// Show only routes matching this glob (`/users/*`, `*checkout*`).
+    #[arg(global = true, long, env = "SOCKSPAN_ROUTE", value_name = "GLOB")]
+    pub route: Option<String>,
+    /// Show only these response statuses: `404`, `5xx`, `>=400`, `<300`.
+    #[arg(global = true, long, env = "SOCKSPAN_STATUS", value_name = "STATUS", value_parser = StatusFilter::parse)]
+    pub status: Option<StatusFilter>,
+    /// Show only errors (5xx answers to servers, 4xx/5xx or no answer to clients).
+    #[arg(global = true, long, env = "SOCKSPAN_ERRORS")]
+    pub errors: bool,
+    /// Show only spans at least this long: `250ms`, `2s`.
+    #[arg(global = true, long, env = "SOCKSPAN_MIN_DURATION", value_name = "DURATION", value_parser = parse_duration)]
+    pub min_duration: Option<std::time::Duration>,
+}
+
+impl FilterArgs {
+    pub fn filter(&self) -> SpanFilter {
+        SpanFilter {
+            services: self.services.clone(),
+            pids: self.pids.clone(),
+            ports: self.ports.clone(),
+            route: self.route.clone(),
+            status: self.status,
+            errors_only: self.errors,
+            min_duration: self.min_duration,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Replay a recording made with `--record` through the userspace pipeline and print its spans.
+    /// Replay a recording made with `--record` through the userspace pipeline and print its spans
+    /// (with the live view's filters).
     Replay {
         file: PathBuf,
-        /// `text` or `json`.
+        /// `text`, `json` or `traces`.
         #[arg(long, value_enum, default_value_t = PrintArg::Text)]
         format: PrintArg,
     },
@@ -123,13 +193,15 @@ pub enum Command {
 pub enum PrintArg {
     Text,
     Json,
+    Traces,
 }
 
-impl From<PrintArg> for PrintFormat {
+impl From<PrintArg> for View {
     fn from(p: PrintArg) -> Self {
         match p {
-            PrintArg::Text => PrintFormat::Text,
-            PrintArg::Json => PrintFormat::Json,
+            PrintArg::Text => View::Lines(PrintFormat::Text),
+            PrintArg::Json => View::Lines(PrintFormat::Json),
+            PrintArg::Traces => View::Traces,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod run;
 pub mod span;
 pub mod stitch;
 pub mod telemetry;
+pub mod views;
 
 /// Hash maps for the per-event tables: foldhash (randomly seeded, so keys from the network
 /// cannot be chosen to collide) instead of SipHash, which showed up in profiles.

@@ -33,7 +33,9 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     match cli.command {
-        Some(Command::Replay { ref file, format }) => report(sockspan::run::replay(file, format.into())),
+        Some(Command::Replay { ref file, format }) => {
+            report(sockspan::run::replay(file, format.into(), cli.filter.filter()))
+        }
         Some(Command::BenchStitch {
             requests,
             concurrency,

@@ -9,12 +9,13 @@ use crate::{
     budget::{self, MemoryBudget},
     conn::{ConnOutput, ConnTable},
     decode::{DecodeError, decode},
-    export::{PrintFormat, PrintQueue, otlp::ExportQueue},
+    export::{PrintQueue, otlp::ExportQueue},
     process::ProcessTable,
     reader::RawBatch,
     span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
     stitch::{self, Finished, RequestStart, Stitcher},
     telemetry::{Family, Metrics},
+    views::{self, SpanFilter, TraceQueue, View},
 };
 
 /// A response whose end could not be seen (headers past the capture limit) ends after this idle time.
@@ -346,18 +347,37 @@ impl Processor {
     }
 }
 
+/// The live view's queue.
+enum Printer {
+    Lines(PrintQueue),
+    Traces(TraceQueue),
+}
+
 /// Where finished spans go.
 pub struct Sinks {
-    printer: Option<(PrintQueue, std::thread::JoinHandle<()>)>,
+    printer: Option<(Printer, std::thread::JoinHandle<()>)>,
     pub otlp: Option<ExportQueue>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Sinks {
-    /// Starts the print thread when printing.
-    pub fn new(print: Option<PrintFormat>, otlp: Option<ExportQueue>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
-        let printer = match print {
-            Some(f) => Some(PrintQueue::start(f, std::io::stdout(), metrics.print.clone())?),
+    /// Starts the view's thread when printing (`filter` picks what it shows).
+    pub fn new(
+        view: Option<View>,
+        filter: SpanFilter,
+        otlp: Option<ExportQueue>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (out, counts) = (std::io::stdout(), metrics.print.clone());
+        let printer = match view {
+            Some(View::Lines(f)) => {
+                let (q, t) = PrintQueue::start(f, filter, out, counts)?;
+                Some((Printer::Lines(q), t))
+            }
+            Some(View::Traces) => {
+                let (q, t) = TraceQueue::start(filter, views::terminal(), out, counts)?;
+                Some((Printer::Traces(q), t))
+            }
             None => None,
         };
         Ok(Self { printer, otlp, metrics })
@@ -367,8 +387,10 @@ impl Sinks {
         if spans.is_empty() {
             return;
         }
-        if let Some((p, _)) = &self.printer {
-            p.send(&spans);
+        match &self.printer {
+            Some((Printer::Lines(p), _)) => p.send(&spans),
+            Some((Printer::Traces(t), _)) => t.send(&spans),
+            None => {}
         }
         if let Some(q) = &self.otlp {
             q.send(spans, &self.metrics);

@@ -16,6 +16,7 @@ use crate::{
     reader::Reader,
     span::{SpanFactory, SpanOptions},
     telemetry::{self, Metrics},
+    views::{SpanFilter, View},
 };
 
 /// Batches of raw records waiting between the reader and the processor.
@@ -29,9 +30,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let bsp = BspConfig::from_lookup(env)?;
     let exporting = otlp::endpoint_configured(env);
     otlp::check_protocol(env)?;
-    let print: Option<PrintFormat> = match (cli.print, exporting) {
+    let print: Option<View> = match (cli.print, exporting) {
         (Some(p), _) => Some(p.into()),
-        (None, false) => Some(PrintFormat::Text),
+        (None, false) => Some(View::Lines(PrintFormat::Text)),
         (None, true) => None,
     };
 
@@ -71,7 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         (None, None)
     };
-    let sinks = Sinks::new(print, otlp_tx, metrics.clone()).context("start the print thread")?;
+    let sinks = Sinks::new(print, cli.filter.filter(), otlp_tx, metrics.clone()).context("start the print thread")?;
     let (go_tx, go_rx) = std::sync::mpsc::channel();
     let stop_hooking = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hooker = {
@@ -203,13 +204,13 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 /// Replays a recording and prints its spans.
-pub fn replay(path: &std::path::Path, format: PrintFormat) -> anyhow::Result<()> {
+pub fn replay(path: &std::path::Path, view: View, filter: SpanFilter) -> anyhow::Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let batches = crate::replay::read_recording(std::io::BufReader::new(file), 1024)
         .with_context(|| format!("read {}", path.display()))?;
     let metrics = Metrics::new();
     let mut processor = Processor::offline(metrics.clone());
-    let mut sinks = Sinks::new(Some(format), None, metrics.clone()).context("start the print thread")?;
+    let mut sinks = Sinks::new(Some(view), filter, None, metrics.clone()).context("start the print thread")?;
     for batch in &batches {
         let mut spans = Vec::new();
         processor.process(batch, &mut spans);

@@ -268,6 +268,11 @@ impl Metrics {
                 "Spans printed on stdout.",
                 self.print.printed.load(Relaxed),
             ),
+            Family::total(
+                "sockspan_spans_filtered_total",
+                "Spans a live view's filters left out (--service, --status, ...): not printed, exported all the same.",
+                self.print.filtered.load(Relaxed),
+            ),
             Family::counter(
                 "sockspan_spans_dropped_total",
                 "Spans lost, by reason (export_*, channel_full: not exported; print_*: not printed, the terminal did not keep up or failed).",

@@ -10,7 +10,10 @@ use std::{
 
 use serde_json::{Map, Value, json};
 
-use crate::span::{AttrValue, Span};
+use crate::{
+    span::{AttrValue, Span},
+    views::SpanFilter,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrintFormat {
@@ -37,6 +40,8 @@ pub struct PrintCounts {
     /// Dropped because the terminal (or pipe) did not keep up, or failed (closed).
     pub dropped_queue_full: AtomicU64,
     pub dropped_write_failed: AtomicU64,
+    /// Left out by a view's filters (exported all the same).
+    pub filtered: AtomicU64,
     /// Spans formatted and waiting to be written.
     pub queued: AtomicU64,
     queued_bytes: AtomicU64,
@@ -47,6 +52,7 @@ pub struct PrintCounts {
 /// [`MAX_QUEUED_BYTES`] are dropped and counted.
 pub struct PrintQueue {
     format: PrintFormat,
+    filter: SpanFilter,
     tx: mpsc::Sender<(String, u64)>,
     counts: Arc<PrintCounts>,
 }
@@ -55,6 +61,7 @@ impl PrintQueue {
     /// Starts the print thread on `out`; it ends once the queue is dropped and drained.
     pub fn start(
         format: PrintFormat,
+        filter: SpanFilter,
         mut out: impl Write + Send + 'static,
         counts: Arc<PrintCounts>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
@@ -69,22 +76,32 @@ impl PrintQueue {
                 c.queued_bytes.fetch_sub(text.len() as u64, Relaxed);
             }
         })?;
-        Ok((Self { format, tx, counts }, thread))
+        Ok((
+            Self {
+                format,
+                filter,
+                tx,
+                counts,
+            },
+            thread,
+        ))
     }
 
     /// Formats `spans` and queues them for the print thread, or drops them (counted).
     pub fn send(&self, spans: &[Span]) {
-        let n = spans.len() as u64;
+        let c = &self.counts;
+        let shown: Vec<&Span> = spans.iter().filter(|s| self.filter.matches(s)).collect();
+        c.filtered.fetch_add((spans.len() - shown.len()) as u64, Relaxed);
+        let n = shown.len() as u64;
         if n == 0 {
             return;
         }
-        let c = &self.counts;
         if c.queued_bytes.load(Relaxed) >= MAX_QUEUED_BYTES {
             c.dropped_queue_full.fetch_add(n, Relaxed);
             return;
         }
         let mut text = String::new();
-        for span in spans {
+        for span in shown {
             text.push_str(&self.format.line(span));
             text.push('\n');
         }
@@ -220,7 +237,13 @@ mod tests {
     fn a_stalled_terminal_costs_counted_lines_not_capture() {
         let (release, stalled) = mpsc::channel();
         let counts = Arc::new(PrintCounts::default());
-        let (q, thread) = PrintQueue::start(PrintFormat::Json, Stalled(stalled), counts.clone()).unwrap();
+        let (q, thread) = PrintQueue::start(
+            PrintFormat::Json,
+            SpanFilter::default(),
+            Stalled(stalled),
+            counts.clone(),
+        )
+        .unwrap();
         let batch: Vec<Span> = (0..1000).map(Span::sample).collect();
         for _ in 0..100 {
             q.send(&batch);
