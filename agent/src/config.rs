@@ -154,6 +154,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = PrintArg::Text)]
         format: PrintArg,
     },
+    /// Where the time went in spans saved with `--print=json` (or a recording made with
+    /// `--record`): the slowest operations, the time per service, and the slowest traces'
+    /// timelines (with the live view's filters).
+    Analyze {
+        file: PathBuf,
+        /// Timelines of this many of the slowest traces.
+        #[arg(long, default_value_t = 3)]
+        traces: usize,
+    },
     /// Measure userspace pipeline throughput on a synthetic stream (one thread).
     #[command(hide = true)]
     BenchPipeline {

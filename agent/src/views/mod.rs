@@ -2,7 +2,9 @@
 //! timelines (`waterfall`), assembled here from spans as they finish. Views never change what
 //! is exported, and never hold up capture: they run on a thread of their own behind a bounded
 //! queue whose overflow is dropped and counted.
+pub mod analyze;
 pub mod filter;
+pub mod report;
 pub mod waterfall;
 
 use std::{
@@ -39,7 +41,8 @@ pub const TRACE_MAX_WAIT: Duration = Duration::from_secs(30);
 const MAX_TRACES: usize = 10_000;
 /// Spans kept per trace; later ones are counted as dropped.
 const MAX_SPANS_PER_TRACE: usize = 2_000;
-/// Spans waiting for the view thread; beyond it batches are dropped (counted).
+/// Spans waiting for the view thread or held for their trace; beyond it batches are dropped
+/// (counted).
 const MAX_QUEUED_SPANS: u64 = 200_000;
 
 struct Pending {
@@ -150,8 +153,11 @@ impl TraceQueue {
         let thread = std::thread::Builder::new().name("traces".into()).spawn(move || {
             let epoch = Instant::now();
             let mut traces = TraceCollector::default();
+            // Spans stay counted as queued until printed, filtered out or dropped: those held
+            // for their trace to complete are waiting for the terminal too.
             let mut print = |spans: Vec<Span>| {
                 let n = spans.len() as u64;
+                c.queued.fetch_sub(n, Relaxed);
                 if !trace_shown(&filter, &spans) {
                     c.filtered.fetch_add(n, Relaxed);
                     return;
@@ -165,10 +171,14 @@ impl TraceQueue {
                 let now = epoch.elapsed().as_nanos() as u64;
                 match got {
                     Ok(spans) => {
-                        c.queued.fetch_sub(spans.len() as u64, Relaxed);
                         for s in spans {
+                            let before = traces.dropped_spans;
                             if let Some(evicted) = traces.add(s, now) {
                                 print(evicted);
+                            }
+                            if traces.dropped_spans > before {
+                                c.queued.fetch_sub(1, Relaxed);
+                                c.dropped_queue_full.fetch_add(1, Relaxed);
                             }
                         }
                     }
@@ -178,7 +188,6 @@ impl TraceQueue {
                 traces.take_ready(now).into_iter().for_each(&mut print);
             }
             traces.take_all().into_iter().for_each(&mut print);
-            c.dropped_queue_full.fetch_add(traces.dropped_spans, Relaxed);
         })?;
         Ok((Self { tx, counts }, thread))
     }

@@ -189,9 +189,9 @@ pub fn own_time(spans: &[Span], node: usize, kids: &[usize]) -> u64 {
     (end - start) - covered
 }
 
-/// Spans on the critical path: from each root, the child that ended last (what the parent
-/// waited for at its end), then the child that ended last before that one began, and so on,
-/// down every level.
+/// Spans on the critical path: from each root, the child whose end the parent waited for last
+/// (a call the parent gave up on counts up to when it gave up), then the one it waited for
+/// last before that child began, and so on, down every level.
 pub fn critical_path(spans: &[Span], roots: &[usize], children: &HashMap<usize, Vec<usize>>) -> Vec<bool> {
     let mut on = vec![false; spans.len()];
     let mut stack: Vec<usize> = roots.to_vec();
@@ -203,8 +203,8 @@ pub fn critical_path(spans: &[Span], roots: &[usize], children: &HashMap<usize, 
             let next = kids
                 .iter()
                 .copied()
-                .filter(|&k| !on[k] && spans[k].end_unix_ns <= until)
-                .max_by_key(|&k| spans[k].end_unix_ns);
+                .filter(|&k| !on[k] && spans[k].start_unix_ns < until)
+                .max_by_key(|&k| spans[k].end_unix_ns.min(until));
             let Some(k) = next else { break };
             stack.push(k);
             on[k] = true;
@@ -497,6 +497,19 @@ mod tests {
         ];
         let crit = critical_path(&p, &[0], &HashMap::from([(0, vec![1, 2])]));
         assert_eq!(crit, vec![true, false, true]);
+        // A call timed out at 300 ms while its server took 600: the server is what the caller
+        // waited for, and the bottleneck.
+        let t = vec![
+            span(1, None, SpanKind::Server, "order", "GET /", 0, 400),
+            timed_out(span(2, Some(1), SpanKind::Client, "order", "GET /pay", 10, 310), 0),
+            span(3, Some(2), SpanKind::Server, "payment", "GET /pay", 12, 612),
+        ];
+        let lines = layout(&t);
+        assert!(lines.iter().all(|l| l.critical));
+        assert_eq!(
+            lines.iter().find(|l| l.bottleneck).map(|l| l.spans.clone()),
+            Some(vec![2])
+        );
     }
 
     #[test]

@@ -46,3 +46,64 @@ fn bad_flag_exits_2_with_one_line() -> Result<()> {
     bad_invocation(&["--log-format", "xml"])?;
     Ok(())
 }
+
+/// `sockspan analyze` on spans saved with `--print=json` (here from a replayed recording of a
+/// curl → Python → nginx → Node.js chain): the report and the slowest traces' timelines;
+/// filters apply; a file of something else is one clear line and exit code 1.
+#[test]
+fn analyze_reports_saved_spans() -> Result<()> {
+    if !harness::prerequisites(false, &[]) || !agent_bin().is_file() {
+        ensure!(
+            !harness::in_ci(),
+            "CI=true: agent binary {} not found",
+            agent_bin().display()
+        );
+        return Ok(());
+    }
+    let dir = harness::TempDir::new("analyze")?;
+    let rec = harness::workspace_root().join("tests/fixtures/replay/chain.rec");
+    let mut replay = Command::new(agent_bin());
+    replay.arg("replay").arg(&rec).args(["--format", "json"]);
+    let (st, json, err) = run(&mut replay, Duration::from_secs(30))?;
+    ensure!(st.success(), "replay: {st}\n{err}");
+    let saved = dir.path().join("spans.json");
+    std::fs::write(&saved, &json)?;
+
+    let mut analyze = Command::new(agent_bin());
+    analyze.arg("analyze").arg(&saved).args(["--traces", "1"]);
+    let (st, out, err) = run(&mut analyze, Duration::from_secs(30))?;
+    ensure!(st.success(), "analyze: {st}\n{err}");
+    ensure!(
+        out.contains("slowest operations") && out.contains("time per service"),
+        "{out}"
+    );
+    for svc in ["python3", "nginx", "node"] {
+        ensure!(out.contains(svc), "{svc} in the report:\n{out}");
+    }
+    ensure!(
+        out.matches("\ntrace ").count() + usize::from(out.starts_with("trace ")) == 1,
+        "one timeline:\n{out}"
+    );
+    ensure!(out.contains("bottleneck:") && out.contains("(via connection)"), "{out}");
+
+    let mut only = Command::new(agent_bin());
+    only.arg("analyze").arg(&saved).args(["--service", "node"]);
+    let (_, out, _) = run(&mut only, Duration::from_secs(30))?;
+    let report = out.split("\ntrace ").next().unwrap_or_default();
+    ensure!(
+        report.contains("node SERVER") && !report.contains("python3 SERVER"),
+        "--service node: only node's operations:\n{out}"
+    );
+
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, b"\x00\x01 not spans")?;
+    let mut bad = Command::new(agent_bin());
+    bad.arg("analyze").arg(&junk);
+    let (st, out, err) = run(&mut bad, Duration::from_secs(30))?;
+    ensure!(st.code() == Some(1) && out.is_empty(), "exit {st}, stdout {out}");
+    ensure!(
+        err.trim().lines().count() == 1 && err.contains("neither JSON spans"),
+        "{err}"
+    );
+    Ok(())
+}

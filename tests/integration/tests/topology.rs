@@ -565,3 +565,65 @@ fn traceparent_propagation() -> Result<()> {
     );
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// The trace view, as a person reads it
+
+/// The seed's scenario in the terminal: checkouts whose payment call timed out once and was
+/// retried print, under `--print=traces`, as timelines where the retried call is one line with
+/// each attempt's outcome and the slow payments service is the marked bottleneck; with
+/// `--min-duration 250ms` only those slow checkouts are shown.
+#[test]
+fn trace_view_shows_the_bottleneck_and_the_retries() -> Result<()> {
+    let _g = serial();
+    require!(Python, Nginx, Node);
+    let agent = AgentBuilder::new()
+        .arg("--print=traces")
+        .arg("--min-duration")
+        .arg("250ms")
+        .metrics()
+        .start()?;
+    let topo = Topology::start().context("start the topology")?;
+    // Ids r000000.. r000013: r000005 and r000012 (number % 7 == 5) are slow at first.
+    let cfg = RunConfig {
+        run: run_token(),
+        count: 14,
+        concurrency: 1,
+        client_keepalive: true,
+        upstream_keepalive: true,
+    };
+    let load = run_load(&topo, &cfg)?;
+    ensure!(
+        load.iter().all(|r| r.status == 200),
+        "every checkout succeeds: {load:?}"
+    );
+    agent.wait_stdout(Duration::from_secs(30), |l| {
+        l.starts_with("bottleneck:") && l.contains(&cfg.run)
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    agent.check_accounting()?;
+    let (_, stdout) = agent.stop()?;
+    let text = stdout.text();
+    let traces: Vec<&str> = text.split("\ntrace ").filter(|t| t.contains(&cfg.run)).collect();
+    ensure!(
+        traces.len() == 2,
+        "the two slow checkouts, and only they, are shown (--min-duration 250ms):\n{text}"
+    );
+    println!(
+        "--- the first slow checkout, as printed:\ntrace {}",
+        traces[0].trim_end()
+    );
+    for t in traces {
+        ensure!(
+            t.contains("2 attempts: no response in 30") && t.contains(", 200 in "),
+            "the payment call and its retry are one line, each attempt's outcome spelled out:\n{t}"
+        );
+        let marked: Vec<&str> = t.lines().filter(|l| l.contains("◀ bottleneck")).collect();
+        ensure!(
+            marked.len() == 1 && marked[0].contains("topo-payments") && marked[0].contains("/payment/"),
+            "the slow payments service is the bottleneck:\n{t}"
+        );
+        ensure!(t.contains("(via "), "each inferred parent says how:\n{t}");
+    }
+    Ok(())
+}
