@@ -70,6 +70,12 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_NO_GO_HOOKS")]
     pub no_go_hooks: bool,
 
+    /// Show a live table, refreshed every second, of the slowest operations (rate, errors,
+    /// p50/p95/p99, own time) and the time per service over the last minute: full-screen on a
+    /// terminal (keys: p r e o n sort, q quits), plain text otherwise. Replaces `--print`.
+    #[arg(long, env = "SOCKSPAN_TOP")]
+    pub top: bool,
+
     #[command(flatten)]
     pub filter: FilterArgs,
 

@@ -15,7 +15,7 @@ use crate::{
     span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
     stitch::{self, Finished, RequestStart, Stitcher},
     telemetry::{Family, Metrics},
-    views::{self, SpanFilter, TraceQueue, View},
+    views::{self, SpanFilter, TraceQueue, View, top::TopQueue},
 };
 
 /// A response whose end could not be seen (headers past the capture limit) ends after this idle time.
@@ -351,6 +351,7 @@ impl Processor {
 enum Printer {
     Lines(PrintQueue),
     Traces(TraceQueue),
+    Top(TopQueue),
 }
 
 /// Where finished spans go.
@@ -378,6 +379,10 @@ impl Sinks {
                 let (q, t) = TraceQueue::start(filter, views::terminal(), out, counts)?;
                 Some((Printer::Traces(q), t))
             }
+            Some(View::Top) => {
+                let (q, t) = TopQueue::start(filter, views::stdout_is_tty(), out, counts)?;
+                Some((Printer::Top(q), t))
+            }
             None => None,
         };
         Ok(Self { printer, otlp, metrics })
@@ -390,6 +395,7 @@ impl Sinks {
         match &self.printer {
             Some((Printer::Lines(p), _)) => p.send(&spans),
             Some((Printer::Traces(t), _)) => t.send(&spans),
+            Some((Printer::Top(t), _)) => t.send(&spans),
             None => {}
         }
         if let Some(q) = &self.otlp {

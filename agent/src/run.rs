@@ -31,6 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let exporting = otlp::endpoint_configured(env);
     otlp::check_protocol(env)?;
     let print: Option<View> = match (cli.print, exporting) {
+        _ if cli.top => Some(View::Top),
         (Some(p), _) => Some(p.into()),
         (None, false) => Some(View::Lines(PrintFormat::Text)),
         (None, true) => None,

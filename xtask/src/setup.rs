@@ -21,6 +21,8 @@ pub const BASE: &[&str] = &[
     "curl",
     // libFuzzer (the fuzz step) is C++.
     "g++",
+    // the full-screen views' end-to-end tests run them in a terminal
+    "tmux",
 ];
 /// Only `cargo xtask bench` needs these.
 pub const BENCH: &[&str] = &["wrk", "bpftrace"];

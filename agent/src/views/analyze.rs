@@ -161,8 +161,7 @@ pub fn load(path: &Path) -> Result<(Vec<Span>, u64), AnalyzeError> {
 
 /// The report, then the `traces` slowest traces shown by `filter`.
 pub fn analyze(spans: Vec<Span>, filter: &SpanFilter, traces: usize, (style, width): (Style, Option<usize>)) -> String {
-    let shown: Vec<Span> = spans.iter().filter(|s| filter.matches(s)).cloned().collect();
-    let mut out = report::render(&report::build(&shown), 15);
+    let mut out = report::render(&report::build(&spans, |s| filter.matches(s)), 15);
     let mut by_trace: HashMap<[u8; 16], Vec<Span>> = HashMap::new();
     for s in spans {
         by_trace.entry(s.trace_id).or_default().push(s);

@@ -5,6 +5,7 @@
 pub mod analyze;
 pub mod filter;
 pub mod report;
+pub mod top;
 pub mod waterfall;
 
 use std::{
@@ -29,6 +30,8 @@ pub enum View {
     Lines(PrintFormat),
     /// Each completed local trace as a timeline.
     Traces,
+    /// The slowest operations and the time per service, refreshed every second.
+    Top,
 }
 
 /// How long a trace waits after its root arrived and its last span came, for late spans
@@ -119,16 +122,20 @@ pub fn trace_shown(filter: &SpanFilter, spans: &[Span]) -> bool {
     filter.is_empty() || spans.iter().any(|s| filter.matches(s))
 }
 
+/// Whether stdout is a terminal.
+pub fn stdout_is_tty() -> bool {
+    // SAFETY: isatty only reads the descriptor's state.
+    unsafe { libc::isatty(1) == 1 }
+}
+
 /// How stdout takes a view: colours on a terminal (unless `NO_COLOR` is set), and lines cut
 /// to the terminal's width; a pipe or a file gets plain, whole lines.
 pub fn terminal() -> (Style, Option<usize>) {
-    // SAFETY: isatty and the TIOCGWINSZ ioctl only read the descriptor's state into `ws`.
-    let (tty, cols) = unsafe {
-        let tty = libc::isatty(1) == 1;
+    let tty = stdout_is_tty();
+    // SAFETY: the TIOCGWINSZ ioctl only reads the descriptor's state into `ws`.
+    let cols = unsafe {
         let mut ws: libc::winsize = std::mem::zeroed();
-        let cols =
-            (tty && libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_col > 0).then(|| usize::from(ws.ws_col));
-        (tty, cols)
+        (tty && libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_col > 0).then(|| usize::from(ws.ws_col))
     };
     let color = tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     (Style { color }, cols)

@@ -1,8 +1,8 @@
 //! Where the time went, over many spans: per operation (a service's route, or a call it makes)
 //! the count, rate, error share, p50/p95/p99 and time of its own; per service, its share of all
 //! the time of their own. A call's own time (its duration less the server span it reached) is
-//! the network, queues and any untraced dependency: it is shown as the callee's
-//! (`→ host:port`), not the caller's.
+//! the network, queues and any untraced dependency: it is shown as the callee's (`→ payments`,
+//! or `→ host:port` when the callee is not traced), not the caller's.
 use std::{collections::HashMap, fmt::Write as _};
 
 use super::waterfall::{self, human};
@@ -27,7 +27,7 @@ pub struct OpStats {
 pub struct Report {
     /// Slowest first (by p95).
     pub ops: Vec<OpStats>,
-    /// (service, or `→ peer` for calls' own time; its own time), largest first.
+    /// (service, or `→ callee` for calls' own time; its own time), largest first.
     pub services: Vec<(String, u64)>,
     /// From the first span's start to the last span's end.
     pub window_ns: u64,
@@ -69,7 +69,8 @@ fn peer(s: &Span) -> String {
     format!("{}:{}", v("server.address"), v("server.port"))
 }
 
-pub fn build(spans: &[Span]) -> Report {
+/// The report of the spans `keep` picks; own times count every span's children, kept or not.
+pub fn build(spans: &[Span], keep: impl Fn(&Span) -> bool) -> Report {
     let own = own_times(spans);
     struct Acc {
         durations: Vec<u64>,
@@ -78,7 +79,13 @@ pub fn build(spans: &[Span]) -> Report {
     }
     let mut ops: HashMap<(String, SpanKind, String), Acc> = HashMap::new();
     let mut services: HashMap<String, u64> = HashMap::new();
-    for (s, &own_ns) in spans.iter().zip(&own) {
+    // The service each call reached (its server child), when traced.
+    let callee: HashMap<([u8; 16], [u8; 8]), &str> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server)
+        .filter_map(|s| Some(((s.trace_id, s.parent_span_id?), s.resource.service_name.as_str())))
+        .collect();
+    for (s, &own_ns) in spans.iter().zip(&own).filter(|(s, _)| keep(s)) {
         let a = ops
             .entry((s.resource.service_name.clone(), s.kind, s.name.clone()))
             .or_insert(Acc {
@@ -91,7 +98,10 @@ pub fn build(spans: &[Span]) -> Report {
         a.own_ns += own_ns;
         let who = match s.kind {
             SpanKind::Server => s.resource.service_name.clone(),
-            SpanKind::Client => format!("→ {}", peer(s)),
+            SpanKind::Client => match callee.get(&(s.trace_id, s.span_id)) {
+                Some(service) => format!("→ {service}"),
+                None => format!("→ {}", peer(s)),
+            },
         };
         *services.entry(who).or_default() += own_ns;
     }
@@ -115,8 +125,18 @@ pub fn build(spans: &[Span]) -> Report {
     ops.sort_by(|a, b| b.p95_ns.cmp(&a.p95_ns).then_with(|| a.name.cmp(&b.name)));
     let mut services: Vec<(String, u64)> = services.into_iter().collect();
     services.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let start = spans.iter().map(|s| s.start_unix_ns).min().unwrap_or(0);
-    let end = spans.iter().map(|s| s.end_unix_ns).max().unwrap_or(start);
+    let start = spans
+        .iter()
+        .filter(|s| keep(s))
+        .map(|s| s.start_unix_ns)
+        .min()
+        .unwrap_or(0);
+    let end = spans
+        .iter()
+        .filter(|s| keep(s))
+        .map(|s| s.end_unix_ns)
+        .max()
+        .unwrap_or(start);
     Report {
         ops,
         services,
@@ -159,7 +179,7 @@ pub fn render(r: &Report, top: usize) -> String {
     let total: u64 = r.services.iter().map(|(_, t)| t).sum::<u64>().max(1);
     let _ = writeln!(
         out,
-        "\ntime per service (own time; → peer: calls' network, queues, untraced callees):"
+        "\ntime per service (own time; → callee: calls' network, queues, untraced callees):"
     );
     for (who, t) in &r.services {
         let _ = writeln!(
@@ -225,13 +245,13 @@ mod tests {
             span(3, Some(2), SpanKind::Server, "payment", "POST /pay", 20, 80),
         ];
         assert_eq!(own_times(&spans), vec![20 * MS, 20 * MS, 60 * MS]);
-        let r = build(&spans);
+        let r = build(&spans, |_| true);
         assert_eq!(
             r.services,
             vec![
                 ("payment".to_owned(), 60 * MS),
                 ("order".to_owned(), 20 * MS),
-                ("→ pay:80".to_owned(), 20 * MS)
+                ("→ payment".to_owned(), 20 * MS)
             ]
         );
         assert_eq!(r.ops[0].name, "GET /checkout");

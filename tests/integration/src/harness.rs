@@ -65,6 +65,8 @@ pub enum Tool {
     Java,
     /// The `aiohttp` package, importable by `python3`.
     Aiohttp,
+    /// A terminal for the full-screen views (send-keys, capture-pane).
+    Tmux,
 }
 
 impl Tool {
@@ -79,6 +81,7 @@ impl Tool {
             Tool::Go => "go",
             Tool::Java => "java",
             Tool::Aiohttp => "python3",
+            Tool::Tmux => "tmux",
         }
     }
     /// The commands that must succeed for the tool to count as present.
@@ -88,6 +91,7 @@ impl Tool {
             Tool::Go => vec![("go", &["version"])],
             Tool::Java => vec![("java", &["--version"]), ("javac", &["--version"])],
             Tool::Aiohttp => vec![("python3", &["-c", "import aiohttp"])],
+            Tool::Tmux => vec![("tmux", &["-V"])],
             _ => vec![(self.program(), &["--version"])],
         }
     }

@@ -604,7 +604,12 @@ fn trace_view_shows_the_bottleneck_and_the_retries() -> Result<()> {
     agent.check_accounting()?;
     let (_, stdout) = agent.stop()?;
     let text = stdout.text();
-    let traces: Vec<&str> = text.split("\ntrace ").filter(|t| t.contains(&cfg.run)).collect();
+    // Each timeline, without its leading `trace `.
+    let traces: Vec<&str> = text
+        .split("\ntrace ")
+        .map(|t| t.strip_prefix("trace ").unwrap_or(t))
+        .filter(|t| t.contains(&cfg.run))
+        .collect();
     ensure!(
         traces.len() == 2,
         "the two slow checkouts, and only they, are shown (--min-duration 250ms):\n{text}"
@@ -625,5 +630,136 @@ fn trace_view_shows_the_bottleneck_and_the_retries() -> Result<()> {
         );
         ensure!(t.contains("(via "), "each inferred parent says how:\n{t}");
     }
+    Ok(())
+}
+
+/// A terminal the agent draws in: a detached tmux session of fixed size, killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(name: &str, command: &str) -> Result<Self> {
+        let st = std::process::Command::new("tmux")
+            .args(["new-session", "-d", "-s", name, "-x", "150", "-y", "32", command])
+            .status()?;
+        ensure!(st.success(), "tmux new-session: {st}");
+        Ok(Self(name.to_owned()))
+    }
+
+    fn screen(&self) -> String {
+        std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn keys(&self, keys: &str) -> Result<()> {
+        let st = std::process::Command::new("tmux")
+            .args(["send-keys", "-t", &self.0, keys])
+            .status()?;
+        ensure!(st.success(), "tmux send-keys {keys}: {st}");
+        Ok(())
+    }
+
+    /// Waits until the screen satisfies `pred`; returns it.
+    fn wait(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return Ok(s);
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the screen never showed {what} within {timeout:?}; it shows:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn alive(&self) -> bool {
+        std::process::Command::new("tmux")
+            .args(["has-session", "-t", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// `--top` as a person sees it, in a real terminal: with `--service 'topo-*'` the table lists
+/// the topology's operations and not nginx's (the filter), the slow, retried payments service
+/// leads the time per service, a key re-sorts, and `q` stops the agent.
+#[test]
+fn top_in_a_terminal() -> Result<()> {
+    let _g = serial();
+    require!(Python, Nginx, Node, Tmux);
+    let topo = Topology::start().context("start the topology")?;
+    let log = std::env::temp_dir().join(format!("sockspan-top-{}.log", std::process::id()));
+    let cmd = format!(
+        "{} --top --service 'topo-*' 2>{}",
+        agent_integration_tests::harness::agent_bin().display(),
+        log.display()
+    );
+    let term = Tmux::start(&format!("sockspan-top-{}", std::process::id()), &cmd)?;
+    term.wait(Duration::from_secs(60), "the table", |s| s.contains("sockspan top"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    // 14 checkouts: two of them (ids 5 and 12) wait 300 ms on payments, then retry.
+    let cfg = RunConfig {
+        run: run_token(),
+        count: 14,
+        concurrency: 2,
+        client_keepalive: true,
+        upstream_keepalive: true,
+    };
+    run_load(&topo, &cfg)?;
+    // The time per service, first row: the slow payments service (its slow handlers end 600 ms
+    // after they began, after the checkouts that gave up on them: a refresh or two later).
+    let first_service = |screen: &str| -> String {
+        let services = screen.split("time per service").nth(1).unwrap_or_default();
+        services
+            .lines()
+            .skip(2)
+            .map(|l| l.trim_matches(|c: char| c == '│' || c.is_whitespace()).to_owned())
+            .find(|l| !l.is_empty())
+            .unwrap_or_default()
+    };
+    let screen = term
+        .wait(Duration::from_secs(15), "payments leading the time per service", |s| {
+            s.contains("topo-payments SERVER GET /payment/") && first_service(s).starts_with("topo-payments")
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("--- the screen:\n{screen}");
+    ensure!(
+        screen.contains("topo-orders SERVER GET /checkout/") && screen.contains("topo-inventory"),
+        "the topology's operations are listed:\n{screen}"
+    );
+    ensure!(
+        !screen.contains("nginx SERVER") && !screen.contains("nginx CLIENT"),
+        "--service 'topo-*' leaves nginx out:\n{screen}"
+    );
+    term.keys("r")?;
+    term.wait(Duration::from_secs(5), "the rate sort", |s| {
+        s.contains("sorted by rate")
+    })?;
+    term.keys("q")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while term.alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        !term.alive(),
+        "q stops the agent; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = std::fs::remove_file(&log);
     Ok(())
 }
