@@ -763,3 +763,69 @@ fn top_in_a_terminal() -> Result<()> {
     let _ = std::fs::remove_file(&log);
     Ok(())
 }
+
+/// The trace view in a real terminal: the slow checkout's timeline shows the retried payment
+/// call as one line and the payments service marked as the bottleneck, in bold, with the failed
+/// attempt in red; with `NO_COLOR` set, no colour at all.
+#[test]
+fn trace_view_in_a_terminal() -> Result<()> {
+    let _g = serial();
+    require!(Python, Nginx, Node, Tmux);
+    let topo = Topology::start().context("start the topology")?;
+    let bin = agent_integration_tests::harness::agent_bin();
+    for no_color in [false, true] {
+        let env = if no_color { "NO_COLOR=1 " } else { "" };
+        let cmd = format!("{env}{} --print=traces --min-duration 250ms 2>/dev/null", bin.display());
+        let term = Tmux::start(&format!("sockspan-traces-{}-{no_color}", std::process::id()), &cmd)?;
+        // Checkouts until one is shown: the first may come before the agent has attached.
+        let mut shown = None;
+        for _ in 0..6 {
+            let cfg = RunConfig {
+                run: run_token(),
+                count: 7,
+                concurrency: 1,
+                client_keepalive: true,
+                upstream_keepalive: true,
+            };
+            run_load(&topo, &cfg)?;
+            // The slow checkout's timeline: its header, its lines, its bottleneck line.
+            let timeline = |s: &str| -> Option<String> {
+                s.split("trace ")
+                    .find(|t| t.contains(&cfg.run) && t.contains("attempts:") && t.contains("bottleneck:"))
+                    .map(str::to_owned)
+            };
+            if let Ok(s) = term.wait(Duration::from_secs(8), "the slow checkout's timeline", |s| {
+                timeline(s).is_some()
+            }) {
+                shown = timeline(&s).map(|t| (t, s));
+                break;
+            }
+        }
+        let (timeline, screen) = shown.context("no slow checkout's timeline was shown after 6 tries")?;
+        let styled = std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-e", "-t", &term.0])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
+        ensure!(
+            timeline.contains("2 attempts: no response in 30") && timeline.contains("◀ bottleneck"),
+            "the retry line and the bottleneck mark:\n{screen}"
+        );
+        let bottleneck = timeline
+            .lines()
+            .find(|l| l.contains("◀ bottleneck"))
+            .unwrap_or_default();
+        ensure!(
+            bottleneck.contains("topo-payments"),
+            "payments is the bottleneck:\n{screen}"
+        );
+        if no_color {
+            ensure!(!styled.contains("\x1b["), "NO_COLOR: no escape sequences:\n{styled}");
+        } else {
+            ensure!(
+                styled.contains("\x1b[31m") && styled.contains("\x1b[1m"),
+                "errors in red, the bottleneck in bold:\n{styled}"
+            );
+        }
+    }
+    Ok(())
+}
