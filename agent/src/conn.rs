@@ -150,6 +150,11 @@ const MAX_SIBLINGS: usize = 256;
 
 pub struct ConnTable {
     conns: FastMap<(u32, i32), Connection>,
+    /// Monotonic ns by which every hook was attached: bytes moved before it are ignored (see
+    /// [`ConnTable::attached_at`]).
+    attached_ns: u64,
+    /// Data events ignored for predating it.
+    pub before_attach: u64,
     /// socket identity → (local, remote), from ESTABLISHED events.
     tuples: FastMap<u64, (SocketAddr, SocketAddr)>,
     pub http_stats: HttpStats,
@@ -182,6 +187,8 @@ impl ConnTable {
     pub fn new() -> Self {
         Self {
             conns: FastMap::default(),
+            attached_ns: 0,
+            before_attach: 0,
             tuples: FastMap::default(),
             http_stats: HttpStats::default(),
             opened: 0,
@@ -200,6 +207,15 @@ impl ConnTable {
     /// Asks for the Go hooks of each Go process seen (its pid, sent to `hooks`).
     pub fn hooking_go(mut self, hooks: std::sync::mpsc::Sender<u32>) -> Self {
         self.go = GoTracker::with_hooks(crate::process::is_hookable_go_program, hooks);
+        self
+    }
+
+    /// Ignores the bytes sent or received before `ns` (monotonic), when the hooks were still
+    /// being attached one by one: a request read then may have its response written before
+    /// the send hooks were in place, and a keep-alive connection would pair every later
+    /// request with the response of one before it. Its next exchange starts clean instead.
+    pub fn attached_at(mut self, ns: u64) -> Self {
+        self.attached_ns = ns;
         self
     }
 
@@ -235,6 +251,7 @@ impl ConnTable {
         f.extend(self.http_stats.families(&[
             ("not_http", self.not_http_undecided),
             ("agent_own_traffic", self.own_traffic),
+            ("before_attach", self.before_attach),
         ]));
         f.extend(self.loops.stats.families());
         f
@@ -270,6 +287,16 @@ impl ConnTable {
                 goroutine,
                 ..
             } => {
+                // A receive is dated by its return (when the bytes came), a send by its call.
+                let moved_ns = if h.direction == direction::INGRESS {
+                    h.ts_exit_ns
+                } else {
+                    h.ts_enter_ns
+                };
+                if moved_ns < self.attached_ns {
+                    self.before_attach += 1;
+                    return;
+                }
                 let first = out.len();
                 self.on_data(h, payload, out);
                 self.mark_go_program(h.pid, &mut out[first..]);

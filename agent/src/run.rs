@@ -54,6 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         events,
         counters,
     } = loaded;
+    let attached_ns = crate::span::monotonic_ns();
 
     let cancel = CancellationToken::new();
     let (raw_tx, raw_rx) = mpsc::channel(READER_TO_PROCESSOR);
@@ -87,7 +88,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         ConnTable::new()
     } else {
         ConnTable::new().hooking_go(go_tx)
-    };
+    }
+    .attached_at(attached_ns);
     let processor = Processor::new(
         conns,
         ProcessTable::new(),

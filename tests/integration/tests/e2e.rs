@@ -1571,3 +1571,54 @@ fn client_without_response_is_error() -> Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+/// A keep-alive connection busy while the agent starts: the hooks attach one by one, so a
+/// request can be read before the send hooks exist and its response go unseen. Had those bytes
+/// counted, every later request on the connection would pair with the response of one before
+/// it, each server span lasting several exchanges. Bytes moved before every hook was attached
+/// are ignored (counted): each server span lasts what its exchange did.
+#[test]
+fn busy_keepalive_connection_during_start_keeps_true_durations() -> Result<()> {
+    let _g = serial();
+    require!(Python);
+    let rx = Receiver::start()?;
+    let srv = Server::python(Some("py-busy-start"))?;
+    let base = unique_path("busystart");
+    // One connection, a request every 20 ms for 12 s: it is busy all through the agent's start.
+    let script = format!(
+        "import http.client, time\nc = http.client.HTTPConnection('127.0.0.1', {port})\n\
+         for i in range(600):\n    c.request('GET', '{base}/%d' % i)\n    c.getresponse().read()\n    time.sleep(0.02)\n",
+        port = srv.port
+    );
+    let mut client = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = AgentBuilder::new()
+        .otlp(&rx, Protocol::HttpProtobuf)
+        .metrics()
+        .start()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let m = agent.metrics()?;
+    let ignored = m
+        .value("sockspan_http_rejected_total", Some(r#"reason="before_attach""#))
+        .unwrap_or(0.0);
+    let spans = rx.wait_for_matching(40, SPAN_TIMEOUT, SETTLE, |s| {
+        s.is_server() && s.url_path().is_some_and(|p| p.starts_with(&base))
+    })?;
+    let _ = client.kill();
+    let _ = client.wait();
+    let slow: Vec<String> = spans
+        .iter()
+        .filter(|s| s.duration() > Duration::from_millis(15))
+        .map(|s| format!("{} {:?}", s.url_path().unwrap_or_default(), s.duration()))
+        .collect();
+    ensure!(
+        slow.is_empty(),
+        "server spans longer than one exchange (a response paired with an earlier request): {slow:?} \
+         ({ignored} events before attach ignored)"
+    );
+    agent.stop()?;
+    Ok(())
+}
