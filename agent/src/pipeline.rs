@@ -15,7 +15,7 @@ use crate::{
     span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
     stitch::{self, Finished, RequestStart, Stitcher},
     telemetry::{Family, Metrics},
-    views::{self, SpanFilter, TraceQueue, View, top::TopQueue},
+    views::{self, SpanFilter, SpanQueue, TraceQueue, View, top::TopQueue},
 };
 
 /// A response whose end could not be seen (headers past the capture limit) ends after this idle time.
@@ -350,8 +350,8 @@ impl Processor {
 /// The live view's queue.
 enum Printer {
     Lines(PrintQueue),
-    Traces(TraceQueue),
-    Top(TopQueue),
+    /// A view that assembles spans on its thread (traces, top).
+    Spans(SpanQueue),
 }
 
 /// Where finished spans go.
@@ -377,11 +377,11 @@ impl Sinks {
             }
             Some(View::Traces) => {
                 let (q, t) = TraceQueue::start(filter, views::terminal(), out, counts)?;
-                Some((Printer::Traces(q), t))
+                Some((Printer::Spans(q), t))
             }
             Some(View::Top) => {
                 let (q, t) = TopQueue::start(filter, views::stdout_is_tty(), out, counts)?;
-                Some((Printer::Top(q), t))
+                Some((Printer::Spans(q), t))
             }
             None => None,
         };
@@ -394,8 +394,7 @@ impl Sinks {
         }
         match &self.printer {
             Some((Printer::Lines(p), _)) => p.send(&spans),
-            Some((Printer::Traces(t), _)) => t.send(&spans),
-            Some((Printer::Top(t), _)) => t.send(&spans),
+            Some((Printer::Spans(q), _)) => q.send(&spans),
             None => {}
         }
         if let Some(q) = &self.otlp {

@@ -198,14 +198,7 @@ pub struct Results {
 pub fn bench(opts: &Opts) -> Result<()> {
     util::require_root("bench")?;
     setup::setup(setup::BENCH)?;
-    let bin = util::sockspan_bin();
-    if std::env::var_os("SOCKSPAN_BIN").is_none() {
-        println!("bench: building the agent (cargo build --release -p agent)");
-        util::run(
-            "cargo build --release -p agent",
-            util::cargo().args(["build", "--release", "-p", "agent"]),
-        )?;
-    }
+    let bin = agent_binary()?;
     for b in std::iter::once(&bin).chain(&opts.baseline) {
         if !b.exists() {
             bail!("{} does not exist", b.display());
@@ -334,6 +327,18 @@ pub fn bench(opts: &Opts) -> Result<()> {
         println!("bench: results written to docs/benchmarks.md");
     }
     Ok(())
+}
+
+/// The agent binary to measure: `SOCKSPAN_BIN` if set, else a fresh release build.
+pub fn agent_binary() -> Result<PathBuf> {
+    if std::env::var_os("SOCKSPAN_BIN").is_none() {
+        println!("bench: building the agent (cargo build --release -p agent)");
+        util::run(
+            "cargo build --release -p agent",
+            util::cargo().args(["build", "--release", "-p", "agent"]),
+        )?;
+    }
+    Ok(util::sockspan_bin())
 }
 
 /// Runs `sockspan <args>` pinned to the client core, at most 5 minutes; returns its exit status

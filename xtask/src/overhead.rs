@@ -155,14 +155,7 @@ struct Row {
 pub fn overhead(opts: &Opts) -> Result<()> {
     util::require_root("bench overhead")?;
     setup::setup(setup::BENCH)?;
-    let bin = util::sockspan_bin();
-    if std::env::var_os("SOCKSPAN_BIN").is_none() {
-        println!("overhead: building the agent (cargo build --release -p agent)");
-        util::run(
-            "cargo build --release -p agent",
-            util::cargo().args(["build", "--release", "-p", "agent"]),
-        )?;
-    }
+    let bin = bench::agent_binary()?;
     let services: Vec<&Service> = SERVICES
         .iter()
         .filter(|s| opts.services.iter().any(|n| n == s.name))

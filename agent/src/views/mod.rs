@@ -141,11 +141,49 @@ pub fn terminal() -> (Style, Option<usize>) {
     (Style { color }, cols)
 }
 
-/// Prints completed traces as timelines from a thread of its own.
-pub struct TraceQueue {
+/// Hands finished spans to a view's thread (`--print=traces`, `--top`), bounded: spans count
+/// as queued until the view printed, filtered out or dropped them.
+pub struct SpanQueue {
     tx: mpsc::Sender<Vec<Span>>,
     counts: Arc<PrintCounts>,
+    /// Spans queued or held beyond which batches are dropped (counted).
+    max_queued: u64,
 }
+
+impl SpanQueue {
+    /// Starts a view's thread `name`, running `view` on the batches sent, and the queue to it.
+    fn spawn(
+        name: &str,
+        counts: Arc<PrintCounts>,
+        max_queued: u64,
+        view: impl FnOnce(mpsc::Receiver<Vec<Span>>) + Send + 'static,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel::<Vec<Span>>();
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || view(rx))?;
+        Ok((Self { tx, counts, max_queued }, thread))
+    }
+
+    /// Hands finished spans to the view thread, or drops them (counted) while it is behind.
+    pub fn send(&self, spans: &[Span]) {
+        let n = spans.len() as u64;
+        if n == 0 {
+            return;
+        }
+        let c = &self.counts;
+        if c.queued.load(Relaxed) >= self.max_queued {
+            c.dropped_queue_full.fetch_add(n, Relaxed);
+            return;
+        }
+        c.queued.fetch_add(n, Relaxed);
+        if self.tx.send(spans.to_vec()).is_err() {
+            c.queued.fetch_sub(n, Relaxed);
+            c.dropped_write_failed.fetch_add(n, Relaxed);
+        }
+    }
+}
+
+/// Prints completed traces as timelines from a thread of its own.
+pub struct TraceQueue;
 
 impl TraceQueue {
     /// Starts the view thread writing to `out`; it prints what it holds once the queue is dropped.
@@ -154,10 +192,9 @@ impl TraceQueue {
         (style, width): (Style, Option<usize>),
         mut out: impl Write + Send + 'static,
         counts: Arc<PrintCounts>,
-    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
-        let (tx, rx) = mpsc::channel::<Vec<Span>>();
+    ) -> std::io::Result<(SpanQueue, std::thread::JoinHandle<()>)> {
         let c = counts.clone();
-        let thread = std::thread::Builder::new().name("traces".into()).spawn(move || {
+        SpanQueue::spawn("traces", counts, MAX_QUEUED_SPANS, move |rx| {
             let epoch = Instant::now();
             let mut traces = TraceCollector::default();
             // Spans stay counted as queued until printed, filtered out or dropped: those held
@@ -195,26 +232,43 @@ impl TraceQueue {
                 traces.take_ready(now).into_iter().for_each(&mut print);
             }
             traces.take_all().into_iter().for_each(&mut print);
-        })?;
-        Ok((Self { tx, counts }, thread))
+        })
     }
+}
 
-    /// Hands finished spans to the view thread, or drops them (counted) while it is behind.
-    pub fn send(&self, spans: &[Span]) {
-        let n = spans.len() as u64;
-        if n == 0 {
-            return;
-        }
-        let c = &self.counts;
-        if c.queued.load(Relaxed) >= MAX_QUEUED_SPANS {
-            c.dropped_queue_full.fetch_add(n, Relaxed);
-            return;
-        }
-        c.queued.fetch_add(n, Relaxed);
-        if self.tx.send(spans.to_vec()).is_err() {
-            c.queued.fetch_sub(n, Relaxed);
-            self.counts.dropped_write_failed.fetch_add(n, Relaxed);
-        }
+/// A span for the views' tests: trace `[7; 16]`, span `[id; 8]`, pid `100 + id`, a call to or
+/// a request of `pay:80` answered 200, from `start_ms` to `end_ms`.
+#[cfg(test)]
+pub(crate) fn test_span(
+    id: u8,
+    parent: Option<u8>,
+    kind: crate::span::SpanKind,
+    service: &str,
+    name: &str,
+    (start_ms, end_ms): (u64, u64),
+) -> Span {
+    use crate::span::AttrValue;
+    Span {
+        trace_id: [7; 16],
+        span_id: [id; 8],
+        parent_span_id: parent.map(|p| [p; 8]),
+        kind,
+        name: name.into(),
+        start_unix_ns: start_ms * 1_000_000,
+        end_unix_ns: end_ms * 1_000_000,
+        attributes: vec![
+            ("http.response.status_code", AttrValue::Int(200)),
+            ("server.address", AttrValue::fixed("pay")),
+            ("server.port", AttrValue::Int(80)),
+        ],
+        error: false,
+        resource: Arc::new(crate::process::ProcessInfo {
+            pid: u32::from(id) + 100,
+            service_name: service.into(),
+            executable_name: service.into(),
+            host_name: "h".into(),
+        }),
+        links: Vec::new(),
     }
 }
 

@@ -195,35 +195,12 @@ pub fn render(r: &Report, top: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::process::ProcessInfo;
 
     const MS: u64 = 1_000_000;
 
     fn span(id: u8, parent: Option<u8>, kind: SpanKind, service: &str, name: &str, start: u64, end: u64) -> Span {
-        Span {
-            trace_id: [1; 16],
-            span_id: [id; 8],
-            parent_span_id: parent.map(|p| [p; 8]),
-            kind,
-            name: name.into(),
-            start_unix_ns: start * MS,
-            end_unix_ns: end * MS,
-            attributes: vec![
-                ("server.address", AttrValue::fixed("pay")),
-                ("server.port", AttrValue::Int(80)),
-            ],
-            error: false,
-            resource: Arc::new(ProcessInfo {
-                pid: 1,
-                service_name: service.into(),
-                executable_name: service.into(),
-                host_name: "h".into(),
-            }),
-            links: Vec::new(),
-        }
+        crate::views::test_span(id, parent, kind, service, name, (start, end))
     }
 
     #[test]

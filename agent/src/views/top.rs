@@ -17,7 +17,7 @@ use ratatui::{
 };
 
 use super::{
-    SpanFilter,
+    SpanFilter, SpanQueue,
     report::{self, OpStats, Report},
     waterfall::human,
 };
@@ -26,7 +26,7 @@ use crate::{export::PrintCounts, span::Span};
 /// The window the table covers.
 pub const WINDOW: Duration = Duration::from_secs(60);
 const REFRESH: Duration = Duration::from_secs(1);
-/// Spans kept for the window (a busy node's minute is sampled down to this, counted as dropped).
+/// Spans kept for the window (a busy node's minute keeps its latest ones).
 const MAX_SPANS: usize = 50_000;
 /// Spans waiting for the view thread; beyond it batches are dropped (counted).
 const MAX_QUEUED_SPANS: u64 = 100_000;
@@ -78,6 +78,7 @@ impl SortKey {
 #[derive(Default)]
 pub struct Window {
     spans: VecDeque<Span>,
+    /// Spans shown, then forgotten before their minute was up (beyond the bound).
     pub dropped: u64,
 }
 
@@ -115,11 +116,8 @@ fn status_share(o: &OpStats) -> String {
     format!("{:.1}%", o.errors as f64 * 100.0 / o.count.max(1) as f64)
 }
 
-/// Hands spans to the top thread, or drops them (counted) while it is behind.
-pub struct TopQueue {
-    tx: mpsc::Sender<Vec<Span>>,
-    counts: Arc<PrintCounts>,
-}
+/// The top view's thread.
+pub struct TopQueue;
 
 impl TopQueue {
     pub fn start(
@@ -127,10 +125,9 @@ impl TopQueue {
         tty: bool,
         mut out: impl Write + Send + 'static,
         counts: Arc<PrintCounts>,
-    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
-        let (tx, rx) = mpsc::channel::<Vec<Span>>();
+    ) -> std::io::Result<(SpanQueue, std::thread::JoinHandle<()>)> {
         let c = counts.clone();
-        let thread = std::thread::Builder::new().name("top".into()).spawn(move || {
+        SpanQueue::spawn("top", counts, MAX_QUEUED_SPANS, move |rx| {
             let mut window = Window::default();
             let mut sort = SortKey::P99;
             let mut terminal = tty.then(ratatui::init);
@@ -202,26 +199,7 @@ impl TopQueue {
             if terminal.is_some() {
                 ratatui::restore();
             }
-            c.dropped_queue_full.fetch_add(window.dropped, Relaxed);
-        })?;
-        Ok((Self { tx, counts }, thread))
-    }
-
-    pub fn send(&self, spans: &[Span]) {
-        let n = spans.len() as u64;
-        if n == 0 {
-            return;
-        }
-        let c = &self.counts;
-        if c.queued.load(Relaxed) >= MAX_QUEUED_SPANS {
-            c.dropped_queue_full.fetch_add(n, Relaxed);
-            return;
-        }
-        c.queued.fetch_add(n, Relaxed);
-        if self.tx.send(spans.to_vec()).is_err() {
-            c.queued.fetch_sub(n, Relaxed);
-            c.dropped_write_failed.fetch_add(n, Relaxed);
-        }
+        })
     }
 }
 

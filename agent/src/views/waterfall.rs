@@ -407,36 +407,17 @@ fn truncate(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::process::ProcessInfo;
 
     const MS: u64 = 1_000_000;
 
-    fn span(id: u8, parent: Option<u8>, kind: SpanKind, service: &str, name: &str, start_ms: u64, end_ms: u64) -> Span {
-        Span {
-            trace_id: [7; 16],
-            span_id: [id; 8],
-            parent_span_id: parent.map(|p| [p; 8]),
-            kind,
-            name: name.into(),
-            start_unix_ns: start_ms * MS,
-            end_unix_ns: end_ms * MS,
-            attributes: vec![("http.response.status_code", AttrValue::Int(200))],
-            error: false,
-            resource: Arc::new(ProcessInfo {
-                pid: u32::from(id) + 100,
-                service_name: service.into(),
-                executable_name: service.into(),
-                host_name: "h".into(),
-            }),
-            links: Vec::new(),
-        }
+    fn span(id: u8, parent: Option<u8>, kind: SpanKind, service: &str, name: &str, start: u64, end: u64) -> Span {
+        crate::views::test_span(id, parent, kind, service, name, (start, end))
     }
 
     fn timed_out(mut s: Span, resend: i64) -> Span {
-        s.attributes = vec![("error.type", AttrValue::fixed("no_response"))];
+        s.attributes.retain(|(k, _)| k.starts_with("server."));
+        s.attributes.push(("error.type", AttrValue::fixed("no_response")));
         s.error = true;
         if resend > 0 {
             s.attributes.push(("http.request.resend_count", AttrValue::Int(resend)));
