@@ -61,6 +61,8 @@ struct Pending {
 #[derive(Default)]
 pub struct TraceCollector {
     pending: HashMap<[u8; 16], Pending>,
+    /// Traces in the order they began (some already printed): the oldest is found at once.
+    order: std::collections::VecDeque<[u8; 16]>,
     /// Spans beyond a trace's bound.
     pub dropped_spans: u64,
 }
@@ -69,9 +71,16 @@ impl TraceCollector {
     /// Adds a span seen at `now_ns` (any monotonic clock); returns traces pushed out by the bound.
     pub fn add(&mut self, span: Span, now_ns: u64) -> Option<Vec<Span>> {
         let mut evicted = None;
-        if self.pending.len() >= MAX_TRACES && !self.pending.contains_key(&span.trace_id) {
-            let oldest = self.pending.iter().min_by_key(|(_, p)| p.first_ns).map(|(id, _)| *id);
-            evicted = oldest.and_then(|id| self.pending.remove(&id)).map(|p| p.spans);
+        if !self.pending.contains_key(&span.trace_id) {
+            if self.pending.len() >= MAX_TRACES {
+                while let Some(id) = self.order.pop_front() {
+                    if let Some(p) = self.pending.remove(&id) {
+                        evicted = Some(p.spans);
+                        break;
+                    }
+                }
+            }
+            self.order.push_back(span.trace_id);
         }
         let p = self.pending.entry(span.trace_id).or_insert_with(|| Pending {
             spans: Vec::new(),
@@ -110,6 +119,7 @@ impl TraceCollector {
 
     /// Every trace still held (at shutdown, or the end of a file).
     pub fn take_all(&mut self) -> Vec<Vec<Span>> {
+        self.order.clear();
         let mut all: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
         all.sort_by_key(|p| p.first_ns);
         all.into_iter().map(|p| p.spans).collect()
@@ -301,6 +311,20 @@ mod tests {
         c.add(span(3, 5, Some(4)), 10 * S);
         assert!(c.take_ready(39 * S).is_empty());
         assert_eq!(c.take_ready(40 * S).len(), 1);
+    }
+
+    #[test]
+    fn beyond_its_bound_the_oldest_trace_is_pushed_out() {
+        let mut c = TraceCollector::default();
+        for t in 0..MAX_TRACES as u64 {
+            let mut s = span(1, 2, Some(1));
+            s.trace_id = [0; 16];
+            s.trace_id[..8].copy_from_slice(&t.to_be_bytes());
+            assert!(c.add(s, t).is_none());
+        }
+        let evicted = c.add(span(9, 2, Some(1)), S).expect("the oldest goes");
+        assert_eq!(evicted[0].trace_id, [0; 16], "trace 0, the first added");
+        assert_eq!(c.pending.len(), MAX_TRACES);
     }
 
     #[test]

@@ -43,18 +43,19 @@ pub fn layout(spans: &[Span]) -> Vec<Line> {
         by_start(v);
     }
     let critical = critical_path(spans, &roots, &children);
+    let tree = Tree {
+        spans,
+        by_id,
+        children,
+        critical,
+    };
     let mut lines = Vec::new();
     for &r in &roots {
-        push_subtree(spans, &children, &critical, r, 0, &mut lines);
+        push_subtree(&tree, r, 0, &mut lines);
     }
     // The bottleneck: the critical line with the most time of its own (a retried call's: all
     // its attempts').
-    let own = |l: &Line| -> u64 {
-        l.spans
-            .iter()
-            .map(|&s| own_time(spans, s, children.get(&s).map_or(&[][..], Vec::as_slice)))
-            .sum()
-    };
+    let own = |l: &Line| -> u64 { l.spans.iter().map(|&s| own_time(spans, s, tree.kids(s))).sum() };
     if let Some(b) = lines
         .iter()
         .enumerate()
@@ -67,59 +68,60 @@ pub fn layout(spans: &[Span]) -> Vec<Line> {
     lines
 }
 
-fn push_subtree(
-    spans: &[Span],
-    children: &HashMap<usize, Vec<usize>>,
-    critical: &[bool],
-    node: usize,
-    depth: usize,
-    out: &mut Vec<Line>,
-) {
-    out.push(line(spans, children, critical, vec![node], depth));
-    let kids = children.get(&node).map_or(&[][..], Vec::as_slice);
+/// A trace's spans, each one's children (by start) and whether it is on the critical path.
+struct Tree<'a> {
+    spans: &'a [Span],
+    by_id: HashMap<[u8; 8], usize>,
+    children: HashMap<usize, Vec<usize>>,
+    critical: Vec<bool>,
+}
+
+impl Tree<'_> {
+    fn kids(&self, i: usize) -> &[usize] {
+        self.children.get(&i).map_or(&[][..], Vec::as_slice)
+    }
+}
+
+fn push_subtree(t: &Tree<'_>, node: usize, depth: usize, out: &mut Vec<Line>) {
+    out.push(line(t, vec![node], depth));
+    let kids = t.kids(node);
     let mut i = 0;
     while i < kids.len() {
         // A call and the retries that follow it, one line.
         let mut group = vec![kids[i]];
-        while i + group.len() < kids.len() && is_retry_of(&spans[kids[i + group.len()]], &spans[kids[i]]) {
+        while i + group.len() < kids.len() && is_retry_of(&t.spans[kids[i + group.len()]], &t.spans[kids[i]]) {
             group.push(kids[i + group.len()]);
         }
         i += group.len();
         if group.len() == 1 {
-            push_subtree(spans, children, critical, group[0], depth + 1, out);
+            push_subtree(t, group[0], depth + 1, out);
         } else {
-            out.push(line(spans, children, critical, group.clone(), depth + 1));
+            out.push(line(t, group.clone(), depth + 1));
             for &attempt in &group {
-                for &k in children.get(&attempt).map_or(&[][..], Vec::as_slice) {
-                    push_subtree(spans, children, critical, k, depth + 2, out);
+                for &k in t.kids(attempt) {
+                    push_subtree(t, k, depth + 2, out);
                 }
             }
         }
     }
 }
 
-fn line(
-    spans: &[Span],
-    children: &HashMap<usize, Vec<usize>>,
-    critical: &[bool],
-    group: Vec<usize>,
-    depth: usize,
-) -> Line {
+fn line(t: &Tree<'_>, group: Vec<usize>, depth: usize) -> Line {
+    let spans = t.spans;
     let first = &spans[group[0]];
     let last = group[group.len() - 1];
     let start_ns = first.start_unix_ns;
     let end_ns = group.iter().map(|&i| spans[i].end_unix_ns).max().unwrap_or(start_ns);
     let s = &spans[last];
-    let network_ns = match (s.kind, children.get(&last).map(Vec::as_slice)) {
-        (SpanKind::Client, Some([only])) if spans[*only].kind == SpanKind::Server => {
+    let network_ns = match (s.kind, t.kids(last)) {
+        (SpanKind::Client, [only]) if spans[*only].kind == SpanKind::Server => {
             Some(duration(s).saturating_sub(duration(&spans[*only])))
         }
         _ => None,
     };
     Line {
-        critical: group.iter().any(|&i| critical[i]),
-        parent_missing: first.parent_span_id.is_some()
-            && !spans.iter().any(|p| Some(p.span_id) == first.parent_span_id),
+        critical: group.iter().any(|&i| t.critical[i]),
+        parent_missing: first.parent_span_id.is_some_and(|p| !t.by_id.contains_key(&p)),
         spans: group,
         depth,
         start_ns,
