@@ -36,25 +36,9 @@ fn main() -> ExitCode {
         Some(Command::Replay { ref file, format }) => {
             report(sockspan::run::replay(file, format.into(), cli.filter.filter()))
         }
-        Some(Command::Analyze { ref file, traces }) => report(
-            sockspan::views::analyze::load(file)
-                .map(|(spans, skipped)| {
-                    if skipped > 0 {
-                        eprintln!(
-                            "sockspan: {skipped} lines of {} were not spans (skipped)",
-                            file.display()
-                        );
-                    }
-                    let text = sockspan::views::analyze::analyze(
-                        spans,
-                        &cli.filter.filter(),
-                        traces,
-                        sockspan::views::terminal(),
-                    );
-                    print!("{text}");
-                })
-                .map_err(anyhow::Error::from),
-        ),
+        Some(Command::Analyze { ref file, traces }) => {
+            report(sockspan::run::analyze(file, traces, &cli.filter.filter()))
+        }
         Some(Command::BenchStitch {
             requests,
             concurrency,

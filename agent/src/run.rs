@@ -229,6 +229,22 @@ pub fn replay(path: &std::path::Path, view: View, filter: SpanFilter) -> anyhow:
     Ok(())
 }
 
+/// `sockspan analyze`: the report and the slowest traces of saved spans or a recording.
+pub fn analyze(path: &Path, traces: usize, filter: &SpanFilter) -> anyhow::Result<()> {
+    let (spans, skipped) = crate::views::analyze::load(path)?;
+    if skipped > 0 {
+        eprintln!(
+            "sockspan: {skipped} lines of {} were not spans (skipped)",
+            path.display()
+        );
+    }
+    print!(
+        "{}",
+        crate::views::analyze::analyze(spans, filter, traces, crate::views::terminal())
+    );
+    Ok(())
+}
+
 /// Pipeline throughput on one thread, on a synthetic stream or a recording: prints events/s and
 /// spans/s, then the same with each batch's spans encoded as the OTLP exporter does.
 pub fn bench_pipeline(

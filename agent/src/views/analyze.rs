@@ -15,7 +15,7 @@ use crate::{
 
 #[derive(Debug, Error)]
 pub enum AnalyzeError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read { path: String, source: std::io::Error },
     #[error("{path} is neither JSON spans (`--print=json`) nor a recording (`--record`): {why}")]
     Format { path: String, why: String },
