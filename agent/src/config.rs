@@ -23,6 +23,17 @@ use crate::{
         spans are printed on stdout. Must run as root."
 )]
 pub struct Cli {
+    /// Read settings from this YAML file: one key per flag, in snake_case (`memory_limit: 128MiB`,
+    /// `service: [checkout, pay*]`); flags and `SOCKSPAN_*` variables win over it. Its schema:
+    /// docs/config.schema.json.
+    #[arg(long, env = "SOCKSPAN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print every setting's effective value and where it came from (default, file, env, flag),
+    /// secrets masked, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Print spans on stdout: `text` (one line per span, the default), `json` (one object per
     /// line) or `traces` (each completed local trace as a timeline). On by default when no OTLP
     /// endpoint is configured.
@@ -84,7 +95,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// Record every kernel event to FILE (replay it with `sockspan replay FILE`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "SOCKSPAN_RECORD", value_name = "FILE")]
     pub record: Option<PathBuf>,
 
     #[command(subcommand)]

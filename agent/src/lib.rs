@@ -10,6 +10,7 @@ pub mod alloc;
 pub mod btf;
 pub mod budget;
 pub mod config;
+pub mod config_file;
 pub mod conn;
 pub mod decode;
 pub mod export;

@@ -1,15 +1,18 @@
 //! `sockspan`: the binary edge — parse flags, set up logging, dispatch.
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
 #[global_allocator]
 static GLOBAL: sockspan::alloc::Counting = sockspan::alloc::Counting;
-use sockspan::config::{Cli, Command, LogFormat};
+use sockspan::config::{Command, LogFormat};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = match sockspan::config_file::parse(std::env::args_os().collect()) {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            // A bad configuration file: one line naming the key, as for a bad flag.
+            eprintln!("sockspan: {e}");
+            return ExitCode::from(2);
+        }
         Err(e)
             if matches!(
                 e.kind(),
@@ -31,6 +34,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if parsed.cli.print_config {
+        print!("{}", sockspan::config_file::render(&parsed, |k| std::env::var(k).ok()));
+        return ExitCode::SUCCESS;
+    }
+    let cli = parsed.cli;
     init_logging(cli.log_format);
     match cli.command {
         Some(Command::Replay { ref file, format }) => {

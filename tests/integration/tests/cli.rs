@@ -107,3 +107,53 @@ fn analyze_reports_saved_spans() -> Result<()> {
     );
     Ok(())
 }
+
+/// The configuration file: a bad key or value is one line naming the key and its line, exit 2;
+/// `--print-config` shows each setting's value and source (flag > env > file > default), and
+/// masks secrets.
+#[test]
+fn config_file_precedence_and_errors() -> Result<()> {
+    if !harness::prerequisites(false, &[]) || !agent_bin().is_file() {
+        ensure!(
+            !harness::in_ci(),
+            "CI=true: agent binary {} not found",
+            agent_bin().display()
+        );
+        return Ok(());
+    }
+    let dir = harness::TempDir::new("config")?;
+    let file = dir.path().join("sockspan.yaml");
+    std::fs::write(
+        &file,
+        "# node agent\nmemory_limit: 128MiB\nunhealthy_after: 30\nprint: traces\nservice: [checkout, 'pay*']\n",
+    )?;
+    let f = file.display().to_string();
+    let mut show = Command::new(agent_bin());
+    show.args(["--config", &f, "--print-config", "--unhealthy-after", "90"])
+        .env("SOCKSPAN_PRINT", "json")
+        .env("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s3cret");
+    let (st, out, err) = run(&mut show, Duration::from_secs(10))?;
+    ensure!(st.success(), "--print-config: {st}\n{err}");
+    for line in [
+        "memory_limit: 128MiB  # file",
+        "unhealthy_after: 90  # flag",
+        "print: json  # env",
+        "service: [checkout, \"pay*\"]  # file",
+        "capture_bytes: 1024  # default",
+        "# OTEL_EXPORTER_OTLP_HEADERS=api-key=***",
+    ] {
+        ensure!(out.lines().any(|l| l == line), "`{line}` in:\n{out}");
+    }
+    ensure!(!out.contains("s3cret"), "a secret printed:\n{out}");
+
+    std::fs::write(&file, "memory_limit: 128MiB\nring_bites: 65536\n")?;
+    bad_invocation(&["--config", &f])?;
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["--config", &f]);
+    let (_, _, err) = run(&mut cmd, Duration::from_secs(10))?;
+    ensure!(err.contains("line 2: unknown key `ring_bites`"), "{err}");
+    std::fs::write(&file, "status: 7\n")?;
+    bad_invocation(&["--config", &f])?;
+    bad_invocation(&["--config", "/nonexistent/sockspan.yaml"])?;
+    Ok(())
+}
