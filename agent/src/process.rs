@@ -11,6 +11,8 @@ pub struct ProcessInfo {
     pub service_name: String,
     pub executable_name: String,
     pub host_name: Arc<str>,
+    /// The container it runs in (`container.id`), from its cgroup.
+    pub container_id: Option<String>,
 }
 
 /// Cache of process resources, keyed by pid, bounded in size. A process is one resource
@@ -95,6 +97,7 @@ impl ProcessTable {
                 service_name: name.clone(),
                 executable_name: name,
                 host_name: self.host_name.clone(),
+                container_id: None,
             };
         }
         let dir = self.root.join(pid.to_string());
@@ -109,13 +112,37 @@ impl ProcessTable {
             .unwrap_or_else(|| comm_name.clone());
         let env = std::fs::read(dir.join("environ")).unwrap_or_default();
         let service_name = service_name_from_environ(&env).unwrap_or_else(|| executable_name.clone());
+        let container_id = std::fs::read_to_string(dir.join("cgroup"))
+            .ok()
+            .and_then(|c| container_id(&c));
         ProcessInfo {
             pid,
             service_name,
             executable_name,
             host_name: self.host_name.clone(),
+            container_id,
         }
     }
+}
+
+/// The container of a process, from its `/proc/<pid>/cgroup`: the 64-hex-digit id that
+/// container runtimes put in the cgroup path (`/docker/<id>`, `docker-<id>.scope`,
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`, a kubepods
+/// `.../<id>`), the innermost one if several; cgroup v1 or v2.
+pub fn container_id(cgroup: &str) -> Option<String> {
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut found = None;
+    for line in cgroup.lines() {
+        let path = line.splitn(3, ':').nth(2).unwrap_or("");
+        for seg in path.split('/') {
+            let seg = seg.strip_suffix(".scope").unwrap_or(seg);
+            let id = seg.rsplit(['-', ':']).next().unwrap_or(seg);
+            if is_id(id) {
+                found = Some(id.to_ascii_lowercase());
+            }
+        }
+    }
+    found
 }
 
 /// The process's start time (field 22 of `<root>/<pid>/stat`, after the parenthesised name,
@@ -164,7 +191,12 @@ pub fn service_name_from_environ(env: &[u8]) -> Option<String> {
     from_attrs
 }
 
+/// The node's name: `NODE_NAME` (a DaemonSet sets it from the downward API: in a pod, the
+/// kernel's hostname is the pod's), else the kernel's hostname.
 fn host_name() -> String {
+    if let Some(n) = std::env::var("NODE_NAME").ok().filter(|n| !n.trim().is_empty()) {
+        return n.trim().to_owned();
+    }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .ok()
@@ -175,6 +207,32 @@ fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "3f2a1b".repeat(10) + "abcd";
+        let cases = [
+            format!("0::/system.slice/docker-{id}.scope"),
+            format!("12:pids:/docker/{id}\n0::/"),
+            format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1a2b.slice/cri-containerd-{id}.scope"
+            ),
+            format!("0::/kubepods/besteffort/pod1234/{id}"),
+            format!("0::/machine.slice/libpod-{id}.scope/container"),
+            format!("0::/system.slice/crio-{id}.scope"),
+        ];
+        for c in &cases {
+            assert_eq!(container_id(c), Some(id.clone()), "{c}");
+        }
+        for none in [
+            "0::/",
+            "0::/user.slice/user-0.slice/session-1.scope",
+            "4:memory:/process_api/0f93a652bc821550aadecd1039121990",
+            "",
+        ] {
+            assert_eq!(container_id(none), None, "{none}");
+        }
+    }
 
     #[test]
     fn service_name_precedence() {

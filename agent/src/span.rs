@@ -87,6 +87,7 @@ impl Span {
                 service_name: "s".into(),
                 executable_name: "s".into(),
                 host_name: "h".into(),
+                container_id: None,
             }),
             links: Vec::new(),
         }

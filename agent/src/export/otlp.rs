@@ -435,6 +435,7 @@ pub fn resource(p: &ProcessInfo) -> Resource {
             KeyValue::new("host.name", p.host_name.to_string()),
             KeyValue::new("telemetry.sdk.name", "sockspan"),
         ])
+        .with_attributes(p.container_id.iter().map(|c| KeyValue::new("container.id", c.clone())))
         .build()
 }
 

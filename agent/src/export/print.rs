@@ -183,12 +183,7 @@ pub fn json_line(span: &Span) -> Value {
         "start_time_unix_nano": span.start_unix_ns,
         "end_time_unix_nano": span.end_unix_ns,
         "status": if span.error { "ERROR" } else { "UNSET" },
-        "resource": {
-            "service.name": span.resource.service_name,
-            "process.pid": span.resource.pid,
-            "process.executable.name": span.resource.executable_name,
-            "host.name": &*span.resource.host_name,
-        },
+        "resource": resource_json(&span.resource),
         "attributes": attrs,
         "links": span.links.iter().map(|l| json!({
             "trace_id": hex(&l.trace_id),
@@ -196,6 +191,19 @@ pub fn json_line(span: &Span) -> Value {
             "attributes": {"sockspan.link.source": l.source},
         })).collect::<Vec<_>>(),
     })
+}
+
+fn resource_json(r: &crate::process::ProcessInfo) -> Value {
+    let mut v = json!({
+        "service.name": r.service_name,
+        "process.pid": r.pid,
+        "process.executable.name": r.executable_name,
+        "host.name": &*r.host_name,
+    });
+    if let Some(c) = &r.container_id {
+        v["container.id"] = Value::String(c.clone());
+    }
+    v
 }
 
 fn attr_json(v: &AttrValue) -> Value {

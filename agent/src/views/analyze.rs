@@ -71,6 +71,7 @@ pub fn span_from_json(line: &str, processes: &mut HashMap<(u32, String), Arc<Pro
                 service_name: service,
                 executable_name: r["process.executable.name"].as_str().unwrap_or("").to_owned(),
                 host_name: r["host.name"].as_str().unwrap_or("").into(),
+                container_id: r["container.id"].as_str().map(str::to_owned),
             })
         })
         .clone();
@@ -206,6 +207,14 @@ mod tests {
         assert_eq!((back.start_unix_ns, back.end_unix_ns, back.error), (1_000, 5_000, true));
         assert_eq!(back.attributes, s.attributes);
         assert_eq!(back.resource.service_name, "s");
+        assert_eq!(back.resource.container_id, None);
+        let mut c = s.clone();
+        c.resource = Arc::new(ProcessInfo {
+            container_id: Some("ab".repeat(32)),
+            ..(*s.resource).clone()
+        });
+        let back = span_from_json(&json_line(&c).to_string(), &mut HashMap::new()).expect("parses");
+        assert_eq!(back.resource.container_id, Some("ab".repeat(32)));
         assert!(span_from_json("not json", &mut HashMap::new()).is_none());
         assert!(span_from_json("{\"name\": 1}", &mut HashMap::new()).is_none());
     }

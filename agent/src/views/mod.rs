@@ -277,6 +277,7 @@ pub(crate) fn test_span(
             service_name: service.into(),
             executable_name: service.into(),
             host_name: "h".into(),
+            container_id: None,
         }),
         links: Vec::new(),
     }

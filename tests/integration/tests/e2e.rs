@@ -1622,3 +1622,82 @@ fn busy_keepalive_connection_during_start_keeps_true_durations() -> Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+/// A cgroup named as a container runtime names a container's, made in the machine's real
+/// cgroup tree; removed (its process moved back out) when dropped.
+struct ContainerCgroup {
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+    pid: u32,
+}
+
+impl ContainerCgroup {
+    /// Moves `pid` into `<hierarchy>/docker-<id>.scope` in the first writable hierarchy.
+    fn enter(id: &str, pid: u32) -> Result<Self> {
+        let mut tried = Vec::new();
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/pids"] {
+            let root = std::path::PathBuf::from(root);
+            if !root.join("cgroup.procs").exists() {
+                continue;
+            }
+            let dir = root.join(format!("docker-{id}.scope"));
+            match std::fs::create_dir(&dir).and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string())) {
+                Ok(()) => return Ok(Self { dir, root, pid }),
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&dir);
+                    tried.push(format!("{}: {e}", root.display()));
+                }
+            }
+        }
+        bail!("no cgroup hierarchy took the process: {tried:?}")
+    }
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Resource metadata a node agent adds: `container.id` of a server running in a (real) container
+/// cgroup, none for a process outside one, and `host.name` from `NODE_NAME` (a DaemonSet's
+/// downward API), not the kernel's hostname.
+#[test]
+fn container_id_and_node_name_on_spans() -> Result<()> {
+    let _g = serial();
+    require!(Python, Curl);
+    let rx = Receiver::start()?;
+    let srv = Server::python(Some("py-in-container"))?;
+    let id = format!("{:016x}", now_ns()).repeat(4);
+    let cgroup = ContainerCgroup::enter(&id, srv.guard.pid())?;
+    let agent = AgentBuilder::new()
+        .otlp(&rx, Protocol::HttpProtobuf)
+        .env("NODE_NAME", "node-e2e-7")
+        .start()?;
+    let path = unique_path("container");
+    curl(&[srv.url(&path)], &[])?;
+    let spans = rx.wait_for_matching(2, SPAN_TIMEOUT, SETTLE, |s| s.url_path() == Some(path.as_str()))?;
+    let server = spans.iter().find(|s| s.is_server()).context("a server span")?;
+    let client = spans.iter().find(|s| s.is_client()).context("a client span")?;
+    ensure!(
+        server.res_str("container.id") == Some(id.as_str()),
+        "the server's container.id: {:?}",
+        server.resource
+    );
+    ensure!(
+        client.res_str("container.id").is_none(),
+        "curl runs in no container: {:?}",
+        client.resource
+    );
+    for s in [server, client] {
+        ensure!(
+            s.res_str("host.name") == Some("node-e2e-7"),
+            "host.name: {:?}",
+            s.resource
+        );
+    }
+    agent.stop()?;
+    drop(cgroup);
+    Ok(())
+}
