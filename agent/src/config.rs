@@ -76,6 +76,13 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_KEEP_PATH")]
     pub keep_path: bool,
 
+    /// Name server spans after this route when the path matches it (`/users/{id}/orders`;
+    /// `{*rest}` last for the rest of the path), and set `http.route`; the first that matches
+    /// wins. Repeatable or comma-separated. Other spans keep the generalised path.
+    #[arg(long = "route-pattern", env = "SOCKSPAN_ROUTE_PATTERN", value_name = "PATTERN", value_delimiter = ',',
+          value_parser = crate::routes::RoutePattern::parse)]
+    pub route_patterns: Vec<crate::routes::RoutePattern>,
+
     /// Do not attach the Go hooks (uprobes on `runtime.newproc1` and `net/http`'s pooled
     /// connections in Go programs): no goroutine parents, and none of the hooks' cost.
     #[arg(long, env = "SOCKSPAN_NO_GO_HOOKS")]

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod process;
 pub mod reader;
 pub mod replay;
+pub mod routes;
 pub mod run;
 pub mod span;
 pub mod stitch;

@@ -96,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         SpanFactory::new(SpanOptions {
             keep_query_values: cli.keep_query_values,
             keep_path: cli.keep_path,
+            routes: cli.route_patterns.clone(),
         }),
         metrics.clone(),
     )

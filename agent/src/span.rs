@@ -101,8 +101,10 @@ impl Span {
 }
 
 /// Span-building options.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SpanOptions {
+    /// Route patterns a server request's path is named after (`--route-pattern`).
+    pub routes: Vec<crate::routes::RoutePattern>,
     /// Export query values as sent instead of `REDACTED`.
     pub keep_query_values: bool,
     /// Export `url.path` as sent instead of with its identifier- and secret-like segments
@@ -227,6 +229,18 @@ impl SpanFactory {
                 attrs.push(("error.type", AttrValue::fixed("no_response")));
             }
         }
+        // A configured route names a server span and is its `http.route`; otherwise the name is
+        // the generalised path.
+        let route = (kind == SpanKind::Server)
+            .then(|| crate::routes::first_match(&self.opts.routes, path))
+            .flatten();
+        let name = match route {
+            Some(r) => {
+                attrs.push(("http.route", AttrValue::text(r.text.as_str())));
+                format!("{} {}", req.method, r.text)
+            }
+            None => span_name(&req.method, path),
+        };
         let start = req.first_ns;
         let end = cx.end_ns().max(start);
         Span {
@@ -234,7 +248,7 @@ impl SpanFactory {
             span_id: [0; 8],
             parent_span_id: None,
             kind,
-            name: span_name(&req.method, path),
+            name,
             start_unix_ns: self.to_unix(start),
             end_unix_ns: self.to_unix(end),
             attributes: attrs,

@@ -13,6 +13,7 @@ use sockspan::{
 const RAW_PATHS: SpanOptions = SpanOptions {
     keep_query_values: false,
     keep_path: true,
+    routes: Vec::new(),
 };
 
 const LOADGEN: u32 = 100;

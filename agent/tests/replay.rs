@@ -14,6 +14,7 @@ use sockspan::{
 const RAW_PATHS: SpanOptions = SpanOptions {
     keep_query_values: false,
     keep_path: true,
+    routes: Vec::new(),
 };
 
 fn run(batches: &[RawBatch]) -> Vec<Span> {
@@ -37,6 +38,48 @@ fn int_attr(s: &Span, key: &str) -> Option<i64> {
     match s.attr(key) {
         Some(AttrValue::Int(v)) => Some(*v),
         _ => None,
+    }
+}
+
+/// A configured route names the server spans whose path it matches and is their `http.route`;
+/// client spans, and server spans it does not match, keep the generalised path and no route.
+#[test]
+fn configured_routes_name_server_spans() {
+    let file = std::fs::File::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/replay/chain.rec"
+    ))
+    .unwrap();
+    let opts = SpanOptions {
+        routes: vec![sockspan::routes::RoutePattern::parse("/replay/{order}").unwrap()],
+        ..SpanOptions::default()
+    };
+    let mut p = Processor::offline_with(Metrics::new(), opts);
+    let mut spans = Vec::new();
+    for b in &read_recording(file, 16).unwrap() {
+        p.process(b, &mut spans);
+    }
+    p.finish(&mut spans);
+    let named = |kind: SpanKind, svc: &str| -> Vec<(String, Option<String>)> {
+        spans
+            .iter()
+            .filter(|s| s.kind == kind && s.resource.service_name == svc)
+            .map(|s| (s.name.clone(), str_attr(s, "http.route").map(str::to_owned)))
+            .collect()
+    };
+    let python = named(SpanKind::Server, "python3");
+    assert!(
+        python.contains(&("GET /replay/{order}".to_owned(), Some("/replay/{order}".to_owned()))),
+        "{python:?}"
+    );
+    for (name, route) in named(SpanKind::Client, "curl") {
+        assert!(
+            route.is_none() && !name.contains("{order}"),
+            "a client span: {name} {route:?}"
+        );
+    }
+    for (name, route) in named(SpanKind::Server, "nginx") {
+        assert_eq!((name.as_str(), route), ("GET /down/replay/{id}", None));
     }
 }
 
