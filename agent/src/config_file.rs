@@ -158,13 +158,7 @@ fn file_args(path: &Path, first: &clap::ArgMatches) -> Result<(Vec<OsString>, BT
         let mut alone = vec![OsString::from("sockspan")];
         alone.extend(these.iter().cloned());
         if let Err(e) = Cli::command().try_get_matches_from(&alone) {
-            let msg = e.to_string();
-            let first_line = msg
-                .lines()
-                .next()
-                .unwrap_or("invalid value")
-                .trim_start_matches("error: ");
-            return Err(bad(first_line.to_owned()));
+            return Err(bad(first_line(&e)));
         }
         let id = arg.get_id().as_str();
         if matches!(
@@ -177,6 +171,16 @@ fn file_args(path: &Path, first: &clap::ArgMatches) -> Result<(Vec<OsString>, BT
         args.extend(these);
     }
     Ok((args, keys))
+}
+
+/// A clap error's first line, without its `error: ` prefix (not its usage block).
+pub fn first_line(e: &clap::Error) -> String {
+    let msg = e.to_string();
+    msg.lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned()
 }
 
 fn scalar(v: &serde_yaml::Value) -> Option<String> {

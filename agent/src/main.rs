@@ -24,13 +24,10 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // One clear line, not clap's usage block.
-            let msg = e.to_string();
-            let first = msg
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("sockspan: {first} (see `sockspan --help`)");
+            eprintln!(
+                "sockspan: {} (see `sockspan --help`)",
+                sockspan::config_file::first_line(&e)
+            );
             return ExitCode::from(2);
         }
     };

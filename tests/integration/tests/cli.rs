@@ -26,6 +26,19 @@ fn bad_invocation(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Whether the agent binary is there to run (these tests need it, not root); never false in CI.
+fn binary_present() -> Result<bool> {
+    if harness::prerequisites(false, &[]) && agent_bin().is_file() {
+        return Ok(true);
+    }
+    ensure!(
+        !harness::in_ci(),
+        "CI=true: agent binary {} not found",
+        agent_bin().display()
+    );
+    Ok(false)
+}
+
 #[test]
 fn bad_flag_exits_2_with_one_line() -> Result<()> {
     // needs the binary, not root: a bad flag must be refused before anything is loaded
@@ -52,12 +65,7 @@ fn bad_flag_exits_2_with_one_line() -> Result<()> {
 /// filters apply; a file of something else is one clear line and exit code 1.
 #[test]
 fn analyze_reports_saved_spans() -> Result<()> {
-    if !harness::prerequisites(false, &[]) || !agent_bin().is_file() {
-        ensure!(
-            !harness::in_ci(),
-            "CI=true: agent binary {} not found",
-            agent_bin().display()
-        );
+    if !binary_present()? {
         return Ok(());
     }
     let dir = harness::TempDir::new("analyze")?;
@@ -113,12 +121,7 @@ fn analyze_reports_saved_spans() -> Result<()> {
 /// masks secrets.
 #[test]
 fn config_file_precedence_and_errors() -> Result<()> {
-    if !harness::prerequisites(false, &[]) || !agent_bin().is_file() {
-        ensure!(
-            !harness::in_ci(),
-            "CI=true: agent binary {} not found",
-            agent_bin().display()
-        );
+    if !binary_present()? {
         return Ok(());
     }
     let dir = harness::TempDir::new("config")?;
