@@ -244,18 +244,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
     let port = util::free_port(18099)?;
     let _nginx = start_nginx(&tmp.0, port)?;
     let url = format!("http://127.0.0.1:{port}/index.html");
-    let wrk_args = |secs: u64| {
-        vec![
-            "-c".to_owned(),
-            CLIENT_CPU.to_owned(),
-            "wrk".to_owned(),
-            "-t1".to_owned(),
-            format!("-c{}", opts.connections),
-            format!("-d{secs}s"),
-            "--latency".to_owned(),
-            url.clone(),
-        ]
-    };
+    let wrk_args = |secs: u64| wrk_args(&url, opts.connections, secs);
     let wrk_cmd = format!("taskset {}", wrk_args(opts.duration).join(" "));
     println!("bench (b): warm-up (2 s)");
     run_wrk(&wrk_args(2), 2)?;
@@ -531,6 +520,21 @@ pub fn start_nginx(tmp: &Path, port: u16) -> Result<Guard> {
         g.pid()
     );
     Ok(g)
+}
+
+/// `taskset`'s arguments for one wrk run against `url` from the client core: one thread,
+/// `connections` connections, `secs` seconds, with the latency distribution.
+pub fn wrk_args(url: &str, connections: u32, secs: u64) -> Vec<String> {
+    vec![
+        "-c".to_owned(),
+        CLIENT_CPU.to_owned(),
+        "wrk".to_owned(),
+        "-t1".to_owned(),
+        format!("-c{connections}"),
+        format!("-d{secs}s"),
+        "--latency".to_owned(),
+        url.to_owned(),
+    ]
 }
 
 pub fn run_wrk(args: &[String], secs: u64) -> Result<Wrk> {

@@ -283,20 +283,7 @@ fn lost(metrics: &[String]) -> u64 {
 }
 
 fn wrk(url: &str, secs: u64) -> Result<Wrk> {
-    let args: Vec<String> = [
-        "-c",
-        &CLIENT_CPU.to_string(),
-        "wrk",
-        "-t1",
-        &format!("-c{WRK_CONNECTIONS}"),
-        &format!("-d{secs}s"),
-        "--latency",
-        url,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    bench::run_wrk(&args, secs)
+    bench::run_wrk(&bench::wrk_args(url, WRK_CONNECTIONS, secs), secs)
 }
 
 /// Where the services' programs and the OpenTelemetry agents live (installed once, pinned,
