@@ -633,21 +633,49 @@ fn trace_view_shows_the_bottleneck_and_the_retries() -> Result<()> {
     Ok(())
 }
 
-/// A terminal the agent draws in: a detached tmux session of fixed size, killed when dropped.
+/// A terminal the agent draws in: a detached tmux session of fixed size on its own tmux server
+/// (socket `-L name`), killed when dropped. Its own server because a shared one exits when the
+/// previous test's last session ends, and a session started in that instant fails ("server exited
+/// unexpectedly").
 struct Tmux(String);
 
 impl Tmux {
     fn start(name: &str, command: &str) -> Result<Self> {
         let st = std::process::Command::new("tmux")
-            .args(["new-session", "-d", "-s", name, "-x", "150", "-y", "32", command])
+            .args([
+                "-L",
+                name,
+                "new-session",
+                "-d",
+                "-s",
+                name,
+                "-x",
+                "150",
+                "-y",
+                "32",
+                command,
+            ])
             .status()?;
         ensure!(st.success(), "tmux new-session: {st}");
         Ok(Self(name.to_owned()))
     }
 
     fn screen(&self) -> String {
+        self.capture(false)
+    }
+
+    /// The screen with its colours and attributes as escape sequences.
+    fn styled_screen(&self) -> String {
+        self.capture(true)
+    }
+
+    fn capture(&self, styled: bool) -> String {
+        let mut args = vec!["-L", &self.0, "capture-pane", "-p", "-t", &self.0];
+        if styled {
+            args.push("-e");
+        }
         std::process::Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &self.0])
+            .args(args)
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
@@ -655,7 +683,7 @@ impl Tmux {
 
     fn keys(&self, keys: &str) -> Result<()> {
         let st = std::process::Command::new("tmux")
-            .args(["send-keys", "-t", &self.0, keys])
+            .args(["-L", &self.0, "send-keys", "-t", &self.0, keys])
             .status()?;
         ensure!(st.success(), "tmux send-keys {keys}: {st}");
         Ok(())
@@ -679,7 +707,7 @@ impl Tmux {
 
     fn alive(&self) -> bool {
         std::process::Command::new("tmux")
-            .args(["has-session", "-t", &self.0])
+            .args(["-L", &self.0, "has-session", "-t", &self.0])
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
@@ -689,7 +717,7 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = std::process::Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
+            .args(["-L", &self.0, "kill-server"])
             .stderr(std::process::Stdio::null())
             .status();
     }
@@ -802,10 +830,7 @@ fn trace_view_in_a_terminal() -> Result<()> {
             }
         }
         let (timeline, screen) = shown.context("no slow checkout's timeline was shown after 6 tries")?;
-        let styled = std::process::Command::new("tmux")
-            .args(["capture-pane", "-p", "-e", "-t", &term.0])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
+        let styled = term.styled_screen();
         ensure!(
             timeline.contains("2 attempts: no response in 30") && timeline.contains("◀ bottleneck"),
             "the retry line and the bottleneck mark:\n{screen}"
