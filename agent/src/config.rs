@@ -94,6 +94,22 @@ pub struct Cli {
     #[arg(long, env = "SOCKSPAN_TOP")]
     pub top: bool,
 
+    /// Tail sampling of the export: keep every local trace with an error or slower than
+    /// --tail-slower-than, and --tail-ratio of the others, decided once the trace is complete
+    /// (2 s after its last span). After OTEL_TRACES_SAMPLER; the live views show every span.
+    #[arg(long, env = "SOCKSPAN_TAIL_SAMPLING")]
+    pub tail_sampling: bool,
+
+    /// With --tail-sampling: traces at least this long (`500ms`, `2s`) are kept.
+    #[arg(long, env = "SOCKSPAN_TAIL_SLOWER_THAN", value_name = "DURATION", default_value = "1s",
+          value_parser = parse_duration)]
+    pub tail_slower_than: std::time::Duration,
+
+    /// With --tail-sampling: the share (0 to 1) of the other traces kept, by trace id.
+    #[arg(long, env = "SOCKSPAN_TAIL_RATIO", value_name = "RATIO", default_value = "0.1",
+          value_parser = crate::sampling::parse_ratio)]
+    pub tail_ratio: f64,
+
     #[command(flatten)]
     pub filter: FilterArgs,
 
@@ -107,6 +123,17 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// `--tail-sampling`'s rules, when it is on.
+    pub fn tail_sampler(&self) -> Option<crate::sampling::TailConfig> {
+        self.tail_sampling.then_some(crate::sampling::TailConfig {
+            slower_than: self.tail_slower_than,
+            ratio: self.tail_ratio,
+            max_held_spans: crate::sampling::TAIL_MAX_HELD_SPANS,
+        })
+    }
 }
 
 /// Which spans the live view shows (`--print`, `replay`); every given filter must pass. Export

@@ -24,9 +24,11 @@ pub mod reader;
 pub mod replay;
 pub mod routes;
 pub mod run;
+pub mod sampling;
 pub mod span;
 pub mod stitch;
 pub mod telemetry;
+pub mod traces;
 pub mod views;
 
 /// Hash maps for the per-event tables: foldhash (randomly seeded, so keys from the network

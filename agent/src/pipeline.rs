@@ -12,6 +12,7 @@ use crate::{
     export::{PrintQueue, otlp::ExportQueue},
     process::ProcessTable,
     reader::RawBatch,
+    sampling::{HeadSampler, Sampler},
     span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
     stitch::{self, Finished, RequestStart, Stitcher},
     telemetry::{Family, Metrics},
@@ -358,15 +359,20 @@ enum Printer {
 pub struct Sinks {
     printer: Option<(Printer, std::thread::JoinHandle<()>)>,
     pub otlp: Option<ExportQueue>,
+    /// Picks the traces exported (the views see every span).
+    sampler: Sampler,
     pub metrics: Arc<Metrics>,
+    /// The sampler's clock.
+    epoch: std::time::Instant,
 }
 
 impl Sinks {
-    /// Starts the view's thread when printing (`filter` picks what it shows).
+    /// Starts the view's thread when printing (`filter` picks what it shows); `otlp` gets what
+    /// its sampler keeps.
     pub fn new(
         view: Option<View>,
         filter: SpanFilter,
-        otlp: Option<ExportQueue>,
+        otlp: Option<(ExportQueue, Sampler)>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (out, counts) = (std::io::stdout(), metrics.print.clone());
@@ -385,7 +391,20 @@ impl Sinks {
             }
             None => None,
         };
-        Ok(Self { printer, otlp, metrics })
+        let (otlp, sampler) = match otlp {
+            Some((q, s)) => (Some(q), s),
+            None => (
+                None,
+                Sampler::new(HeadSampler::default(), None, metrics.sampling.clone()),
+            ),
+        };
+        Ok(Self {
+            printer,
+            otlp,
+            sampler,
+            metrics,
+            epoch: std::time::Instant::now(),
+        })
     }
 
     pub fn send(&mut self, spans: Vec<Span>) {
@@ -398,7 +417,22 @@ impl Sinks {
             None => {}
         }
         if let Some(q) = &self.otlp {
-            q.send(spans, &self.metrics);
+            let kept = self.sampler.admit(spans, self.epoch.elapsed().as_nanos() as u64);
+            q.send(kept, &self.metrics);
+        }
+    }
+
+    /// Exports the traces the tail sampler kept among those now complete.
+    pub fn tick(&mut self) {
+        if let Some(q) = &self.otlp {
+            q.send(self.sampler.tick(self.epoch.elapsed().as_nanos() as u64), &self.metrics);
+        }
+    }
+
+    /// Exports what the tail sampler keeps of the traces it still holds (the agent stops).
+    pub fn finish_sampling(&mut self) {
+        if let Some(q) = &self.otlp {
+            q.send(self.sampler.finish(), &self.metrics);
         }
     }
 
@@ -440,6 +474,7 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 processor.tick(monotonic_ns(), &mut spans);
+                sinks.tick();
                 sinks.metrics.pipeline_alive_ms.set(crate::telemetry::now_ms());
             }
         }
@@ -448,6 +483,7 @@ pub async fn run(
     let mut spans = Vec::new();
     processor.finish(&mut spans);
     sinks.send(spans);
+    sinks.finish_sampling();
     if let Some(w) = &mut record {
         let _ = w.flush();
     }

@@ -14,6 +14,7 @@ use crate::{
     pipeline::{self, Processor, Sinks},
     process::ProcessTable,
     reader::Reader,
+    sampling::{HeadSampler, Sampler},
     span::{SpanFactory, SpanOptions},
     telemetry::{self, Metrics},
     views::{SpanFilter, View},
@@ -30,6 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let bsp = BspConfig::from_lookup(env)?;
     let exporting = otlp::endpoint_configured(env);
     otlp::check_protocol(env)?;
+    let head_sampler = HeadSampler::from_lookup(env)?;
     let print: Option<View> = match (cli.print, exporting) {
         _ if cli.top => Some(View::Top),
         (Some(p), _) => Some(p.into()),
@@ -70,7 +72,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (otlp_tx, export_task) = if exporting {
         let exporter = OtlpExporter::from_env(bsp, metrics.clone()).context("OTLP exporter")?;
         let (queue, rx) = exporter.queue();
-        (Some(queue.with_budget(budget)), Some(tokio::spawn(exporter.run(rx))))
+        let sampler = Sampler::new(head_sampler, cli.tail_sampler(), metrics.sampling.clone());
+        (
+            Some((queue.with_budget(budget), sampler)),
+            Some(tokio::spawn(exporter.run(rx))),
+        )
     } else {
         (None, None)
     };

@@ -56,6 +56,9 @@ pub struct Span {
     pub resource: Arc<ProcessInfo>,
     /// Spans this one is likely, but not certainly, the child of.
     pub links: Vec<SpanLink>,
+    /// The sampling decision a propagated context carried into its trace (see
+    /// [`crate::sampling`]); `None` when the trace began on this node.
+    pub upstream_sampled: Option<bool>,
 }
 
 /// A link to a span this one probably belongs under: exported as an OpenTelemetry span link
@@ -90,6 +93,7 @@ impl Span {
                 container_id: None,
             }),
             links: Vec::new(),
+            upstream_sampled: None,
         }
     }
 }
@@ -255,6 +259,7 @@ impl SpanFactory {
             error,
             resource,
             links: Vec::new(),
+            upstream_sampled: None,
         }
     }
 }

@@ -128,6 +128,8 @@ pub struct Metrics {
     pub spans_exported: Counter,
     /// The print thread's counts.
     pub print: Arc<crate::export::PrintCounts>,
+    /// Sampling's counts.
+    pub sampling: Arc<crate::sampling::SamplingCounts>,
     pub spans_dropped_queue_full: Counter,
     pub spans_dropped_export_failed: Counter,
     pub spans_dropped_channel_full: Counter,
@@ -220,7 +222,7 @@ impl Metrics {
 
     /// The families kept here.
     fn own_families(&self) -> Vec<Family> {
-        vec![
+        let mut f = vec![
             Family::total(
                 "sockspan_kernel_events_submitted_total",
                 "Events the kernel programs wrote to the ring buffer.",
@@ -255,7 +257,7 @@ impl Metrics {
             ),
             Family::total(
                 "sockspan_spans_created_total",
-                "Spans built from exchanges (= exported + dropped + queued, when exporting).",
+                "Spans built from exchanges (= exported + dropped + sampled out + queued, when exporting).",
                 self.spans_created.get(),
             ),
             Family::total(
@@ -291,10 +293,11 @@ impl Metrics {
             ),
             Family::gauge(
                 "sockspan_spans_queued",
-                "Spans waiting for a sink: handed to the exporter and not yet exported or dropped (otlp), formatted and not yet written (print).",
+                "Spans waiting for a sink: handed to the exporter and not yet exported or dropped (otlp), formatted and not yet written (print), held for their trace to complete before the tail sampler decides (tail_sampling).",
                 vec![
                     ("sink", "otlp", self.spans_queued.get()),
                     ("sink", "print", self.print.queued.load(Relaxed)),
+                    ("sink", "tail_sampling", self.sampling.held.load(Relaxed)),
                 ],
             ),
             Family::counter(
@@ -325,7 +328,9 @@ impl Metrics {
                 "The --memory-limit: the agent's whole memory budget (the heap, sockspan_heap_bytes, gets it less the ring buffer and a fixed part).",
                 self.memory_limit.get(),
             ),
-        ]
+        ];
+        f.extend(self.sampling.families());
+        f
     }
 
     /// Prometheus text exposition.

@@ -13,6 +13,8 @@ pub struct PropagatedContext {
     pub trace_id: [u8; 16],
     /// The caller's span: the parent of a server span that receives this context.
     pub span_id: [u8; 8],
+    /// The caller's sampling decision, when the context states one.
+    pub sampled: Option<bool>,
     pub format: ContextFormat,
 }
 
@@ -25,6 +27,7 @@ pub fn extract(req: &Request) -> Option<PropagatedContext> {
             Some(PropagatedContext {
                 trace_id: trace,
                 span_id: span,
+                sampled: req.x_b3_sampled.as_deref().and_then(b3_sampled),
                 format: ContextFormat::B3,
             })
         })
@@ -45,9 +48,11 @@ pub fn parse_traceparent(v: &str) -> Option<PropagatedContext> {
     {
         return None;
     }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
     Some(PropagatedContext {
         trace_id: trace,
         span_id: span,
+        sampled: Some(flags & 1 == 1),
         format: ContextFormat::W3c,
     })
 }
@@ -60,8 +65,18 @@ pub fn parse_b3_single(v: &str) -> Option<PropagatedContext> {
     Some(PropagatedContext {
         trace_id: trace,
         span_id: span,
+        sampled: parts.next().and_then(b3_sampled),
         format: ContextFormat::B3,
     })
+}
+
+/// B3's sampling state: `1` (or `d`, debug, or `true`) keeps, `0` (or `false`) drops.
+fn b3_sampled(v: &str) -> Option<bool> {
+    match v.trim() {
+        "1" | "d" | "true" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    }
 }
 
 /// 32 hex digits, or 16 (B3's 64-bit ids, left-padded with zeros); never all zero.
@@ -119,6 +134,23 @@ mod tests {
             assert!(parse_traceparent(bad).is_none(), "{bad}");
         }
         assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future").is_some());
+    }
+
+    #[test]
+    fn sampling_flags() {
+        let tp =
+            |flags: &str| parse_traceparent(&format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"));
+        assert_eq!(tp("01").unwrap().sampled, Some(true));
+        assert_eq!(tp("00").unwrap().sampled, Some(false));
+        assert_eq!(tp("03").unwrap().sampled, Some(true), "other bits do not matter");
+        let b3 = |v: &str| parse_b3_single(v).unwrap().sampled;
+        assert_eq!(b3("64fe8b2a57d3eff7-e457b5a2e4d86bd1-0"), Some(false));
+        assert_eq!(b3("64fe8b2a57d3eff7-e457b5a2e4d86bd1-d"), Some(true));
+        assert_eq!(
+            b3("64fe8b2a57d3eff7-e457b5a2e4d86bd1"),
+            None,
+            "deferred: the sampler decides"
+        );
     }
 
     #[test]

@@ -160,8 +160,7 @@ enum Item {
 /// What was decided for a request when it started, kept until its span is done.
 #[derive(Debug, Clone, Copy)]
 struct Decided {
-    trace_id: [u8; 16],
-    span_id: [u8; 8],
+    ids: SpanIds,
     parent: Option<([u8; 8], ParentSource)>,
     /// A client request's parent server request, when it was one in flight.
     parent_key: Option<Key>,
@@ -413,10 +412,12 @@ impl Stitcher {
     }
 
     fn new_root(&mut self) -> Decided {
-        let trace_id = self.ids.trace_id();
         Decided {
-            trace_id,
-            span_id: self.ids.span_id(),
+            ids: SpanIds {
+                trace_id: self.ids.trace_id(),
+                span_id: self.ids.span_id(),
+                upstream_sampled: None,
+            },
             parent: None,
             parent_key: None,
             resend_count: 0,
@@ -427,8 +428,10 @@ impl Stitcher {
 
     fn child_of(&mut self, parent: SpanIds, source: ParentSource) -> Decided {
         Decided {
-            trace_id: parent.trace_id,
-            span_id: self.ids.span_id(),
+            ids: SpanIds {
+                span_id: self.ids.span_id(),
+                ..parent
+            },
             parent: Some((parent.span_id, source)),
             parent_key: None,
             resend_count: 0,
@@ -447,10 +450,7 @@ impl Stitcher {
             Some((_, src)) => self.stats.parents[src as usize] += 1,
             None => self.stats.roots += 1,
         }
-        let ids = SpanIds {
-            trace_id: d.trace_id,
-            span_id: d.span_id,
-        };
+        let ids = d.ids;
         if s.side == Side::Client {
             d.slot = self.pairing.add_client(&s, ids);
         }
@@ -468,8 +468,7 @@ impl Stitcher {
                     start_ns: s.start_ns,
                     method: s.method,
                     target: s.target,
-                    trace_id: ids.trace_id,
-                    span_id: ids.span_id,
+                    ids,
                     answering: false,
                     calls: FastMap::default(),
                     facets: Vec::new(),
@@ -507,8 +506,8 @@ impl Stitcher {
                 .filter(|l| !l.2)
                 .and_then(|(k, _, _)| self.serving.get(&k))
                 .map(|f| SpanLink {
-                    trace_id: f.trace_id,
-                    span_id: f.span_id,
+                    trace_id: f.ids.trace_id,
+                    span_id: f.ids.span_id,
                     source: LINK_LOOP_UNCONFIRMED,
                 });
             if root.link.is_some() {
@@ -525,10 +524,7 @@ impl Stitcher {
             .or_insert(0);
         let resend_count = *calls;
         *calls += 1;
-        let ids = SpanIds {
-            trace_id: parent.trace_id,
-            span_id: parent.span_id,
-        };
+        let ids = parent.ids;
         let mut d = self.child_of(ids, source);
         d.resend_count = resend_count;
         d.parent_key = Some(key);
@@ -548,7 +544,8 @@ impl Stitcher {
         match f.side {
             Side::Server => self.serving.remove(&key),
             Side::Client => {
-                self.pairing.client_done(d.slot, f.seq, f.answered, d.span_id, &span);
+                self.pairing
+                    .client_done(d.slot, f.seq, f.answered, d.ids.span_id, &span);
                 if let Some(parent) = d.parent_key
                     && f.answered
                 {
@@ -559,8 +556,9 @@ impl Stitcher {
         if let Some((parent, ParentSource::Connection)) = d.parent {
             self.pairing.clamp_server(parent, &mut span);
         }
-        span.trace_id = d.trace_id;
-        span.span_id = d.span_id;
+        span.trace_id = d.ids.trace_id;
+        span.span_id = d.ids.span_id;
+        span.upstream_sampled = d.ids.upstream_sampled;
         span.parent_span_id = d.parent.map(|(p, _)| p);
         span.links.extend(d.link);
         if let Some((_, src)) = d.parent {

@@ -14,6 +14,9 @@ type LinkKey = (Link, u64);
 pub struct SpanIds {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
+    /// The sampling decision a propagated context carried into this trace (its `sampled`
+    /// flag), inherited by every span of the trace; `None` when the trace began here.
+    pub upstream_sampled: Option<bool>,
 }
 
 /// Where a client request was indexed (so it leaves the index when it is done).

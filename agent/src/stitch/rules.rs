@@ -24,6 +24,7 @@ pub fn propagated(s: &RequestStart) -> Option<(SpanIds, ParentSource)> {
         SpanIds {
             trace_id: cx.trace_id,
             span_id: cx.span_id,
+            upstream_sampled: cx.sampled,
         },
         source,
     ))

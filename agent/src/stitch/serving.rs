@@ -7,6 +7,7 @@ use std::{
     net::SocketAddr,
 };
 
+use super::pairing::SpanIds;
 use crate::{FastMap, FastSet};
 
 /// (connection, request seq): a request's key.
@@ -23,8 +24,7 @@ pub struct InFlight {
     pub start_ns: u64,
     pub method: String,
     pub target: String,
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
+    pub ids: SpanIds,
     /// Its response is being written.
     pub answering: bool,
     /// Calls made on its behalf, by (peer, method, target): for resend counts.

@@ -62,6 +62,7 @@ fn done(conn_id: u64, seq: u64, side: Side, t: u64) -> Finished {
         error: false,
         resource,
         links: Vec::new(),
+        upstream_sampled: None,
     };
     Finished {
         span,

@@ -123,6 +123,7 @@ pub fn span_from_json(line: &str, processes: &mut HashMap<(u32, String), Arc<Pro
         error: v["status"].as_str() == Some("ERROR"),
         resource,
         links,
+        upstream_sampled: None,
     })
 }
 

@@ -9,7 +9,6 @@ pub mod top;
 pub mod waterfall;
 
 use std::{
-    collections::HashMap,
     io::Write,
     sync::{Arc, atomic::Ordering::Relaxed, mpsc},
     time::{Duration, Instant},
@@ -21,6 +20,7 @@ pub use waterfall::Style;
 use crate::{
     export::{PrintCounts, PrintFormat},
     span::Span,
+    traces::TraceCollector,
 };
 
 /// What a live view prints.
@@ -34,97 +34,9 @@ pub enum View {
     Top,
 }
 
-/// How long a trace waits after its root arrived and its last span came, for late spans
-/// (the other end of a connection, a reorder window) before it is printed.
-pub const TRACE_GRACE: Duration = Duration::from_secs(2);
-/// A trace whose root never arrives (a broken trace, or a root still running) is printed
-/// anyway this long after its first span, marked as broken where parents are missing.
-pub const TRACE_MAX_WAIT: Duration = Duration::from_secs(30);
-/// Traces assembled at once; beyond it the oldest is printed as it stands.
-const MAX_TRACES: usize = 10_000;
-/// Spans kept per trace; later ones are counted as dropped.
-const MAX_SPANS_PER_TRACE: usize = 2_000;
 /// Spans waiting for the view thread or held for their trace; beyond it batches are dropped
 /// (counted).
 const MAX_QUEUED_SPANS: u64 = 200_000;
-
-struct Pending {
-    spans: Vec<Span>,
-    first_ns: u64,
-    last_ns: u64,
-    /// Its root (a span without a parent) arrived: spans end before their parents, so the
-    /// trace is whole but for late arrivals.
-    rooted: bool,
-}
-
-/// Spans grouped into local traces until each is complete.
-#[derive(Default)]
-pub struct TraceCollector {
-    pending: HashMap<[u8; 16], Pending>,
-    /// Traces in the order they began (some already printed): the oldest is found at once.
-    order: std::collections::VecDeque<[u8; 16]>,
-    /// Spans beyond a trace's bound.
-    pub dropped_spans: u64,
-}
-
-impl TraceCollector {
-    /// Adds a span seen at `now_ns` (any monotonic clock); returns traces pushed out by the bound.
-    pub fn add(&mut self, span: Span, now_ns: u64) -> Option<Vec<Span>> {
-        let mut evicted = None;
-        if !self.pending.contains_key(&span.trace_id) {
-            if self.pending.len() >= MAX_TRACES {
-                while let Some(id) = self.order.pop_front() {
-                    if let Some(p) = self.pending.remove(&id) {
-                        evicted = Some(p.spans);
-                        break;
-                    }
-                }
-            }
-            self.order.push_back(span.trace_id);
-        }
-        let p = self.pending.entry(span.trace_id).or_insert_with(|| Pending {
-            spans: Vec::new(),
-            first_ns: now_ns,
-            last_ns: now_ns,
-            rooted: false,
-        });
-        p.last_ns = now_ns;
-        p.rooted |= span.parent_span_id.is_none();
-        if p.spans.len() >= MAX_SPANS_PER_TRACE {
-            self.dropped_spans += 1;
-        } else {
-            p.spans.push(span);
-        }
-        evicted
-    }
-
-    /// Traces complete at `now_ns`, oldest first.
-    pub fn take_ready(&mut self, now_ns: u64) -> Vec<Vec<Span>> {
-        let grace = TRACE_GRACE.as_nanos() as u64;
-        let max_wait = TRACE_MAX_WAIT.as_nanos() as u64;
-        let mut ready: Vec<([u8; 16], u64)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| {
-                (p.rooted && now_ns.saturating_sub(p.last_ns) >= grace) || now_ns.saturating_sub(p.first_ns) >= max_wait
-            })
-            .map(|(id, p)| (*id, p.first_ns))
-            .collect();
-        ready.sort_by_key(|&(_, first)| first);
-        ready
-            .into_iter()
-            .filter_map(|(id, _)| self.pending.remove(&id).map(|p| p.spans))
-            .collect()
-    }
-
-    /// Every trace still held (at shutdown, or the end of a file).
-    pub fn take_all(&mut self) -> Vec<Vec<Span>> {
-        self.order.clear();
-        let mut all: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
-        all.sort_by_key(|p| p.first_ns);
-        all.into_iter().map(|p| p.spans).collect()
-    }
-}
 
 /// A trace is shown when any of its spans passes every filter (so `--min-duration 2s` shows the
 /// traces with a span that slow, and `--errors` the traces with an error).
@@ -227,9 +139,7 @@ impl TraceQueue {
                     Ok(spans) => {
                         for s in spans {
                             let before = traces.dropped_spans;
-                            if let Some(evicted) = traces.add(s, now) {
-                                print(evicted);
-                            }
+                            traces.add(s, now).into_iter().for_each(&mut print);
                             if traces.dropped_spans > before {
                                 c.queued.fetch_sub(1, Relaxed);
                                 c.dropped_queue_full.fetch_add(1, Relaxed);
@@ -280,6 +190,7 @@ pub(crate) fn test_span(
             container_id: None,
         }),
         links: Vec::new(),
+        upstream_sampled: None,
     }
 }
 
@@ -287,45 +198,14 @@ pub(crate) fn test_span(
 mod tests {
     use super::*;
 
+    const S: u64 = 1_000_000_000;
+
     fn span(trace: u8, id: u8, parent: Option<u8>) -> Span {
         let mut s = Span::sample(u64::from(id));
         s.trace_id = [trace; 16];
         s.span_id = [id; 8];
         s.parent_span_id = parent.map(|p| [p; 8]);
         s
-    }
-
-    const S: u64 = 1_000_000_000;
-
-    #[test]
-    fn a_trace_is_ready_once_rooted_and_quiet() {
-        let mut c = TraceCollector::default();
-        assert!(c.add(span(1, 2, Some(1)), 0).is_none());
-        assert!(c.take_ready(5 * S).is_empty(), "no root yet");
-        c.add(span(1, 1, None), 5 * S);
-        c.add(span(2, 9, None), 5 * S);
-        assert!(c.take_ready(6 * S).is_empty(), "within the grace");
-        let ready = c.take_ready(7 * S);
-        assert_eq!(ready.len(), 2);
-        assert_eq!(ready[0].len(), 2, "the older trace first, whole");
-        // A trace whose root never comes is printed after the longest wait.
-        c.add(span(3, 5, Some(4)), 10 * S);
-        assert!(c.take_ready(39 * S).is_empty());
-        assert_eq!(c.take_ready(40 * S).len(), 1);
-    }
-
-    #[test]
-    fn beyond_its_bound_the_oldest_trace_is_pushed_out() {
-        let mut c = TraceCollector::default();
-        for t in 0..MAX_TRACES as u64 {
-            let mut s = span(1, 2, Some(1));
-            s.trace_id = [0; 16];
-            s.trace_id[..8].copy_from_slice(&t.to_be_bytes());
-            assert!(c.add(s, t).is_none());
-        }
-        let evicted = c.add(span(9, 2, Some(1)), S).expect("the oldest goes");
-        assert_eq!(evicted[0].trace_id, [0; 16], "trace 0, the first added");
-        assert_eq!(c.pending.len(), MAX_TRACES);
     }
 
     #[test]

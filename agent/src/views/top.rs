@@ -92,6 +92,7 @@ impl Window {
         let mut slim = Span {
             attributes: s.attributes.iter().filter(|(k, _)| keep(k)).cloned().collect(),
             links: Vec::new(),
+            upstream_sampled: None,
             ..s.clone()
         };
         slim.attributes.shrink_to_fit();

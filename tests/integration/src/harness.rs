@@ -598,7 +598,11 @@ impl Agent {
             // Left out by the view's filters: neither printed nor lost.
             let filtered = m.get("sockspan_spans_filtered_total");
             let not_printed = dropped(r#"reason="print_"#);
-            let exported_balance = created == exported + not_exported + queued(r#"sink="otlp""#);
+            // Sampling's part: left out of the export on purpose, or held until the tail
+            // sampler decides.
+            let sampled_out = m.get("sockspan_spans_sampled_out_total");
+            let exported_balance = created
+                == exported + not_exported + sampled_out + queued(r#"sink="otlp""#) + queued(r#"sink="tail_sampling""#);
             let printed_balance = created == printed + filtered + not_printed + queued(r#"sink="print""#);
             let spans_balance = if self.exporting {
                 exported_balance && (!self.printing || printed_balance)
@@ -611,7 +615,7 @@ impl Agent {
             if Instant::now() >= deadline {
                 bail!(
                     "the agent's books do not balance: events submitted {submitted}, read {read}; spans created \
-                     {created}, exported {exported} (+{not_exported} dropped), printed {printed} (+{not_printed} dropped, \
+                     {created}, exported {exported} (+{not_exported} dropped, {sampled_out} sampled out), printed {printed} (+{not_printed} dropped, \
                      {filtered} filtered)\n{}",
                     m.text
                 );
