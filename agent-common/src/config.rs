@@ -8,6 +8,10 @@ pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";
 /// (userspace also polls on a short timer, so a quiet ring is never left unread).
 pub const GLOBAL_WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 
+/// Global: which port lists `PORT_SELECT` holds (`maps::port_select::MODE_*` bits; 0: none,
+/// no port is looked up).
+pub const GLOBAL_PORT_MODE: &str = "PORT_MODE";
+
 /// Default payload capture: a request line and ordinary headers.
 pub const DEFAULT_CAPTURE_BYTES: u32 = 1024;
 /// Default wake-up threshold.

@@ -18,6 +18,34 @@ pub const LOOP_EPOCH_MAX_ENTRIES: u32 = 64 * 1024;
 /// Processes seen using TCP sockets: only their threads' waits bump a loop epoch (LRU).
 pub const TRACED_TGIDS_MAX_ENTRIES: u32 = 16 * 1024;
 
+/// Port selection: one byte per TCP port (see [`port_select`]).
+pub const PORT_SELECT_MAP: &str = "PORT_SELECT";
+/// The agent's view of processes (tgid → `traced` flags), where it marks those not selected.
+pub const TRACED_TGIDS_MAP: &str = "TRACED_TGIDS";
+
+/// `PORT_SELECT` entries and the `PORT_MODE` global.
+pub mod port_select {
+    /// Entry: the port is in a `--trace-port` list.
+    pub const TRACE: u8 = 1;
+    /// Entry: the port is in an `--ignore-port` list.
+    pub const IGNORE: u8 = 2;
+    /// Mode bit: only connections with a `TRACE` port at either end are reported.
+    pub const MODE_ONLY_LISTED: u32 = 1;
+    /// Mode bit: connections with an `IGNORE` port at either end are not reported.
+    pub const MODE_IGNORE: u32 = 2;
+}
+
+/// `TRACED_TGIDS` flags.
+pub mod traced {
+    /// The process moved bytes on a TCP socket.
+    pub const TCP: u8 = 1;
+    /// Its Go hooks fired: its data events carry the goroutine (one lookup serves both).
+    pub const GO: u8 = 2;
+    /// Userspace found it not selected (`--trace-exe`, `--ignore-pid`, ...): its sends and
+    /// receives are not reported.
+    pub const SKIP: u8 = 4;
+}
+
 /// Threads inside `runtime.newproc1` (between its entry and return hooks), LRU.
 pub const GO_SPAWNING_MAX_ENTRIES: u32 = 16 * 1024;
 
@@ -35,6 +63,9 @@ pub mod counter {
     /// programs were attached, or its stash was evicted from the full `PENDING` LRU): stashed
     /// late, completed from the saved registers at exit.
     pub const LATE_STASH: u32 = 4;
+    /// Sends and receives not reported because their process or their connection's ports are
+    /// not selected (`--trace-*`/`--ignore-*`): nothing was copied.
+    pub const UNSELECTED: u32 = 5;
     /// Number of slots.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }

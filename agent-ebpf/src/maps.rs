@@ -8,7 +8,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Every event, in the order the kernel produced it. Size is set by userspace at load time.
@@ -45,17 +45,17 @@ pub struct LoopState {
 }
 
 /// Processes (tgid) that moved bytes on a TCP socket: the waits of other processes cost one
-/// lookup and are not counted. The value holds [`traced`] flags.
+/// lookup and are not counted. The value holds `traced` flags; userspace adds `SKIP` to the
+/// processes it does not select.
 #[map]
 pub static TRACED_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(TRACED_TGIDS_MAX_ENTRIES, 0);
 
-/// Flags of a [`TRACED_TGIDS`] entry.
-pub mod traced {
-    /// The process moved bytes on a TCP socket.
-    pub const TCP: u8 = 1;
-    /// Its Go hooks fired: its data events carry the goroutine (one lookup serves both).
-    pub const GO: u8 = 2;
-}
+pub use agent_common::maps::traced;
+
+/// Port selection, one `port_select` byte per port (filled by userspace; read only when
+/// `PORT_MODE` is set).
+#[map]
+pub static PORT_SELECT: Array<u8> = Array::with_max_entries(65_536, 0);
 
 /// The goroutine that called `runtime.newproc1`, by thread (pid_tgid), until it returns.
 #[map]
@@ -138,7 +138,16 @@ pub struct FdInfo {
     /// A request-carrying call on this fd moved more than one capture window (pipelining, or
     /// large headers): its responses are captured in segments too, as they may share a call.
     pub wide: u8,
-    pub _pad: [u8; 6],
+    /// Whether `sock`'s ports are selected: [`select::UNKNOWN`], `YES` or `NO`.
+    pub select: u8,
+    pub _pad: [u8; 5],
+}
+
+/// [`FdInfo::select`] values.
+pub mod select {
+    pub const UNKNOWN: u8 = 0;
+    pub const YES: u8 = 1;
+    pub const NO: u8 = 2;
 }
 
 /// Globals set by userspace at load time (`EbpfLoader::override_global`).
@@ -148,6 +157,8 @@ static SELF_TGID: u32 = 0;
 static CAPTURE_BYTES: u32 = agent_common::config::DEFAULT_CAPTURE_BYTES;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u32 = agent_common::config::DEFAULT_WAKEUP_BYTES;
+#[unsafe(no_mangle)]
+static PORT_MODE: u32 = 0;
 
 #[unsafe(no_mangle)]
 static SOCK_OFFSETS: agent_common::config::SockOffsets = agent_common::config::SockOffsets {
@@ -183,6 +194,24 @@ pub fn capture_bytes() -> u32 {
 pub fn wakeup_bytes() -> u64 {
     // SAFETY: as above.
     u64::from(unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) })
+}
+
+#[inline(always)]
+pub fn port_mode() -> u32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&PORT_MODE) }
+}
+
+/// Whether a connection between `local` and `remote` ports is selected.
+#[inline(always)]
+pub fn ports_selected(mode: u32, local: u16, remote: u16) -> bool {
+    use agent_common::maps::port_select::{IGNORE, MODE_IGNORE, MODE_ONLY_LISTED, TRACE};
+    let l = PORT_SELECT.get(u32::from(local)).copied().unwrap_or(0);
+    let r = PORT_SELECT.get(u32::from(remote)).copied().unwrap_or(0);
+    if mode & MODE_IGNORE != 0 && (l | r) & IGNORE != 0 {
+        return false;
+    }
+    mode & MODE_ONLY_LISTED == 0 || (l | r) & TRACE != 0
 }
 
 #[inline(always)]

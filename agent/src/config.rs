@@ -111,6 +111,9 @@ pub struct Cli {
     pub tail_ratio: f64,
 
     #[command(flatten)]
+    pub select: crate::selection::Selection,
+
+    #[command(flatten)]
     pub filter: FilterArgs,
 
     /// Log format on stderr.

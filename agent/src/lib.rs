@@ -25,6 +25,7 @@ pub mod replay;
 pub mod routes;
 pub mod run;
 pub mod sampling;
+pub mod selection;
 pub mod span;
 pub mod stitch;
 pub mod telemetry;

@@ -4,13 +4,13 @@ use std::path::Path;
 
 use agent_common::{
     MAX_CAPTURE,
-    config::{GLOBAL_CAPTURE_BYTES, GLOBAL_SELF_TGID, GLOBAL_SOCK_OFFSETS, GLOBAL_WAKEUP_BYTES},
+    config::{GLOBAL_CAPTURE_BYTES, GLOBAL_PORT_MODE, GLOBAL_SELF_TGID, GLOBAL_SOCK_OFFSETS, GLOBAL_WAKEUP_BYTES},
     hooks::Tracepoint,
-    maps::{COUNTERS_MAP, EVENTS_MAP, counter},
+    maps::{COUNTERS_MAP, EVENTS_MAP, PORT_SELECT_MAP, TRACED_TGIDS_MAP, counter, traced},
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe, trace_point::TracePointLinkId, uprobe::UProbeScope},
 };
 
@@ -81,11 +81,14 @@ pub enum LoaderError {
 }
 
 /// Load-time settings of the kernel programs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct KernelConfig {
     pub capture_bytes: u32,
     pub ring_bytes: u32,
     pub wakeup_bytes: u32,
+    /// Port selection: the `PORT_MODE` bits and the `PORT_SELECT` entries.
+    pub port_mode: u32,
+    pub port_entries: Vec<(u16, u8)>,
 }
 
 /// The loaded, attached programs and the maps userspace reads.
@@ -94,6 +97,27 @@ pub struct Loaded {
     pub links: Vec<(&'static str, TracePointLinkId)>,
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Where processes not selected are marked.
+    pub gate: KernelProcessGate,
+}
+
+/// Marks processes in the kernel's process map (`TRACED_TGIDS`) so their sends and receives
+/// are not reported (`traced::SKIP`).
+pub struct KernelProcessGate(BpfHashMap<MapData, u32, u8>);
+
+impl crate::selection::ProcessGate for KernelProcessGate {
+    fn skip(&mut self, pid: u32) {
+        let flags = self.0.get(&pid, 0).unwrap_or(traced::TCP);
+        if let Err(e) = self.0.insert(pid, flags | traced::SKIP, 0) {
+            tracing::debug!(pid, error = %e, "Could not mark a process as not selected");
+        }
+    }
+
+    fn unskip(&mut self, pid: u32) {
+        if let Ok(flags) = self.0.get(&pid, 0) {
+            let _ = self.0.insert(pid, flags & !traced::SKIP, 0);
+        }
+    }
 }
 
 /// Detaches every program. Each detach waits for the kernel to retire the hook (tens of
@@ -217,6 +241,7 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         .override_global(GLOBAL_CAPTURE_BYTES, &capture, true)
         .override_global(GLOBAL_WAKEUP_BYTES, &cfg.wakeup_bytes, true)
         .override_global(GLOBAL_SOCK_OFFSETS, &sock_offsets, true)
+        .override_global(GLOBAL_PORT_MODE, &cfg.port_mode, true)
         .map_max_entries(EVENTS_MAP, cfg.ring_bytes)
         .load(EBPF_OBJECT)
         .map_err(LoaderError::Load)?;
@@ -263,11 +288,27 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         name: COUNTERS_MAP,
         source,
     })?;
+    let map_err = |name: &'static str| move |source| LoaderError::Map { name, source };
+    let missing = |name: &'static str| LoaderError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    };
+    let mut ports: Array<&mut MapData, u8> =
+        Array::try_from(ebpf.map_mut(PORT_SELECT_MAP).ok_or_else(|| missing(PORT_SELECT_MAP))?)
+            .map_err(map_err(PORT_SELECT_MAP))?;
+    for &(port, flags) in &cfg.port_entries {
+        ports.set(u32::from(port), flags, 0).map_err(map_err(PORT_SELECT_MAP))?;
+    }
+    let tgids = ebpf
+        .take_map(TRACED_TGIDS_MAP)
+        .ok_or_else(|| missing(TRACED_TGIDS_MAP))?;
+    let gate = KernelProcessGate(BpfHashMap::try_from(tgids).map_err(map_err(TRACED_TGIDS_MAP))?);
     Ok(Loaded {
         ebpf,
         links,
         events,
         counters,
+        gate,
     })
 }
 
@@ -335,6 +376,7 @@ pub struct KernelCounters {
     pub payload_read_failed: u64,
     pub events_submitted: u64,
     pub late_stashes: u64,
+    pub unselected: u64,
 }
 
 pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
@@ -345,6 +387,7 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
         payload_read_failed: sum(counter::PAYLOAD_READ_FAILED),
         events_submitted: sum(counter::EVENTS_SUBMITTED),
         late_stashes: sum(counter::LATE_STASH),
+        unselected: sum(counter::UNSELECTED),
     }
 }
 

@@ -13,6 +13,7 @@ use crate::{
     process::ProcessTable,
     reader::RawBatch,
     sampling::{HeadSampler, Sampler},
+    selection::{ProcessSelector, Selection},
     span::{IdGenerator, Span, SpanFactory, SpanOptions, monotonic_ns},
     stitch::{self, Finished, RequestStart, Stitcher},
     telemetry::{Family, Metrics},
@@ -33,6 +34,8 @@ const RELEASE_STEP: usize = 4096;
 const BUDGET_CHECK_NS: u64 = 5_000_000;
 /// How often the idle work runs.
 pub const TICK: Duration = Duration::from_millis(250);
+/// Ticks between sweeps of the process selection's decisions (processes gone, pids reused).
+const SELECTION_SWEEP_TICKS: u64 = 20;
 
 pub struct Processor {
     pub conns: ConnTable,
@@ -57,6 +60,8 @@ pub struct Processor {
     ticks: u64,
     budget_checked_ns: u64,
     budget_checked_heap: u64,
+    /// Which processes are traced (`--trace-exe`, `--ignore-pid`, ...; all by default).
+    selector: ProcessSelector,
 }
 
 impl Processor {
@@ -105,12 +110,19 @@ impl Processor {
             shed_connections: 0,
             shed_requests: 0,
             ticks: 0,
+            selector: ProcessSelector::new(Selection::default(), None),
             budget_checked_ns: 0,
             budget_checked_heap: 0,
         }
     }
 
     /// Keeps the state within `budget` (see [`Self::keep_within_budget`]).
+    /// Traces only the processes `selector` selects.
+    pub fn with_selection(mut self, selector: ProcessSelector) -> Self {
+        self.selector = selector;
+        self
+    }
+
     pub fn with_budget(mut self, budget: MemoryBudget) -> Self {
         self.budget = Some(budget);
         self
@@ -136,6 +148,7 @@ impl Processor {
                 }
             }
             match decode(record) {
+                Ok(ev) if !self.selector.admits(ev.header().pid) => {}
                 Ok(ev) => self.conns.on_event(&ev, &mut self.outputs),
                 Err(e) => {
                     self.decode_failed[e.index()] += 1;
@@ -220,6 +233,9 @@ impl Processor {
         self.build_spans(out);
         self.publish_stats();
         self.ticks += 1;
+        if self.ticks.is_multiple_of(SELECTION_SWEEP_TICKS) {
+            self.selector.forget_gone();
+        }
         if self.budget.is_some() && self.ticks.is_multiple_of(4) {
             // Memory freed since (batches, spans sent, connections gone) stops counting as
             // resident within a second.
@@ -306,6 +322,7 @@ impl Processor {
     }
 
     pub fn publish_stats(&self) {
+        self.metrics.events_unselected.set(self.selector.dropped_events);
         let mut families = self.conns.families();
         families.extend(self.stitcher.families());
         families.extend(self.families());

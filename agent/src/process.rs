@@ -147,7 +147,7 @@ pub fn container_id(cgroup: &str) -> Option<String> {
 
 /// The process's start time (field 22 of `<root>/<pid>/stat`, after the parenthesised name,
 /// which may hold spaces) and executable; `None` without a /proc (replays).
-fn identity(root: &std::path::Path, pid: u32) -> Option<(u64, PathBuf)> {
+pub(crate) fn identity(root: &std::path::Path, pid: u32) -> Option<(u64, PathBuf)> {
     if root.as_os_str().is_empty() {
         return None;
     }

@@ -15,6 +15,7 @@ use crate::{
     process::ProcessTable,
     reader::Reader,
     sampling::{HeadSampler, Sampler},
+    selection::ProcessSelector,
     span::{SpanFactory, SpanOptions},
     telemetry::{self, Metrics},
     views::{SpanFilter, View},
@@ -49,12 +50,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         capture_bytes: cli.capture_bytes,
         ring_bytes: cli.ring_bytes,
         wakeup_bytes: (cli.ring_bytes / 64).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
+        port_mode: cli.select.port_mode(),
+        port_entries: cli.select.port_entries(),
     })?;
     let loader::Loaded {
         ebpf,
         links,
         events,
         counters,
+        gate,
     } = loaded;
     let attached_ns = crate::span::monotonic_ns();
 
@@ -106,6 +110,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         metrics.clone(),
     )
+    .with_selection(ProcessSelector::new(cli.select.clone(), Some(Box::new(gate))))
     .with_budget(budget);
     let record: Option<Box<dyn std::io::Write + Send>> = match &cli.record {
         Some(path) => {

@@ -124,6 +124,10 @@ pub struct Metrics {
     pub kernel_payload_read_failed: Counter,
     pub kernel_events_submitted: Counter,
     pub kernel_late_stashes: Counter,
+    /// Sends and receives of what is not selected (`--trace-*`, `--ignore-*`): not reported by
+    /// the kernel, or dropped here (a process's first events, before the kernel knew).
+    pub kernel_unselected: Counter,
+    pub events_unselected: Counter,
     pub spans_created: Counter,
     pub spans_exported: Counter,
     /// The print thread's counts.
@@ -166,6 +170,7 @@ impl Metrics {
         self.kernel_payload_read_failed.set(k.payload_read_failed);
         self.kernel_events_submitted.set(k.events_submitted);
         self.kernel_late_stashes.set(k.late_stashes);
+        self.kernel_unselected.set(k.unselected);
     }
 
     /// Replaces the stages' snapshot.
@@ -241,6 +246,14 @@ impl Metrics {
                 "sockspan_kernel_late_stashes_total",
                 "Sends and receives seen at the socket layer without their entry (begun before the agent attached, or evicted from the full in-flight syscall table), completed from the saved registers.",
                 self.kernel_late_stashes.get(),
+            ),
+            Family::counter(
+                "sockspan_events_unselected_total",
+                "Sends and receives of processes or ports not selected (--trace-*, --ignore-*), by where they stopped: in the kernel (nothing copied) or in the agent (a process's first events, before the kernel was told).",
+                vec![
+                    ("where", "kernel", self.kernel_unselected.get()),
+                    ("where", "agent", self.events_unselected.get()),
+                ],
             ),
             Family::total(
                 "sockspan_events_read_total",

@@ -74,6 +74,10 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let family: u16 = unsafe { ctx.read_at(set_state::FAMILY.offset) }.map_err(i64::from)?;
     let sport: u16 = unsafe { ctx.read_at(set_state::SPORT.offset) }.map_err(i64::from)?;
     let dport: u16 = unsafe { ctx.read_at(set_state::DPORT.offset) }.map_err(i64::from)?;
+    let mode = crate::maps::port_mode();
+    if mode != 0 && !crate::maps::ports_selected(mode, sport, dport) {
+        return Ok(0);
+    }
     let mut local_addr = [0u8; 16];
     let mut remote_addr = [0u8; 16];
     if family == AF_INET {
@@ -104,6 +108,20 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     };
     submit_sock(&ev)?;
     Ok(0)
+}
+
+/// A socket's (local, remote) ports, read from the socket itself (`None`: offsets unknown).
+#[inline(always)]
+pub fn ports(sk: u64) -> Option<(u16, u16)> {
+    let o = crate::maps::sock_offsets();
+    if o.valid == 0 || sk == 0 {
+        return None;
+    }
+    let at = |off: u32| (sk + u64::from(off)) as *const u16;
+    // SAFETY: kernel memory read through bpf_probe_read_kernel, which tolerates any address.
+    let dport: u16 = unsafe { bpf_probe_read_kernel(at(o.dport)) }.ok()?;
+    let num: u16 = unsafe { bpf_probe_read_kernel(at(o.num)) }.ok()?;
+    Some((num, u16::from_be(dport)))
 }
 
 /// Reports the 4-tuple of a socket the agent never saw established (opened before it started),

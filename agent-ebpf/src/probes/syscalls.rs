@@ -12,7 +12,8 @@ use aya_ebpf::{
 use crate::{
     capture::{carries_requests, emit_connect, emit_data, sock_event, submit_sock},
     maps::{
-        FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, capture_bytes, count, fd_key, self_tgid, traced,
+        FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, capture_bytes, count, fd_key, port_mode,
+        ports_selected, select, self_tgid, traced,
     },
     probes::loops::bump_epoch,
 };
@@ -153,6 +154,10 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         return Ok(0);
     }
     let traced = mark_traced(pid_tgid);
+    if traced & traced::SKIP != 0 {
+        count(counter::UNSELECTED);
+        return Ok(0);
+    }
     if p.syscall == LATE {
         if p.direction != spec.dir {
             return Ok(0);
@@ -175,31 +180,51 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         return Ok(0);
     }
     let key = fd_key(pid_tgid, p.fd);
-    // SAFETY: copied out at once.
-    let known = unsafe { FD_INFO.get(key).copied() };
-    let fd_side = match known {
-        // Accepted fds learn their socket at their first data event.
-        Some(info) if info.sock == p.sock || info.sock == 0 => info.side,
-        _ => side::UNKNOWN,
+    // SAFETY: copied out at once. Taken apart into plain values: the verifier rejects the
+    // code LLVM makes of matches on an `Option<FdInfo>` (it reads the absent value's fields).
+    let (known, same_sock, known_side, known_sock, known_wide, known_select) = match unsafe { FD_INFO.get(key) } {
+        Some(info) => (true, info.sock == p.sock, info.side, info.sock, info.wide, info.select),
+        None => (false, false, side::UNKNOWN, 0, 0, select::UNKNOWN),
     };
-    if known.is_none() {
+    // Accepted fds learn their socket at their first data event.
+    let fd_side = if known && (same_sock || known_sock == 0) {
+        known_side
+    } else {
+        side::UNKNOWN
+    };
+    // Port selection, decided once per socket (two reads of it) and kept with the fd.
+    let mode = port_mode();
+    let mut selected = if same_sock { known_select } else { select::UNKNOWN };
+    if mode != 0 && selected == select::UNKNOWN {
+        selected = match crate::probes::sock::ports(p.sock) {
+            Some((local, remote)) if !ports_selected(mode, local, remote) => select::NO,
+            Some(_) => select::YES,
+            None => select::UNKNOWN,
+        };
+    }
+    if !known && selected != select::NO {
         // First sight of this fd: a connection that predates the agent (or an LRU eviction).
         let _ = crate::probes::sock::report_tuple(p.sock);
     }
-    if known.is_none_or(|info| info.sock != p.sock) {
+    let wide = same_sock && known_wide != 0;
+    if !same_sock || known_select != selected {
         let _ = FD_INFO.insert(
             key,
             FdInfo {
                 sock: p.sock,
                 side: fd_side,
-                wide: 0,
-                _pad: [0; 6],
+                wide: u8::from(wide),
+                select: selected,
+                _pad: [0; 5],
             },
             0,
         );
     }
+    if selected == select::NO {
+        count(counter::UNSELECTED);
+        return Ok(0);
+    }
     let requests = carries_requests(p.direction, fd_side);
-    let wide = known.is_some_and(|info| info.sock == p.sock && info.wide != 0);
     emit_data(&p, pid_tgid, ret, fd_side, traced, requests || wide)?;
     if requests && !wide && ret as u64 > u64::from(capture_bytes()) {
         // SAFETY: a single byte written in place; a concurrent update writes the same value.
@@ -352,7 +377,8 @@ fn exit_accept(ctx: &TracePointContext) -> Result<u32, i64> {
             sock: 0,
             side: side::ACCEPTED,
             wide: 0,
-            _pad: [0; 6],
+            select: select::UNKNOWN,
+            _pad: [0; 5],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, ret as i32), info, 0);
     }
@@ -380,7 +406,8 @@ fn exit_connect(ctx: &TracePointContext) -> Result<u32, i64> {
             sock: p.sock,
             side: side::CONNECTED,
             wide: 0,
-            _pad: [0; 6],
+            select: select::UNKNOWN,
+            _pad: [0; 5],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, p.fd), info, 0);
         let traced = mark_traced(pid_tgid);
@@ -405,7 +432,7 @@ fn enter_close(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     };
     let _ = FD_INFO.remove(key);
-    if info.sock == 0 || (pid_tgid >> 32) as u32 == self_tgid() {
+    if info.sock == 0 || info.select == select::NO || (pid_tgid >> 32) as u32 == self_tgid() {
         return Ok(0);
     }
     let mut ev = sock_event(kind::CLOSE, info.sock, pid_tgid as u32, (pid_tgid >> 32) as u32);

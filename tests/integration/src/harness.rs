@@ -1136,3 +1136,41 @@ pub fn tcp_peer_client(port: u16) -> Result<()> {
     );
     Ok(())
 }
+
+/// A cgroup named as a container runtime names a container's, made in the machine's real
+/// cgroup tree; removed (its process moved back out) when dropped.
+pub struct ContainerCgroup {
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+    pid: u32,
+}
+
+impl ContainerCgroup {
+    /// Moves `pid` into `<hierarchy>/docker-<id>.scope` in the first writable hierarchy (the
+    /// unified one first).
+    pub fn enter(id: &str, pid: u32) -> Result<Self> {
+        let mut tried = Vec::new();
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/pids"] {
+            let root = std::path::PathBuf::from(root);
+            if !root.join("cgroup.procs").exists() {
+                continue;
+            }
+            let dir = root.join(format!("docker-{id}.scope"));
+            match std::fs::create_dir(&dir).and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string())) {
+                Ok(()) => return Ok(Self { dir, root, pid }),
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&dir);
+                    tried.push(format!("{}: {e}", root.display()));
+                }
+            }
+        }
+        bail!("no cgroup hierarchy took the process: {tried:?}")
+    }
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

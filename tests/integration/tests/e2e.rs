@@ -11,8 +11,8 @@ use agent_integration_tests::{
     CollectedSpan, Receiver,
     checks::{Exchange, Expect, Svc, check_exchange, describe, exchange_problems, one_exchange, under, with_path},
     harness::{
-        Agent, AgentBuilder, NGINX_BIG_FILE_SIZE, PreexistingClient, Protocol, Server, curl, free_port, node_client,
-        now_ns, python_client, serial, statuses, tcp_peer_client, tcp_peer_server, unique_path,
+        Agent, AgentBuilder, ContainerCgroup, NGINX_BIG_FILE_SIZE, PreexistingClient, Protocol, Server, curl,
+        free_port, node_client, now_ns, python_client, serial, statuses, tcp_peer_client, tcp_peer_server, unique_path,
     },
     require,
 };
@@ -1621,43 +1621,6 @@ fn busy_keepalive_connection_during_start_keeps_true_durations() -> Result<()> {
     );
     agent.stop()?;
     Ok(())
-}
-
-/// A cgroup named as a container runtime names a container's, made in the machine's real
-/// cgroup tree; removed (its process moved back out) when dropped.
-struct ContainerCgroup {
-    dir: std::path::PathBuf,
-    root: std::path::PathBuf,
-    pid: u32,
-}
-
-impl ContainerCgroup {
-    /// Moves `pid` into `<hierarchy>/docker-<id>.scope` in the first writable hierarchy.
-    fn enter(id: &str, pid: u32) -> Result<Self> {
-        let mut tried = Vec::new();
-        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/pids"] {
-            let root = std::path::PathBuf::from(root);
-            if !root.join("cgroup.procs").exists() {
-                continue;
-            }
-            let dir = root.join(format!("docker-{id}.scope"));
-            match std::fs::create_dir(&dir).and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string())) {
-                Ok(()) => return Ok(Self { dir, root, pid }),
-                Err(e) => {
-                    let _ = std::fs::remove_dir(&dir);
-                    tried.push(format!("{}: {e}", root.display()));
-                }
-            }
-        }
-        bail!("no cgroup hierarchy took the process: {tried:?}")
-    }
-}
-
-impl Drop for ContainerCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
 /// Resource metadata a node agent adds: `container.id` of a server running in a (real) container
