@@ -3,6 +3,7 @@
 //! slow or unreachable collector never blocks capture (overflow is dropped and counted).
 pub mod otlp;
 pub mod print;
+pub mod tls;
 
 pub use otlp::{BspConfig, OtlpExporter};
 pub use print::{PrintCounts, PrintFormat, PrintQueue};

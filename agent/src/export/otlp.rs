@@ -72,6 +72,12 @@ pub enum ConfigError {
     Protocol(String),
     #[error("cannot build the OTLP exporter: {0}")]
     Build(String),
+    #[error("{name}={path}: {reason}")]
+    Tls {
+        name: &'static str,
+        path: String,
+        reason: String,
+    },
 }
 
 impl BspConfig {
@@ -229,11 +235,13 @@ pub const FINAL_FLUSH: Duration = Duration::from_millis(2500);
 impl OtlpExporter {
     /// Builds the exporter from the standard environment. Needs a tokio runtime (gRPC).
     pub fn from_env(bsp: BspConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
-        check_protocol(|k| std::env::var(k).ok())?;
+        let env = |k: &str| std::env::var(k).ok();
+        check_protocol(env)?;
+        super::tls::install_crypto();
+        let tls = super::tls::TlsFiles::from_lookup(env)?;
         let idle = (0..bsp.max_concurrent_exports)
-            .map(|_| SpanExporter::builder().build())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::Build(e.to_string()))?;
+            .map(|_| super::tls::span_exporter(&env, &tls))
+            .collect::<Result<Vec<_>, _>>()?;
         let scope = InstrumentationScope::builder("sockspan")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();

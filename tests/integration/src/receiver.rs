@@ -480,7 +480,43 @@ pub struct Receiver {
     shared: Shared,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    /// Both servers speak TLS (`https://` endpoints).
+    tls: bool,
     runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// A TLS receiver's credentials (PEM): its certificate and key, and the authority its clients'
+/// certificates must come from.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Vec<u8>,
+}
+
+impl ServerTls {
+    /// A rustls server configuration that asks every client for a certificate from `client_ca`.
+    fn rustls(&self) -> Result<rustls::ServerConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&self.client_ca) {
+            roots.add(c.context("client CA")?)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .context("client verifier")?;
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .context("server certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).context("server key")?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
 }
 
 impl Receiver {
@@ -491,6 +527,15 @@ impl Receiver {
 
     /// [`Self::start`] on given ports (a collector that comes up where an agent already sends).
     pub fn start_on(grpc_port: u16, http_port: u16) -> Result<Self> {
+        Self::start_with(grpc_port, http_port, None)
+    }
+
+    /// Both receivers over TLS, each asking the exporter for a client certificate.
+    pub fn start_tls(tls: &ServerTls) -> Result<Self> {
+        Self::start_with(0, 0, Some(tls))
+    }
+
+    fn start_with(grpc_port: u16, http_port: u16, tls: Option<&ServerTls>) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -508,13 +553,23 @@ impl Receiver {
         let http_addr = http_listener.local_addr()?;
 
         let svc = TraceServiceServer::new(GrpcService(shared.clone()));
+        let mut grpc_server = tonic::transport::Server::builder();
+        if let Some(t) = tls {
+            grpc_server = grpc_server.tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
+                    .client_ca_root(tonic::transport::Certificate::from_pem(&t.client_ca)),
+            )?;
+        }
+        let acceptor = tls
+            .map(|t| {
+                t.rustls()
+                    .map(|c| tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(c)))
+            })
+            .transpose()?;
         runtime.spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming)
-                .await
-            {
+            if let Err(e) = grpc_server.add_service(svc).serve_with_incoming(incoming).await {
                 eprintln!("[receiver] gRPC server stopped: {e}");
             }
         });
@@ -531,12 +586,21 @@ impl Receiver {
                     }
                 };
                 let shared = http_shared.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| http_handler(shared.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new().keep_alive(true).clone();
+                    match acceptor {
+                        Some(a) => match a.accept(stream).await {
+                            Ok(tls) => {
+                                let _ = http.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                            Err(e) => eprintln!("[receiver] TLS handshake: {e}"),
+                        },
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
@@ -545,17 +609,25 @@ impl Receiver {
             shared,
             grpc_addr,
             http_addr,
+            tls: tls.is_some(),
             runtime: Some(runtime),
         })
     }
 
-    /// `http://127.0.0.1:PORT` of the gRPC receiver.
+    /// `http://127.0.0.1:PORT` (`https://` over TLS) of the gRPC receiver.
     pub fn grpc_endpoint(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        self.endpoint(self.grpc_addr)
     }
-    /// `http://127.0.0.1:PORT` of the HTTP receiver (the exporter appends `/v1/traces`).
+    /// The HTTP receiver's, likewise (the exporter appends `/v1/traces`).
     pub fn http_endpoint(&self) -> String {
-        format!("http://{}", self.http_addr)
+        self.endpoint(self.http_addr)
+    }
+    fn endpoint(&self, addr: SocketAddr) -> String {
+        if self.tls {
+            format!("https://{addr}")
+        } else {
+            format!("http://{addr}")
+        }
     }
     pub fn grpc_port(&self) -> u16 {
         self.grpc_addr.port()
