@@ -23,6 +23,8 @@ pub const BASE: &[&str] = &[
     "g++",
     // the full-screen views' end-to-end tests run them in a terminal
     "tmux",
+    // the TLS export test makes its certificate authority with it
+    "openssl",
 ];
 /// Only `cargo xtask bench` needs these.
 pub const BENCH: &[&str] = &["wrk", "bpftrace"];
