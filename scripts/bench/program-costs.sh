@@ -4,6 +4,8 @@
 # kernel.bpf_stats_enabled on; prints each of the agent's programs' runs and average run time.
 # As root, after `cargo build --release -p agent`:
 #   bash scripts/bench/program-costs.sh [AGENT_BINARY]
+# AGENT_ARGS adds the agent's flags, e.g. the cost of what selection leaves out:
+#   AGENT_ARGS=--ignore-port=18777 bash scripts/bench/program-costs.sh
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 AGENT=${1:-$REPO/target/release/sockspan}
@@ -19,7 +21,7 @@ http { access_log off; sendfile on; tcp_nopush on; default_type text/html;
 CONF
 taskset -c 0 /usr/sbin/nginx -p "$DIR" -c "$DIR/nginx.conf" -e "$DIR/error.log" & NG=$!
 OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:9 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
-  "$AGENT" > /dev/null 2> "$DIR/agent.err" & AG=$!
+  "$AGENT" ${AGENT_ARGS:-} > /dev/null 2> "$DIR/agent.err" & AG=$!
 for _ in $(seq 150); do grep -q "sockspan ready" "$DIR/agent.err" && break; sleep 0.2; done
 OLD=$(cat /proc/sys/kernel/bpf_stats_enabled); echo 1 > /proc/sys/kernel/bpf_stats_enabled
 # The agent's programs, by the ids its descriptors hold.
@@ -29,15 +31,17 @@ import json, sys
 ids = set(int(x) for x in '$IDS'.split())
 for p in json.load(sys.stdin):
     if p['id'] in ids: print(p['name'], p.get('run_time_ns', 0), p.get('run_cnt', 0))"; }
-snap > "$DIR/before"
+cpu() { awk '{print $14 + $15}' /proc/$AG/stat; }
+snap > "$DIR/before"; CPU0=$(cpu)
 taskset -c 1 wrk -t1 -c32 -d10s "http://127.0.0.1:$PORT/index.html" | tee "$DIR/wrk" | grep -E "Requests/sec"
-snap > "$DIR/after"
+snap > "$DIR/after"; CPU1=$(cpu)
 echo "$OLD" > /proc/sys/kernel/bpf_stats_enabled
 kill -INT $AG; wait $AG; kill $NG; wait $NG 2>/dev/null
 REQ=$(awk '/requests in/{print $1}' "$DIR/wrk")
-python3 - "$DIR" "$REQ" <<'PY'
+python3 - "$DIR" "$REQ" "$((CPU1 - CPU0))" "$(getconf CLK_TCK)" <<'PY'
 import sys
 d, req = sys.argv[1], int(sys.argv[2])
+user_us = int(sys.argv[3]) / int(sys.argv[4]) * 1e6 / req
 before = {l.split()[0]: (int(l.split()[1]), int(l.split()[2])) for l in open(d + "/before")}
 rows = []
 for l in open(d + "/after"):
@@ -51,5 +55,6 @@ print(f"{'program':28s} {'runs/request':>12s} {'ns/run':>8s} {'share':>6s}")
 for ns, c, n in rows:
     print(f"{n:28s} {c / req:12.2f} {ns / c:8.0f} {100 * ns / total:5.1f}%")
 print(f"all: {runs / req:.1f} runs and {total / req / 1000:.2f} µs per request, {total / runs:.0f} ns per run")
+print(f"agent process (userspace): {user_us:.2f} µs CPU per request")
 PY
 rm -rf "$DIR"
