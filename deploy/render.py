@@ -44,7 +44,7 @@ VARIANTS = {
         },
         "otlp": {"headersSecret": {"name": "otlp-auth", "key": "headers"}},
     },
-    "metrics-exposed-nobody": {"metrics": {"exposed": True}},
+    "metrics-exposed-no-peers": {"metrics": {"exposed": True}},
     "no-go-hooks": {"goHooks": False, "serviceAccount": {"create": False}},
 }
 
