@@ -8,8 +8,9 @@ the chart is rendered exactly as `helm template` renders it. Run by `cargo xtask
     python3 deploy/render.py --out /tmp/rendered            # lint, render every variant
     python3 deploy/render.py --out /tmp/rendered --write    # also regenerate deploy/daemonset.yaml
 
-Writes OUT/<variant>.yaml (all the variant's manifests) and OUT/default.json (what the test needs
-to run the image as the DaemonSet would: capabilities, args, mounts, the config file). Fails if
+Writes OUT/<variant>.yaml (all the variant's manifests), and OUT/default.json and
+OUT/no-go-hooks.json (what the test needs to run the image as the DaemonSet would:
+capabilities, args, mounts, the config file). Fails if
 the lint finds anything, or if deploy/daemonset.yaml is not the default rendering (unless
 --write).
 """
@@ -47,6 +48,9 @@ VARIANTS = {
     "metrics-exposed-no-peers": {"metrics": {"exposed": True}},
     "no-go-hooks": {"goHooks": False, "serviceAccount": {"create": False}},
 }
+
+# Variants the test runs the image as (OUT/<variant>.json): both capability sets.
+RUN = ("default", "no-go-hooks")
 
 PLAIN_HEADER = """\
 # sockspan as a DaemonSet, as plain manifests: deploy/helm/sockspan rendered with its default
@@ -139,9 +143,10 @@ def main():
         (args.out / f"{name}.yaml").write_text(text)
         kinds = [o["kind"] for o in yaml.safe_load_all(text) if o]
         print(f"render: {name}: {', '.join(kinds)}")
-        if name == "default":
+        if name in RUN:
             facts = container_facts(text)
-            (args.out / "default.json").write_text(json.dumps(facts, indent=2) + "\n")
+            (args.out / f"{name}.json").write_text(json.dumps(facts, indent=2) + "\n")
+        if name == "default":
             plain = PLAIN_HEADER + "---\n" + text
             if args.write:
                 PLAIN.write_text(plain)

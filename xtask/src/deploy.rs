@@ -6,10 +6,11 @@
 //! 2. validates every rendered manifest offline (`kubernetes-validate --strict`) against
 //!    Kubernetes [`KUBE_VERSION`];
 //! 3. builds the image with `podman build` and exports its root filesystem;
-//! 4. runs the exported root filesystem chrooted, read-only, with the DaemonSet's mounts, args and
-//!    exactly its capabilities (all others dropped, no_new_privs), and checks that a Go server
-//!    run by another user is traced: a span with its `OTEL_SERVICE_NAME`, its executable, the
-//!    node name, the Go hooks attached, and `/healthz` answering.
+//! 4. runs the exported root filesystem chrooted, read-only, with the DaemonSet's mounts, args,
+//!    config and exactly its capabilities (all others dropped, no_new_privs), as rendered with
+//!    the default values and with `goHooks: false`, and checks that a Go server run by another
+//!    user is traced: a span with its `OTEL_SERVICE_NAME`, its executable and the node name, the
+//!    Go hooks attached (or not tried), and `/healthz` answering.
 use std::{
     collections::BTreeSet,
     fs,
@@ -162,9 +163,14 @@ pub fn deploy(bin: &Path) -> Result<()> {
     );
 
     // 3. the image, and its root filesystem as the runtime would unpack it
-    let facts: Value = serde_json::from_str(&fs::read_to_string(rendered.join("default.json"))?)?;
+    let facts = |variant: &str| -> Result<Value> {
+        let path = rendered.join(format!("{variant}.json"));
+        serde_json::from_str(&fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?)
+            .with_context(|| format!("parse {}", path.display()))
+    };
     let tag = image(bin)?;
-    let chart_image = facts["image"].as_str().unwrap_or_default();
+    let default = facts("default")?;
+    let chart_image = default["image"].as_str().unwrap_or_default();
     if chart_image != tag {
         bail!(
             "the chart's default image is {chart_image} but `cargo xtask image` builds {tag}: align Chart.yaml's appVersion with the workspace version"
@@ -173,9 +179,18 @@ pub fn deploy(bin: &Path) -> Result<()> {
     let rootfs = work.join("rootfs");
     export_rootfs(&tag, &rootfs, &work)?;
 
-    // 4. run it as the DaemonSet does
-    let spec = PodSpec::from_facts(&facts)?;
-    run_as_daemonset(&rootfs, &spec, &work)?;
+    // 4. run it as the DaemonSet does, with either capability set
+    for variant in ["default", "no-go-hooks"] {
+        let spec = PodSpec::from_facts(&facts(variant)?)?;
+        if spec.go_hooks != (variant == "default") {
+            bail!(
+                "the {variant} values should render Go hooks {}",
+                if spec.go_hooks { "off" } else { "on" }
+            );
+        }
+        println!("deploy: values `{variant}`");
+        run_as_daemonset(&rootfs, &spec, &work.join(variant))?;
+    }
     println!("deploy: all checks passed in {}", util::secs(t0.elapsed()));
     Ok(())
 }
@@ -480,6 +495,7 @@ fn run_as_daemonset(rootfs: &Path, spec: &PodSpec, work: &Path) -> Result<()> {
         format!("127.0.0.1:{metrics_port}"),
     ];
     let script = container_script(rootfs, spec, &config_dirs, &drop, &extra);
+    fs::create_dir_all(work)?;
     fs::write(work.join("container.sh"), &script)?;
     let lock = Lock::take()?;
     let mut cmd = Command::new("unshare");
@@ -599,8 +615,12 @@ fn check_agent(
             );
         }
     }
-    if go_hooks {
-        logs.extend(err.try_iter());
+    logs.extend(err.try_iter());
+    if !go_hooks {
+        if logs.iter().any(|l| l.contains("Go hooks")) {
+            bail!("the config turns the Go hooks off, yet the agent tried them");
+        }
+    } else {
         if let Some(l) = logs.iter().find(|l| l.contains("Go hooks not attached")) {
             bail!("the Go hooks failed: {l}");
         }
