@@ -359,26 +359,69 @@ fn bounding_set() -> Result<BTreeSet<String>> {
         .collect())
 }
 
-/// Holds [`E2E_LOCK`] until dropped.
-struct Lock(fs::File);
+/// Holds [`E2E_LOCK`] until dropped (or nothing, when a parent process already holds it).
+struct Lock {
+    _file: Option<fs::File>,
+}
 
 impl Lock {
     fn take() -> Result<Self> {
+        if let Some(pid) = ancestor_holding(E2E_LOCK) {
+            println!(
+                "deploy: {E2E_LOCK} is held by this run's parent process {pid} (e.g. `flock {E2E_LOCK} cargo xtask test`)"
+            );
+            return Ok(Self { _file: None });
+        }
         let f = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(E2E_LOCK)
             .with_context(|| format!("open {E2E_LOCK}"))?;
+        let limit = Duration::from_secs(30 * 60);
+        let t0 = Instant::now();
+        let mut tries: u32 = 0;
         // SAFETY: flock on a descriptor this File owns.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            println!("deploy: waiting for {E2E_LOCK} (another agent run holds it)");
-            // SAFETY: as above.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                bail!("flock {E2E_LOCK}: {}", std::io::Error::last_os_error());
+        while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                bail!("flock {E2E_LOCK}: {e}");
             }
+            // every minute
+            if tries.is_multiple_of(120) {
+                println!("deploy: waiting for {E2E_LOCK} (another agent run holds it)");
+            }
+            if t0.elapsed() > limit {
+                bail!("{E2E_LOCK} stayed held by another agent run for {limit:?}");
+            }
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(500));
         }
-        Ok(Self(f))
+        Ok(Self { _file: Some(f) })
     }
+}
+
+/// The nearest ancestor process with `path` open (an enclosing `flock path ...`), if any: taking
+/// the lock again would wait for ourselves.
+fn ancestor_holding(path: &str) -> Option<u32> {
+    let mut pid = std::process::id();
+    for _ in 0..64 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        if ppid <= 1 {
+            return None;
+        }
+        let holds = fs::read_dir(format!("/proc/{ppid}/fd"))
+            .map(|fds| {
+                fds.flatten()
+                    .any(|fd| fs::read_link(fd.path()).is_ok_and(|p| p == Path::new(path)))
+            })
+            .unwrap_or(false);
+        if holds {
+            return Some(ppid);
+        }
+        pid = ppid;
+    }
+    None
 }
 
 /// The shell script that sets up the container's mounts in a private mount namespace and execs
@@ -543,7 +586,7 @@ fn run_as_daemonset(rootfs: &Path, spec: &PodSpec, work: &Path) -> Result<()> {
 }
 
 fn drop_lock(lock: Lock) {
-    drop(lock.0);
+    drop(lock);
 }
 
 fn check_agent(
