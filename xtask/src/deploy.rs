@@ -556,26 +556,15 @@ fn run_as_daemonset(rootfs: &Path, spec: &PodSpec, work: &Path) -> Result<()> {
     let result = check_agent(&mut agent, &out, &err, port, metrics_port, spec.go_hooks);
     let stopped = agent.stop("TERM", Duration::from_secs(10));
     drop_lock(lock);
-    let mut stderr_lines: Vec<String> = err.try_iter().collect();
     if let Err(e) = result {
-        stderr_lines.extend(
-            fs::read_to_string(work.join("agent.stderr"))
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_owned),
-        );
-        let tail: Vec<&String> = stderr_lines
-            .iter()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        let tail: Vec<&str> = tail.iter().map(|s| s.as_str()).collect();
+        // every line the agent wrote to stderr is in this file
+        let log = work.join("agent.stderr");
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(15)..];
         bail!(
             "{e:#}\nagent stderr (last lines; all in {}):\n  {}",
-            work.join("agent.stderr").display(),
+            log.display(),
             tail.join("\n  ")
         );
     }
