@@ -129,6 +129,42 @@ def container_facts(manifests):
     }
 
 
+def check(name, text):
+    """What each value set promises, on its rendered objects."""
+    objs = {o["kind"]: o for o in yaml.safe_load_all(text) if o}
+    pod = objs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    config = yaml.safe_load(objs["ConfigMap"]["data"]["config.yaml"])
+    exposed = name.startswith("metrics-exposed")
+    want_addr = "0.0.0.0:9464" if exposed else "127.0.0.1:9464"
+    problems = []
+    if config.get("metrics_addr") != want_addr:
+        problems.append(f"metrics_addr is {config.get('metrics_addr')}, expected {want_addr}")
+    probes = [k for k in ("livenessProbe", "readinessProbe") if k in c]
+    if exposed != (len(probes) == 2):
+        problems.append(f"probes {probes} with metrics {'exposed' if exposed else 'on loopback'}")
+    if exposed and [p.get("name") for p in c.get("ports", [])] != ["metrics"]:
+        problems.append("no named port `metrics`")
+    if exposed != ("NetworkPolicy" in objs):
+        problems.append("a NetworkPolicy exactly when the metrics are exposed")
+    if "NetworkPolicy" in objs:
+        rules = objs["NetworkPolicy"]["spec"]["ingress"]
+        peers = [peer for r in rules for peer in r.get("from", [])]
+        if name == "metrics-exposed" and not peers:
+            problems.append("the NetworkPolicy admits no one though metrics.networkPolicy.from is set")
+        if name == "metrics-exposed-no-peers" and rules:
+            problems.append(f"the NetworkPolicy admits {rules} though metrics.networkPolicy.from is empty")
+    env = {e["name"]: e for e in c["env"]}
+    if env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
+        problems.append("NODE_NAME does not come from spec.nodeName")
+    if (name == "no-go-hooks") != bool(config.get("no_go_hooks")):
+        problems.append("no_go_hooks in the config must follow goHooks")
+    if not pod.get("hostPID") or pod.get("hostNetwork"):
+        problems.append("the pod needs hostPID and no hostNetwork")
+    if problems:
+        die(f"the {name} values render wrong: " + "; ".join(problems))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=pathlib.Path)
@@ -141,6 +177,7 @@ def main():
     for name, values in VARIANTS.items():
         text = render(values)
         (args.out / f"{name}.yaml").write_text(text)
+        check(name, text)
         kinds = [o["kind"] for o in yaml.safe_load_all(text) if o]
         print(f"render: {name}: {', '.join(kinds)}")
         if name in RUN:
