@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, run, test and benchmark sockspan on a Debian 12 machine (as root).
 //! The eBPF object itself is built by `agent/build.rs` during a plain `cargo build`.
 mod bench;
+mod deploy;
 mod fuzz;
 mod loadgen;
 mod overhead;
@@ -36,16 +37,26 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// Run the whole test suite: fmt, clippy, unit + replay tests, a bounded fuzz pass, release build,
-    /// end-to-end tests.
+    /// deployment checks, end-to-end tests.
     Test {
         /// Only fmt, clippy, the unit + replay tests and the bounded fuzz pass (no root needed beyond
         /// set-up).
-        #[arg(long, conflicts_with = "e2e")]
+        #[arg(long, conflicts_with_all = ["e2e", "deploy"])]
         unit: bool,
-        /// Only the release build and the end-to-end tests.
-        #[arg(long)]
+        /// Only the release build, the deployment checks and the end-to-end tests.
+        #[arg(long, conflicts_with = "deploy")]
         e2e: bool,
+        /// Only the deployment checks (`cargo xtask deploy`), on the release binary already built
+        /// (target/release/sockspan, or SOCKSPAN_BIN).
+        #[arg(long)]
+        deploy: bool,
     },
+    /// Build the container image without a registry: FROM scratch over a root filesystem made of
+    /// the release binary, its shared libraries and CA certificates (podman build).
+    Image,
+    /// Deployment checks: lint, render and validate the Helm chart, build the image, and run it
+    /// with exactly the DaemonSet's capabilities and mounts until it traces a span.
+    Deploy,
     /// Coverage-guided fuzzing (libFuzzer, stable toolchain): each target on a copy of its seed corpus.
     Fuzz {
         /// Target to fuzz (repeatable; default: every target).
@@ -127,12 +138,21 @@ fn real_main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup { bench } => setup::setup(if bench { setup::BENCH } else { &[] }),
         Cmd::Run { args } => run(&args),
-        Cmd::Test { unit, e2e } => {
-            let all = !unit && !e2e;
+        Cmd::Test { unit, e2e, deploy } => {
+            let all = !unit && !e2e && !deploy;
             testsuite::test(&testsuite::Selection {
                 unit: unit || all,
                 e2e: e2e || all,
+                deploy_only: deploy,
             })
+        }
+        Cmd::Image => {
+            util::require_root("image")?;
+            deploy::image(&util::sockspan_bin()).map(|_| ())
+        }
+        Cmd::Deploy => {
+            util::require_root("deploy")?;
+            deploy::deploy(&util::sockspan_bin())
         }
         Cmd::Fuzz {
             targets,

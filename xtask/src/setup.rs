@@ -5,7 +5,10 @@ use std::{fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{self, on_path, output_of, run};
+use crate::{
+    deploy,
+    util::{self, on_path, output, output_of, run},
+};
 
 /// Debian packages for building and running the agent and its end-to-end tests.
 /// `rustc-web`/`cargo-web` give /usr/bin/{rustc,cargo} (1.96, LLVM 22) with a prebuilt `core`
@@ -25,6 +28,11 @@ pub const BASE: &[&str] = &[
     "tmux",
     // the TLS export test makes its certificate authority with it
     "openssl",
+    // the deploy step: builds the image (FROM scratch, no registry), runs it with the
+    // DaemonSet's capabilities (capsh)
+    "podman",
+    "libcap2-bin",
+    "ca-certificates",
 ];
 /// Only `cargo xtask bench` needs these.
 pub const BENCH: &[&str] = &["wrk", "bpftrace"];
@@ -60,6 +68,10 @@ pub fn setup(extra: &[&str]) -> Result<()> {
     if !on_path("python3") || (!python_imports("aiohttp") && python_is_debian()) {
         wanted.push("python3-aiohttp");
     }
+    // Debian's python3 makes virtualenvs only with python3-venv
+    if !on_path("python3") || python_is_debian() {
+        wanted.push("python3-venv");
+    }
     let missing: Vec<&str> = wanted.into_iter().filter(|p| !pkg_installed(p)).collect();
     if missing.is_empty() {
         step("debian packages: all installed");
@@ -86,6 +98,9 @@ pub fn setup(extra: &[&str]) -> Result<()> {
             bail!("aiohttp was installed but `python3 -c 'import aiohttp'` still fails");
         }
     }
+
+    // The deploy step's chart tools, pinned, in their own virtualenv.
+    deploy_venv()?;
 
     // 2. bpf-linker, built against Debian's LLVM 22 so it matches Debian's rustc.
     let have = output_of("bpf-linker", ["--version"]).unwrap_or_default();
@@ -144,6 +159,45 @@ pub fn setup(extra: &[&str]) -> Result<()> {
         ));
     }
     step(&format!("done in {}", util::secs(t0.elapsed())));
+    Ok(())
+}
+
+/// The virtualenv with the deploy step's pinned Python packages (helm-python-sdk renders the chart
+/// with Helm's engine, kubernetes-validate checks the manifests).
+fn deploy_venv() -> Result<()> {
+    let venv = deploy::venv();
+    let python = venv.join("bin/python");
+    let pins = deploy::PIP_PACKAGES.join(" ");
+    let installed = || {
+        output(Command::new(&python).args(["-m", "pip", "freeze", "--disable-pip-version-check"])).is_some_and(|f| {
+            let have: Vec<String> = f.lines().map(|l| l.trim().to_lowercase().replace('_', "-")).collect();
+            deploy::PIP_PACKAGES.iter().all(|p| have.iter().any(|h| h == p))
+        })
+    };
+    if python.exists() && installed() {
+        step(&format!("chart tools: {pins}"));
+        return Ok(());
+    }
+    step(&format!("chart tools: installing {pins} in {}", venv.display()));
+    if !python.exists() {
+        run(
+            "python3 -m venv",
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+        )?;
+    }
+    run(
+        "pip install (chart tools)",
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(deploy::PIP_PACKAGES)
+            .env("PIP_ROOT_USER_ACTION", "ignore"),
+    )?;
+    if !installed() {
+        bail!(
+            "{pins} were installed in {} but pip freeze does not list them",
+            venv.display()
+        );
+    }
     Ok(())
 }
 

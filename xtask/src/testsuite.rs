@@ -14,6 +14,8 @@ const FUZZ_SECONDS: u64 = 15;
 pub struct Selection {
     pub unit: bool,
     pub e2e: bool,
+    /// Only the deployment checks, on the release binary already built.
+    pub deploy_only: bool,
 }
 
 struct Step {
@@ -57,6 +59,7 @@ pub fn test(sel: &Selection) -> Result<()> {
             cmd: cargo(&["build", "--release", "-p", "agent"]),
             counts: false,
         });
+        steps.push(deploy_step(&bin)?);
         let mut e2e = cargo(&[
             "test",
             "-p",
@@ -71,6 +74,9 @@ pub fn test(sel: &Selection) -> Result<()> {
             cmd: e2e,
             counts: true,
         });
+    }
+    if sel.deploy_only {
+        steps.push(deploy_step(&util::sockspan_bin())?);
     }
 
     let names: Vec<&'static str> = steps.iter().map(|s| s.name).collect();
@@ -107,6 +113,18 @@ pub fn test(sel: &Selection) -> Result<()> {
     // The closing line: every Rust test harness result, added up.
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// Chart lint/render/validation, the registry-free image, and the image run with the DaemonSet's
+/// capabilities (`cargo xtask deploy`), on the release binary.
+fn deploy_step(bin: &std::path::Path) -> Result<Step> {
+    let mut cmd = Command::new(std::env::current_exe().context("cannot find the xtask binary")?);
+    cmd.arg("deploy").env("SOCKSPAN_BIN", bin);
+    Ok(Step {
+        name: "deploy",
+        cmd,
+        counts: false,
+    })
 }
 
 fn cargo(args: &[&str]) -> Command {
