@@ -110,6 +110,17 @@ pub struct Cli {
           value_parser = crate::sampling::parse_ratio)]
     pub tail_ratio: f64,
 
+    /// Add this node's pods' metadata (k8s.pod.name, k8s.namespace.name, k8s.deployment.name,
+    /// ...) to each process's spans, watching the API server for the pods of NODE_NAME. On by
+    /// itself in a pod (KUBERNETES_SERVICE_HOST set).
+    #[arg(long, env = "SOCKSPAN_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// The API server to ask instead of the pod's own (`kubectl proxy`'s http://127.0.0.1:8001
+    /// outside a cluster); implies --kubernetes.
+    #[arg(long, env = "SOCKSPAN_KUBERNETES_API", value_name = "URL")]
+    pub kubernetes_api: Option<String>,
+
     #[command(flatten)]
     pub select: crate::selection::Selection,
 

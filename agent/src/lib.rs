@@ -16,6 +16,7 @@ pub mod decode;
 pub mod export;
 pub mod goroutines;
 pub mod http;
+pub mod kube;
 pub mod loader;
 pub mod loops;
 pub mod pipeline;

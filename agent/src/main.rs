@@ -86,9 +86,11 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         Err(e) => {
             eprintln!("sockspan: {e:#}");
             // Bad configuration is a usage error; anything else a runtime failure.
-            if e.chain()
-                .any(|c| c.is::<sockspan::export::otlp::ConfigError>() || c.is::<sockspan::budget::BudgetTooSmall>())
-            {
+            if e.chain().any(|c| {
+                c.is::<sockspan::export::otlp::ConfigError>()
+                    || c.is::<sockspan::budget::BudgetTooSmall>()
+                    || c.is::<sockspan::kube::KubeError>()
+            }) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

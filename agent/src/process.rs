@@ -13,6 +13,8 @@ pub struct ProcessInfo {
     pub host_name: Arc<str>,
     /// The container it runs in (`container.id`), from its cgroup.
     pub container_id: Option<String>,
+    /// Its pod, when Kubernetes metadata is on and the pod is known.
+    pub pod: Option<Arc<crate::kube::PodMeta>>,
 }
 
 /// Cache of process resources, keyed by pid, bounded in size. A process is one resource
@@ -23,7 +25,14 @@ pub struct ProcessTable {
     root: PathBuf,
     host_name: Arc<str>,
     cache: FastMap<u32, Cached>,
+    /// This node's pods (Kubernetes metadata on).
+    pods: Option<(crate::kube::PodIndex, Arc<crate::kube::KubeCounts>)>,
 }
+
+/// How long a process in a pod not yet known is looked up again (its spans meanwhile go out
+/// without the pod's metadata, counted), and how often.
+const POD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const POD_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 type CommKey = [u8; 16];
 const MAX_PROCESSES: usize = 8192;
@@ -37,6 +46,8 @@ struct Cached {
     identity: Option<(u64, PathBuf)>,
     /// Thread names seen on this process, most recent last.
     names: Vec<CommKey>,
+    /// In a pod not known when it was read: (first read, last read), while it is looked up again.
+    pod_pending: Option<(std::time::Instant, std::time::Instant)>,
 }
 
 impl ProcessTable {
@@ -56,10 +67,44 @@ impl ProcessTable {
             root: root.into(),
             host_name: host_name().into(),
             cache: FastMap::default(),
+            pods: None,
         }
     }
 
+    /// Resources carry this node's pods' metadata, from `index`.
+    pub fn with_pods(mut self, index: crate::kube::PodIndex, counts: Arc<crate::kube::KubeCounts>) -> Self {
+        self.pods = Some((index, counts));
+        self
+    }
+
+    /// A cached process whose pod was not known: read again (at most every [`POD_RETRY`], for
+    /// [`POD_WAIT`]); whether its pod is known now. Its spans meanwhile are counted.
+    fn pod_pending(&mut self, pid: u32, comm: &[u8; 16]) -> Option<Arc<ProcessInfo>> {
+        let now = std::time::Instant::now();
+        let c = self.cache.get(&pid)?;
+        let (first, last) = c.pod_pending?;
+        if let Some((_, counts)) = &self.pods {
+            counts
+                .spans_without_metadata
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if now.duration_since(first) > POD_WAIT || now.duration_since(last) < POD_RETRY {
+            return None;
+        }
+        let (info, pending) = self.read(pid, comm);
+        let c = self.cache.get_mut(&pid)?;
+        c.pod_pending = pending.then_some((first, now));
+        if !pending {
+            c.info = Arc::new(info);
+            return Some(c.info.clone());
+        }
+        None
+    }
+
     pub fn get(&mut self, pid: u32, comm: &[u8; 16]) -> Arc<ProcessInfo> {
+        if let Some(info) = self.pod_pending(pid, comm) {
+            return info;
+        }
         let identity_read = match self.cache.get_mut(&pid) {
             Some(c) if comm[0] == 0 || c.names.contains(comm) => return c.info.clone(),
             Some(c) => {
@@ -79,26 +124,32 @@ impl ProcessTable {
         if self.cache.len() >= MAX_PROCESSES {
             self.cache.clear();
         }
-        let info = Arc::new(self.read(pid, comm));
+        let (info, pending) = self.read(pid, comm);
+        let info = Arc::new(info);
+        let now = std::time::Instant::now();
         let cached = Cached {
             info: info.clone(),
             identity: identity_read,
             names: vec![*comm],
+            pod_pending: pending.then_some((now, now)),
         };
         self.cache.insert(pid, cached);
         info
     }
 
-    fn read(&self, pid: u32, comm: &[u8; 16]) -> ProcessInfo {
+    /// The process's resource, and whether it is in a pod not known (yet).
+    fn read(&self, pid: u32, comm: &[u8; 16]) -> (ProcessInfo, bool) {
         if self.root.as_os_str().is_empty() {
             let name = comm_name(comm);
-            return ProcessInfo {
+            let info = ProcessInfo {
                 pid,
                 service_name: name.clone(),
                 executable_name: name,
                 host_name: self.host_name.clone(),
                 container_id: None,
+                pod: None,
             };
+            return (info, false);
         }
         let dir = self.root.join(pid.to_string());
         let comm_name = comm_name(comm);
@@ -111,17 +162,29 @@ impl ProcessTable {
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| comm_name.clone());
         let env = std::fs::read(dir.join("environ")).unwrap_or_default();
-        let service_name = service_name_from_environ(&env).unwrap_or_else(|| executable_name.clone());
-        let container_id = std::fs::read_to_string(dir.join("cgroup"))
-            .ok()
-            .and_then(|c| container_id(&c));
-        ProcessInfo {
+        let cgroup = std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+        let container_id = container_id(&cgroup);
+        let pod_uid = self
+            .pods
+            .as_ref()
+            .and_then(|_| crate::kube::pod_uid(&crate::selection::cgroup_path(&cgroup)));
+        let pod = pod_uid
+            .as_deref()
+            .and_then(|uid| self.pods.as_ref().and_then(|(index, _)| index.get(uid)));
+        // The process's own OTEL_SERVICE_NAME, its pod's name for it, its executable.
+        let service_name = service_name_from_environ(&env)
+            .or_else(|| pod.as_ref().and_then(|p| p.service_name()).map(str::to_owned))
+            .unwrap_or_else(|| executable_name.clone());
+        let pending = pod_uid.is_some() && pod.is_none();
+        let info = ProcessInfo {
             pid,
             service_name,
             executable_name,
             host_name: self.host_name.clone(),
             container_id,
-        }
+            pod,
+        };
+        (info, pending)
     }
 }
 

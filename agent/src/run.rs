@@ -21,6 +21,37 @@ use crate::{
     views::{SpanFilter, View},
 };
 
+/// How long the start waits for the first list of this node's pods (then goes on without).
+const PODS_LISTED_WAIT: Duration = Duration::from_secs(5);
+
+/// Kubernetes metadata's settings, when it is on: in a pod, or asked for.
+fn kubernetes(cli: &Cli, env: impl Fn(&str) -> Option<String>) -> Result<Option<crate::kube::ApiConfig>> {
+    let on = cli.kubernetes || cli.kubernetes_api.is_some() || env("KUBERNETES_SERVICE_HOST").is_some();
+    if !on {
+        return Ok(None);
+    }
+    Ok(Some(crate::kube::ApiConfig::from_env(
+        cli.kubernetes_api.as_deref(),
+        env,
+    )?))
+}
+
+/// Starts watching this node's pods; waits for the first list a bounded time.
+async fn watch_pods(cfg: crate::kube::ApiConfig, counts: Arc<crate::kube::KubeCounts>) -> crate::kube::PodIndex {
+    let index = crate::kube::PodIndex::default();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let api = cfg.base.clone();
+    tokio::spawn(crate::kube::keep_current(cfg, index.clone(), counts, tx));
+    match tokio::time::timeout(PODS_LISTED_WAIT, rx).await {
+        Ok(Ok(())) => tracing::info!(pods = index.len(), api, "Kubernetes metadata on"),
+        _ => tracing::warn!(
+            api,
+            "This node's pods are not listed yet: spans go out without their metadata until they are"
+        ),
+    }
+    index
+}
+
 /// Batches of raw records waiting between the reader and the processor.
 const READER_TO_PROCESSOR: usize = 256;
 /// After a signal, draining and the final export must fit in this; detaching the programs
@@ -62,6 +93,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } = loaded;
     let attached_ns = crate::span::monotonic_ns();
 
+    let processes = match kubernetes(&cli, env)? {
+        Some(cfg) => ProcessTable::new().with_pods(watch_pods(cfg, metrics.kube.clone()).await, metrics.kube.clone()),
+        None => ProcessTable::new(),
+    };
+
     let cancel = CancellationToken::new();
     let (raw_tx, raw_rx) = mpsc::channel(READER_TO_PROCESSOR);
     let pool = Arc::new(crate::reader::BatchPool::default());
@@ -102,7 +138,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     .attached_at(attached_ns);
     let processor = Processor::new(
         conns,
-        ProcessTable::new(),
+        processes,
         SpanFactory::new(SpanOptions {
             keep_query_values: cli.keep_query_values,
             keep_path: cli.keep_path,

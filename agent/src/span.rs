@@ -91,6 +91,7 @@ impl Span {
                 executable_name: "s".into(),
                 host_name: "h".into(),
                 container_id: None,
+                pod: None,
             }),
             links: Vec::new(),
             upstream_sampled: None,

@@ -134,6 +134,8 @@ pub struct Metrics {
     pub print: Arc<crate::export::PrintCounts>,
     /// Sampling's counts.
     pub sampling: Arc<crate::sampling::SamplingCounts>,
+    /// The Kubernetes metadata's counts.
+    pub kube: Arc<crate::kube::KubeCounts>,
     pub spans_dropped_queue_full: Counter,
     pub spans_dropped_export_failed: Counter,
     pub spans_dropped_channel_full: Counter,
@@ -343,6 +345,7 @@ impl Metrics {
             ),
         ];
         f.extend(self.sampling.families());
+        f.extend(self.kube.families());
         f
     }
 

@@ -237,7 +237,6 @@ impl OtlpExporter {
     pub fn from_env(bsp: BspConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
         let env = |k: &str| std::env::var(k).ok();
         check_protocol(env)?;
-        super::tls::install_crypto();
         let tls = super::tls::TlsFiles::from_lookup(env)?;
         let idle = (0..bsp.max_concurrent_exports)
             .map(|_| super::tls::span_exporter(&env, &tls))
@@ -444,6 +443,12 @@ pub fn resource(p: &ProcessInfo) -> Resource {
             KeyValue::new("telemetry.sdk.name", "sockspan"),
         ])
         .with_attributes(p.container_id.iter().map(|c| KeyValue::new("container.id", c.clone())))
+        .with_attributes(
+            p.pod
+                .iter()
+                .flat_map(|pod| pod.attributes())
+                .map(|(k, v)| KeyValue::new(k, v.to_owned())),
+        )
         .build()
 }
 

@@ -203,6 +203,9 @@ fn resource_json(r: &crate::process::ProcessInfo) -> Value {
     if let Some(c) = &r.container_id {
         v["container.id"] = Value::String(c.clone());
     }
+    for (k, val) in r.pod.iter().flat_map(|p| p.attributes()) {
+        v[k] = Value::String(val.to_owned());
+    }
     v
 }
 

@@ -94,6 +94,7 @@ impl TlsFiles {
 
     /// The HTTP exporter's client: the system's roots (the platform verifier), and the files'.
     fn reqwest(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+        install_crypto();
         let build = |e: reqwest::Error| ConfigError::Build(format!("the HTTPS client: {e}"));
         let mut b = reqwest::Client::builder().timeout(timeout);
         if let Some(ca) = &self.ca {
@@ -116,7 +117,8 @@ fn tls_error(name: &'static str, path: &str, e: impl std::fmt::Display) -> Confi
     }
 }
 
-/// rustls's cryptography for the process (ring): the HTTPS client takes the process default.
+/// rustls's cryptography for the process (ring): every HTTPS client made here (reqwest's)
+/// takes the process default, so it is installed before each is built.
 pub fn install_crypto() {
     // An error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -45,6 +45,7 @@ fn done(conn_id: u64, seq: u64, side: Side, t: u64) -> Finished {
         executable_name: "s".into(),
         host_name: "h".into(),
         container_id: None,
+        pod: None,
     });
     let span = Span {
         trace_id: [9; 16],

@@ -72,6 +72,7 @@ pub fn span_from_json(line: &str, processes: &mut HashMap<(u32, String), Arc<Pro
                 executable_name: r["process.executable.name"].as_str().unwrap_or("").to_owned(),
                 host_name: r["host.name"].as_str().unwrap_or("").into(),
                 container_id: r["container.id"].as_str().map(str::to_owned),
+                pod: None,
             })
         })
         .clone();
@@ -212,6 +213,7 @@ mod tests {
         let mut c = s.clone();
         c.resource = Arc::new(ProcessInfo {
             container_id: Some("ab".repeat(32)),
+            pod: None,
             ..(*s.resource).clone()
         });
         let back = span_from_json(&json_line(&c).to_string(), &mut HashMap::new()).expect("parses");

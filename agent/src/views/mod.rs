@@ -188,6 +188,7 @@ pub(crate) fn test_span(
             executable_name: service.into(),
             host_name: "h".into(),
             container_id: None,
+            pod: None,
         }),
         links: Vec::new(),
         upstream_sampled: None,

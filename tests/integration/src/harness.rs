@@ -1149,14 +1149,21 @@ impl ContainerCgroup {
     /// Moves `pid` into `<hierarchy>/docker-<id>.scope` in the first writable hierarchy (the
     /// unified one first).
     pub fn enter(id: &str, pid: u32) -> Result<Self> {
+        Self::enter_at(&format!("docker-{id}.scope"), pid)
+    }
+
+    /// Moves `pid` into `<hierarchy>/<path>` (made, with its parents), as a runtime places a
+    /// pod's container (`kubepods/besteffort/pod<uid>/<id>`).
+    pub fn enter_at(path: &str, pid: u32) -> Result<Self> {
         let mut tried = Vec::new();
         for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/pids"] {
             let root = std::path::PathBuf::from(root);
             if !root.join("cgroup.procs").exists() {
                 continue;
             }
-            let dir = root.join(format!("docker-{id}.scope"));
-            match std::fs::create_dir(&dir).and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string())) {
+            let dir = root.join(path);
+            match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string()))
+            {
                 Ok(()) => return Ok(Self { dir, root, pid }),
                 Err(e) => {
                     let _ = std::fs::remove_dir(&dir);
@@ -1171,6 +1178,10 @@ impl ContainerCgroup {
 impl Drop for ContainerCgroup {
     fn drop(&mut self) {
         let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
-        let _ = std::fs::remove_dir(&self.dir);
+        // The directory and the parents made for it (those still holding others stay).
+        let mut dir = self.dir.as_path();
+        while dir != self.root && std::fs::remove_dir(dir).is_ok() {
+            dir = dir.parent().unwrap_or(&self.root);
+        }
     }
 }
