@@ -229,6 +229,7 @@ pub enum Command {
         traces: usize,
     },
     /// Measure userspace pipeline throughput on a synthetic stream (one thread).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchPipeline {
         /// Concurrent keep-alive connections in the synthetic stream.
@@ -249,6 +250,7 @@ pub enum Command {
         recording: Option<PathBuf>,
     },
     /// Measure stitching throughput on a two-hop chain and memory with requests in flight.
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchStitch {
         /// Requests in the chain workload.

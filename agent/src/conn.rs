@@ -20,13 +20,7 @@ use crate::{
     telemetry::Family,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Side {
-    /// The process accepted the connection: it serves requests.
-    Server,
-    /// The process connected: it sends requests.
-    Client,
-}
+pub use crate::vocab::Side;
 
 /// What the connection stage reports, in stream order.
 #[derive(Debug)]

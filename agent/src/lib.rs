@@ -13,6 +13,8 @@ pub mod config;
 pub mod config_file;
 pub mod conn;
 pub mod decode;
+pub mod error;
+pub use error::Error;
 pub mod export;
 pub mod goroutines;
 pub mod http;
@@ -24,7 +26,6 @@ pub mod process;
 pub mod reader;
 pub mod replay;
 pub mod routes;
-pub mod run;
 pub mod sampling;
 pub mod selection;
 pub mod span;
@@ -32,6 +33,7 @@ pub mod stitch;
 pub mod telemetry;
 pub mod traces;
 pub mod views;
+pub mod vocab;
 
 /// Hash maps for the per-event tables: foldhash (randomly seeded, so keys from the network
 /// cannot be chosen to collide) instead of SipHash, which showed up in profiles.

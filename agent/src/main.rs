@@ -1,5 +1,12 @@
-//! `sockspan`: the binary edge — parse flags, set up logging, dispatch.
+//! `sockspan`: the binary edge — parse flags, set up logging, dispatch; the wiring of the
+//! live agent (`run`) and its exit codes.
+#[cfg(feature = "bench")]
+mod bench;
+mod run;
+
 use std::process::ExitCode;
+
+use run::Failure;
 
 #[global_allocator]
 static GLOBAL: sockspan::alloc::Counting = sockspan::alloc::Counting;
@@ -38,41 +45,36 @@ fn main() -> ExitCode {
     let cli = parsed.cli;
     init_logging(cli.log_format);
     match cli.command {
-        Some(Command::Replay { ref file, format }) => {
-            report(sockspan::run::replay(file, format.into(), cli.filter.filter()))
-        }
-        Some(Command::Analyze { ref file, traces }) => {
-            report(sockspan::run::analyze(file, traces, &cli.filter.filter()))
-        }
+        Some(Command::Replay { ref file, format }) => report(run::replay(file, format.into(), cli.filter.filter())),
+        Some(Command::Analyze { ref file, traces }) => report(run::analyze(file, traces, &cli.filter.filter())),
+        #[cfg(feature = "bench")]
         Some(Command::BenchStitch {
             requests,
             concurrency,
             in_flight,
         }) => {
-            sockspan::run::bench_stitch(requests, concurrency, in_flight);
+            bench::bench_stitch(requests, concurrency, in_flight);
             ExitCode::SUCCESS
         }
+        #[cfg(feature = "bench")]
         Some(Command::BenchPipeline {
             connections,
             per_conn,
             body_bytes,
             rounds,
             recording,
-        }) => match sockspan::run::bench_pipeline(connections, per_conn, body_bytes, rounds, recording.as_deref()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("sockspan: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+        }) => report(
+            bench::bench_pipeline(connections, per_conn, body_bytes, rounds, recording.as_deref())
+                .map_err(Failure::from),
+        ),
         None => {
             // One thread: the stages hand batches to each other without waking other threads,
             // and the agent never competes for more than one core with the services it watches.
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
-                Err(e) => return report(Err(anyhow::Error::new(e).context("tokio runtime"))),
+                Err(e) => return report(Err(anyhow::Error::new(e).context("tokio runtime").into())),
             };
-            let result = runtime.block_on(sockspan::run::run(cli));
+            let result = runtime.block_on(run::run(cli));
             // Everything was flushed already; don't wait for idle connection tasks.
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
             report(result)
@@ -80,21 +82,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn report(result: anyhow::Result<()>) -> ExitCode {
+fn report(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sockspan: {e:#}");
-            // Bad configuration is a usage error; anything else a runtime failure.
-            if e.chain().any(|c| {
-                c.is::<sockspan::export::otlp::ConfigError>()
-                    || c.is::<sockspan::budget::BudgetTooSmall>()
-                    || c.is::<sockspan::kube::KubeError>()
-            }) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+        Err(f) => {
+            eprintln!("sockspan: {:#}", f.error);
+            ExitCode::from(f.code)
         }
     }
 }

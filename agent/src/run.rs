@@ -1,11 +1,11 @@
 //! The live agent: load the kernel programs, start every stage, stop cleanly on a signal.
 use std::{path::Path, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, anyhow};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use sockspan::{
     budget::MemoryBudget,
     config::Cli,
     conn::ConnTable,
@@ -21,27 +21,72 @@ use crate::{
     views::{SpanFilter, View},
 };
 
+/// Why the agent stopped, and the exit code that says so: a library error's own
+/// ([`sockspan::Error::exit_code`]), else 1.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl From<sockspan::Error> for Failure {
+    fn from(e: sockspan::Error) -> Self {
+        Self {
+            code: e.exit_code(),
+            error: e.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self { code: 1, error }
+    }
+}
+
+/// `?` on each of the library's errors goes through [`sockspan::Error`], for its exit code.
+macro_rules! library_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Failure {
+            fn from(e: $t) -> Self {
+                sockspan::Error::from(e).into()
+            }
+        }
+    )*};
+}
+library_errors!(
+    sockspan::export::otlp::ConfigError,
+    sockspan::budget::BudgetTooSmall,
+    sockspan::kube::KubeError,
+    sockspan::loader::LoaderError,
+    sockspan::views::analyze::AnalyzeError
+);
+
+type Result<T, E = Failure> = std::result::Result<T, E>;
+
 /// How long the start waits for the first list of this node's pods (then goes on without).
 const PODS_LISTED_WAIT: Duration = Duration::from_secs(5);
 
 /// Kubernetes metadata's settings, when it is on: in a pod, or asked for.
-fn kubernetes(cli: &Cli, env: impl Fn(&str) -> Option<String>) -> Result<Option<crate::kube::ApiConfig>> {
+fn kubernetes(cli: &Cli, env: impl Fn(&str) -> Option<String>) -> Result<Option<sockspan::kube::ApiConfig>> {
     let on = cli.kubernetes || cli.kubernetes_api.is_some() || env("KUBERNETES_SERVICE_HOST").is_some();
     if !on {
         return Ok(None);
     }
-    Ok(Some(crate::kube::ApiConfig::from_env(
+    Ok(Some(sockspan::kube::ApiConfig::from_env(
         cli.kubernetes_api.as_deref(),
         env,
     )?))
 }
 
 /// Starts watching this node's pods; waits for the first list a bounded time.
-async fn watch_pods(cfg: crate::kube::ApiConfig, counts: Arc<crate::kube::KubeCounts>) -> crate::kube::PodIndex {
-    let index = crate::kube::PodIndex::default();
+async fn watch_pods(
+    cfg: sockspan::kube::ApiConfig,
+    counts: Arc<sockspan::kube::KubeCounts>,
+) -> sockspan::kube::PodIndex {
+    let index = sockspan::kube::PodIndex::default();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let api = cfg.base.clone();
-    tokio::spawn(crate::kube::keep_current(cfg, index.clone(), counts, tx));
+    tokio::spawn(sockspan::kube::keep_current(cfg, index.clone(), counts, tx));
     match tokio::time::timeout(PODS_LISTED_WAIT, rx).await {
         Ok(Ok(())) => tracing::info!(pods = index.len(), api, "Kubernetes metadata on"),
         _ => tracing::warn!(
@@ -58,7 +103,7 @@ const READER_TO_PROCESSOR: usize = 256;
 /// (well under a second) follows, all within the 5 s a stop may take.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(3500);
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(cli: Cli) -> Result<()> {
     let env = |k: &str| std::env::var(k).ok();
     let bsp = BspConfig::from_lookup(env)?;
     let exporting = otlp::endpoint_configured(env);
@@ -91,7 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         counters,
         gate,
     } = loaded;
-    let attached_ns = crate::span::monotonic_ns();
+    let attached_ns = sockspan::span::monotonic_ns();
 
     let processes = match kubernetes(&cli, env)? {
         Some(cfg) => ProcessTable::new().with_pods(watch_pods(cfg, metrics.kube.clone()).await, metrics.kube.clone()),
@@ -100,7 +145,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let cancel = CancellationToken::new();
     let (raw_tx, raw_rx) = mpsc::channel(READER_TO_PROCESSOR);
-    let pool = Arc::new(crate::reader::BatchPool::default());
+    let pool = Arc::new(sockspan::reader::BatchPool::default());
     let reader = Reader {
         ring: events,
         metrics: metrics.clone(),
@@ -110,7 +155,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let reader_task = tokio::spawn(reader.run(raw_tx, cancel.clone()));
 
     let (otlp_tx, export_task) = if exporting {
-        let exporter = OtlpExporter::from_env(bsp, metrics.clone()).context("OTLP exporter")?;
+        let exporter = OtlpExporter::from_env(bsp, metrics.clone())?;
         let (queue, rx) = exporter.queue();
         let sampler = Sampler::new(head_sampler, cli.tail_sampler(), metrics.sampling.clone());
         (
@@ -151,10 +196,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let record: Option<Box<dyn std::io::Write + Send>> = match &cli.record {
         Some(path) => {
             let mut f = std::io::BufWriter::new(
-                crate::replay::create_recording(path)
+                sockspan::replay::create_recording(path)
                     .with_context(|| format!("create recording {} (owner-only, no symlinks)", path.display()))?,
             );
-            crate::replay::write_header(&mut f)?;
+            sockspan::replay::write_header(&mut f).context("write the recording's header")?;
             Some(Box::new(f))
         }
         None => None,
@@ -178,7 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     });
 
     // Loading left megabytes freed (the object file's parse, verifier logs): give them back.
-    crate::alloc::give_back();
+    sockspan::alloc::give_back();
     tracing::info!(
         programs = loader::PROGRAMS.len(),
         capture_bytes = cli.capture_bytes,
@@ -220,14 +265,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!("Shutdown budget exceeded; exiting with spans still queued");
     }
     stop_hooking.store(true, std::sync::atomic::Ordering::Relaxed);
-    let ebpf = hooker
-        .join()
-        .map_err(|_| anyhow::anyhow!("the Go hooks thread panicked"))?;
+    let ebpf = hooker.join().map_err(|_| anyhow!("the Go hooks thread panicked"))?;
     loader::detach(ebpf, links);
     tracing::debug!(elapsed = ?stopping.elapsed(), "Programs detached");
     tracing::info!(summary = %metrics.summary(), "sockspan stopped");
     match failed {
-        Some(why) => Err(anyhow::anyhow!(why)),
+        Some(why) => Err(anyhow!(why).into()),
         None => Ok(()),
     }
 }
@@ -255,9 +298,9 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 /// Replays a recording and prints its spans.
-pub fn replay(path: &std::path::Path, view: View, filter: SpanFilter) -> anyhow::Result<()> {
+pub fn replay(path: &std::path::Path, view: View, filter: SpanFilter) -> Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let batches = crate::replay::read_recording(std::io::BufReader::new(file), 1024)
+    let batches = sockspan::replay::read_recording(std::io::BufReader::new(file), 1024)
         .with_context(|| format!("read {}", path.display()))?;
     let metrics = Metrics::new();
     let mut processor = Processor::offline(metrics.clone());
@@ -278,8 +321,8 @@ pub fn replay(path: &std::path::Path, view: View, filter: SpanFilter) -> anyhow:
 }
 
 /// `sockspan analyze`: the report and the slowest traces of saved spans or a recording.
-pub fn analyze(path: &Path, traces: usize, filter: &SpanFilter) -> anyhow::Result<()> {
-    let (spans, skipped) = crate::views::analyze::load(path)?;
+pub fn analyze(path: &Path, traces: usize, filter: &SpanFilter) -> Result<()> {
+    let (spans, skipped) = sockspan::views::analyze::load(path)?;
     if skipped > 0 {
         eprintln!(
             "sockspan: {skipped} lines of {} were not spans (skipped)",
@@ -288,146 +331,7 @@ pub fn analyze(path: &Path, traces: usize, filter: &SpanFilter) -> anyhow::Resul
     }
     print!(
         "{}",
-        crate::views::analyze::analyze(spans, filter, traces, crate::views::terminal())
+        sockspan::views::analyze::analyze(spans, filter, traces, sockspan::views::terminal())
     );
     Ok(())
-}
-
-/// Pipeline throughput on one thread, on a synthetic stream or a recording: prints events/s and
-/// spans/s, then the same with each batch's spans encoded as the OTLP exporter does.
-pub fn bench_pipeline(
-    connections: u32,
-    per_conn: u32,
-    body_bytes: usize,
-    rounds: u32,
-    recording: Option<&Path>,
-) -> Result<()> {
-    let stream = match recording {
-        None => crate::replay::synthetic_sized(connections, per_conn, body_bytes),
-        Some(path) => {
-            let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-            // One batch holds the whole recording.
-            crate::replay::read_recording(std::io::BufReader::new(file), usize::MAX)?
-                .into_iter()
-                .next()
-                .unwrap_or_default()
-        }
-    };
-    let events = stream.len();
-    let best = |with_export: bool| {
-        (0..rounds.max(1))
-            .map(|_| {
-                let (mut spans, mut bytes) = (0, 0);
-                let secs = timed_replay(&stream, &mut |batch| {
-                    spans += batch.len();
-                    if with_export {
-                        bytes += crate::export::otlp::encode_for_bench(batch);
-                    }
-                });
-                (secs, spans, bytes)
-            })
-            .min_by(|a, b| a.0.total_cmp(&b.0))
-            .unwrap_or_default()
-    };
-    let (secs, spans, _) = best(false);
-    println!(
-        "events={events} spans={spans} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
-        events as f64 / secs,
-        spans as f64 / secs
-    );
-    // The same, and each batch's spans then encoded as the OTLP exporter does (SpanData →
-    // protobuf; no network).
-    let (secs, spans, bytes) = best(true);
-    println!(
-        "with_otlp_encoding: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
-        events as f64 / secs,
-        spans as f64 / secs
-    );
-    Ok(())
-}
-
-/// Replays a stream through a fresh offline pipeline, handing each batch's spans to `sink` as
-/// the live agent does; returns the seconds it took.
-fn timed_replay(stream: &crate::reader::RawBatch, sink: &mut dyn FnMut(Vec<crate::span::Span>)) -> f64 {
-    let mut processor = Processor::offline(Metrics::new());
-    let start = std::time::Instant::now();
-    process_in_batches(&mut processor, stream, sink);
-    let mut spans = Vec::new();
-    processor.finish(&mut spans);
-    sink(spans);
-    start.elapsed().as_secs_f64()
-}
-
-/// Stitching throughput (spans/s, one thread, whole userspace pipeline on a two-hop chain) and
-/// memory held per in-flight request.
-pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
-    let stream = crate::replay::synthetic_chain(requests, concurrency);
-    let (mut spans, mut with_parent) = (0, 0);
-    let secs = timed_replay(&stream, &mut |batch| {
-        spans += batch.len();
-        with_parent += batch.iter().filter(|s| s.parent_span_id.is_some()).count();
-    });
-    println!(
-        "stitch: requests={requests} concurrency={concurrency} spans={spans} with_parent={with_parent} seconds={secs:.3} spans_per_sec={:.0} events_per_sec={:.0}",
-        spans as f64 / secs,
-        stream.len() as f64 / secs
-    );
-
-    let (started, answers) = crate::replay::synthetic_in_flight(in_flight);
-    let metrics = Metrics::new();
-    let mut processor = Processor::offline(metrics);
-    let mut spans = Vec::new();
-    let (rss_before, heap_before) = (rss_bytes(), heap_in_use());
-    process_in_batches(&mut processor, &started, &mut |b| spans.extend(b));
-    let held = processor.stitcher.in_flight() + processor.stitcher.queued();
-    let (rss_held, heap_held) = (rss_bytes(), heap_in_use());
-    process_in_batches(&mut processor, &answers, &mut |b| spans.extend(b));
-    processor.finish(&mut spans);
-    let heap = heap_held.saturating_sub(heap_before);
-    println!(
-        "in_flight: requests={in_flight} held_starts={held} heap_bytes={heap} heap_bytes_per_request={} rss_growth_bytes={} spans_after_answers={} left_in_flight={}",
-        heap / u64::from(in_flight.max(1)),
-        rss_held.saturating_sub(rss_before),
-        spans.len(),
-        processor.stitcher.in_flight()
-    );
-}
-
-/// Feeds a stream in batches of the size the reader hands over; each batch's spans go to `sink`.
-fn process_in_batches(
-    processor: &mut Processor,
-    stream: &crate::reader::RawBatch,
-    sink: &mut dyn FnMut(Vec<crate::span::Span>),
-) {
-    let mut batch = crate::reader::RawBatch::default();
-    for rec in stream.iter() {
-        batch.push(rec);
-        if batch.len() == crate::reader::BATCH_RECORDS {
-            let mut spans = Vec::new();
-            processor.process(&batch, &mut spans);
-            sink(spans);
-            batch.bytes.clear();
-            batch.ends.clear();
-        }
-    }
-    let mut spans = Vec::new();
-    processor.process(&batch, &mut spans);
-    sink(spans);
-}
-
-/// Bytes allocated and not freed (excludes allocator slack that RSS includes).
-fn heap_in_use() -> u64 {
-    crate::alloc::live_bytes()
-}
-
-/// Resident set size of this process.
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }

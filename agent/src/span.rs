@@ -152,24 +152,24 @@ impl SpanFactory {
         };
         let (path, query) = split_target(&req.target);
         let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(18);
-        attrs.push(("http.request.method", method_value(&req.method)));
+        attrs.push((crate::vocab::attr::HTTP_REQUEST_METHOD, method_value(&req.method)));
         let url_path = if self.opts.keep_path {
             path.to_owned()
         } else {
             route(path)
         };
-        attrs.push(("url.path", AttrValue::text(url_path)));
+        attrs.push((crate::vocab::attr::URL_PATH, AttrValue::text(url_path)));
         if let Some(q) = query {
             let q = if self.opts.keep_query_values {
                 q.to_owned()
             } else {
                 redact_query(q)
             };
-            attrs.push(("url.query", AttrValue::text(q)));
+            attrs.push((crate::vocab::attr::URL_QUERY, AttrValue::text(q)));
         }
-        attrs.push(("url.scheme", AttrValue::fixed("http")));
+        attrs.push((crate::vocab::attr::URL_SCHEME, AttrValue::fixed("http")));
         attrs.push((
-            "network.protocol.version",
+            crate::vocab::attr::NETWORK_PROTOCOL_VERSION,
             AttrValue::fixed(if req.version_minor == 0 { "1.0" } else { "1.1" }),
         ));
         let host = req.host.as_deref().map(|h| split_host_port(without_userinfo(h)));
@@ -181,57 +181,69 @@ impl SpanFactory {
                     .map(|(h, _)| h.to_owned())
                     .or_else(|| f.local.map(|l| l.ip().to_string()));
                 if let Some(a) = addr {
-                    attrs.push(("server.address", AttrValue::text(a)));
+                    attrs.push((crate::vocab::attr::SERVER_ADDRESS, AttrValue::text(a)));
                 }
                 if let Some(port) = f.local.map(|l| l.port()).or_else(|| host.and_then(|(_, p)| p)) {
-                    attrs.push(("server.port", AttrValue::Int(i64::from(port))));
+                    attrs.push((crate::vocab::attr::SERVER_PORT, AttrValue::Int(i64::from(port))));
                 }
                 if let (Some(r), Some(ip)) = (f.remote, &remote_ip) {
-                    attrs.push(("client.address", AttrValue::text(ip.as_str())));
-                    attrs.push(("client.port", AttrValue::Int(i64::from(r.port()))));
+                    attrs.push((crate::vocab::attr::CLIENT_ADDRESS, AttrValue::text(ip.as_str())));
+                    attrs.push((crate::vocab::attr::CLIENT_PORT, AttrValue::Int(i64::from(r.port()))));
                 }
             }
             SpanKind::Client => {
                 let addr = host.map(|(h, _)| h.to_owned()).or_else(|| remote_ip.clone());
                 if let Some(a) = addr {
-                    attrs.push(("server.address", AttrValue::text(a)));
+                    attrs.push((crate::vocab::attr::SERVER_ADDRESS, AttrValue::text(a)));
                 }
                 if let Some(port) = f.remote.map(|r| r.port()).or_else(|| host.and_then(|(_, p)| p)) {
-                    attrs.push(("server.port", AttrValue::Int(i64::from(port))));
+                    attrs.push((crate::vocab::attr::SERVER_PORT, AttrValue::Int(i64::from(port))));
                 }
             }
         }
         if let (Some(r), Some(ip)) = (f.remote, remote_ip) {
-            attrs.push(("network.peer.address", AttrValue::text(ip)));
-            attrs.push(("network.peer.port", AttrValue::Int(i64::from(r.port()))));
+            attrs.push((crate::vocab::attr::NETWORK_PEER_ADDRESS, AttrValue::text(ip)));
+            attrs.push((
+                crate::vocab::attr::NETWORK_PEER_PORT,
+                AttrValue::Int(i64::from(r.port())),
+            ));
         }
         if let Some(ua) = &req.user_agent {
             attrs.push(("user_agent.original", AttrValue::text(ua.as_str())));
         }
         if req.content_length.is_some() || req.body_bytes > 0 {
-            attrs.push(("http.request.body.size", AttrValue::Int(req.body_bytes as i64)));
+            attrs.push((
+                crate::vocab::attr::HTTP_REQUEST_BODY_SIZE,
+                AttrValue::Int(req.body_bytes as i64),
+            ));
         }
         let mut error = false;
         match resp {
             Some(r) => {
-                attrs.push(("http.response.status_code", AttrValue::Int(i64::from(r.status))));
-                attrs.push(("http.response.body.size", AttrValue::Int(r.body_bytes as i64)));
+                attrs.push((
+                    crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE,
+                    AttrValue::Int(i64::from(r.status)),
+                ));
+                attrs.push((
+                    crate::vocab::attr::HTTP_RESPONSE_BODY_SIZE,
+                    AttrValue::Int(r.body_bytes as i64),
+                ));
                 let failed = match kind {
                     SpanKind::Server => r.status >= 500,
                     SpanKind::Client => r.status >= 400,
                 };
                 if failed {
                     error = true;
-                    attrs.push(("error.type", AttrValue::text(r.status.to_string())));
+                    attrs.push((crate::vocab::attr::ERROR_TYPE, AttrValue::text(r.status.to_string())));
                 }
             }
             None if cx.at_shutdown => {
                 // Still in flight when the agent stopped: not a failure of the service.
-                attrs.push(("sockspan.incomplete", AttrValue::Bool(true)));
+                attrs.push((crate::vocab::attr::SOCKSPAN_INCOMPLETE, AttrValue::Bool(true)));
             }
             None => {
                 error = true;
-                attrs.push(("error.type", AttrValue::fixed("no_response")));
+                attrs.push((crate::vocab::attr::ERROR_TYPE, AttrValue::fixed("no_response")));
             }
         }
         // A configured route names a server span and is its `http.route`; otherwise the name is
@@ -241,7 +253,7 @@ impl SpanFactory {
             .flatten();
         let name = match route {
             Some(r) => {
-                attrs.push(("http.route", AttrValue::text(r.text.as_str())));
+                attrs.push((crate::vocab::attr::HTTP_ROUTE, AttrValue::text(r.text.as_str())));
                 format!("{} {}", req.method, r.text)
             }
             None => span_name(&req.method, path),

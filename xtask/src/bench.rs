@@ -321,10 +321,12 @@ pub fn bench(opts: &Opts) -> Result<()> {
 /// The agent binary to measure: `SOCKSPAN_BIN` if set, else a fresh release build.
 pub fn agent_binary() -> Result<PathBuf> {
     if std::env::var_os("SOCKSPAN_BIN").is_none() {
-        println!("bench: building the agent (cargo build --release -p agent)");
+        println!(
+            "bench: building the agent with its benchmark subcommands (cargo build --release -p agent --features bench)"
+        );
         util::run(
-            "cargo build --release -p agent",
-            util::cargo().args(["build", "--release", "-p", "agent"]),
+            "cargo build --release -p agent --features bench",
+            util::cargo().args(["build", "--release", "-p", "agent", "--features", "bench"]),
         )?;
     }
     Ok(util::sockspan_bin())

@@ -496,6 +496,7 @@ fn group_by_process(batch: Vec<Span>, scope: &InstrumentationScope) -> Vec<(Arc<
 
 /// Encodes a batch of spans into OTLP protobuf requests as the exporter does (one request per
 /// process resource) and returns the encoded size: for benchmarks.
+#[cfg(feature = "bench")]
 pub fn encode_for_bench(spans: Vec<Span>) -> usize {
     use prost::Message as _;
     let scope = InstrumentationScope::builder("sockspan").build();
@@ -525,7 +526,11 @@ fn span_context(trace_id: [u8; 16], span_id: [u8; 8]) -> SpanContext {
 
 fn to_link(l: &crate::span::SpanLink) -> Link {
     let ctx = span_context(l.trace_id, l.span_id);
-    Link::new(ctx, vec![KeyValue::new("sockspan.link.source", l.source)], 0)
+    Link::new(
+        ctx,
+        vec![KeyValue::new(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, l.source)],
+        0,
+    )
 }
 
 fn to_span_data(span: Span, scope: &InstrumentationScope) -> SpanData {

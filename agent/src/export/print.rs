@@ -136,15 +136,21 @@ fn attr_str(span: &Span, key: &str) -> String {
 /// `07:40:01.123456 SERVER py-shop[1234] GET /users/{id} 200 12.345ms peer=127.0.0.1:54321 trace=… span=… parent=…`
 pub fn text_line(span: &Span) -> String {
     let dur_ms = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e6;
-    let peer = match (span.attr("network.peer.address"), span.attr("network.peer.port")) {
+    let peer = match (
+        span.attr(crate::vocab::attr::NETWORK_PEER_ADDRESS),
+        span.attr(crate::vocab::attr::NETWORK_PEER_PORT),
+    ) {
         (Some(AttrValue::Str(a)), Some(AttrValue::Int(p))) if a.contains(':') => format!("[{a}]:{p}"),
         (Some(AttrValue::Str(a)), Some(AttrValue::Int(p))) => format!("{a}:{p}"),
         _ => "-".to_owned(),
     };
     let status = if span.error {
-        format!("{} ERROR", attr_str(span, "http.response.status_code"))
+        format!(
+            "{} ERROR",
+            attr_str(span, crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE)
+        )
     } else {
-        attr_str(span, "http.response.status_code")
+        attr_str(span, crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE)
     };
     // A link is shown only when there is one: `link=<trace>/<span>(<rule>)`.
     let links: String = span
@@ -188,7 +194,7 @@ pub fn json_line(span: &Span) -> Value {
         "links": span.links.iter().map(|l| json!({
             "trace_id": hex(&l.trace_id),
             "span_id": hex(&l.span_id),
-            "attributes": {"sockspan.link.source": l.source},
+            "attributes": {crate::vocab::attr::SOCKSPAN_LINK_SOURCE: l.source},
         })).collect::<Vec<_>>(),
     })
 }

@@ -562,12 +562,16 @@ impl Stitcher {
         span.parent_span_id = d.parent.map(|(p, _)| p);
         span.links.extend(d.link);
         if let Some((_, src)) = d.parent {
-            span.attributes
-                .push(("sockspan.parent.source", AttrValue::fixed(src.as_str())));
+            span.attributes.push((
+                crate::vocab::attr::SOCKSPAN_PARENT_SOURCE,
+                AttrValue::fixed(src.as_str()),
+            ));
         }
         if d.resend_count > 0 {
-            span.attributes
-                .push(("http.request.resend_count", AttrValue::Int(i64::from(d.resend_count))));
+            span.attributes.push((
+                crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT,
+                AttrValue::Int(i64::from(d.resend_count)),
+            ));
         }
         span
     }

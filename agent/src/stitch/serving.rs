@@ -10,8 +10,7 @@ use std::{
 use super::pairing::SpanIds;
 use crate::{FastMap, FastSet};
 
-/// (connection, request seq): a request's key.
-pub type Key = (u64, u64);
+pub use crate::vocab::RequestKey as Key;
 
 /// A server request in flight.
 #[derive(Debug)]

@@ -76,7 +76,7 @@ fn done(conn_id: u64, seq: u64, side: Side, t: u64) -> Finished {
 }
 
 fn source(s: &Span) -> Option<&str> {
-    match s.attr("sockspan.parent.source") {
+    match s.attr(crate::vocab::attr::SOCKSPAN_PARENT_SOURCE) {
         Some(AttrValue::Str(v)) => Some(v.as_ref()),
         _ => None,
     }
@@ -374,9 +374,15 @@ fn retries_carry_resend_count() {
         Box::new(|s| s.push_done(done(4, 0, Side::Client, 160))),
         Box::new(|s| s.push_done(done(1, 0, Side::Server, 170))),
     ]);
-    assert_eq!(spans["2/0"].attr("http.request.resend_count"), None);
-    assert_eq!(spans["3/0"].attr("http.request.resend_count"), Some(&AttrValue::Int(1)));
-    assert_eq!(spans["4/0"].attr("http.request.resend_count"), Some(&AttrValue::Int(2)));
+    assert_eq!(spans["2/0"].attr(crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT), None);
+    assert_eq!(
+        spans["3/0"].attr(crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT),
+        Some(&AttrValue::Int(1))
+    );
+    assert_eq!(
+        spans["4/0"].attr(crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT),
+        Some(&AttrValue::Int(2))
+    );
 }
 
 #[test]

@@ -23,25 +23,25 @@ pub enum AnalyzeError {
 
 /// Attribute keys sockspan writes (a span keeps `&'static str` keys; others are skipped).
 const KEYS: &[&str] = &[
-    "http.request.method",
-    "url.path",
-    "url.query",
-    "url.scheme",
-    "network.protocol.version",
-    "server.address",
-    "server.port",
-    "client.address",
-    "client.port",
-    "network.peer.address",
-    "network.peer.port",
+    crate::vocab::attr::HTTP_REQUEST_METHOD,
+    crate::vocab::attr::URL_PATH,
+    crate::vocab::attr::URL_QUERY,
+    crate::vocab::attr::URL_SCHEME,
+    crate::vocab::attr::NETWORK_PROTOCOL_VERSION,
+    crate::vocab::attr::SERVER_ADDRESS,
+    crate::vocab::attr::SERVER_PORT,
+    crate::vocab::attr::CLIENT_ADDRESS,
+    crate::vocab::attr::CLIENT_PORT,
+    crate::vocab::attr::NETWORK_PEER_ADDRESS,
+    crate::vocab::attr::NETWORK_PEER_PORT,
     "user_agent.original",
-    "http.request.body.size",
-    "http.response.status_code",
-    "http.response.body.size",
-    "http.request.resend_count",
-    "error.type",
-    "sockspan.incomplete",
-    "sockspan.parent.source",
+    crate::vocab::attr::HTTP_REQUEST_BODY_SIZE,
+    crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE,
+    crate::vocab::attr::HTTP_RESPONSE_BODY_SIZE,
+    crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT,
+    crate::vocab::attr::ERROR_TYPE,
+    crate::vocab::attr::SOCKSPAN_INCOMPLETE,
+    crate::vocab::attr::SOCKSPAN_PARENT_SOURCE,
 ];
 const LINK_SOURCES: &[&str] = &[crate::stitch::LINK_LOOP_UNCONFIRMED];
 
@@ -98,7 +98,9 @@ pub fn span_from_json(line: &str, processes: &mut HashMap<(u32, String), Arc<Pro
         .map(|a| {
             a.iter()
                 .filter_map(|l| {
-                    let src = l["attributes"]["sockspan.link.source"].as_str().unwrap_or("");
+                    let src = l["attributes"][crate::vocab::attr::SOCKSPAN_LINK_SOURCE]
+                        .as_str()
+                        .unwrap_or("");
                     Some(SpanLink {
                         trace_id: hex_bytes(&l["trace_id"])?,
                         span_id: hex_bytes(&l["span_id"])?,
@@ -197,8 +199,8 @@ mod tests {
         s.end_unix_ns = 5_000;
         s.error = true;
         s.attributes = vec![
-            ("http.response.status_code", AttrValue::Int(503)),
-            ("sockspan.parent.source", AttrValue::fixed("thread")),
+            (crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE, AttrValue::Int(503)),
+            (crate::vocab::attr::SOCKSPAN_PARENT_SOURCE, AttrValue::fixed("thread")),
         ];
         let line = json_line(&s).to_string();
         let back = span_from_json(&line, &mut HashMap::new()).expect("parses");

@@ -140,7 +140,8 @@ impl SpanFilter {
         if !self.pids.is_empty() && !self.pids.contains(&span.resource.pid) {
             return false;
         }
-        if !self.ports.is_empty() && !int("server.port").is_some_and(|p| self.ports.iter().any(|&q| i64::from(q) == p))
+        if !self.ports.is_empty()
+            && !int(crate::vocab::attr::SERVER_PORT).is_some_and(|p| self.ports.iter().any(|&q| i64::from(q) == p))
         {
             return false;
         }
@@ -150,7 +151,8 @@ impl SpanFilter {
             return false;
         }
         if let Some(st) = self.status
-            && !int("http.response.status_code").is_some_and(|c| u16::try_from(c).is_ok_and(|c| st.matches(c)))
+            && !int(crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE)
+                .is_some_and(|c| u16::try_from(c).is_ok_and(|c| st.matches(c)))
         {
             return false;
         }
@@ -216,8 +218,10 @@ mod tests {
         s.name = "GET /pay/{id}".into();
         s.end_unix_ns = 300_000_000;
         s.error = true;
-        s.attributes.push(("http.response.status_code", AttrValue::Int(503)));
-        s.attributes.push(("server.port", AttrValue::Int(8080)));
+        s.attributes
+            .push((crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE, AttrValue::Int(503)));
+        s.attributes
+            .push((crate::vocab::attr::SERVER_PORT, AttrValue::Int(8080)));
         let f = SpanFilter {
             services: vec!["s*".into()],
             ports: vec![8080],

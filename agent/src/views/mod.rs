@@ -177,9 +177,9 @@ pub(crate) fn test_span(
         start_unix_ns: start_ms * 1_000_000,
         end_unix_ns: end_ms * 1_000_000,
         attributes: vec![
-            ("http.response.status_code", AttrValue::Int(200)),
-            ("server.address", AttrValue::fixed("pay")),
-            ("server.port", AttrValue::Int(80)),
+            (crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE, AttrValue::Int(200)),
+            (crate::vocab::attr::SERVER_ADDRESS, AttrValue::fixed("pay")),
+            (crate::vocab::attr::SERVER_PORT, AttrValue::Int(80)),
         ],
         error: false,
         resource: Arc::new(crate::process::ProcessInfo {

@@ -66,7 +66,11 @@ fn peer(s: &Span) -> String {
         Some(AttrValue::Int(p)) => p.to_string(),
         _ => "?".to_owned(),
     };
-    format!("{}:{}", v("server.address"), v("server.port"))
+    format!(
+        "{}:{}",
+        v(crate::vocab::attr::SERVER_ADDRESS),
+        v(crate::vocab::attr::SERVER_PORT)
+    )
 }
 
 /// The report of the spans `keep` picks; own times count every span's children, kept or not.

@@ -88,7 +88,14 @@ impl Window {
             self.spans.pop_front();
             self.dropped += 1;
         }
-        let keep = |k: &str| matches!(k, "server.address" | "server.port" | "http.response.status_code");
+        let keep = |k: &str| {
+            matches!(
+                k,
+                crate::vocab::attr::SERVER_ADDRESS
+                    | crate::vocab::attr::SERVER_PORT
+                    | crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE
+            )
+        };
         let mut slim = Span {
             attributes: s.attributes.iter().filter(|(k, _)| keep(k)).cloned().collect(),
             links: Vec::new(),
@@ -291,7 +298,7 @@ mod tests {
             let mut s = Span::sample(end_s);
             s.end_unix_ns = end_s * 1_000_000_000;
             s.attributes.push(("user_agent.original", AttrValue::fixed("curl")));
-            s.attributes.push(("server.port", AttrValue::Int(80)));
+            s.attributes.push((crate::vocab::attr::SERVER_PORT, AttrValue::Int(80)));
             s
         };
         for t in [10, 50, 100] {

@@ -138,13 +138,18 @@ fn duration(s: &Span) -> u64 {
 /// A later attempt of the same call: a client span to the same peer with the same name, begun
 /// once the earlier one ended, that the stitcher counted as a resend.
 fn is_retry_of(later: &Span, first: &Span) -> bool {
-    let peer = |s: &Span| (attr(s, "server.address"), attr(s, "server.port"));
+    let peer = |s: &Span| {
+        (
+            attr(s, crate::vocab::attr::SERVER_ADDRESS),
+            attr(s, crate::vocab::attr::SERVER_PORT),
+        )
+    };
     later.kind == SpanKind::Client
         && first.kind == SpanKind::Client
         && later.name == first.name
         && peer(later) == peer(first)
         && later.start_unix_ns >= first.end_unix_ns
-        && matches!(later.attr("http.request.resend_count"), Some(AttrValue::Int(n)) if *n > 0)
+        && matches!(later.attr(crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT), Some(AttrValue::Int(n)) if *n > 0)
 }
 
 fn attr(s: &Span, key: &str) -> String {
@@ -246,9 +251,9 @@ impl Style {
 
 /// What one attempt ended with: `200 in 12.0 ms`, `no response in 250.0 ms`.
 fn outcome(s: &Span) -> String {
-    let status = match s.attr("http.response.status_code") {
+    let status = match s.attr(crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE) {
         Some(AttrValue::Int(c)) => c.to_string(),
-        _ => match s.attr("error.type") {
+        _ => match s.attr(crate::vocab::attr::ERROR_TYPE) {
             Some(AttrValue::Str(e)) if e == "no_response" => "no response".to_owned(),
             Some(AttrValue::Str(e)) => e.to_string(),
             _ => "unfinished".to_owned(),
@@ -319,7 +324,7 @@ pub fn render(spans: &[Span], width: Option<usize>, style: Style) -> String {
                 attempts.join(", ")
             );
         } else {
-            match s.attr("http.response.status_code") {
+            match s.attr(crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE) {
                 Some(AttrValue::Int(c)) => {
                     let _ = write!(text, " {c}{bottleneck}");
                 }
@@ -333,7 +338,7 @@ pub fn render(spans: &[Span], width: Option<usize>, style: Style) -> String {
         }
         if l.parent_missing {
             text.push_str("  [parent not seen]");
-        } else if let Some(AttrValue::Str(src)) = s.attr("sockspan.parent.source") {
+        } else if let Some(AttrValue::Str(src)) = s.attr(crate::vocab::attr::SOCKSPAN_PARENT_SOURCE) {
             let _ = write!(text, "  (via {src})");
         }
         if let Some(link) = s.links.first() {
@@ -419,10 +424,12 @@ mod tests {
 
     fn timed_out(mut s: Span, resend: i64) -> Span {
         s.attributes.retain(|(k, _)| k.starts_with("server."));
-        s.attributes.push(("error.type", AttrValue::fixed("no_response")));
+        s.attributes
+            .push((crate::vocab::attr::ERROR_TYPE, AttrValue::fixed("no_response")));
         s.error = true;
         if resend > 0 {
-            s.attributes.push(("http.request.resend_count", AttrValue::Int(resend)));
+            s.attributes
+                .push((crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT, AttrValue::Int(resend)));
         }
         s
     }
@@ -431,7 +438,9 @@ mod tests {
     /// quick stock call.
     fn checkout() -> Vec<Span> {
         let mut third = span(5, Some(2), SpanKind::Client, "order", "POST /pay", 520, 540);
-        third.attributes.push(("http.request.resend_count", AttrValue::Int(2)));
+        third
+            .attributes
+            .push((crate::vocab::attr::HTTP_REQUEST_RESEND_COUNT, AttrValue::Int(2)));
         vec![
             span(1, None, SpanKind::Client, "curl", "GET /checkout", 0, 600),
             span(2, Some(1), SpanKind::Server, "order", "GET /checkout", 2, 598),
