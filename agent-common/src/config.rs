@@ -12,6 +12,9 @@ pub const GLOBAL_WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 /// no port is looked up).
 pub const GLOBAL_PORT_MODE: &str = "PORT_MODE";
 
+/// Global: 1 when cgroup rules are given (`CGROUP_SELECT` is looked up), else 0.
+pub const GLOBAL_CGROUP_RULES: &str = "CGROUP_RULES";
+
 /// Default payload capture: a request line and ordinary headers.
 pub const DEFAULT_CAPTURE_BYTES: u32 = 1024;
 /// Default wake-up threshold.

@@ -35,6 +35,13 @@ pub mod port_select {
     pub const MODE_IGNORE: u32 = 2;
 }
 
+/// Cgroups (by id) userspace decided on with the `--trace-cgroup`/`--ignore-cgroup` rules.
+pub const CGROUP_SELECT_MAP: &str = "CGROUP_SELECT";
+/// Cgroups decided at once (beyond it, a cgroup's processes are decided in userspace only).
+pub const CGROUP_SELECT_MAX_ENTRIES: u32 = 16 * 1024;
+/// A `CGROUP_SELECT` value: its processes' sends and receives are not reported.
+pub const CGROUP_NOT_SELECTED: u8 = 2;
+
 /// `TRACED_TGIDS` flags.
 pub mod traced {
     /// The process moved bytes on a TCP socket.

@@ -2,8 +2,8 @@
 use agent_common::{
     DataEvent, MAX_CAPTURE,
     maps::{
-        DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES, GO_SPAWNING_MAX_ENTRIES, LOOP_EPOCH_MAX_ENTRIES, PENDING_MAX_ENTRIES,
-        TRACED_TGIDS_MAX_ENTRIES, counter,
+        CGROUP_NOT_SELECTED, CGROUP_SELECT_MAX_ENTRIES, DEFAULT_RING_BYTES, FD_INFO_MAX_ENTRIES,
+        GO_SPAWNING_MAX_ENTRIES, LOOP_EPOCH_MAX_ENTRIES, PENDING_MAX_ENTRIES, TRACED_TGIDS_MAX_ENTRIES, counter,
     },
 };
 use aya_ebpf::{
@@ -51,6 +51,11 @@ pub struct LoopState {
 pub static TRACED_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(TRACED_TGIDS_MAX_ENTRIES, 0);
 
 pub use agent_common::maps::traced;
+
+/// Cgroup ids userspace found not selected (`CGROUP_NOT_SELECTED`); read only when
+/// `CGROUP_RULES` is set. A cgroup not in it is left to userspace.
+#[map]
+pub static CGROUP_SELECT: HashMap<u64, u8> = HashMap::with_max_entries(CGROUP_SELECT_MAX_ENTRIES, 0);
 
 /// Port selection, one `port_select` byte per port (filled by userspace; read only when
 /// `PORT_MODE` is set).
@@ -159,6 +164,8 @@ static CAPTURE_BYTES: u32 = agent_common::config::DEFAULT_CAPTURE_BYTES;
 static WAKEUP_BYTES: u32 = agent_common::config::DEFAULT_WAKEUP_BYTES;
 #[unsafe(no_mangle)]
 static PORT_MODE: u32 = 0;
+#[unsafe(no_mangle)]
+static CGROUP_RULES: u32 = 0;
 
 #[unsafe(no_mangle)]
 static SOCK_OFFSETS: agent_common::config::SockOffsets = agent_common::config::SockOffsets {
@@ -200,6 +207,19 @@ pub fn wakeup_bytes() -> u64 {
 pub fn port_mode() -> u32 {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(&PORT_MODE) }
+}
+
+/// Whether the current task's cgroup is one userspace found not selected.
+#[inline(always)]
+pub fn cgroup_unselected() -> bool {
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(&CGROUP_RULES) } == 0 {
+        return false;
+    }
+    // SAFETY: a helper without preconditions; the map value is copied at once.
+    let id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
+    let decided = unsafe { CGROUP_SELECT.get(id).copied() };
+    decided == Some(CGROUP_NOT_SELECTED)
 }
 
 /// Whether a connection between `local` and `remote` ports is selected.

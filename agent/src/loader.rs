@@ -4,9 +4,15 @@ use std::path::Path;
 
 use agent_common::{
     MAX_CAPTURE,
-    config::{GLOBAL_CAPTURE_BYTES, GLOBAL_PORT_MODE, GLOBAL_SELF_TGID, GLOBAL_SOCK_OFFSETS, GLOBAL_WAKEUP_BYTES},
+    config::{
+        GLOBAL_CAPTURE_BYTES, GLOBAL_CGROUP_RULES, GLOBAL_PORT_MODE, GLOBAL_SELF_TGID, GLOBAL_SOCK_OFFSETS,
+        GLOBAL_WAKEUP_BYTES,
+    },
     hooks::Tracepoint,
-    maps::{COUNTERS_MAP, EVENTS_MAP, PORT_SELECT_MAP, TRACED_TGIDS_MAP, counter, traced},
+    maps::{
+        CGROUP_NOT_SELECTED, CGROUP_SELECT_MAP, COUNTERS_MAP, EVENTS_MAP, PORT_SELECT_MAP, TRACED_TGIDS_MAP, counter,
+        traced,
+    },
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -89,6 +95,8 @@ pub struct KernelConfig {
     /// Port selection: the `PORT_MODE` bits and the `PORT_SELECT` entries.
     pub port_mode: u32,
     pub port_entries: Vec<(u16, u8)>,
+    /// Cgroup rules are given: the kernel looks up `CGROUP_SELECT`.
+    pub cgroup_rules: bool,
 }
 
 /// The loaded, attached programs and the maps userspace reads.
@@ -99,6 +107,21 @@ pub struct Loaded {
     pub counters: PerCpuArray<MapData, u64>,
     /// Where processes not selected are marked.
     pub gate: KernelProcessGate,
+    /// Where cgroups not selected are marked.
+    pub cgroups: KernelCgroupGate,
+}
+
+/// Marks cgroups in the kernel's `CGROUP_SELECT` so their processes' calls are not reported.
+pub struct KernelCgroupGate(BpfHashMap<MapData, u64, u8>);
+
+impl crate::selection::CgroupGate for KernelCgroupGate {
+    fn mark(&mut self, id: u64) -> bool {
+        self.0.insert(id, CGROUP_NOT_SELECTED, 0).is_ok()
+    }
+
+    fn unmark(&mut self, id: u64) {
+        let _ = self.0.remove(&id);
+    }
 }
 
 /// Marks processes in the kernel's process map (`TRACED_TGIDS`) so their sends and receives
@@ -242,6 +265,7 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         .override_global(GLOBAL_WAKEUP_BYTES, &cfg.wakeup_bytes, true)
         .override_global(GLOBAL_SOCK_OFFSETS, &sock_offsets, true)
         .override_global(GLOBAL_PORT_MODE, &cfg.port_mode, true)
+        .override_global(GLOBAL_CGROUP_RULES, &u32::from(cfg.cgroup_rules), true)
         .map_max_entries(EVENTS_MAP, cfg.ring_bytes)
         .load(EBPF_OBJECT)
         .map_err(LoaderError::Load)?;
@@ -303,12 +327,17 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
         .take_map(TRACED_TGIDS_MAP)
         .ok_or_else(|| missing(TRACED_TGIDS_MAP))?;
     let gate = KernelProcessGate(BpfHashMap::try_from(tgids).map_err(map_err(TRACED_TGIDS_MAP))?);
+    let cgroups = ebpf
+        .take_map(CGROUP_SELECT_MAP)
+        .ok_or_else(|| missing(CGROUP_SELECT_MAP))?;
+    let cgroups = KernelCgroupGate(BpfHashMap::try_from(cgroups).map_err(map_err(CGROUP_SELECT_MAP))?);
     Ok(Loaded {
         ebpf,
         links,
         events,
         counters,
         gate,
+        cgroups,
     })
 }
 

@@ -97,6 +97,32 @@ async fn watch_pods(
     index
 }
 
+/// How often the cgroup tree is walked for new cgroups to mark (`--trace-cgroup`, ...).
+const CGROUP_SCAN_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps the kernel's marks of the cgroups not selected current, from a thread of its own (a
+/// walk of the cgroup tree is blocking file system work). Without a unified (v2) hierarchy, the
+/// cgroup rules are applied per process only (see `selection`).
+fn mark_cgroups(rules: sockspan::selection::Selection, mut gate: loader::KernelCgroupGate) -> Result<()> {
+    let Some(root) = sockspan::selection::unified_root() else {
+        tracing::warn!("No unified cgroup hierarchy: cgroup rules are applied to each process after its first event");
+        return Ok(());
+    };
+    let mut scanner = sockspan::selection::CgroupScanner::new(rules, root);
+    let marked = scanner.scan(&mut gate);
+    tracing::info!(marked, "Cgroups not selected marked in the kernel");
+    std::thread::Builder::new()
+        .name("cgroups".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(CGROUP_SCAN_EVERY);
+                scanner.scan(&mut gate);
+            }
+        })
+        .context("start the cgroup thread")?;
+    Ok(())
+}
+
 /// Batches of raw records waiting between the reader and the processor.
 const READER_TO_PROCESSOR: usize = 256;
 /// After a signal, draining and the final export must fit in this; detaching the programs
@@ -128,6 +154,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         wakeup_bytes: (cli.ring_bytes / 64).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
         port_mode: cli.select.port_mode(),
         port_entries: cli.select.port_entries(),
+        cgroup_rules: cli.select.has_cgroup_rules(),
     })?;
     let loader::Loaded {
         ebpf,
@@ -135,7 +162,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         events,
         counters,
         gate,
+        cgroups,
     } = loaded;
+    if cli.select.has_cgroup_rules() {
+        mark_cgroups(cli.select.clone(), cgroups)?;
+    }
     let attached_ns = sockspan::span::monotonic_ns();
 
     let processes = match kubernetes(&cli, env)? {

@@ -182,20 +182,100 @@ impl Selection {
                 glob_matches(pattern, name)
             }
         };
-        let container = crate::process::container_id(&format!("0::{}", p.cgroup));
-        let cgroup_matches = |pattern: &String| {
-            glob_matches(pattern, &p.cgroup)
+        let wanted = (self.trace_exes.is_empty() || self.trace_exes.iter().any(exe_matches))
+            && (self.trace_pids.is_empty() || self.trace_pids.contains(&p.pid));
+        let ignored = self.ignore_exes.iter().any(exe_matches) || self.ignore_pids.contains(&p.pid);
+        wanted && !ignored && self.cgroup_selected(&p.cgroup)
+    }
+
+    pub fn has_cgroup_rules(&self) -> bool {
+        !(self.trace_cgroups.is_empty() && self.ignore_cgroups.is_empty())
+    }
+
+    /// Whether the processes of cgroup `path` pass the cgroup rules (a glob over the path, or a
+    /// container id in it, or its prefix).
+    pub fn cgroup_selected(&self, path: &str) -> bool {
+        let container = crate::process::container_id(&format!("0::{path}"));
+        let matches = |pattern: &String| {
+            glob_matches(pattern, path)
                 || container
                     .as_deref()
                     .is_some_and(|id| glob_matches(pattern, id) || id.starts_with(pattern.as_str()))
         };
-        let wanted = (self.trace_exes.is_empty() || self.trace_exes.iter().any(exe_matches))
-            && (self.trace_pids.is_empty() || self.trace_pids.contains(&p.pid))
-            && (self.trace_cgroups.is_empty() || self.trace_cgroups.iter().any(cgroup_matches));
-        let ignored = self.ignore_exes.iter().any(exe_matches)
-            || self.ignore_pids.contains(&p.pid)
-            || self.ignore_cgroups.iter().any(cgroup_matches);
-        wanted && !ignored
+        (self.trace_cgroups.is_empty() || self.trace_cgroups.iter().any(matches))
+            && !self.ignore_cgroups.iter().any(matches)
+    }
+}
+
+/// Where cgroups found not selected are marked: the kernel's `CGROUP_SELECT` in the live agent.
+pub trait CgroupGate: Send {
+    /// Mark cgroup `id` not selected; false when there is no room.
+    fn mark(&mut self, id: u64) -> bool;
+    fn unmark(&mut self, id: u64);
+}
+
+/// The unified (v2) cgroup hierarchy's mount, where cgroup ids are its directories' inodes.
+pub fn unified_root() -> Option<std::path::PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.join("cgroup.controllers").exists())
+}
+
+/// Directories walked below the root at most (a cgroup tree is a few levels deep).
+const CGROUP_DEPTH: usize = 16;
+
+/// Walks the cgroup tree and keeps the kernel's marks of the cgroups not selected current
+/// (new containers' cgroups marked, removed ones forgotten), so their processes' calls stop in
+/// the kernel from their first one.
+pub struct CgroupScanner {
+    rules: Selection,
+    root: std::path::PathBuf,
+    marked: std::collections::HashSet<u64>,
+}
+
+impl CgroupScanner {
+    pub fn new(rules: Selection, root: std::path::PathBuf) -> Self {
+        Self {
+            rules,
+            root,
+            marked: std::collections::HashSet::new(),
+        }
+    }
+
+    /// One walk; returns how many cgroups are marked.
+    pub fn scan(&mut self, gate: &mut dyn CgroupGate) -> usize {
+        let mut unselected = std::collections::HashSet::new();
+        let mut stack = vec![(self.root.clone(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            use std::os::unix::fs::MetadataExt as _;
+            let path = dir
+                .strip_prefix(&self.root)
+                .map_or(String::new(), |r| format!("/{}", r.display()));
+            if let Ok(meta) = std::fs::metadata(&dir)
+                && !self.rules.cgroup_selected(if path.is_empty() { "/" } else { &path })
+            {
+                unselected.insert(meta.ino());
+            }
+            if depth >= CGROUP_DEPTH {
+                continue;
+            }
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+        for id in self.marked.difference(&unselected).copied().collect::<Vec<_>>() {
+            gate.unmark(id);
+            self.marked.remove(&id);
+        }
+        for id in unselected {
+            if !self.marked.contains(&id) && gate.mark(id) {
+                self.marked.insert(id);
+            }
+        }
+        self.marked.len()
     }
 }
 
@@ -354,6 +434,40 @@ mod tests {
         };
         assert!(both.selects(&nginx) && !both.selects(&py), "an ignore rule wins");
         assert!(Selection::default().selects(&nginx));
+    }
+
+    #[derive(Default)]
+    struct Marks(std::collections::HashSet<u64>);
+
+    impl CgroupGate for Marks {
+        fn mark(&mut self, id: u64) -> bool {
+            self.0.insert(id)
+        }
+        fn unmark(&mut self, id: u64) {
+            self.0.remove(&id);
+        }
+    }
+
+    #[test]
+    fn cgroups_not_selected_are_marked_and_forgotten_when_gone() {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = std::env::temp_dir().join(format!("sockspan-cgroups-{}", std::process::id()));
+        let ignored = root.join("system.slice/backup.service");
+        std::fs::create_dir_all(&ignored).unwrap();
+        std::fs::create_dir_all(root.join("kubepods/pod1")).unwrap();
+        let rules = Selection {
+            ignore_cgroups: vec!["/system.slice/backup*".into()],
+            ..Selection::default()
+        };
+        let mut scanner = CgroupScanner::new(rules, root.clone());
+        let mut marks = Marks::default();
+        assert_eq!(scanner.scan(&mut marks), 1);
+        let id = std::fs::metadata(&ignored).unwrap().ino();
+        assert_eq!(marks.0, [id].into());
+        std::fs::remove_dir(&ignored).unwrap();
+        assert_eq!(scanner.scan(&mut marks), 0, "gone: forgotten");
+        assert!(marks.0.is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

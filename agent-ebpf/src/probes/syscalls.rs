@@ -12,8 +12,8 @@ use aya_ebpf::{
 use crate::{
     capture::{carries_requests, emit_connect, emit_data, sock_event, submit_sock},
     maps::{
-        FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, capture_bytes, count, fd_key, port_mode,
-        ports_selected, select, self_tgid, traced,
+        FD_INFO, FdInfo, PENDING, PendingCall, TRACED_TGIDS, buf_kind, capture_bytes, cgroup_unselected, count, fd_key,
+        port_mode, ports_selected, select, self_tgid, traced,
     },
     probes::loops::bump_epoch,
 };
@@ -154,7 +154,7 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         return Ok(0);
     }
     let traced = mark_traced(pid_tgid);
-    if traced & traced::SKIP != 0 {
+    if traced & traced::SKIP != 0 || cgroup_unselected() {
         count(counter::UNSELECTED);
         return Ok(0);
     }

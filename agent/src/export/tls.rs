@@ -94,7 +94,6 @@ impl TlsFiles {
 
     /// The HTTP exporter's client: the system's roots (the platform verifier), and the files'.
     fn reqwest(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {
-        install_crypto();
         let build = |e: reqwest::Error| ConfigError::Build(format!("the HTTPS client: {e}"));
         let mut b = reqwest::Client::builder().timeout(timeout);
         if let Some(ca) = &self.ca {
@@ -117,8 +116,9 @@ fn tls_error(name: &'static str, path: &str, e: impl std::fmt::Display) -> Confi
     }
 }
 
-/// rustls's cryptography for the process (ring): every HTTPS client made here (reqwest's)
-/// takes the process default, so it is installed before each is built.
+/// rustls's cryptography for the process (ring): every reqwest client (the exporter's own, the
+/// one made here, the Kubernetes watch's) takes the process default, so it is installed before
+/// any is built.
 pub fn install_crypto() {
     // An error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -143,6 +143,8 @@ fn timeout(get: &impl Fn(&str) -> Option<String>) -> Duration {
 
 /// An exporter built from the standard environment, with `tls`'s files when there are any.
 pub fn span_exporter(get: &impl Fn(&str) -> Option<String>, tls: &TlsFiles) -> Result<SpanExporter, ConfigError> {
+    // The exporter's own HTTP client is a reqwest one too.
+    install_crypto();
     let built = if tls.is_empty() {
         SpanExporter::builder().build()
     } else if grpc(get) {

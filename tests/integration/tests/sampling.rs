@@ -83,6 +83,7 @@ fn head_sampling_keeps_a_share_of_whole_traces_and_follows_the_caller() -> Resul
         );
     }
     let kept = local.len() as f64;
+    eprintln!("head sampling at {RATIO}: {kept} of {LOCAL} local traces kept");
     let (mean, sd) = (LOCAL as f64 * RATIO, (LOCAL as f64 * RATIO * (1.0 - RATIO)).sqrt());
     ensure!(
         (kept - mean).abs() < 5.0 * sd,

@@ -120,3 +120,46 @@ fn processes_selected_by_executable_and_cgroup() -> Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+/// A container left out by `--ignore-cgroup` stops in the kernel from its processes' first call:
+/// its cgroup is marked when the agent starts (and as new ones appear), so nothing of it reaches
+/// the agent, and its server spans never exist; a server outside it is traced.
+#[test]
+fn cgroups_not_selected_stop_in_the_kernel_from_the_first_call() -> Result<()> {
+    let _g = serial();
+    require!(Python, Curl);
+    let (kept, boxed) = (Server::python(None)?, Server::python(None)?);
+    let id = format!("{:016x}", now_ns() ^ 0x5eed).repeat(4);
+    let _cgroup = ContainerCgroup::enter(&id, boxed.guard.pid())?;
+    let rx = Receiver::start()?;
+    let agent = AgentBuilder::new()
+        .otlp(&rx, Protocol::HttpProtobuf)
+        .arg(format!("--ignore-cgroup={}", &id[..12]))
+        .metrics()
+        .start()?;
+    let base = unique_path("cgroups");
+    requests(&boxed, &format!("{base}/boxed"), 10)?;
+    requests(&kept, &format!("{base}/kept"), 5)?;
+    let prefix = format!("{base}/kept-");
+    rx.wait_for_matching(10, SPAN_TIMEOUT, Duration::from_millis(1500), |s| {
+        s.url_path().is_some_and(|p| p.starts_with(&prefix))
+    })
+    .context("the selected server's spans")?;
+    let boxed_servers = rx
+        .matching(|s| s.is_server() && s.url_path().is_some_and(|p| p.starts_with(&format!("{base}/boxed"))))
+        .len();
+    ensure!(
+        boxed_servers == 0,
+        "{boxed_servers} server spans of the container left out"
+    );
+    let m = agent.metrics()?;
+    let at = |w: &str| m.value("sockspan_events_unselected_total", Some(&format!("where=\"{w}\"")));
+    ensure!(
+        at("kernel").is_some_and(|n| n >= 20.0) && at("agent") == Some(0.0),
+        "every call of the container stops in the kernel: kernel {:?}, agent {:?}",
+        at("kernel"),
+        at("agent")
+    );
+    agent.stop()?;
+    Ok(())
+}
