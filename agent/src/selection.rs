@@ -1,8 +1,9 @@
 //! Which processes and connections are traced at all (`--trace-*`, `--ignore-*`): unlike the
 //! views' filters, what is not selected is never captured. Ports are decided in the kernel, per
-//! socket, before any payload is copied. Processes (by executable, pid or cgroup) are decided
-//! here from `/proc`, on their first event, and the decision is written to the kernel's
-//! process map, so their later sends and receives are not copied either.
+//! socket, before any payload is copied; so are cgroups, whose ids a walk of the cgroup tree
+//! marks ([`CgroupScanner`]). Processes (by executable, pid, or a cgroup not marked yet) are
+//! decided here from `/proc`, on their first event, and the decision is written to the
+//! kernel's process map, so their later sends and receives are not copied either.
 use std::collections::HashMap;
 
 use agent_common::maps::port_select;
