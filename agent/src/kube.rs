@@ -262,7 +262,7 @@ impl KubeCounts {
             ),
             Family::total(
                 "sockspan_spans_without_kubernetes_metadata_total",
-                "Spans of a process in a pod not known yet, exported without its k8s.* attributes (the pod is looked up again for 10 s).",
+                "Spans of a process in a pod not known yet that waited 2 s for it and were exported without its k8s.* attributes (the pod is looked up again for 10 s).",
                 self.spans_without_metadata.load(Relaxed),
             ),
         ]

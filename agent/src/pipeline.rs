@@ -34,6 +34,9 @@ const RELEASE_STEP: usize = 4096;
 const BUDGET_CHECK_NS: u64 = 5_000_000;
 /// How often the idle work runs.
 pub const TICK: Duration = Duration::from_millis(250);
+/// How long a span waits for its process's pod to be known, and how many wait at once.
+const POD_HOLD_NS: u64 = 2_000_000_000;
+const MAX_AWAITING_POD: usize = 10_000;
 /// Ticks between sweeps of the process selection's decisions (processes gone, pids reused).
 const SELECTION_SWEEP_TICKS: u64 = 20;
 
@@ -62,6 +65,9 @@ pub struct Processor {
     budget_checked_heap: u64,
     /// Which processes are traced (`--trace-exe`, `--ignore-pid`, ...; all by default).
     selector: ProcessSelector,
+    /// Spans of processes whose pod is not known yet, waiting for it until a deadline
+    /// (monotonic ns), oldest first.
+    awaiting_pod: std::collections::VecDeque<(u64, Span)>,
 }
 
 impl Processor {
@@ -111,6 +117,7 @@ impl Processor {
             shed_requests: 0,
             ticks: 0,
             selector: ProcessSelector::new(Selection::default(), None),
+            awaiting_pod: std::collections::VecDeque::new(),
             budget_checked_ns: 0,
             budget_checked_heap: 0,
         }
@@ -252,6 +259,10 @@ impl Processor {
         let before = out.len();
         self.stitcher.flush(out);
         self.metrics.spans_created.add((out.len() - before) as u64);
+        for (_, span) in self.awaiting_pod.drain(..) {
+            self.procs.span_without_pod();
+            out.push(span);
+        }
         self.publish_stats();
     }
 
@@ -259,6 +270,7 @@ impl Processor {
     fn build_spans(&mut self, out: &mut Vec<Span>) {
         self.feed_stitcher();
         let now = (self.clock)();
+        let from = out.len();
         loop {
             let before = out.len();
             let more = self.stitcher.release_some(now, RELEASE_STEP, out);
@@ -267,6 +279,35 @@ impl Processor {
                 break;
             }
             self.keep_within_budget();
+        }
+        self.wait_for_pods(now, from, out);
+    }
+
+    /// Spans of a process in a pod not known yet (the watch brings a new pod within moments)
+    /// wait for it up to [`POD_HOLD_NS`], then go out without its metadata, counted. Spans from
+    /// `from` on in `out` are new.
+    fn wait_for_pods(&mut self, now: u64, from: usize, out: &mut Vec<Span>) {
+        let mut i = from;
+        while i < out.len() {
+            if self.awaiting_pod.len() < MAX_AWAITING_POD && self.procs.awaits_pod(out[i].resource.pid) {
+                self.awaiting_pod.push_back((now + POD_HOLD_NS, out.remove(i)));
+            } else {
+                i += 1;
+            }
+        }
+        for _ in 0..self.awaiting_pod.len() {
+            let Some((deadline, mut span)) = self.awaiting_pod.pop_front() else {
+                break;
+            };
+            if let Some(resource) = self.procs.refresh_pod(span.resource.pid) {
+                span.resource = resource;
+                out.push(span);
+            } else if now >= deadline || !self.procs.awaits_pod(span.resource.pid) {
+                self.procs.span_without_pod();
+                out.push(span);
+            } else {
+                self.awaiting_pod.push_back((deadline, span));
+            }
         }
     }
 

@@ -78,16 +78,11 @@ impl ProcessTable {
     }
 
     /// A cached process whose pod was not known: read again (at most every [`POD_RETRY`], for
-    /// [`POD_WAIT`]); whether its pod is known now. Its spans meanwhile are counted.
+    /// [`POD_WAIT`]); its resource, when its pod is known now.
     fn pod_pending(&mut self, pid: u32, comm: &[u8; 16]) -> Option<Arc<ProcessInfo>> {
         let now = std::time::Instant::now();
         let c = self.cache.get(&pid)?;
         let (first, last) = c.pod_pending?;
-        if let Some((_, counts)) = &self.pods {
-            counts
-                .spans_without_metadata
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
         if now.duration_since(first) > POD_WAIT || now.duration_since(last) < POD_RETRY {
             return None;
         }
@@ -99,6 +94,30 @@ impl ProcessTable {
             return Some(c.info.clone());
         }
         None
+    }
+
+    /// Whether `pid` runs in a pod that is not known yet (and is still looked up again).
+    pub fn awaits_pod(&self, pid: u32) -> bool {
+        self.cache
+            .get(&pid)
+            .and_then(|c| c.pod_pending)
+            .is_some_and(|(first, _)| first.elapsed() <= POD_WAIT)
+    }
+
+    /// The resource of `pid` once its pod is known (looked up again at most every
+    /// [`POD_RETRY`]); `None` while it is not.
+    pub fn refresh_pod(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        let comm = self.cache.get(&pid)?.names.last().copied().unwrap_or([0; 16]);
+        self.pod_pending(pid, &comm)
+    }
+
+    /// A span went out without its pod's metadata (counted).
+    pub fn span_without_pod(&self) {
+        if let Some((_, counts)) = &self.pods {
+            counts
+                .spans_without_metadata
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     pub fn get(&mut self, pid: u32, comm: &[u8; 16]) -> Arc<ProcessInfo> {

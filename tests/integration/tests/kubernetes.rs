@@ -155,10 +155,53 @@ fn pods_of_this_node_on_spans() -> Result<()> {
             s.resource
         );
     }
+
+    // Pod C's container sends before the API server tells of its pod: its span waits for it.
+    let uid_c = "c0ffee00-1111-4222-8333-444455556666";
+    let c = Server::python(None)?;
+    let _cg_c = ContainerCgroup::enter_at(
+        &format!("kubepods/burstable/pod{uid_c}/{}", "c3".repeat(32)),
+        c.guard.pid(),
+    )?;
+    let path = unique_path("kube");
+    ensure!(curl(&[c.url(&path)], &[])?[0].status == 200);
+    std::thread::sleep(Duration::from_millis(600));
+    add_pod(
+        api_port,
+        &pod(
+            "report-8f7e6d5c4b-q9w8e",
+            uid_c,
+            NODE,
+            json!({"pod-template-hash": "8f7e6d5c4b"}),
+            ("ReplicaSet", "report-8f7e6d5c4b"),
+        ),
+    )?;
+    let spans = rx.wait_for_matching(2, Duration::from_secs(20), Duration::ZERO, |s| {
+        s.url_path() == Some(path.as_str())
+    })?;
+    let s = spans.iter().find(|s| s.is_server()).context("pod C's server span")?;
+    for (k, v) in [
+        ("k8s.pod.name", "report-8f7e6d5c4b-q9w8e"),
+        ("k8s.deployment.name", "report"),
+        ("service.name", "report"),
+    ] {
+        ensure!(
+            s.res_str(k) == Some(v),
+            "pod C's span, which waited for its pod: {k} = {:?}, want {v}\n{:?}",
+            s.res_str(k),
+            s.resource
+        );
+    }
+
     let m = agent.metrics()?;
     ensure!(
-        m.get("sockspan_kubernetes_pods") == 2.0,
-        "this node's two pods, not the other node's: {}",
+        m.get("sockspan_spans_without_kubernetes_metadata_total") == 0.0,
+        "no span went out without its pod's metadata: {}",
+        m.get("sockspan_spans_without_kubernetes_metadata_total")
+    );
+    ensure!(
+        m.get("sockspan_kubernetes_pods") == 3.0,
+        "this node's three pods, not the other node's: {}",
         m.get("sockspan_kubernetes_pods")
     );
     agent.stop()?;
