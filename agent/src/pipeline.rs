@@ -123,13 +123,13 @@ impl Processor {
         }
     }
 
-    /// Keeps the state within `budget` (see [`Self::keep_within_budget`]).
     /// Traces only the processes `selector` selects.
     pub fn with_selection(mut self, selector: ProcessSelector) -> Self {
         self.selector = selector;
         self
     }
 
+    /// Keeps the state within `budget` (see [`Self::keep_within_budget`]).
     pub fn with_budget(mut self, budget: MemoryBudget) -> Self {
         self.budget = Some(budget);
         self
@@ -287,6 +287,9 @@ impl Processor {
     /// wait for it up to [`POD_HOLD_NS`], then go out without its metadata, counted. Spans from
     /// `from` on in `out` are new.
     fn wait_for_pods(&mut self, now: u64, from: usize, out: &mut Vec<Span>) {
+        if !self.procs.watches_pods() {
+            return;
+        }
         let mut i = from;
         while i < out.len() {
             if self.awaiting_pod.len() < MAX_AWAITING_POD && self.procs.awaits_pod(out[i].resource.pid) {
@@ -299,15 +302,20 @@ impl Processor {
             let Some((deadline, mut span)) = self.awaiting_pod.pop_front() else {
                 break;
             };
-            if let Some(resource) = self.procs.refresh_pod(span.resource.pid) {
-                span.resource = resource;
-                out.push(span);
-            } else if now >= deadline || !self.procs.awaits_pod(span.resource.pid) {
-                self.procs.span_without_pod();
-                out.push(span);
-            } else {
+            let pid = span.resource.pid;
+            let refreshed = self.procs.refresh_pod(pid);
+            if refreshed.is_none() && self.procs.awaits_pod(pid) && now < deadline {
                 self.awaiting_pod.push_back((deadline, span));
+                continue;
             }
+            // Known now (found by this span's lookup, or an earlier one's), or out of time.
+            if let Some(resource) = refreshed.or_else(|| self.procs.cached(pid)) {
+                span.resource = resource;
+            }
+            if span.resource.pod.is_none() {
+                self.procs.span_without_pod();
+            }
+            out.push(span);
         }
     }
 

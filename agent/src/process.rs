@@ -96,6 +96,16 @@ impl ProcessTable {
         None
     }
 
+    /// Whether resources carry pods' metadata.
+    pub fn watches_pods(&self) -> bool {
+        self.pods.is_some()
+    }
+
+    /// The resource cached for `pid`.
+    pub fn cached(&self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        self.cache.get(&pid).map(|c| c.info.clone())
+    }
+
     /// Whether `pid` runs in a pod that is not known yet (and is still looked up again).
     pub fn awaits_pod(&self, pid: u32) -> bool {
         self.cache
