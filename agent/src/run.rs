@@ -66,16 +66,21 @@ type Result<T, E = Failure> = std::result::Result<T, E>;
 /// How long the start waits for the first list of this node's pods (then goes on without).
 const PODS_LISTED_WAIT: Duration = Duration::from_secs(5);
 
-/// Kubernetes metadata's settings, when it is on: in a pod, or asked for.
+/// Kubernetes metadata's settings, when it is on: asked for (an error if it cannot be), or
+/// found in a pod (a warning if it cannot be, e.g. no service account token).
 fn kubernetes(cli: &Cli, env: impl Fn(&str) -> Option<String>) -> Result<Option<sockspan::kube::ApiConfig>> {
-    let on = cli.kubernetes || cli.kubernetes_api.is_some() || env("KUBERNETES_SERVICE_HOST").is_some();
-    if !on {
+    let asked = cli.kubernetes || cli.kubernetes_api.is_some();
+    if !asked && env("KUBERNETES_SERVICE_HOST").is_none() {
         return Ok(None);
     }
-    Ok(Some(sockspan::kube::ApiConfig::from_env(
-        cli.kubernetes_api.as_deref(),
-        env,
-    )?))
+    match sockspan::kube::ApiConfig::from_env(cli.kubernetes_api.as_deref(), env) {
+        Ok(cfg) => Ok(Some(cfg)),
+        Err(e) if !asked => {
+            tracing::warn!(error = %e, "In a pod, but no Kubernetes metadata");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Starts watching this node's pods; waits for the first list a bounded time.
