@@ -19,7 +19,7 @@ use crate::{
     about = "Trace HTTP services from socket syscalls with eBPF and export OpenTelemetry spans",
     long_about = "Trace HTTP services from socket syscalls with eBPF and export OpenTelemetry spans.\n\n\
         With OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set, spans are exported over OTLP \
-        (OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*); without one, live \
+        (OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf|http/json, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*); without one, live \
         spans are printed on stdout. Must run as root."
 )]
 pub struct Cli {

@@ -68,7 +68,7 @@ pub enum ConfigError {
         value: String,
         what: &'static str,
     },
-    #[error("OTEL_EXPORTER_OTLP_PROTOCOL={0:?} is not supported (use grpc or http/protobuf)")]
+    #[error("OTEL_EXPORTER_OTLP_PROTOCOL={0:?} is not supported (use grpc, http/protobuf or http/json)")]
     Protocol(String),
     #[error("cannot build the OTLP exporter: {0}")]
     Build(String),
@@ -130,7 +130,7 @@ pub fn check_protocol(get: impl Fn(&str) -> Option<String>) -> Result<(), Config
     for name in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
         if let Some(v) = get(name) {
             let v = v.trim().to_ascii_lowercase();
-            if !v.is_empty() && v != "grpc" && v != "http/protobuf" {
+            if !v.is_empty() && v != "grpc" && v != "http/protobuf" && v != "http/json" {
                 return Err(ConfigError::Protocol(v));
             }
         }

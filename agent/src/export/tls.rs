@@ -124,12 +124,18 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The export protocol the environment asks for (the specification's default: HTTP).
-fn grpc(get: &impl Fn(&str) -> Option<String>) -> bool {
-    ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+/// The export protocol the environment asks for (the specification's default:
+/// `http/protobuf`, stated explicitly: with JSON compiled in, the exporter would pick it).
+fn protocol(get: &impl Fn(&str) -> Option<String>) -> opentelemetry_otlp::Protocol {
+    let asked = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
         .iter()
         .find_map(|k| get(k).filter(|v| !v.trim().is_empty()))
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("grpc"))
+        .map(|v| v.trim().to_ascii_lowercase());
+    match asked.as_deref() {
+        Some("grpc") => opentelemetry_otlp::Protocol::Grpc,
+        Some("http/json") => opentelemetry_otlp::Protocol::HttpJson,
+        _ => opentelemetry_otlp::Protocol::HttpBinary,
+    }
 }
 
 /// The export timeout the environment asks for (`OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`, ms;
@@ -145,19 +151,19 @@ fn timeout(get: &impl Fn(&str) -> Option<String>) -> Duration {
 pub fn span_exporter(get: &impl Fn(&str) -> Option<String>, tls: &TlsFiles) -> Result<SpanExporter, ConfigError> {
     // The exporter's own HTTP client is a reqwest one too.
     install_crypto();
-    let built = if tls.is_empty() {
-        SpanExporter::builder().build()
-    } else if grpc(get) {
-        SpanExporter::builder()
+    let built = match protocol(get) {
+        opentelemetry_otlp::Protocol::Grpc if tls.is_empty() => SpanExporter::builder().with_tonic().build(),
+        opentelemetry_otlp::Protocol::Grpc => SpanExporter::builder()
             .with_tonic()
             .with_tls_config(tls.tonic())
-            .build()
-    } else {
-        SpanExporter::builder()
+            .build(),
+        http if tls.is_empty() => SpanExporter::builder().with_http().with_protocol(http).build(),
+        http => SpanExporter::builder()
             .with_http()
+            .with_protocol(http)
             .with_timeout(timeout(get))
             .with_http_client(tls.reqwest(timeout(get))?)
-            .build()
+            .build(),
     };
     built.map_err(|e| ConfigError::Build(e.to_string()))
 }
@@ -168,6 +174,25 @@ mod tests {
 
     fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+    }
+
+    #[test]
+    fn protocols() {
+        use opentelemetry_otlp::Protocol;
+        assert_eq!(
+            protocol(&lookup(&[])),
+            Protocol::HttpBinary,
+            "the specification's default"
+        );
+        assert_eq!(
+            protocol(&lookup(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])),
+            Protocol::HttpJson
+        );
+        let both = [
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+        ];
+        assert_eq!(protocol(&lookup(&both)), Protocol::Grpc, "the traces variable wins");
     }
 
     #[test]

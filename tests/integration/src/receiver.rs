@@ -444,7 +444,13 @@ async fn http_handler(
             (404, b"not found".to_vec(), "text/plain"),
         )
     } else {
-        match ExportTraceServiceRequest::decode(body.as_slice()) {
+        let json = content_type.starts_with("application/json");
+        let decoded = if json {
+            serde_json::from_slice::<ExportTraceServiceRequest>(&body).map_err(|e| e.to_string())
+        } else {
+            ExportTraceServiceRequest::decode(body.as_slice()).map_err(|e| e.to_string())
+        };
+        match decoded {
             Ok(req) => {
                 let spans = flatten(&req, Transport::Http);
                 let delay = shared.lock().fault.delay;
@@ -452,11 +458,16 @@ async fn http_handler(
                 if let Some(status) = refusal(&shared, spans.len()) {
                     return reply(status, b"refused by the test's fault".to_vec(), "text/plain");
                 }
-                let ok = ExportTraceServiceResponse::default().encode_to_vec();
-                (Ok(spans.len()), spans, (200, ok, "application/x-protobuf"))
+                let response = if json {
+                    (200, b"{}".to_vec(), "application/json")
+                } else {
+                    let ok = ExportTraceServiceResponse::default().encode_to_vec();
+                    (200, ok, "application/x-protobuf")
+                };
+                (Ok(spans.len()), spans, response)
             }
             Err(e) => (
-                Err(format!("prost decode: {e}")),
+                Err(format!("decode: {e}")),
                 Vec::new(),
                 (400, format!("decode: {e}").into_bytes(), "text/plain"),
             ),

@@ -1024,6 +1024,42 @@ fn otlp_http_protobuf_export_with_headers() -> Result<()> {
     export_with_headers(Protocol::HttpProtobuf, "httpproto")
 }
 
+/// `OTEL_EXPORTER_OTLP_PROTOCOL=http/json`: the spans arrive as OTLP JSON, the exchange whole;
+/// with no protocol set, the specification's default, protobuf, is what is sent.
+#[test]
+fn otlp_http_json_export_and_the_protobuf_default() -> Result<()> {
+    let _g = serial();
+    require!(Python, Curl);
+    let rx = Receiver::start()?;
+    let srv = Server::python(None)?;
+    for (protocol, content_type) in [
+        (Some("http/json"), "application/json"),
+        (None, "application/x-protobuf"),
+    ] {
+        let mut agent = AgentBuilder::new().env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.http_endpoint());
+        if let Some(p) = protocol {
+            agent = agent.env("OTEL_EXPORTER_OTLP_PROTOCOL", p);
+        }
+        let agent = agent.start()?;
+        let path = unique_path("httpjson");
+        assert_eq!(curl(&[srv.url(&path)], &[])?[0].status, 200);
+        let spans = rx.wait_for_matching(2, SPAN_TIMEOUT, SETTLE, under(&path))?;
+        one_exchange(&spans, &path)?;
+        let sent: Vec<String> = rx
+            .requests()
+            .iter()
+            .filter(|r| String::from_utf8_lossy(&r.body).contains(path.as_str()))
+            .map(|r| r.content_type.clone())
+            .collect();
+        ensure!(
+            !sent.is_empty() && sent.iter().all(|ct| ct.starts_with(content_type)),
+            "{protocol:?}: sent as {sent:?}, want {content_type}"
+        );
+        agent.stop()?;
+    }
+    Ok(())
+}
+
 #[test]
 fn otlp_traces_endpoint_overrides_base_endpoint() -> Result<()> {
     let _g = serial();
