@@ -6,10 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     export::PrintFormat,
-    views::{
-        SpanFilter, View,
-        filter::{StatusFilter, parse_duration},
-    },
+    views::{SpanFilter, View, filter::parse_duration},
 };
 
 #[derive(Debug, Parser)]
@@ -125,7 +122,7 @@ pub struct Cli {
     pub select: crate::selection::Selection,
 
     #[command(flatten)]
-    pub filter: FilterArgs,
+    pub filter: SpanFilter,
 
     /// Log format on stderr.
     #[arg(long, env = "SOCKSPAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -147,65 +144,6 @@ impl Cli {
             ratio: self.tail_ratio,
             max_held_spans: crate::sampling::TAIL_MAX_HELD_SPANS,
         })
-    }
-}
-
-/// Which spans the live view shows (`--print`, `replay`); every given filter must pass. Export
-/// is never filtered.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct FilterArgs {
-    /// Show only these services (globs, e.g. `pay*`; repeatable or comma-separated).
-    #[arg(
-        global = true,
-        long = "service",
-        env = "SOCKSPAN_SERVICE",
-        value_name = "NAME",
-        value_delimiter = ','
-    )]
-    pub services: Vec<String>,
-    /// Show only these processes (repeatable or comma-separated).
-    #[arg(
-        global = true,
-        long = "pid",
-        env = "SOCKSPAN_PID",
-        value_name = "PID",
-        value_delimiter = ','
-    )]
-    pub pids: Vec<u32>,
-    /// Show only spans of these server ports (a server's own, a client's peer's).
-    #[arg(
-        global = true,
-        long = "port",
-        env = "SOCKSPAN_PORT",
-        value_name = "PORT",
-        value_delimiter = ','
-    )]
-    pub ports: Vec<u16>,
-    /// Show only routes matching this glob (`/users/*`, `*checkout*`).
-    #[arg(global = true, long, env = "SOCKSPAN_ROUTE", value_name = "GLOB")]
-    pub route: Option<String>,
-    /// Show only these response statuses: `404`, `5xx`, `>=400`, `<300`.
-    #[arg(global = true, long, env = "SOCKSPAN_STATUS", value_name = "STATUS", value_parser = StatusFilter::parse)]
-    pub status: Option<StatusFilter>,
-    /// Show only errors (5xx answers to servers, 4xx/5xx or no answer to clients).
-    #[arg(global = true, long, env = "SOCKSPAN_ERRORS")]
-    pub errors: bool,
-    /// Show only spans at least this long: `250ms`, `2s`.
-    #[arg(global = true, long, env = "SOCKSPAN_MIN_DURATION", value_name = "DURATION", value_parser = parse_duration)]
-    pub min_duration: Option<std::time::Duration>,
-}
-
-impl FilterArgs {
-    pub fn filter(&self) -> SpanFilter {
-        SpanFilter {
-            services: self.services.clone(),
-            pids: self.pids.clone(),
-            ports: self.ports.clone(),
-            route: self.route.clone(),
-            status: self.status,
-            errors_only: self.errors,
-            min_duration: self.min_duration,
-        }
     }
 }
 

@@ -45,8 +45,8 @@ fn main() -> ExitCode {
     let cli = parsed.cli;
     init_logging(cli.log_format);
     match cli.command {
-        Some(Command::Replay { ref file, format }) => report(run::replay(file, format.into(), cli.filter.filter())),
-        Some(Command::Analyze { ref file, traces }) => report(run::analyze(file, traces, &cli.filter.filter())),
+        Some(Command::Replay { ref file, format }) => report(run::replay(file, format.into(), cli.filter.clone())),
+        Some(Command::Analyze { ref file, traces }) => report(run::analyze(file, traces, &cli.filter.clone())),
         #[cfg(feature = "bench")]
         Some(Command::BenchStitch {
             requests,

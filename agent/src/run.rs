@@ -201,7 +201,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     } else {
         (None, None)
     };
-    let sinks = Sinks::new(print, cli.filter.filter(), otlp_tx, metrics.clone()).context("start the print thread")?;
+    let sinks = Sinks::new(print, cli.filter.clone(), otlp_tx, metrics.clone()).context("start the print thread")?;
     let (go_tx, go_rx) = std::sync::mpsc::channel();
     let stop_hooking = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hooker = {

@@ -34,8 +34,8 @@ pub struct Opts {
 }
 
 /// CPU layout: the server on core 0, the load generator (and the pipeline benchmark) on core 1.
-const SERVER_CPU: &str = "0";
-const CLIENT_CPU: &str = "1";
+pub const SERVER_CPU: usize = 0;
+pub const CLIENT_CPU: usize = 1;
 /// Targets printed next to the figures.
 pub const PIPELINE_TARGET_EVENTS: f64 = 300_000.0;
 pub const LOSS_RATIO_TARGET: f64 = 2.0;
@@ -341,7 +341,7 @@ fn run_subcommand(
 ) -> std::result::Result<(std::process::ExitStatus, Vec<String>), String> {
     let name = args.first().copied().unwrap_or("sockspan");
     let mut child = Command::new("taskset")
-        .args(["-c", CLIENT_CPU])
+        .args(["-c", &CLIENT_CPU.to_string()])
         .arg(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -497,7 +497,7 @@ pub fn start_nginx(tmp: &Path, port: u16) -> Result<Guard> {
     );
     fs::write(dir.join("nginx.conf"), conf)?;
     let child = Command::new("taskset")
-        .args(["-c", SERVER_CPU, "/usr/sbin/nginx", "-p"])
+        .args(["-c", &SERVER_CPU.to_string(), "/usr/sbin/nginx", "-p"])
         .arg(&dir)
         .arg("-c")
         .arg(dir.join("nginx.conf"))
@@ -529,7 +529,7 @@ pub fn start_nginx(tmp: &Path, port: u16) -> Result<Guard> {
 pub fn wrk_args(url: &str, connections: u32, secs: u64) -> Vec<String> {
     vec![
         "-c".to_owned(),
-        CLIENT_CPU.to_owned(),
+        CLIENT_CPU.to_string(),
         "wrk".to_owned(),
         "-t1".to_owned(),
         format!("-c{connections}"),

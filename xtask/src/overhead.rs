@@ -16,7 +16,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    bench::{self, Agent, Output, Wrk},
+    // the server's core and the load's, as in `cargo xtask bench`
+    bench::{self, Agent, CLIENT_CPU, Output, SERVER_CPU, Wrk},
     loadgen::{self, Latency},
     report::RunFacts,
     setup,
@@ -36,9 +37,6 @@ pub struct Opts {
     pub command: String,
 }
 
-/// Server on core 0, load on core 1 (as in `cargo xtask bench`).
-const SERVER_CPU: &str = "0";
-const CLIENT_CPU: usize = 1;
 const WRK_CONNECTIONS: u32 = 32;
 const RATE_CONNECTIONS: u32 = 16;
 
@@ -398,7 +396,7 @@ impl Peers {
 fn spawn_server(what: &str, cmd: Command, port: u16, otel: Option<&str>, service: &str) -> Result<Guard> {
     let mut pinned = Command::new("taskset");
     pinned
-        .args(["-c", SERVER_CPU])
+        .args(["-c", &SERVER_CPU.to_string()])
         .arg(cmd.get_program())
         .args(cmd.get_args());
     if let Some(dir) = cmd.get_current_dir() {

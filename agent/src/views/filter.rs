@@ -98,18 +98,48 @@ pub fn glob_matches(pattern: &str, text: &str) -> bool {
     true
 }
 
-/// The filters of a live view; the default passes every span.
-#[derive(Debug, Clone, Default)]
+/// Which spans a live view shows (`--print`, `--top`, `replay`, `analyze`); every given filter
+/// must pass, and the default passes every span. Export is never filtered.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct SpanFilter {
-    /// Service names (globs); any may match.
+    /// Show only these services (globs, e.g. `pay*`; repeatable or comma-separated).
+    #[arg(
+        global = true,
+        long = "service",
+        env = "SOCKSPAN_SERVICE",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
     pub services: Vec<String>,
+    /// Show only these processes (repeatable or comma-separated).
+    #[arg(
+        global = true,
+        long = "pid",
+        env = "SOCKSPAN_PID",
+        value_name = "PID",
+        value_delimiter = ','
+    )]
     pub pids: Vec<u32>,
-    /// The span's server port (a server span's own, a client span's peer's).
+    /// Show only spans of these server ports (a server's own, a client's peer's).
+    #[arg(
+        global = true,
+        long = "port",
+        env = "SOCKSPAN_PORT",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
     pub ports: Vec<u16>,
-    /// Glob over the span's route (its name without the method, e.g. `/users/{id}`).
+    /// Show only routes matching this glob (`/users/*`, `*checkout*`).
+    #[arg(global = true, long, env = "SOCKSPAN_ROUTE", value_name = "GLOB")]
     pub route: Option<String>,
+    /// Show only these response statuses: `404`, `5xx`, `>=400`, `<300`.
+    #[arg(global = true, long, env = "SOCKSPAN_STATUS", value_name = "STATUS", value_parser = StatusFilter::parse)]
     pub status: Option<StatusFilter>,
+    /// Show only errors (5xx answers to servers, 4xx/5xx or no answer to clients).
+    #[arg(global = true, id = "errors", long = "errors", env = "SOCKSPAN_ERRORS")]
     pub errors_only: bool,
+    /// Show only spans at least this long: `250ms`, `2s`.
+    #[arg(global = true, long, env = "SOCKSPAN_MIN_DURATION", value_name = "DURATION", value_parser = parse_duration)]
     pub min_duration: Option<Duration>,
 }
 
