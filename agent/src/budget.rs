@@ -92,10 +92,11 @@ impl MemoryBudget {
     }
 
     /// Past this resident size, the pipeline sheds state until it is back under
-    /// [`Self::shed_to`]: a quarter and a half of the state's part below the limit (a burst
-    /// of requests grows the heap by megabytes between two checks).
+    /// [`Self::shed_to`]: a third and a half of the state's part below the limit (a burst
+    /// of requests grows the resident size by megabytes between two checks: with a quarter,
+    /// a burst of 50,000 unanswered requests once peaked 8 MiB over a 144 MiB limit).
     pub fn shed_above(&self) -> u64 {
-        self.limit - self.heap / 4
+        self.limit - self.heap / 3
     }
 
     pub fn shed_to(&self) -> u64 {
