@@ -29,8 +29,8 @@ pub struct ProcessTable {
     pods: Option<(crate::kube::PodIndex, Arc<crate::kube::KubeCounts>)>,
 }
 
-/// How long a process in a pod not yet known is looked up again (its spans meanwhile go out
-/// without the pod's metadata, counted), and how often.
+/// How long a process in a pod not yet known is looked up again (its spans meanwhile wait in
+/// the processor, then go out without the pod's metadata, counted), and how often.
 const POD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const POD_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -80,9 +80,8 @@ impl ProcessTable {
     /// A cached process whose pod was not known: read again (at most every [`POD_RETRY`], for
     /// [`POD_WAIT`]); its resource, when its pod is known now.
     fn pod_pending(&mut self, pid: u32, comm: &[u8; 16]) -> Option<Arc<ProcessInfo>> {
+        let (first, last) = self.cache.get(&pid)?.pod_pending?;
         let now = std::time::Instant::now();
-        let c = self.cache.get(&pid)?;
-        let (first, last) = c.pod_pending?;
         if now.duration_since(first) > POD_WAIT || now.duration_since(last) < POD_RETRY {
             return None;
         }
@@ -131,7 +130,10 @@ impl ProcessTable {
     }
 
     pub fn get(&mut self, pid: u32, comm: &[u8; 16]) -> Arc<ProcessInfo> {
-        if let Some(info) = self.pod_pending(pid, comm) {
+        // Only with Kubernetes metadata on can a cached process await its pod.
+        if self.pods.is_some()
+            && let Some(info) = self.pod_pending(pid, comm)
+        {
             return info;
         }
         let identity_read = match self.cache.get_mut(&pid) {
