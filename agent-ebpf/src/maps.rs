@@ -19,10 +19,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Syscall arguments stashed at entry, keyed by pid_tgid, consumed at exit. LRU: threads that
-/// never finish a stashed syscall (killed mid-call, or blocked for good) cannot fill it and stop
-/// capture; an evicted stash of a send or receive is rebuilt at the socket layer (a late stash,
-/// counted) from the registers saved at syscall entry.
+/// Syscall arguments stashed at entry, keyed by pid_tgid, taken at exit. A thread's entry stays
+/// from one syscall to the next and is rewritten in place (an LRU insert and delete per syscall
+/// cost twice the rest of an entry program). LRU: threads that are gone, or more threads than
+/// it holds, cannot fill it and stop capture; an evicted stash of a send or receive is rebuilt
+/// at the socket layer (a late stash, counted) from the registers saved at syscall entry.
 #[map]
 pub static PENDING: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entries(PENDING_MAX_ENTRIES, 0);
 

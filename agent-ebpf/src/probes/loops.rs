@@ -70,14 +70,12 @@ fn on_wait_start(ctx: &TracePointContext, timeout: Timeout) -> u32 {
 fn wait_deadline(ctx: &TracePointContext, timeout: Timeout, now: u64) -> u64 {
     // SAFETY (all reads): offsets from the tracepoint formats; user memory through the helper.
     let after = match timeout {
-        Timeout::Millis(off) => match unsafe { ctx.read_at::<u64>(off) } {
-            Ok(ms) if (ms as i32) >= 0 => (ms as i32) as u64 * 1_000_000,
+        Timeout::Millis(off) => match super::ctx_field::<u64>(ctx, off) as i32 {
+            ms if ms >= 0 => ms as u64 * 1_000_000,
             _ => return u64::MAX,
         },
         Timeout::Timespec(off) | Timeout::Timeval(off) => {
-            let Ok(ptr) = (unsafe { ctx.read_at::<u64>(off) }) else {
-                return u64::MAX;
-            };
+            let ptr: u64 = super::ctx_field(ctx, off);
             if ptr == 0 {
                 return u64::MAX;
             }

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use crate::{
     capture::{sock_event, submit_sock},
     maps::{OWN_SOCKS, self_tgid},
-    probes::syscalls::mark_pending,
+    probes::{ctx_field, syscalls::mark_pending},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -31,13 +31,12 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_sock_io(ctx: &TracePointContext, dir: u8) -> Result<u32, i64> {
-    // SAFETY: offsets from the tracepoint format (`agent_common::hooks`, checked at start).
-    let family: u16 = unsafe { ctx.read_at(sock_io::FAMILY.offset) }.map_err(i64::from)?;
-    let protocol: u16 = unsafe { ctx.read_at(sock_io::PROTOCOL.offset) }.map_err(i64::from)?;
+    let family: u16 = ctx_field(ctx, sock_io::FAMILY.offset);
+    let protocol: u16 = ctx_field(ctx, sock_io::PROTOCOL.offset);
     if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    let sk: u64 = unsafe { ctx.read_at(sock_io::SK.offset) }.map_err(i64::from)?;
+    let sk: u64 = ctx_field(ctx, sock_io::SK.offset);
     mark_pending(bpf_get_current_pid_tgid(), sk, false, dir);
     Ok(0)
 }
@@ -50,13 +49,12 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
-    // SAFETY: offsets from the tracepoint format (`agent_common::hooks`, checked at start).
-    let protocol: u16 = unsafe { ctx.read_at(set_state::PROTOCOL.offset) }.map_err(i64::from)?;
+    let protocol: u16 = ctx_field(ctx, set_state::PROTOCOL.offset);
     if protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    let newstate: i32 = unsafe { ctx.read_at(set_state::NEWSTATE.offset) }.map_err(i64::from)?;
-    let sk: u64 = unsafe { ctx.read_at(set_state::SKADDR.offset) }.map_err(i64::from)?;
+    let newstate: i32 = ctx_field(ctx, set_state::NEWSTATE.offset);
+    let sk: u64 = ctx_field(ctx, set_state::SKADDR.offset);
     if newstate == i32::from(tcp_state::SYN_SENT) {
         // Process context of connect(): mark that syscall as TCP.
         let pid_tgid = bpf_get_current_pid_tgid();
@@ -70,10 +68,10 @@ fn on_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if newstate != i32::from(tcp_state::ESTABLISHED) && newstate != i32::from(tcp_state::CLOSE) {
         return Ok(0);
     }
-    let oldstate: i32 = unsafe { ctx.read_at(set_state::OLDSTATE.offset) }.map_err(i64::from)?;
-    let family: u16 = unsafe { ctx.read_at(set_state::FAMILY.offset) }.map_err(i64::from)?;
-    let sport: u16 = unsafe { ctx.read_at(set_state::SPORT.offset) }.map_err(i64::from)?;
-    let dport: u16 = unsafe { ctx.read_at(set_state::DPORT.offset) }.map_err(i64::from)?;
+    let oldstate: i32 = ctx_field(ctx, set_state::OLDSTATE.offset);
+    let family: u16 = ctx_field(ctx, set_state::FAMILY.offset);
+    let sport: u16 = ctx_field(ctx, set_state::SPORT.offset);
+    let dport: u16 = ctx_field(ctx, set_state::DPORT.offset);
     let mode = crate::maps::port_mode();
     if mode != 0 && !crate::maps::ports_selected(mode, sport, dport) {
         return Ok(0);

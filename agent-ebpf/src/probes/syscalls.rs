@@ -26,6 +26,10 @@ const _: () = assert!(hooks::args::SENDFILE_OUT_FD.offset == FD);
 const MSG_PEEK: u32 = 2;
 const EINPROGRESS: i64 = 115;
 
+/// A thread's stash once its syscall's exit took it. Each thread keeps its entry from one
+/// syscall to the next (rewritten in place): an LRU insert and delete per syscall cost more
+/// than the rest of an entry program.
+const DONE: u8 = 255;
 /// Pseudo syscall ids for stashes that don't produce data events.
 const ACCEPT: u8 = 100;
 const CONNECT: u8 = 101;
@@ -36,9 +40,8 @@ const CONNECT: u8 = 101;
 pub const LATE: u8 = 0;
 
 #[inline(always)]
-fn arg<T>(ctx: &TracePointContext, off: usize) -> Result<T, i64> {
-    // SAFETY: offsets come from the tracepoint format; `read_at` uses bpf_probe_read.
-    unsafe { ctx.read_at::<T>(off) }.map_err(i64::from)
+fn arg<T: Copy>(ctx: &TracePointContext, off: usize) -> Result<T, i64> {
+    Ok(crate::probes::ctx_field(ctx, off))
 }
 
 /// How a syscall passes what the programs need: its id, direction, what its buffer argument is,
@@ -86,19 +89,33 @@ fn stash(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         recv_flags: slot(spec.flags)? as u32,
         ..PendingCall::now(spec.sys, spec.dir, spec.kind)
     };
+    put_pending(pid_tgid, call);
+    Ok(0)
+}
+
+/// Writes the thread's stash over its previous one, or makes its entry.
+#[inline(always)]
+fn put_pending(pid_tgid: u64, call: PendingCall) -> bool {
+    if let Some(p) = PENDING.get_ptr_mut(pid_tgid) {
+        // SAFETY: this thread's own entry; no other thread writes it.
+        unsafe { *p = call };
+        return true;
+    }
     if PENDING.insert(pid_tgid, call, 0).is_err() {
         count(counter::PENDING_FULL);
+        return false;
     }
-    Ok(0)
+    true
 }
 
 /// Takes the stash of the current thread's syscall, if it is `sys` (or a late stash).
 #[inline(always)]
 fn take(sys: u8) -> Option<(u64, PendingCall)> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let p = unsafe { *PENDING.get(pid_tgid)? };
-    let _ = PENDING.remove(pid_tgid);
+    let entry = PENDING.get_ptr_mut(pid_tgid)?;
+    // SAFETY: this thread's own entry, copied out, then marked taken; no other thread writes it.
+    let p = unsafe { *entry };
+    unsafe { (*entry).syscall = DONE };
     if p.syscall != sys && p.syscall != LATE {
         return None;
     }
@@ -450,8 +467,11 @@ fn enter_close(ctx: &TracePointContext) -> Result<u32, i64> {
 /// send/receive (`late_dir` ≠ 0), completed at its exit.
 #[inline(always)]
 pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool, late_dir: u8) {
-    if let Some(p) = PENDING.get_ptr_mut(pid_tgid) {
-        // SAFETY: this thread's own entry; no other thread writes it.
+    let pending = PENDING.get_ptr_mut(pid_tgid);
+    // SAFETY: this thread's own entry; no other thread writes it.
+    if let Some(p) = pending
+        && unsafe { (*p).syscall } != DONE
+    {
         unsafe {
             if connect_only && (*p).syscall != CONNECT {
                 return;
@@ -465,7 +485,7 @@ pub fn mark_pending(pid_tgid: u64, sock: u64, connect_only: bool, late_dir: u8) 
             is_tcp: 1,
             ..PendingCall::now(LATE, late_dir, buf_kind::NONE)
         };
-        if PENDING.insert(pid_tgid, late, 0).is_ok() {
+        if put_pending(pid_tgid, late) {
             count(counter::LATE_STASH);
         }
     }
