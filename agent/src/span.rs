@@ -153,10 +153,12 @@ impl SpanFactory {
         let (path, query) = split_target(&req.target);
         let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(18);
         attrs.push((crate::vocab::attr::HTTP_REQUEST_METHOD, method_value(&req.method)));
+        // The generalised path names the span, and is url.path unless asked otherwise.
+        let generalised = route(path);
         let url_path = if self.opts.keep_path {
             path.to_owned()
         } else {
-            route(path)
+            generalised.clone()
         };
         attrs.push((crate::vocab::attr::URL_PATH, AttrValue::text(url_path)));
         if let Some(q) = query {
@@ -256,7 +258,7 @@ impl SpanFactory {
                 attrs.push((crate::vocab::attr::HTTP_ROUTE, AttrValue::text(r.text.as_str())));
                 format!("{} {}", req.method, r.text)
             }
-            None => span_name(&req.method, path),
+            None => span_name(&req.method, &generalised),
         };
         let start = req.first_ns;
         let end = cx.end_ns().max(start);
@@ -334,11 +336,11 @@ fn split_host_port(h: &str) -> (&str, Option<u16>) {
 }
 
 /// `{method} {route}`, built in one allocation.
-fn span_name(method: &str, path: &str) -> String {
-    let mut name = String::with_capacity(method.len() + 1 + path.len() + 8);
+fn span_name(method: &str, route: &str) -> String {
+    let mut name = String::with_capacity(method.len() + 1 + route.len());
     name.push_str(method);
     name.push(' ');
-    push_route(&mut name, path);
+    name.push_str(route);
     name
 }
 
@@ -394,10 +396,14 @@ fn is_identifier(seg: &str) -> bool {
 
 /// `local@domain.tld`, raw or percent-encoded (`%40`).
 fn is_email(seg: &str) -> bool {
-    let at = seg
+    // One byte scan first: most segments have neither '@' nor '%'.
+    let Some(first) = seg.bytes().position(|b| b == b'@' || b == b'%') else {
+        return false;
+    };
+    let at = seg[first..]
         .find('@')
-        .map(|i| (i, 1))
-        .or_else(|| seg.find("%40").map(|i| (i, 3)));
+        .map(|i| (first + i, 1))
+        .or_else(|| seg[first..].find("%40").map(|i| (first + i, 3)));
     at.is_some_and(|(i, len)| i > 0 && seg[i + len..].contains('.'))
 }
 

@@ -319,6 +319,11 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
 /// `cap` bytes.
 pub(super) fn cap_string(b: &[u8], cap: usize) -> String {
     let b = b.get(..cap.min(b.len())).unwrap_or_default();
+    // Nearly every value is printable ASCII: one copy, no per-character pass.
+    if b.iter().all(|&c| (0x20..0x7f).contains(&c)) {
+        // SAFETY: printable ASCII is UTF-8.
+        return unsafe { String::from_utf8_unchecked(b.to_vec()) };
+    }
     let mut s: String = String::from_utf8_lossy(b)
         .chars()
         .map(|ch| match ch {
