@@ -4,7 +4,7 @@
 pub const GLOBAL_SELF_TGID: &str = "SELF_TGID";
 /// Global: payload bytes copied per data event (clamped to [`crate::MAX_CAPTURE`]).
 pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";
-/// Global: the kernel wakes userspace only once this many bytes wait in the ring
+/// Global: a CPU wakes userspace only once it has submitted this many bytes since it last did
 /// (userspace also polls on a short timer, so a quiet ring is never left unread).
 pub const GLOBAL_WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 

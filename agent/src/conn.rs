@@ -470,7 +470,10 @@ impl ConnTable {
         }
         let Some(c) = self.conns.get_mut(&key) else { return };
         c.last_activity_ns = h.ts_exit_ns;
-        c.comm = h.comm;
+        if h.comm[0] != 0 {
+            // The kernel sends the thread's name with a socket's first record only.
+            c.comm = h.comm;
+        }
         if c.own {
             return;
         }

@@ -86,11 +86,16 @@ pub enum LoaderError {
     },
 }
 
+/// A CPU's share of the wake-up threshold is at least this, so that many CPUs do not wake the
+/// reader for every few records.
+const MIN_WAKEUP_BYTES_PER_CPU: u32 = 16 * 1024;
+
 /// Load-time settings of the kernel programs.
 #[derive(Clone, Debug)]
 pub struct KernelConfig {
     pub capture_bytes: u32,
     pub ring_bytes: u32,
+    /// Bytes waiting in the ring at which the reader is woken; each CPU counts its own share.
     pub wakeup_bytes: u32,
     /// Port selection: the `PORT_MODE` bits and the `PORT_SELECT` entries.
     pub port_mode: u32,
@@ -259,10 +264,13 @@ pub fn load(cfg: KernelConfig) -> Result<Loaded, LoaderError> {
             tracing::warn!(error = %e, "No socket field offsets from the kernel's BTF");
             Default::default()
         });
+    // Each CPU wakes the reader after its own share of the threshold (see `capture::submit`).
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+    let wakeup_per_cpu = (cfg.wakeup_bytes / cpus).max(MIN_WAKEUP_BYTES_PER_CPU);
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_SELF_TGID, &self_tgid, true)
         .override_global(GLOBAL_CAPTURE_BYTES, &capture, true)
-        .override_global(GLOBAL_WAKEUP_BYTES, &cfg.wakeup_bytes, true)
+        .override_global(GLOBAL_WAKEUP_BYTES, &wakeup_per_cpu, true)
         .override_global(GLOBAL_SOCK_OFFSETS, &sock_offsets, true)
         .override_global(GLOBAL_PORT_MODE, &cfg.port_mode, true)
         .override_global(GLOBAL_CGROUP_RULES, &u32::from(cfg.cgroup_rules), true)

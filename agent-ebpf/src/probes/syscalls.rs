@@ -199,10 +199,22 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
     let key = fd_key(pid_tgid, p.fd);
     // SAFETY: copied out at once. Taken apart into plain values: the verifier rejects the
     // code LLVM makes of matches on an `Option<FdInfo>` (it reads the absent value's fields).
-    let (known, same_sock, known_side, known_sock, known_wide, known_select) = match unsafe { FD_INFO.get(key) } {
-        Some(info) => (true, info.sock == p.sock, info.side, info.sock, info.wide, info.select),
-        None => (false, false, side::UNKNOWN, 0, 0, select::UNKNOWN),
-    };
+    let (known, same_sock, known_side, known_sock, known_wide, known_select, known_named) =
+        match unsafe { FD_INFO.get(key) } {
+            Some(info) => (
+                true,
+                info.sock == p.sock,
+                info.side,
+                info.sock,
+                info.wide,
+                info.select,
+                info.named,
+            ),
+            None => (false, false, side::UNKNOWN, 0, 0, select::UNKNOWN, 0),
+        };
+    // The thread's name goes with the first record of each socket on this fd (userspace keeps
+    // it with the connection it opens there).
+    let named = same_sock && known_named != 0;
     // Accepted fds learn their socket at their first data event.
     let fd_side = if known && (same_sock || known_sock == 0) {
         known_side
@@ -224,7 +236,7 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         let _ = crate::probes::sock::report_tuple(p.sock);
     }
     let wide = same_sock && known_wide != 0;
-    if !same_sock || known_select != selected {
+    if !same_sock || known_select != selected || (!named && selected != select::NO) {
         let _ = FD_INFO.insert(
             key,
             FdInfo {
@@ -232,7 +244,8 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
                 side: fd_side,
                 wide: u8::from(wide),
                 select: selected,
-                _pad: [0; 5],
+                named: u8::from(selected != select::NO),
+                _pad: [0; 4],
             },
             0,
         );
@@ -242,7 +255,7 @@ fn exit_data(ctx: &TracePointContext, spec: &Spec) -> Result<u32, i64> {
         return Ok(0);
     }
     let requests = carries_requests(p.direction, fd_side);
-    emit_data(&p, pid_tgid, ret, fd_side, traced, requests || wide)?;
+    emit_data(&p, pid_tgid, ret, fd_side, traced, requests || wide, !named)?;
     if requests && !wide && ret as u64 > u64::from(capture_bytes()) {
         // SAFETY: a single byte written in place; a concurrent update writes the same value.
         if let Some(info) = FD_INFO.get_ptr_mut(key) {
@@ -395,7 +408,8 @@ fn exit_accept(ctx: &TracePointContext) -> Result<u32, i64> {
             side: side::ACCEPTED,
             wide: 0,
             select: select::UNKNOWN,
-            _pad: [0; 5],
+            named: 0,
+            _pad: [0; 4],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, ret as i32), info, 0);
     }
@@ -424,7 +438,8 @@ fn exit_connect(ctx: &TracePointContext) -> Result<u32, i64> {
             side: side::CONNECTED,
             wide: 0,
             select: select::UNKNOWN,
-            _pad: [0; 5],
+            named: 0,
+            _pad: [0; 4],
         };
         let _ = FD_INFO.insert(fd_key(pid_tgid, p.fd), info, 0);
         let traced = mark_traced(pid_tgid);
