@@ -26,14 +26,14 @@ pub fn bench_pipeline(
         }
     };
     let events = stream.len();
-    let best = |with_export: bool| {
+    let best = |encode: Option<fn(Vec<sockspan::span::Span>) -> Vec<u8>>| {
         (0..rounds.max(1))
             .map(|_| {
                 let (mut spans, mut bytes) = (0, 0);
                 let secs = timed_replay(&stream, &mut |batch| {
                     spans += batch.len();
-                    if with_export {
-                        bytes += sockspan::export::otlp::encode_for_bench(batch);
+                    if let Some(encode) = encode {
+                        bytes += encode(batch).len();
                     }
                 });
                 (secs, spans, bytes)
@@ -41,7 +41,7 @@ pub fn bench_pipeline(
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .unwrap_or_default()
     };
-    let (secs, spans, _) = best(false);
+    let (secs, spans, _) = best(None);
     println!(
         "events={events} spans={spans} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
         events as f64 / secs,
@@ -49,9 +49,16 @@ pub fn bench_pipeline(
     );
     // The same, and each batch's spans then encoded as the OTLP exporter does (SpanData →
     // protobuf; no network).
-    let (secs, spans, bytes) = best(true);
+    let (secs, spans, bytes) = best(Some(sockspan::export::otlp::encode_with_sdk));
     println!(
         "with_otlp_encoding: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
+        events as f64 / secs,
+        spans as f64 / secs
+    );
+    // The same bytes written straight from sockspan's spans (not yet the export path).
+    let (secs, spans, bytes) = best(Some(sockspan::export::otlp::encode_direct));
+    println!(
+        "with_direct_encoding: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
         events as f64 / secs,
         spans as f64 / secs
     );

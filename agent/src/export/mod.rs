@@ -3,6 +3,8 @@
 //! slow or unreachable collector never blocks capture (overflow is dropped and counted).
 pub mod otlp;
 pub mod print;
+#[cfg(any(test, feature = "bench"))]
+pub mod proto;
 pub mod tls;
 
 pub use otlp::{BspConfig, OtlpExporter};

@@ -29,6 +29,8 @@ use crate::{
     telemetry::{Counter, ExportFailure, Metrics},
 };
 
+/// The instrumentation scope of every span sockspan exports.
+const SCOPE: &str = "sockspan";
 /// Heap bytes a queued span holds, about (65,536 queued spans measured near 60 MiB).
 pub const SPAN_BYTES: u64 = 1024;
 
@@ -241,7 +243,7 @@ impl OtlpExporter {
         let idle = (0..bsp.max_concurrent_exports)
             .map(|_| super::tls::span_exporter(&env, &tls))
             .collect::<Result<Vec<_>, _>>()?;
-        let scope = InstrumentationScope::builder("sockspan")
+        let scope = InstrumentationScope::builder(SCOPE)
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();
         metrics.export_batch_limit.set(bsp.max_export_batch_size as u64);
@@ -494,23 +496,44 @@ fn group_by_process(batch: Vec<Span>, scope: &InstrumentationScope) -> Vec<(Arc<
     groups
 }
 
-/// Encodes a batch of spans into OTLP protobuf requests as the exporter does (one request per
-/// process resource) and returns the encoded size: for benchmarks.
-#[cfg(feature = "bench")]
-pub fn encode_for_bench(spans: Vec<Span>) -> usize {
+/// Encodes a batch of spans into OTLP protobuf as the exporter does (one request per process
+/// resource, concatenated: protobuf reads that as one request with them all): for benchmarks,
+/// and for the test of [`super::proto`].
+#[cfg(any(test, feature = "bench"))]
+pub fn encode_with_sdk(spans: Vec<Span>) -> Vec<u8> {
     use prost::Message as _;
-    let scope = InstrumentationScope::builder("sockspan").build();
-    group_by_process(spans, &scope)
-        .into_iter()
-        .map(|(process, spans)| {
-            let resource = (&resource(&process)).into();
-            let resource_spans =
-                opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(spans, &resource);
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest { resource_spans }
-                .encode_to_vec()
-                .len()
-        })
-        .sum()
+    let scope = InstrumentationScope::builder(SCOPE).build();
+    let mut out = Vec::new();
+    for (process, spans) in group_by_process(spans, &scope) {
+        let resource = (&resource(&process)).into();
+        let resource_spans =
+            opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(spans, &resource);
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest { resource_spans }
+            .encode(&mut out)
+            .expect("a Vec grows");
+    }
+    out
+}
+
+/// The same request written straight from sockspan's spans ([`super::proto`]).
+#[cfg(any(test, feature = "bench"))]
+pub fn encode_direct(spans: Vec<Span>) -> Vec<u8> {
+    let mut groups: Vec<(Arc<ProcessInfo>, Vec<Span>)> = Vec::new();
+    let mut index: crate::FastMap<*const ProcessInfo, usize> = crate::FastMap::default();
+    for span in spans {
+        let i = *index.entry(Arc::as_ptr(&span.resource)).or_insert_with(|| {
+            groups.push((span.resource.clone(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(span);
+    }
+    let mut out = Vec::new();
+    for (process, spans) in &groups {
+        let resource = resource(process);
+        let attrs: Vec<(&str, Value)> = resource.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        super::proto::write_resource_spans(&mut out, &attrs, SCOPE, spans);
+    }
+    out
 }
 
 /// A sampled, local span context.
