@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use sockspan::{pipeline::Processor, telemetry::Metrics};
 
 /// Pipeline throughput on one thread, on a synthetic stream or a recording: prints events/s and
-/// spans/s, then the same with each batch's spans encoded as the OTLP exporter does.
+/// spans/s, then the same with each batch's spans encoded as the OTLP exporters do.
 pub fn bench_pipeline(
     connections: u32,
     per_conn: u32,
@@ -47,21 +47,23 @@ pub fn bench_pipeline(
         events as f64 / secs,
         spans as f64 / secs
     );
-    // The same, and each batch's spans then encoded as the OTLP exporter does (SpanData →
-    // protobuf; no network).
-    let (secs, spans, bytes) = best(Some(sockspan::export::otlp::encode_with_sdk));
-    println!(
-        "with_otlp_encoding: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
-        events as f64 / secs,
-        spans as f64 / secs
-    );
-    // The same bytes written straight from sockspan's spans (not yet the export path).
-    let (secs, spans, bytes) = best(Some(sockspan::export::otlp::encode_direct));
-    println!(
-        "with_direct_encoding: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
-        events as f64 / secs,
-        spans as f64 / secs
-    );
+    // The same, and each batch's spans then encoded as the OTLP/HTTP exporter does (straight
+    // into protobuf; no network), then as the SDK does for gRPC and JSON (span → SpanData →
+    // protobuf types → bytes).
+    for (label, encode) in [
+        (
+            "with_otlp_encoding",
+            sockspan::export::otlp::encode_direct as fn(_) -> _,
+        ),
+        ("with_sdk_encoding", sockspan::export::otlp::encode_with_sdk),
+    ] {
+        let (secs, spans, bytes) = best(Some(encode));
+        println!(
+            "{label}: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
+            events as f64 / secs,
+            spans as f64 / secs
+        );
+    }
     Ok(())
 }
 

@@ -143,8 +143,10 @@ pub enum Pipeline {
     Ok {
         line: String,
         events_per_sec: f64,
-        /// The same replay with each batch's spans encoded as the OTLP exporter does.
-        with_encoding: Option<String>,
+        /// The same replay with each batch's spans encoded as the OTLP/HTTP exporter does
+        /// (`with_otlp_encoding:`), then through the SDK's conversions as the gRPC and JSON
+        /// exporters do (`with_sdk_encoding:`).
+        with_encoding: Vec<String>,
     },
     Missing(String),
 }
@@ -216,7 +218,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
             line, with_encoding, ..
         } => {
             println!("bench (a): {line}");
-            if let Some(l) = with_encoding {
+            for l in with_encoding {
                 println!("bench (a): {l}");
             }
         }
@@ -372,8 +374,9 @@ fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
                 events_per_sec: eps,
                 with_encoding: lines
                     .iter()
-                    .find(|l| l.starts_with("with_otlp_encoding:"))
-                    .map(|l| l.trim().to_owned()),
+                    .filter(|l| l.starts_with("with_otlp_encoding:") || l.starts_with("with_sdk_encoding:"))
+                    .map(|l| l.trim().to_owned())
+                    .collect(),
             },
             _ => Pipeline::Missing(format!("{status}, output: {line}")),
         },

@@ -309,11 +309,13 @@ pub fn render(r: &Results) -> String {
                 PIPELINE_TARGET_EVENTS / 1000.0,
                 verdict(*events_per_sec >= PIPELINE_TARGET_EVENTS)
             );
-            if let Some(l) = with_encoding {
-                let _ = writeln!(
-                    s,
-                    "| (a) the same, spans then encoded as the OTLP exporter does (SpanData → protobuf) | `{l}` | | |"
-                );
+            for l in with_encoding {
+                let how = if l.starts_with("with_sdk_encoding:") {
+                    "through the SDK (span → SpanData → protobuf types → bytes), as the gRPC and JSON exporters do"
+                } else {
+                    "straight into protobuf bytes, as the OTLP/HTTP exporter does"
+                };
+                let _ = writeln!(s, "| (a) the same, spans then encoded {how} | `{l}` | | |");
             }
         }
         Pipeline::Missing(why) => {
@@ -608,7 +610,7 @@ mod tests {
             pipeline: Pipeline::Ok {
                 line: "events_per_sec=400000".into(),
                 events_per_sec: 400_000.0,
-                with_encoding: None,
+                with_encoding: Vec::new(),
             },
             stitch: Err("not run".into()),
             scaling: Err("not run".into()),

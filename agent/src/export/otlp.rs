@@ -29,8 +29,12 @@ use crate::{
     telemetry::{Counter, ExportFailure, Metrics},
 };
 
-/// The instrumentation scope of every span sockspan exports.
-const SCOPE: &str = "sockspan";
+/// The instrumentation scope of every span sockspan exports: its name and version.
+const SCOPE: (&str, &str) = ("sockspan", env!("CARGO_PKG_VERSION"));
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder(SCOPE.0).with_version(SCOPE.1).build()
+}
 /// Heap bytes a queued span holds, about (65,536 queued spans measured near 60 MiB).
 pub const SPAN_BYTES: u64 = 1024;
 
@@ -183,10 +187,35 @@ impl ExportQueue {
     }
 }
 
+/// What sends an export request: sockspan's own OTLP/HTTP protobuf transport, fed bytes
+/// written straight from its spans, or (gRPC, JSON, compression) the SDK's exporter.
+enum Sender {
+    Direct(Arc<super::http::HttpTraces>),
+    Sdk(Box<SpanExporter>),
+}
+
+/// A request's spans, in the form its sender takes.
+enum Payload {
+    Protobuf(Vec<u8>),
+    SpanData(Vec<SpanData>),
+}
+
+impl Sender {
+    async fn send(&self, payload: Payload) -> Result<(), String> {
+        match (self, payload) {
+            (Sender::Direct(http), Payload::Protobuf(body)) => http.export(body).await,
+            (Sender::Sdk(exporter), Payload::SpanData(spans)) => {
+                exporter.export(spans).await.map_err(|e| e.to_string())
+            }
+            _ => Err("internal error: a payload for another sender".to_owned()),
+        }
+    }
+}
+
 pub struct OtlpExporter {
-    /// Exporters not exporting now. The SDK's exporter takes one export at a time, so
+    /// Senders not exporting now. The SDK's exporter takes one export at a time, so
     /// concurrent exports use one instance each (`max_concurrent_exports` of them).
-    idle: Vec<SpanExporter>,
+    idle: Vec<Sender>,
     /// Spans in the channel or `run`'s queue (shared with [`ExportQueue`]).
     queued: Arc<AtomicUsize>,
     bsp: BspConfig,
@@ -206,9 +235,9 @@ pub struct OtlpExporter {
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Why an export failed, from the exporter's error (opentelemetry-otlp reports an HTTP
-/// status as "status code: N", a gRPC one as "gRPC code: Name", and a refused or broken
-/// connection as a network or transport error).
+/// Why an export failed, from the sender's error (an HTTP status reads "status code: N" from
+/// either HTTP exporter, a gRPC one "gRPC code: Name", and a refused or broken connection is a
+/// network or transport error).
 fn classify(error: &str) -> ExportFailure {
     if error.contains("status code: 413") {
         ExportFailure::TooLarge
@@ -240,12 +269,19 @@ impl OtlpExporter {
         let env = |k: &str| std::env::var(k).ok();
         check_protocol(env)?;
         let tls = super::tls::TlsFiles::from_lookup(env)?;
-        let idle = (0..bsp.max_concurrent_exports)
-            .map(|_| super::tls::span_exporter(&env, &tls))
-            .collect::<Result<Vec<_>, _>>()?;
-        let scope = InstrumentationScope::builder(SCOPE)
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build();
+        let idle = match super::http::HttpTraces::from_lookup(&env, &tls)? {
+            Some(http) => {
+                let http = Arc::new(http);
+                vec![(); bsp.max_concurrent_exports]
+                    .into_iter()
+                    .map(|()| Sender::Direct(http.clone()))
+                    .collect()
+            }
+            None => (0..bsp.max_concurrent_exports)
+                .map(|_| super::tls::span_exporter(&env, &tls).map(|e| Sender::Sdk(Box::new(e))))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let scope = scope();
         metrics.export_batch_limit.set(bsp.max_export_batch_size as u64);
         Ok(Self {
             idle,
@@ -316,8 +352,10 @@ impl OtlpExporter {
         self.metrics
             .spans_dropped_export_failed
             .add(left + work.in_flight_spans);
-        for exporter in &self.idle {
-            let _ = exporter.shutdown_with_timeout(Duration::from_millis(200));
+        for sender in &self.idle {
+            if let Sender::Sdk(exporter) = sender {
+                let _ = exporter.shutdown_with_timeout(Duration::from_millis(200));
+            }
         }
     }
 
@@ -345,7 +383,7 @@ impl OtlpExporter {
                 let n = work.queue.len().min(self.batch_limit);
                 let batch: Vec<Span> = work.queue.drain(..n).collect();
                 self.queued.fetch_sub(n, Relaxed);
-                work.jobs.extend(group_by_process(batch, &self.scope));
+                work.jobs.extend(group_by_process(batch));
             }
             let now = tokio::time::Instant::now();
             if self.retry_at.is_some_and(|t| now < t) || self.deadline.is_some_and(|d| now >= d) {
@@ -360,16 +398,21 @@ impl OtlpExporter {
                 return;
             };
             let count = spans.len() as u64;
-            exporter.set_resource(&resource(&process));
+            let payload = match &mut exporter {
+                Sender::Direct(_) => Payload::Protobuf(encode_request(&process, &spans)),
+                Sender::Sdk(sdk) => {
+                    sdk.set_resource(&resource(&process));
+                    Payload::SpanData(spans.into_iter().map(|s| to_span_data(s, &self.scope)).collect())
+                }
+            };
             let timeout = match self.deadline {
                 Some(d) => self.bsp.export_timeout.min(d.saturating_duration_since(now)),
                 None => self.bsp.export_timeout,
             };
             work.in_flight_spans += count;
             in_flight.spawn(async move {
-                let result = match tokio::time::timeout(timeout, exporter.export(spans)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
+                let result = match tokio::time::timeout(timeout, exporter.send(payload)).await {
+                    Ok(result) => result,
                     Err(_) => Err("export timed out".to_owned()),
                 };
                 Done {
@@ -394,8 +437,8 @@ impl OtlpExporter {
         }
     }
 
-    /// An export request failed after the exporter's own retries (opentelemetry-otlp retries
-    /// 429, 502, 503, 504 and network errors, with backoff and jitter): its spans are dropped,
+    /// An export request failed after the sender's own retries (429, 502, 503, 504 and network
+    /// errors, with backoff and jitter): its spans are dropped,
     /// counted. A collector that refused it as too large gets requests half as large from then
     /// on; any other failure starts (or extends) a backoff.
     fn failed(&mut self, count: u64, error: &str) {
@@ -460,7 +503,7 @@ struct Work {
     /// Spans not yet in a request (bounded with the channel by `ExportQueue`).
     queue: VecDeque<Span>,
     /// Requests of the batch being sent, one per process resource.
-    jobs: VecDeque<(Arc<ProcessInfo>, Vec<SpanData>)>,
+    jobs: VecDeque<(Arc<ProcessInfo>, Vec<Span>)>,
     /// Spans in requests in flight.
     in_flight_spans: u64,
     /// Send partial batches too (the schedule delay passed, or the agent is stopping).
@@ -475,14 +518,14 @@ impl Work {
 
 /// An export request that finished, with its exporter (idle again).
 struct Done {
-    exporter: SpanExporter,
+    exporter: Sender,
     count: u64,
     result: Result<(), String>,
 }
 
-/// The spans of a batch as `SpanData`, grouped by process (one export request each).
-fn group_by_process(batch: Vec<Span>, scope: &InstrumentationScope) -> Vec<(Arc<ProcessInfo>, Vec<SpanData>)> {
-    let mut groups: Vec<(Arc<ProcessInfo>, Vec<SpanData>)> = Vec::new();
+/// The spans of a batch grouped by process (one export request each).
+fn group_by_process(batch: Vec<Span>) -> Vec<(Arc<ProcessInfo>, Vec<Span>)> {
+    let mut groups: Vec<(Arc<ProcessInfo>, Vec<Span>)> = Vec::new();
     // By pointer: the process table hands out one Arc per process, and hashing the resource's
     // strings per span cost more than building the span.
     let mut index: crate::FastMap<*const ProcessInfo, usize> = crate::FastMap::default();
@@ -491,9 +534,18 @@ fn group_by_process(batch: Vec<Span>, scope: &InstrumentationScope) -> Vec<(Arc<
             groups.push((span.resource.clone(), Vec::new()));
             groups.len() - 1
         });
-        groups[i].1.push(to_span_data(span, scope));
+        groups[i].1.push(span);
     }
     groups
+}
+
+/// One process's spans as the OTLP protobuf request [`super::http`] sends.
+fn encode_request(process: &ProcessInfo, spans: &[Span]) -> Vec<u8> {
+    let resource = resource(process);
+    let attrs: Vec<(&str, Value)> = resource.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let mut out = Vec::with_capacity(spans.len() * 512);
+    super::proto::write_resource_spans(&mut out, &attrs, SCOPE, spans);
+    out
 }
 
 /// Encodes a batch of spans into OTLP protobuf as the exporter does (one request per process
@@ -502,9 +554,10 @@ fn group_by_process(batch: Vec<Span>, scope: &InstrumentationScope) -> Vec<(Arc<
 #[cfg(any(test, feature = "bench"))]
 pub fn encode_with_sdk(spans: Vec<Span>) -> Vec<u8> {
     use prost::Message as _;
-    let scope = InstrumentationScope::builder(SCOPE).build();
+    let scope = scope();
     let mut out = Vec::new();
-    for (process, spans) in group_by_process(spans, &scope) {
+    for (process, spans) in group_by_process(spans) {
+        let spans = spans.into_iter().map(|s| to_span_data(s, &scope)).collect();
         let resource = (&resource(&process)).into();
         let resource_spans =
             opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(spans, &resource);
@@ -518,22 +571,10 @@ pub fn encode_with_sdk(spans: Vec<Span>) -> Vec<u8> {
 /// The same request written straight from sockspan's spans ([`super::proto`]).
 #[cfg(any(test, feature = "bench"))]
 pub fn encode_direct(spans: Vec<Span>) -> Vec<u8> {
-    let mut groups: Vec<(Arc<ProcessInfo>, Vec<Span>)> = Vec::new();
-    let mut index: crate::FastMap<*const ProcessInfo, usize> = crate::FastMap::default();
-    for span in spans {
-        let i = *index.entry(Arc::as_ptr(&span.resource)).or_insert_with(|| {
-            groups.push((span.resource.clone(), Vec::new()));
-            groups.len() - 1
-        });
-        groups[i].1.push(span);
-    }
-    let mut out = Vec::new();
-    for (process, spans) in &groups {
-        let resource = resource(process);
-        let attrs: Vec<(&str, Value)> = resource.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        super::proto::write_resource_spans(&mut out, &attrs, SCOPE, spans);
-    }
-    out
+    group_by_process(spans)
+        .iter()
+        .flat_map(|(process, spans)| encode_request(process, spans))
+        .collect()
 }
 
 /// A sampled, local span context.

@@ -93,7 +93,8 @@ impl TlsFiles {
     }
 
     /// The HTTP exporter's client: the system's roots (the platform verifier), and the files'.
-    fn reqwest(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+    pub(super) fn reqwest(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+        install_crypto();
         let build = |e: reqwest::Error| ConfigError::Build(format!("the HTTPS client: {e}"));
         let mut b = reqwest::Client::builder().timeout(timeout);
         if let Some(ca) = &self.ca {
@@ -126,7 +127,7 @@ pub fn install_crypto() {
 
 /// The export protocol the environment asks for (the specification's default:
 /// `http/protobuf`, stated explicitly: with JSON compiled in, the exporter would pick it).
-fn protocol(get: &impl Fn(&str) -> Option<String>) -> opentelemetry_otlp::Protocol {
+pub(super) fn protocol(get: &impl Fn(&str) -> Option<String>) -> opentelemetry_otlp::Protocol {
     let asked = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
         .iter()
         .find_map(|k| get(k).filter(|v| !v.trim().is_empty()))
@@ -140,7 +141,7 @@ fn protocol(get: &impl Fn(&str) -> Option<String>) -> opentelemetry_otlp::Protoc
 
 /// The export timeout the environment asks for (`OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`, ms;
 /// the specification's default 10 s): the HTTP client made here must apply it itself.
-fn timeout(get: &impl Fn(&str) -> Option<String>) -> Duration {
+pub(super) fn timeout(get: &impl Fn(&str) -> Option<String>) -> Duration {
     ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
         .iter()
         .find_map(|k| get(k).and_then(|v| v.trim().parse::<u64>().ok()))
