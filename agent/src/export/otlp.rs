@@ -571,10 +571,11 @@ pub fn encode_with_sdk(spans: Vec<Span>) -> Vec<u8> {
 /// The same request written straight from sockspan's spans ([`super::proto`]).
 #[cfg(any(test, feature = "bench"))]
 pub fn encode_direct(spans: Vec<Span>) -> Vec<u8> {
-    group_by_process(spans)
-        .iter()
-        .flat_map(|(process, spans)| encode_request(process, spans))
-        .collect()
+    let mut out = Vec::new();
+    for (process, spans) in group_by_process(spans) {
+        out.extend_from_slice(&encode_request(&process, &spans));
+    }
+    out
 }
 
 /// A sampled, local span context.

@@ -26,7 +26,9 @@ const STATUS_ERROR: u64 = 2;
 pub fn write_resource_spans(out: &mut Vec<u8>, resource: &[(&str, Value)], scope: (&str, &str), spans: &[Span]) {
     let resource_len: usize = resource.iter().map(|(k, v)| field_len(1, key_value_len(k, v))).sum();
     let scope_len = str_field_len(1, scope.0) + str_field_len(2, scope.1);
-    let spans_len: usize = spans.iter().map(|s| field_len(2, span_len(s))).sum();
+    // Each span's length is needed twice (its header, and the total before them all).
+    let lens: Vec<usize> = spans.iter().map(span_len).collect();
+    let spans_len: usize = lens.iter().map(|&n| field_len(2, n)).sum();
     let scope_spans_len = field_len(1, scope_len) + spans_len;
     let resource_spans_len = field_len(1, resource_len) + field_len(2, scope_spans_len);
 
@@ -40,8 +42,8 @@ pub fn write_resource_spans(out: &mut Vec<u8>, resource: &[(&str, Value)], scope
     header(out, 1, scope_len);
     write_str(out, 1, scope.0);
     write_str(out, 2, scope.1);
-    for s in spans {
-        header(out, 2, span_len(s));
+    for (s, &len) in spans.iter().zip(&lens) {
+        header(out, 2, len);
         write_span(out, s);
     }
 }
