@@ -139,6 +139,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let bsp = BspConfig::from_lookup(env)?;
     let exporting = otlp::endpoint_configured(env);
     otlp::check_protocol(env)?;
+    otlp::check_compression(env)?;
     let head_sampler = HeadSampler::from_lookup(env)?;
     let print: Option<View> = match (cli.print, exporting) {
         _ if cli.top => Some(View::Top),

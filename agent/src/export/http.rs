@@ -3,8 +3,8 @@
 //! `SpanData` twice before encoding, most of the export's cost). It keeps the SDK exporter's
 //! behaviour: the same variables (endpoint, headers, timeout, TLS files), the same retries
 //! (429, 502, 503, 504 and network errors, with backoff, jitter and `Retry-After`, within the
-//! timeout), and the same error texts, which [`super::otlp`] classifies. Compression and the
-//! other protocols stay with the SDK's exporter.
+//! timeout), and the same error texts, which [`super::otlp`] classifies. The other protocols
+//! stay with the SDK's exporter.
 use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
@@ -32,20 +32,15 @@ pub struct HttpTraces {
 }
 
 impl HttpTraces {
-    /// The sender the environment asks for, or `None` when the SDK's exporter must send:
-    /// another protocol than http/protobuf, or compression.
+    /// The sender the environment asks for, or `None` when the SDK's exporter must send
+    /// (another protocol than http/protobuf). Compression was refused before
+    /// ([`super::otlp::check_compression`]).
     pub fn from_lookup(
         get: &impl Fn(&str) -> Option<String>,
         tls: &super::tls::TlsFiles,
     ) -> Result<Option<Self>, ConfigError> {
         let var = |names: [&str; 2]| names.into_iter().find_map(|n| get(n).filter(|v| !v.trim().is_empty()));
-        if super::tls::protocol(get) != opentelemetry_otlp::Protocol::HttpBinary
-            || var([
-                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
-                "OTEL_EXPORTER_OTLP_COMPRESSION",
-            ])
-            .is_some()
-        {
+        if super::tls::protocol(get) != opentelemetry_otlp::Protocol::HttpBinary {
             return Ok(None);
         }
         let (name, endpoint) = match get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|v| !v.trim().is_empty()) {
@@ -227,10 +222,9 @@ mod tests {
     }
 
     #[test]
-    fn other_protocols_and_compression_stay_with_the_sdk() {
+    fn other_protocols_stay_with_the_sdk() {
         assert!(sender(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).is_none());
         assert!(sender(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")]).is_none());
-        assert!(sender(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")]).is_none());
         assert!(sender(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).is_some());
     }
 

@@ -144,6 +144,27 @@ pub fn check_protocol(get: impl Fn(&str) -> Option<String>) -> Result<(), Config
     Ok(())
 }
 
+/// Checks the compression variable early: no compression is built in, and the SDK's exporter
+/// would fail every request over it, so one is refused at start with a clear message.
+pub fn check_compression(get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ] {
+        if let Some(v) = get(name) {
+            let v = v.trim().to_ascii_lowercase();
+            if !v.is_empty() && v != "none" {
+                return Err(ConfigError::Invalid {
+                    name,
+                    value: v,
+                    what: "compression: sockspan sends requests uncompressed (use none)",
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The way into the exporter: spans waiting for export (in the channel and in the exporter's
 /// queue together) are bounded by `OTEL_BSP_MAX_QUEUE_SIZE`, so a slow collector costs counted
 /// drops, not memory.
@@ -188,7 +209,7 @@ impl ExportQueue {
 }
 
 /// What sends an export request: sockspan's own OTLP/HTTP protobuf transport, fed bytes
-/// written straight from its spans, or (gRPC, JSON, compression) the SDK's exporter.
+/// written straight from its spans, or (gRPC, JSON) the SDK's exporter.
 enum Sender {
     Direct(Arc<super::http::HttpTraces>),
     Sdk(Box<SpanExporter>),
@@ -268,6 +289,7 @@ impl OtlpExporter {
     pub fn from_env(bsp: BspConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
         let env = |k: &str| std::env::var(k).ok();
         check_protocol(env)?;
+        check_compression(env)?;
         let tls = super::tls::TlsFiles::from_lookup(env)?;
         let idle = match super::http::HttpTraces::from_lookup(&env, &tls)? {
             Some(http) => {
@@ -726,6 +748,10 @@ mod tests {
         assert!(check_protocol(|_| Some("grpc".into())).is_ok());
         assert!(check_protocol(|_| Some("http/protobuf".into())).is_ok());
         assert!(check_protocol(|_| Some("carrier-pigeon".into())).is_err());
+        assert!(check_compression(|_| Some("none".into())).is_ok());
+        assert!(check_compression(|_| None).is_ok());
+        let err = check_compression(|_| Some("gzip".into())).expect_err("refused");
+        assert!(err.to_string().contains("COMPRESSION"), "{err}");
         assert!(endpoint_configured(
             |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://x:4318".into())
         ));
