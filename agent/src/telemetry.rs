@@ -150,6 +150,9 @@ pub struct Metrics {
     pub export_requests_failed: [Counter; ExportFailure::ALL.len()],
     /// Spans per export request at most (halved on each 413).
     pub export_batch_limit: Counter,
+    /// OTLP/HTTP protobuf requests sent again after a retryable failure (sockspan's own
+    /// sender; the SDK's do not report theirs).
+    pub export_retries: Counter,
     /// Go executables hooked, and those whose hooks failed (the attacher's counts).
     pub go_executables_hooked: Counter,
     pub go_executables_failed: Counter,
@@ -322,6 +325,11 @@ impl Metrics {
                     .iter()
                     .map(|f| ("reason", f.as_str(), self.export_requests_failed[*f as usize].get()))
                     .collect(),
+            ),
+            Family::total(
+                "sockspan_export_retries_total",
+                "OTLP/HTTP protobuf export requests sent again after a 429, 502, 503, 504 or network error (the gRPC and JSON exporters retry inside the OpenTelemetry SDK, uncounted).",
+                self.export_retries.get(),
             ),
             Family::level(
                 "sockspan_export_batch_limit_spans",

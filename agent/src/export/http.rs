@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
 use super::otlp::ConfigError;
+use crate::telemetry::Counter;
 
 const DEFAULT_ENDPOINT: &str = "http://localhost:4318";
 const TRACES_PATH: &str = "/v1/traces";
@@ -72,9 +73,9 @@ impl HttpTraces {
         }))
     }
 
-    /// Sends one request, retrying as the SDK's exporter does. The error says why the last
-    /// attempt failed, in the SDK's words.
-    pub async fn export(&self, body: Vec<u8>) -> Result<(), String> {
+    /// Sends one request, retrying as the SDK's exporter does (each retry counted in
+    /// `retries`). The error says why the last attempt failed, in the SDK's words.
+    pub async fn export(&self, body: Vec<u8>, retries: &Counter) -> Result<(), String> {
         let body = bytes::Bytes::from(body);
         let start = Instant::now();
         let mut delay = FIRST_DELAY;
@@ -93,6 +94,7 @@ impl HttpTraces {
             match wait {
                 Some(wait) if attempt < MAX_RETRIES && wait < remaining => {
                     attempt += 1;
+                    retries.inc();
                     tokio::time::sleep(wait).await;
                     delay = (delay * 2).min(MAX_DELAY);
                 }
@@ -241,6 +243,62 @@ mod tests {
         .expect("http");
         // The signal's variable is used instead of the general one, not merged with it.
         assert!(s.headers.get("b").is_some() && s.headers.get("a").is_none());
+    }
+
+    /// A collector on a real socket that answers each request with the next status.
+    fn collector(statuses: &'static [u16]) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for &status in statuses {
+                let Ok((stream, _)) = listener.accept() else { return };
+                let mut reader = BufReader::new(stream);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = reader.get_mut().write_all(answer.as_bytes());
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn export_to(statuses: &'static [u16]) -> (Result<(), String>, u64) {
+        let endpoint = collector(statuses);
+        let vars = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+        let tls = super::super::tls::TlsFiles::from_lookup(lookup(&vars)).expect("none");
+        let http = HttpTraces::from_lookup(&lookup(&vars), &tls)
+            .expect("valid")
+            .expect("http");
+        let retries = Counter::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let result = rt.block_on(http.export(vec![1, 2, 3], &retries));
+        (result, retries.get())
+    }
+
+    #[test]
+    fn retryable_statuses_are_retried_and_counted() {
+        assert_eq!(export_to(&[503, 502, 200]), (Ok(()), 2));
+    }
+
+    #[test]
+    fn other_statuses_fail_at_once_in_the_sdks_words() {
+        let (result, retries) = export_to(&[400, 200]);
+        assert_eq!(retries, 0);
+        assert_eq!(result, Err("HTTP export failed with status code: 400".to_owned()));
     }
 
     #[test]

@@ -222,9 +222,9 @@ enum Payload {
 }
 
 impl Sender {
-    async fn send(&self, payload: Payload) -> Result<(), String> {
+    async fn send(&self, payload: Payload, metrics: &Metrics) -> Result<(), String> {
         match (self, payload) {
-            (Sender::Direct(http), Payload::Protobuf(body)) => http.export(body).await,
+            (Sender::Direct(http), Payload::Protobuf(body)) => http.export(body, &metrics.export_retries).await,
             (Sender::Sdk(exporter), Payload::SpanData(spans)) => {
                 exporter.export(spans).await.map_err(|e| e.to_string())
             }
@@ -432,8 +432,9 @@ impl OtlpExporter {
                 None => self.bsp.export_timeout,
             };
             work.in_flight_spans += count;
+            let metrics = self.metrics.clone();
             in_flight.spawn(async move {
-                let result = match tokio::time::timeout(timeout, exporter.send(payload)).await {
+                let result = match tokio::time::timeout(timeout, exporter.send(payload, &metrics)).await {
                     Ok(result) => result,
                     Err(_) => Err("export timed out".to_owned()),
                 };
