@@ -39,6 +39,8 @@ const CONNECT: u8 = 101;
 /// registers.
 pub const LATE: u8 = 0;
 
+/// A field of the syscall's record ([`crate::probes::ctx_field`]); it cannot fail, the `Result`
+/// only suits the callers' `?` chains.
 #[inline(always)]
 fn arg<T: Copy>(ctx: &TracePointContext, off: usize) -> Result<T, i64> {
     Ok(crate::probes::ctx_field(ctx, off))
