@@ -53,7 +53,7 @@ fn span_len(s: &Span) -> usize {
     let links: usize = s.links.iter().map(|l| field_len(13, link_len(l))).sum();
     field_len(1, 16)
         + field_len(2, 8)
-        + s.parent_span_id.map_or(0, |_| field_len(4, 8))
+        + parent(s).map_or(0, |_| field_len(4, 8))
         + str_field_len(5, &s.name)
         + 1
         + varint_len(kind(s.kind))
@@ -68,8 +68,8 @@ fn span_len(s: &Span) -> usize {
 fn write_span(out: &mut Vec<u8>, s: &Span) {
     write_bytes(out, 1, &s.trace_id);
     write_bytes(out, 2, &s.span_id);
-    if let Some(p) = &s.parent_span_id {
-        write_bytes(out, 4, p);
+    if let Some(p) = parent(s) {
+        write_bytes(out, 4, &p);
     }
     write_str(out, 5, &s.name);
     tag(out, 6, VARINT);
@@ -93,6 +93,11 @@ fn write_span(out: &mut Vec<u8>, s: &Span) {
     }
     tag(out, 16, FIXED32);
     out.extend_from_slice(&LOCAL_SAMPLED_FLAGS.to_le_bytes());
+}
+
+/// The parent's id, if it is a valid one (all zeros is none, as the SDK writes it).
+fn parent(s: &Span) -> Option<[u8; 8]> {
+    s.parent_span_id.filter(|p| *p != [0; 8])
 }
 
 fn kind(k: SpanKind) -> u64 {
