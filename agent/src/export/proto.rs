@@ -249,7 +249,10 @@ mod tests {
             span_id: [8; 8],
             source: "loop",
         });
-        vec![a, b]
+        let mut c = Span::sample(3);
+        c.parent_span_id = Some([0; 8]);
+        c.resource = b.resource.clone();
+        vec![a, b, c]
     }
 
     /// The request the SDK's conversions build for the same spans.
