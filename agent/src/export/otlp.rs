@@ -35,6 +35,7 @@ const SCOPE: (&str, &str) = ("sockspan", env!("CARGO_PKG_VERSION"));
 fn scope() -> InstrumentationScope {
     InstrumentationScope::builder(SCOPE.0).with_version(SCOPE.1).build()
 }
+
 /// Heap bytes a queued span holds, about (65,536 queued spans measured near 60 MiB).
 pub const SPAN_BYTES: u64 = 1024;
 
@@ -294,9 +295,8 @@ impl OtlpExporter {
         let idle = match super::http::HttpTraces::from_lookup(&env, &tls)? {
             Some(http) => {
                 let http = Arc::new(http);
-                vec![(); bsp.max_concurrent_exports]
-                    .into_iter()
-                    .map(|()| Sender::Direct(http.clone()))
+                (0..bsp.max_concurrent_exports)
+                    .map(|_| Sender::Direct(http.clone()))
                     .collect()
             }
             None => (0..bsp.max_concurrent_exports)
@@ -461,9 +461,9 @@ impl OtlpExporter {
     }
 
     /// An export request failed after the sender's own retries (429, 502, 503, 504 and network
-    /// errors, with backoff and jitter): its spans are dropped,
-    /// counted. A collector that refused it as too large gets requests half as large from then
-    /// on; any other failure starts (or extends) a backoff.
+    /// errors, with backoff and jitter): its spans are dropped, counted. A collector that
+    /// refused it as too large gets requests half as large from then on; any other failure
+    /// starts (or extends) a backoff.
     fn failed(&mut self, count: u64, error: &str) {
         self.metrics.spans_dropped_export_failed.add(count);
         self.metrics.export_failed();
