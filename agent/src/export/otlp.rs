@@ -564,10 +564,8 @@ fn group_by_process(batch: Vec<Span>) -> Vec<(Arc<ProcessInfo>, Vec<Span>)> {
 
 /// One process's spans as the OTLP protobuf request [`super::http`] sends.
 fn encode_request(process: &ProcessInfo, spans: &[Span]) -> Vec<u8> {
-    let resource = resource(process);
-    let attrs: Vec<(&str, Value)> = resource.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let mut out = Vec::with_capacity(spans.len() * 512);
-    super::proto::write_resource_spans(&mut out, &attrs, SCOPE, spans);
+    super::proto::write_resource_spans(&mut out, &resource(process), SCOPE, spans);
     out
 }
 

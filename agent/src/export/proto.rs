@@ -4,6 +4,7 @@
 //! both with the official `opentelemetry-proto` types. [`super::http`] sends them.
 //! Field numbers: opentelemetry/proto/{collector/trace,trace,resource,common}/v1/*.proto.
 use opentelemetry::Value;
+use opentelemetry_sdk::Resource;
 
 use crate::span::{AttrValue, Span, SpanKind, SpanLink};
 
@@ -23,8 +24,11 @@ const STATUS_ERROR: u64 = 2;
 
 /// Appends one `ResourceSpans` (the process's resource, one scope given as its name and
 /// version, its spans) to an `ExportTraceServiceRequest` being written in `out`.
-pub fn write_resource_spans(out: &mut Vec<u8>, resource: &[(&str, Value)], scope: (&str, &str), spans: &[Span]) {
-    let resource_len: usize = resource.iter().map(|(k, v)| field_len(1, key_value_len(k, v))).sum();
+pub fn write_resource_spans(out: &mut Vec<u8>, resource: &Resource, scope: (&str, &str), spans: &[Span]) {
+    let resource_len: usize = resource
+        .iter()
+        .map(|(k, v)| field_len(1, attr_len(k.as_str(), Scalar::of(v))))
+        .sum();
     let scope_len = str_field_len(1, scope.0) + str_field_len(2, scope.1);
     // Each span's length is needed twice (its header, and the total before them all).
     let lens: Vec<usize> = spans.iter().map(span_len).collect();
@@ -34,9 +38,10 @@ pub fn write_resource_spans(out: &mut Vec<u8>, resource: &[(&str, Value)], scope
 
     header(out, 1, resource_spans_len);
     header(out, 1, resource_len);
-    for (k, v) in resource {
-        header(out, 1, key_value_len(k, v));
-        write_key_value(out, k, v);
+    for (k, v) in resource.iter() {
+        let v = Scalar::of(v);
+        header(out, 1, attr_len(k.as_str(), v));
+        write_attr(out, k.as_str(), v);
     }
     header(out, 2, scope_spans_len);
     header(out, 1, scope_len);
@@ -49,7 +54,11 @@ pub fn write_resource_spans(out: &mut Vec<u8>, resource: &[(&str, Value)], scope
 }
 
 fn span_len(s: &Span) -> usize {
-    let attrs: usize = s.attributes.iter().map(|(k, v)| field_len(9, attr_len(k, v))).sum();
+    let attrs: usize = s
+        .attributes
+        .iter()
+        .map(|(k, v)| field_len(9, attr_len(k, v.into())))
+        .sum();
     let links: usize = s.links.iter().map(|l| field_len(13, link_len(l))).sum();
     field_len(1, 16)
         + field_len(2, 8)
@@ -79,8 +88,8 @@ fn write_span(out: &mut Vec<u8>, s: &Span) {
     tag(out, 8, FIXED64);
     out.extend_from_slice(&s.end_unix_ns.to_le_bytes());
     for (k, v) in &s.attributes {
-        header(out, 9, attr_len(k, v));
-        write_attr(out, k, v);
+        header(out, 9, attr_len(k, v.into()));
+        write_attr(out, k, v.into());
     }
     for l in &s.links {
         header(out, 13, link_len(l));
@@ -112,78 +121,87 @@ fn status_len(error: bool) -> usize {
 }
 
 fn link_len(l: &SpanLink) -> usize {
-    let source = AttrValue::fixed(l.source);
-    field_len(1, 16)
-        + field_len(2, 8)
-        + field_len(4, attr_len(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, &source))
-        + 1
-        + 4
+    field_len(1, 16) + field_len(2, 8) + field_len(4, link_source_len(l)) + 1 + 4
+}
+
+/// The link's one attribute: the rule that made it.
+fn link_source_len(l: &SpanLink) -> usize {
+    attr_len(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, Scalar::Str(l.source))
 }
 
 fn write_link(out: &mut Vec<u8>, l: &SpanLink) {
     write_bytes(out, 1, &l.trace_id);
     write_bytes(out, 2, &l.span_id);
-    let source = AttrValue::fixed(l.source);
-    header(out, 4, attr_len(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, &source));
-    write_attr(out, crate::vocab::attr::SOCKSPAN_LINK_SOURCE, &source);
+    header(out, 4, link_source_len(l));
+    write_attr(out, crate::vocab::attr::SOCKSPAN_LINK_SOURCE, Scalar::Str(l.source));
     tag(out, 6, FIXED32);
     out.extend_from_slice(&LOCAL_SAMPLED_FLAGS.to_le_bytes());
 }
 
-/// `KeyValue` of a span attribute: `AnyValue` holds a string (1), bool (2) or int (3).
-fn attr_len(key: &str, v: &AttrValue) -> usize {
-    str_field_len(1, key) + field_len(2, any_value_len(v))
+/// An attribute's value as `AnyValue` holds it: a string (1), bool (2) or int (3), borrowed
+/// from a span's attribute or a resource's. `Other`: a type sockspan never sets, written empty.
+#[derive(Clone, Copy)]
+enum Scalar<'a> {
+    Str(&'a str),
+    Bool(bool),
+    Int(i64),
+    Other,
 }
 
-fn any_value_len(v: &AttrValue) -> usize {
-    match v {
-        AttrValue::Str(s) => field_len(1, s.len()),
-        AttrValue::Bool(_) => 2,
-        AttrValue::Int(i) => 1 + varint_len(*i as u64),
+impl<'a> From<&'a AttrValue> for Scalar<'a> {
+    fn from(v: &'a AttrValue) -> Self {
+        match v {
+            AttrValue::Str(s) => Scalar::Str(s),
+            AttrValue::Bool(b) => Scalar::Bool(*b),
+            AttrValue::Int(i) => Scalar::Int(*i),
+        }
     }
 }
 
-fn write_attr(out: &mut Vec<u8>, key: &str, v: &AttrValue) {
+impl<'a> Scalar<'a> {
+    /// A resource attribute (the SDK's value types; resources use strings and ints).
+    fn of(v: &'a Value) -> Self {
+        match v {
+            Value::String(s) => Scalar::Str(s.as_str()),
+            Value::I64(i) => Scalar::Int(*i),
+            Value::Bool(b) => Scalar::Bool(*b),
+            _ => Scalar::Other,
+        }
+    }
+}
+
+/// `KeyValue`: the key, then the `AnyValue`.
+fn attr_len(key: &str, v: Scalar) -> usize {
+    str_field_len(1, key) + field_len(2, any_value_len(v))
+}
+
+fn any_value_len(v: Scalar) -> usize {
+    match v {
+        Scalar::Str(s) => field_len(1, s.len()),
+        Scalar::Bool(_) => 2,
+        Scalar::Int(i) => 1 + varint_len(i as u64),
+        Scalar::Other => 0,
+    }
+}
+
+fn write_attr(out: &mut Vec<u8>, key: &str, v: Scalar) {
     write_str(out, 1, key);
     header(out, 2, any_value_len(v));
     match v {
         // A oneof member is written even when it holds its type's default.
-        AttrValue::Str(s) => {
+        Scalar::Str(s) => {
             header(out, 1, s.len());
             out.extend_from_slice(s.as_bytes());
         }
-        AttrValue::Bool(b) => {
+        Scalar::Bool(b) => {
             tag(out, 2, VARINT);
-            out.push(u8::from(*b));
+            out.push(u8::from(b));
         }
-        AttrValue::Int(i) => {
+        Scalar::Int(i) => {
             tag(out, 3, VARINT);
-            varint(out, *i as u64);
+            varint(out, i as u64);
         }
-    }
-}
-
-/// A resource attribute: the SDK's value types, of which resources use strings and ints.
-fn key_value_len(key: &str, v: &Value) -> usize {
-    str_field_len(1, key) + field_len(2, resource_value(v).map_or(0, |v| any_value_len(&v)))
-}
-
-fn write_key_value(out: &mut Vec<u8>, key: &str, v: &Value) {
-    match resource_value(v) {
-        Some(v) => write_attr(out, key, &v),
-        None => {
-            write_str(out, 1, key);
-            header(out, 2, 0);
-        }
-    }
-}
-
-fn resource_value(v: &Value) -> Option<AttrValue> {
-    match v {
-        Value::String(s) => Some(AttrValue::text(s.as_str())),
-        Value::I64(i) => Some(AttrValue::Int(*i)),
-        Value::Bool(b) => Some(AttrValue::Bool(*b)),
-        _ => None,
+        Scalar::Other => {}
     }
 }
 
