@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
-use super::otlp::ConfigError;
+use super::{otlp::ConfigError, tls::signal_var};
 use crate::telemetry::Counter;
 
 const DEFAULT_ENDPOINT: &str = "http://localhost:4318";
@@ -40,16 +40,17 @@ impl HttpTraces {
         get: &impl Fn(&str) -> Option<String>,
         tls: &super::tls::TlsFiles,
     ) -> Result<Option<Self>, ConfigError> {
-        let var = |names: [&str; 2]| names.into_iter().find_map(|n| get(n).filter(|v| !v.trim().is_empty()));
         if super::tls::protocol(get) != opentelemetry_otlp::Protocol::HttpBinary {
             return Ok(None);
         }
-        let (name, endpoint) = match get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|v| !v.trim().is_empty()) {
-            // The signal's own endpoint is used as it is.
-            Some(v) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", v.trim().to_owned()),
-            None => {
-                let base = get("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty());
-                let base = base.as_deref().map_or(DEFAULT_ENDPOINT, str::trim);
+        let (name, endpoint) = match signal_var(
+            get,
+            ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"],
+        ) {
+            // The signal's own endpoint is used as it is; the general one gets the signal's path.
+            Some(("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", v)) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", v),
+            found => {
+                let base = found.map_or(DEFAULT_ENDPOINT.to_owned(), |(_, v)| v);
                 (
                     "OTEL_EXPORTER_OTLP_ENDPOINT",
                     format!("{}{TRACES_PATH}", base.trim_end_matches('/')),
@@ -61,8 +62,8 @@ impl HttpTraces {
             value: endpoint,
             what: "URL",
         })?;
-        let headers = var(["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])
-            .map(|v| parse_headers(&v))
+        let headers = signal_var(get, ["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])
+            .map(|(_, v)| parse_headers(&v))
             .unwrap_or_default();
         let timeout = super::tls::timeout(get);
         Ok(Some(Self {

@@ -134,36 +134,41 @@ pub fn endpoint_configured(get: impl Fn(&str) -> Option<String>) -> bool {
 
 /// Checks the protocol variable early, with a clear message (the SDK would silently fall back).
 pub fn check_protocol(get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-    for name in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
-        if let Some(v) = get(name) {
-            let v = v.trim().to_ascii_lowercase();
-            if !v.is_empty() && v != "grpc" && v != "http/protobuf" && v != "http/json" {
-                return Err(ConfigError::Protocol(v));
-            }
-        }
+    let names = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"];
+    match unsupported(&get, names, &["grpc", "http/protobuf", "http/json"]) {
+        Some((_, v)) => Err(ConfigError::Protocol(v)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks the compression variable early: no compression is built in, and the SDK's exporter
 /// would fail every request over it, so one is refused at start with a clear message.
 pub fn check_compression(get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-    for name in [
+    let names = [
         "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
         "OTEL_EXPORTER_OTLP_COMPRESSION",
-    ] {
-        if let Some(v) = get(name) {
-            let v = v.trim().to_ascii_lowercase();
-            if !v.is_empty() && v != "none" {
-                return Err(ConfigError::Invalid {
-                    name,
-                    value: v,
-                    what: "compression: sockspan sends requests uncompressed (use none)",
-                });
-            }
-        }
+    ];
+    match unsupported(&get, names, &["none"]) {
+        Some((name, value)) => Err(ConfigError::Invalid {
+            name,
+            value,
+            what: "compression: sockspan sends requests uncompressed (use none)",
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The first of `names` set to a value (trimmed, lower case) that is not blank and not one of
+/// `supported`: each variable is checked, not only the one that wins.
+fn unsupported(
+    get: &impl Fn(&str) -> Option<String>,
+    names: [&'static str; 2],
+    supported: &[&str],
+) -> Option<(&'static str, String)> {
+    names.into_iter().find_map(|name| {
+        let v = get(name)?.trim().to_ascii_lowercase();
+        (!v.is_empty() && !supported.contains(&v.as_str())).then_some((name, v))
+    })
 }
 
 /// The way into the exporter: spans waiting for export (in the channel and in the exporter's

@@ -33,13 +33,7 @@ impl TlsFiles {
     /// cannot be read or parsed, or a client certificate without its key, is an error naming
     /// the variable.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let var = |names: [&'static str; 2]| {
-            names.into_iter().find_map(|n| {
-                get(n)
-                    .filter(|v| !v.trim().is_empty())
-                    .map(|v| (n, v.trim().to_owned()))
-            })
-        };
+        let var = |names| signal_var(&get, names);
         let read = |(name, path): (&'static str, String)| {
             std::fs::read(&path)
                 .map(|pem| (name, path.clone(), pem))
@@ -125,13 +119,27 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The first of a signal's variable and its general form (`OTEL_EXPORTER_OTLP_TRACES_X`, then
+/// `OTEL_EXPORTER_OTLP_X`) that is set and not blank: its name and trimmed value.
+pub(super) fn signal_var(
+    get: &impl Fn(&str) -> Option<String>,
+    names: [&'static str; 2],
+) -> Option<(&'static str, String)> {
+    names.into_iter().find_map(|n| {
+        get(n)
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (n, v.trim().to_owned()))
+    })
+}
+
 /// The export protocol the environment asks for (the specification's default:
 /// `http/protobuf`, stated explicitly: with JSON compiled in, the exporter would pick it).
 pub(super) fn protocol(get: &impl Fn(&str) -> Option<String>) -> opentelemetry_otlp::Protocol {
-    let asked = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
-        .iter()
-        .find_map(|k| get(k).filter(|v| !v.trim().is_empty()))
-        .map(|v| v.trim().to_ascii_lowercase());
+    let asked = signal_var(
+        get,
+        ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"],
+    )
+    .map(|(_, v)| v.to_ascii_lowercase());
     match asked.as_deref() {
         Some("grpc") => opentelemetry_otlp::Protocol::Grpc,
         Some("http/json") => opentelemetry_otlp::Protocol::HttpJson,
@@ -159,12 +167,15 @@ pub fn span_exporter(get: &impl Fn(&str) -> Option<String>, tls: &TlsFiles) -> R
             .with_tls_config(tls.tonic())
             .build(),
         http if tls.is_empty() => SpanExporter::builder().with_http().with_protocol(http).build(),
-        http => SpanExporter::builder()
-            .with_http()
-            .with_protocol(http)
-            .with_timeout(timeout(get))
-            .with_http_client(tls.reqwest(timeout(get))?)
-            .build(),
+        http => {
+            let timeout = timeout(get);
+            SpanExporter::builder()
+                .with_http()
+                .with_protocol(http)
+                .with_timeout(timeout)
+                .with_http_client(tls.reqwest(timeout)?)
+                .build()
+        }
     };
     built.map_err(|e| ConfigError::Build(e.to_string()))
 }
