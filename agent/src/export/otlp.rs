@@ -127,9 +127,11 @@ const MAX_CONCURRENT_EXPORTS: u64 = 64;
 
 /// Whether the environment names an OTLP endpoint at all (else the agent prints spans).
 pub fn endpoint_configured(get: impl Fn(&str) -> Option<String>) -> bool {
-    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-        .iter()
-        .any(|k| get(k).is_some_and(|v| !v.trim().is_empty()))
+    super::tls::signal_var(
+        &get,
+        ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"],
+    )
+    .is_some()
 }
 
 /// Checks the protocol variable early, with a clear message (the SDK would silently fall back).
