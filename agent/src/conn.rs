@@ -15,7 +15,7 @@ use crate::{
     FastMap, FastSet,
     decode::{Event, LoopStamp},
     goroutines::{GoChain, GoTracker},
-    http::{Chunk, Exchange, HttpConn, HttpStats, Request, looks_like_request, looks_like_response},
+    http::{Chunk, Exchange, HttpConn, HttpStats, Started, looks_like_request, looks_like_response},
     loops::{Cause, LoopHint, LoopTracker},
     telemetry::Family,
 };
@@ -71,7 +71,7 @@ impl ConnFacts {
 
 #[derive(Debug)]
 pub struct ConnStart {
-    pub request: Request,
+    pub request: Started,
     pub facts: ConnFacts,
     /// For a client request written by an event-loop thread: the message that caused it.
     pub loop_hint: Option<LoopHint>,

@@ -333,7 +333,7 @@ impl Processor {
                         pid: s.facts.pid,
                         tid: r.first_tid,
                         start_ns: r.first_ns,
-                        context: stitch::extract(r),
+                        context: stitch::extract(&r.propagation),
                         link: s.facts.link(),
                         aligned: s.facts.aligned,
                         peer: s.facts.remote,

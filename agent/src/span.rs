@@ -153,12 +153,20 @@ impl SpanFactory {
         let (path, query) = split_target(&req.target);
         let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(18);
         attrs.push((crate::vocab::attr::HTTP_REQUEST_METHOD, method_value(&req.method)));
-        // The generalised path names the span, and is url.path unless asked otherwise.
+        // A configured route names a server span and is its `http.route`; otherwise the name is
+        // the generalised path, which is also url.path unless asked otherwise.
+        let configured = (kind == SpanKind::Server)
+            .then(|| crate::routes::first_match(&self.opts.routes, path))
+            .flatten();
         let generalised = route(path);
+        let name = match configured {
+            Some(r) => format!("{} {}", req.method, r.text),
+            None => span_name(&req.method, &generalised),
+        };
         let url_path = if self.opts.keep_path {
             path.to_owned()
         } else {
-            generalised.clone()
+            generalised
         };
         attrs.push((crate::vocab::attr::URL_PATH, AttrValue::text(url_path)));
         if let Some(q) = query {
@@ -176,12 +184,12 @@ impl SpanFactory {
         ));
         let host = req.host.as_deref().map(|h| split_host_port(without_userinfo(h)));
         // Formatted once: it is both client.address (server spans) and network.peer.address.
-        let remote_ip = f.remote.map(|r| r.ip().to_string());
+        let remote_ip = f.remote.map(|r| ip_text(r.ip()));
         match kind {
             SpanKind::Server => {
                 let addr = host
                     .map(|(h, _)| h.to_owned())
-                    .or_else(|| f.local.map(|l| l.ip().to_string()));
+                    .or_else(|| f.local.map(|l| ip_text(l.ip())));
                 if let Some(a) = addr {
                     attrs.push((crate::vocab::attr::SERVER_ADDRESS, AttrValue::text(a)));
                 }
@@ -248,18 +256,9 @@ impl SpanFactory {
                 attrs.push((crate::vocab::attr::ERROR_TYPE, AttrValue::fixed("no_response")));
             }
         }
-        // A configured route names a server span and is its `http.route`; otherwise the name is
-        // the generalised path.
-        let route = (kind == SpanKind::Server)
-            .then(|| crate::routes::first_match(&self.opts.routes, path))
-            .flatten();
-        let name = match route {
-            Some(r) => {
-                attrs.push((crate::vocab::attr::HTTP_ROUTE, AttrValue::text(r.text.as_str())));
-                format!("{} {}", req.method, r.text)
-            }
-            None => span_name(&req.method, &generalised),
-        };
+        if let Some(r) = configured {
+            attrs.push((crate::vocab::attr::HTTP_ROUTE, AttrValue::text(r.text.as_str())));
+        }
         let start = req.first_ns;
         let end = cx.end_ns().max(start);
         Span {
@@ -306,14 +305,24 @@ pub fn split_target(target: &str) -> (&str, Option<&str>) {
 /// `a=1&b=2&tok` → `a=REDACTED&b=REDACTED&REDACTED`: keys are kept (low-risk and useful), a
 /// component without `=` is redacted whole (it may be a bare token: `?eyJhbGciOi…`).
 pub fn redact_query(q: &str) -> String {
-    q.split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) => format!("{k}=REDACTED"),
-            None if kv.is_empty() => String::new(),
-            None => "REDACTED".to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    const REDACTED: &str = "REDACTED";
+    // Written into one string: this runs for every span with a query.
+    let mut out = String::with_capacity(q.len() + 16);
+    for (i, kv) in q.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match kv.split_once('=') {
+            Some((k, _)) => {
+                out.push_str(k);
+                out.push('=');
+                out.push_str(REDACTED);
+            }
+            None if kv.is_empty() => {}
+            None => out.push_str(REDACTED),
+        }
+    }
+    out
 }
 
 /// An authority without its `user:password@` part (a client that builds `Host` from a URL
@@ -333,6 +342,28 @@ fn split_host_port(h: &str) -> (&str, Option<u16>) {
         Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
         _ => (h, None),
     }
+}
+
+/// An address as text; IPv4 without the formatting machinery (it is two attributes of
+/// nearly every span).
+fn ip_text(ip: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut out = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+    out
 }
 
 /// `{method} {route}`, built in one allocation.
@@ -515,6 +546,20 @@ mod tests {
             ("/v1/@me", "/v1/@me"),
         ] {
             assert_eq!(route(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn addresses_as_text() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.255.9",
+            "192.168.100.199",
+            "::1",
+            "fe80::1:2",
+        ] {
+            assert_eq!(ip_text(ip.parse().unwrap()), ip);
         }
     }
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
-use sockspan::http::{Chunk, Exchange, HttpConn, HttpStats, MAX_PENDING_REQUESTS, MAX_STARTED_REQUESTS, Request};
+use sockspan::http::{Chunk, Exchange, HttpConn, HttpStats, MAX_PENDING_REQUESTS, MAX_STARTED_REQUESTS, Started};
 use sockspan_fuzz::{HTTP_CLOSE, HTTP_IDLE, Reader, gap_from};
 
 fuzz_target!(|data: &[u8]| {
@@ -88,7 +88,7 @@ impl Books {
         &mut self,
         conn: &HttpConn,
         st: &HttpStats,
-        started: &mut Vec<Request>,
+        started: &mut Vec<Started>,
         out: &mut Vec<Exchange>,
         closed: bool,
         take_late: bool,
@@ -97,8 +97,13 @@ impl Books {
         for s in started.drain(..) {
             assert!(self.last_started.is_none_or(|l| s.seq > l), "starts out of order");
             self.last_started = Some(s.seq);
-            assert_eq!(s.body_bytes, 0, "a start knows no body yet");
-            assert!(s.first_ns <= s.last_ns);
+            let p = &s.propagation;
+            for v in [&p.traceparent, &p.tracestate, &p.b3, &p.x_b3_trace_id, &p.x_b3_span_id, &p.x_b3_parent_span_id, &p.x_b3_sampled]
+                .into_iter()
+                .flatten()
+            {
+                assert!(v.len() <= sockspan::http::MAX_VALUE_BYTES, "a header value over its cap");
+            }
             self.started.insert(s.seq);
         }
         for x in out.drain(..) {

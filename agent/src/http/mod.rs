@@ -32,7 +32,7 @@ mod parse;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use body::{Body, Chunked, GapOutcome, Outcome};
 use parse::{ContentLength, Prefix};
@@ -70,22 +70,15 @@ pub struct Chunk<'a> {
 /// A parsed request. Only exported header values are kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
-    pub method: String,
+    /// Shared with its [`Started`] (and on to the stitcher): counted, not copied.
+    pub method: Arc<str>,
     /// Raw request-target as sent, e.g. "/a/b?x=1" or absolute-form (capped at
     /// [`MAX_TARGET_BYTES`]).
-    pub target: String,
+    pub target: Arc<str>,
     /// 0 or 1.
     pub version_minor: u8,
     pub host: Option<String>,
     pub user_agent: Option<String>,
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-    /// The single "b3" header.
-    pub b3: Option<String>,
-    pub x_b3_trace_id: Option<String>,
-    pub x_b3_span_id: Option<String>,
-    pub x_b3_parent_span_id: Option<String>,
-    pub x_b3_sampled: Option<String>,
     pub content_length: Option<u64>,
     /// Body bytes seen, by length (gaps included; chunked: chunk data only, not framing).
     pub body_bytes: u64,
@@ -99,6 +92,34 @@ pub struct Request {
     /// possible. For [`HttpConn::new_resync`] connections numbering
     /// starts at 0 with the first request seen, not with the connection's first request.
     pub seq: u64,
+}
+
+/// A request whose headers were just parsed ([`HttpConn::take_started`]): what deciding its
+/// parent needs, long before its response. Its [`Request`] follows in the [`Exchange`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Started {
+    pub method: Arc<str>,
+    pub target: Arc<str>,
+    /// The [`Request::seq`] of its request.
+    pub seq: u64,
+    pub first_ns: u64,
+    pub first_tid: u32,
+    pub headers_truncated: bool,
+    /// Read only to join the caller's trace: not part of the span.
+    pub propagation: Propagation,
+}
+
+/// The trace-context headers a request carried (capped, as sent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Propagation {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// The single "b3" header.
+    pub b3: Option<String>,
+    pub x_b3_trace_id: Option<String>,
+    pub x_b3_span_id: Option<String>,
+    pub x_b3_parent_span_id: Option<String>,
+    pub x_b3_sampled: Option<String>,
 }
 
 /// A parsed final response.
@@ -367,7 +388,7 @@ pub struct HttpConn {
     next_seq: u64,
     /// Requests whose headers were parsed, not yet taken (bounded by
     /// [`MAX_STARTED_REQUESTS`]).
-    started: VecDeque<Request>,
+    started: VecDeque<Started>,
     /// Request whose body is still arriving on the request stream.
     cur_req: Option<u64>,
     /// Response being received.
@@ -479,16 +500,15 @@ impl HttpConn {
         self.pending.len()
     }
 
-    /// Moves out (appends to `out`, in stream order) a copy of each request whose headers were
-    /// parsed since the last call, truncated header sections included: callers learn of a
-    /// request long before its response. The copy holds what was known when its headers
-    /// ended (`body_bytes` 0, `last_ns` = end of the headers); its [`Request::seq`] matches
-    /// the request in the [`Exchange`] emitted later. Requests whose headers never end are
+    /// Moves out (appends to `out`, in stream order) the [`Started`] of each request whose
+    /// headers were parsed since the last call, truncated header sections included: callers
+    /// learn of a request long before its response. Its `seq` matches the request in the
+    /// [`Exchange`] emitted later. Requests whose headers never end are
     /// never reported. Taking right after each `on_*` call sees a start no later than its
     /// exchange. At most [`MAX_STARTED_REQUESTS`] are kept; older ones are dropped (counted
     /// `started_overflow`), so a caller not interested should still drain (or ignore the
     /// counter). Survives `on_close` and the connection dying.
-    pub fn take_started(&mut self, out: &mut Vec<Request>) {
+    pub fn take_started(&mut self, out: &mut Vec<Started>) {
         // Taking the queue (not draining it) frees its capacity: thousands of idle keep-alive
         // connections then hold no request-sized slots.
         out.extend(std::mem::take(&mut self.started));
@@ -871,13 +891,6 @@ impl HttpConn {
             version_minor: rl.version_minor,
             host: f.host,
             user_agent: f.user_agent,
-            traceparent: f.traceparent,
-            tracestate: f.tracestate,
-            b3: f.b3,
-            x_b3_trace_id: f.x_b3_trace_id,
-            x_b3_span_id: f.x_b3_span_id,
-            x_b3_parent_span_id: f.x_b3_parent_span_id,
-            x_b3_sampled: f.x_b3_sampled,
             content_length,
             body_bytes: 0,
             first_ns: self.req.first_ns,
@@ -891,7 +904,15 @@ impl HttpConn {
             self.started.pop_front();
             st.started_overflow += 1;
         }
-        self.started.push_back(request.clone());
+        self.started.push_back(Started {
+            method: request.method.clone(),
+            target: request.target.clone(),
+            seq: request.seq,
+            first_ns: request.first_ns,
+            first_tid: request.first_tid,
+            headers_truncated: request.headers_truncated,
+            propagation: f.propagation,
+        });
         if self.pending.len() >= MAX_PENDING_REQUESTS
             && let Some((_, request)) = self.pending.pop_front()
         {
@@ -950,7 +971,7 @@ impl HttpConn {
         } else {
             self.pending
                 .front()
-                .map(|(id, r)| (*id, r.method == "HEAD", r.method == "CONNECT"))
+                .map(|(id, r)| (*id, &*r.method == "HEAD", &*r.method == "CONNECT"))
         };
         if front.is_none() && !answers_evicted {
             st.unmatched_responses += 1;

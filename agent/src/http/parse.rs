@@ -1,7 +1,9 @@
 //! Start lines and header fields. Everything here works on a bounded header buffer and copies
 //! out only the few values sockspan exports (capped); credentials and bodies are never copied.
 
-use super::{MAX_METHOD_LEN, MAX_TARGET_BYTES, MAX_VALUE_BYTES};
+use std::sync::Arc;
+
+use super::{MAX_METHOD_LEN, MAX_TARGET_BYTES, MAX_VALUE_BYTES, Propagation};
 
 /// Whether a (possibly partial) message start is a valid start line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +124,8 @@ pub(super) fn split_first_line(buf: &[u8]) -> (&[u8], &[u8], bool) {
 /// A parsed request line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct RequestLine {
-    pub method: String,
-    pub target: String,
+    pub method: Arc<str>,
+    pub target: Arc<str>,
     pub version_minor: u8,
 }
 
@@ -151,8 +153,8 @@ pub(super) fn parse_request_line(line: &[u8]) -> Option<RequestLine> {
         return None;
     }
     Some(RequestLine {
-        method: cap_string(method, MAX_METHOD_LEN),
-        target: cap_string(target, MAX_TARGET_BYTES),
+        method: cap_text(method, MAX_METHOD_LEN),
+        target: cap_text(target, MAX_TARGET_BYTES),
         version_minor,
     })
 }
@@ -170,8 +172,8 @@ pub(super) fn parse_partial_request_line(line: &[u8]) -> Option<RequestLine> {
     let rest = trim_start(line.get(m..)?);
     let end = rest.iter().position(|&b| is_ws(b) || b == b'\r').unwrap_or(rest.len());
     Some(RequestLine {
-        method: cap_string(line.get(..m)?, MAX_METHOD_LEN),
-        target: cap_string(rest.get(..end)?, MAX_TARGET_BYTES),
+        method: cap_text(line.get(..m)?, MAX_METHOD_LEN),
+        target: cap_text(rest.get(..end)?, MAX_TARGET_BYTES),
         version_minor: 1,
     })
 }
@@ -212,13 +214,7 @@ pub(super) enum ContentLength {
 pub(super) struct Fields {
     pub host: Option<String>,
     pub user_agent: Option<String>,
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-    pub b3: Option<String>,
-    pub x_b3_trace_id: Option<String>,
-    pub x_b3_span_id: Option<String>,
-    pub x_b3_parent_span_id: Option<String>,
-    pub x_b3_sampled: Option<String>,
+    pub propagation: Propagation,
     pub content_length: ContentLength,
     pub te_present: bool,
     /// The last transfer coding is "chunked".
@@ -261,19 +257,19 @@ pub(super) fn parse_headers(block: &[u8], keep_values: bool) -> Fields {
         } else if eq("user-agent") {
             &mut f.user_agent
         } else if eq("traceparent") {
-            &mut f.traceparent
+            &mut f.propagation.traceparent
         } else if eq("tracestate") {
-            &mut f.tracestate
+            &mut f.propagation.tracestate
         } else if eq("b3") {
-            &mut f.b3
+            &mut f.propagation.b3
         } else if eq("x-b3-traceid") {
-            &mut f.x_b3_trace_id
+            &mut f.propagation.x_b3_trace_id
         } else if eq("x-b3-spanid") {
-            &mut f.x_b3_span_id
+            &mut f.propagation.x_b3_span_id
         } else if eq("x-b3-parentspanid") {
-            &mut f.x_b3_parent_span_id
+            &mut f.propagation.x_b3_parent_span_id
         } else if eq("x-b3-sampled") {
-            &mut f.x_b3_sampled
+            &mut f.propagation.x_b3_sampled
         } else {
             continue;
         };
@@ -313,6 +309,16 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
         v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
     }
     Some(v)
+}
+
+/// [`cap_string`] as a shared string: the request line is handed on to the stitcher and the
+/// span with a reference count, not copied.
+pub(super) fn cap_text(b: &[u8], cap: usize) -> Arc<str> {
+    let b = b.get(..cap.min(b.len())).unwrap_or_default();
+    match std::str::from_utf8(b) {
+        Ok(s) if s.bytes().all(|c| (0x20..0x7f).contains(&c)) => Arc::from(s),
+        _ => Arc::from(cap_string(b, cap)),
+    }
 }
 
 /// Copies at most `cap` bytes as UTF-8 (lossy), control characters replaced, result at most

@@ -209,8 +209,8 @@ fn check(c: &Case) {
     for (i, (g, w)) in got.iter().zip(&c.want).enumerate() {
         let ctx = format!("{} #{i}: got {g:#?}", c.name);
         let r = &g.request;
-        assert_eq!(r.method, w.method, "{ctx}");
-        assert_eq!(r.target, w.target, "{ctx}");
+        assert_eq!(&*r.method, w.method, "{ctx}");
+        assert_eq!(&*r.target, w.target, "{ctx}");
         assert_eq!((r.first_ns, r.last_ns), (first(w.req.0), last(w.req.1)), "{ctx}");
         assert_eq!(r.first_tid, tid(w.req.0), "{ctx}");
         assert_eq!(r.body_bytes, w.req_body, "{ctx}");
@@ -1005,15 +1005,10 @@ fn started_requests_are_reported_after_their_headers() {
     );
     conn.take_started(&mut started);
     assert!(out.is_empty());
-    let names: Vec<_> = started
-        .iter()
-        .map(|r| (r.method.as_str(), r.target.as_str(), r.seq))
-        .collect();
+    let names: Vec<_> = started.iter().map(|r| (&*r.method, &*r.target, r.seq)).collect();
     assert_eq!(names, [("GET", "/1", 0), ("POST", "/2", 1)]);
-    assert_eq!(started[0].host.as_deref(), Some("h"));
-    assert_eq!(started[0].traceparent.as_deref(), Some("tp1"));
+    assert_eq!(started[0].propagation.traceparent.as_deref(), Some("tp1"));
     assert_eq!((started[0].first_ns, started[0].first_tid), (first(1), tid(1)));
-    assert_eq!((started[1].content_length, started[1].body_bytes), (Some(3), 0));
 
     let mut more = Vec::new();
     conn.take_started(&mut more);
@@ -1022,9 +1017,8 @@ fn started_requests_are_reported_after_their_headers() {
     feed_ev(&mut conn, q(2, b"st: x\r\n\r\n"), &mut out, &mut stats);
     conn.take_started(&mut more);
     assert_eq!(more.len(), 1);
-    assert_eq!((more[0].target.as_str(), more[0].seq), ("/3", 2));
-    assert_eq!((more[0].first_ns, more[0].last_ns), (first(1), last(2)));
-    assert_eq!(more[0].host.as_deref(), Some("x"));
+    assert_eq!((&*more[0].target, more[0].seq), ("/3", 2));
+    assert_eq!(more[0].first_ns, first(1));
     started.append(&mut more);
     assert!(out.is_empty());
 
@@ -1050,7 +1044,10 @@ fn started_requests_are_reported_after_their_headers() {
         assert_eq!(e.request.first_ns, st.first_ns);
         assert!(e.response.is_some());
     }
-    assert_eq!(out[1].request.body_bytes, 3);
+    assert_eq!((out[1].request.content_length, out[1].request.body_bytes), (Some(3), 3));
+    let hosts: Vec<_> = out.iter().map(|e| e.request.host.as_deref()).collect();
+    assert_eq!(hosts, [Some("h"), None, Some("x")]);
+    assert_eq!(out[2].request.last_ns, last(2));
     assert_eq!(stats.incomplete_at_close, 1);
     assert_eq!(stats.started_overflow, 0);
 }
@@ -1083,7 +1080,7 @@ fn truncated_and_resync_requests_are_started_and_numbered() {
     conn.take_started(&mut started);
     let got: Vec<_> = started
         .iter()
-        .map(|r| (r.target.as_str(), r.seq, r.headers_truncated))
+        .map(|r| (&*r.target, r.seq, r.headers_truncated))
         .collect();
     assert_eq!(got, [("/t", 0, true), ("/a?x=1", 1, false)]);
 }
@@ -1108,8 +1105,11 @@ fn header_values_are_kept_and_capped() {
          X-B3-ParentSpanId: 0020000000000001\r\nX-B3-Sampled: 1\r\nX-Long: {long}\r\n\
          Host: second-ignored\r\nContent-Length: 0\r\n\r\n"
     );
-    let (out, _, _) = run(false, &[q(1, req.as_bytes()), s(2, OK5)]);
+    let (out, _, mut conn) = run(false, &[q(1, req.as_bytes()), s(2, OK5)]);
     assert_eq!(out.len(), 1);
+    let mut started = Vec::new();
+    conn.take_started(&mut started);
+    let p = &started[0].propagation;
     let r = &out[0].request;
     assert_eq!(r.target.len(), MAX_TARGET_BYTES);
     assert!(r.target.starts_with("/ppp"));
@@ -1117,20 +1117,20 @@ fn header_values_are_kept_and_capped() {
     assert_eq!(r.host.as_deref(), Some("example.com:8080"));
     assert_eq!(r.user_agent.as_deref(), Some("curl/8.0"));
     assert_eq!(
-        r.traceparent.as_deref(),
+        p.traceparent.as_deref(),
         Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     );
-    assert_eq!(r.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+    assert_eq!(p.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
     assert_eq!(
-        r.b3.as_deref(),
+        p.b3.as_deref(),
         Some("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")
     );
-    assert_eq!(r.x_b3_trace_id.as_deref(), Some("463ac35c9f6413ad"));
-    assert_eq!(r.x_b3_span_id.as_deref(), Some("a2fb4a1d1a96d312"));
-    assert_eq!(r.x_b3_parent_span_id.as_deref(), Some("0020000000000001"));
-    assert_eq!(r.x_b3_sampled.as_deref(), Some("1"));
+    assert_eq!(p.x_b3_trace_id.as_deref(), Some("463ac35c9f6413ad"));
+    assert_eq!(p.x_b3_span_id.as_deref(), Some("a2fb4a1d1a96d312"));
+    assert_eq!(p.x_b3_parent_span_id.as_deref(), Some("0020000000000001"));
+    assert_eq!(p.x_b3_sampled.as_deref(), Some("1"));
     assert_eq!(r.content_length, Some(0));
-    let dbg = format!("{out:?}");
+    let dbg = format!("{out:?} {started:?}");
     assert!(!dbg.contains("secret"), "credentials leaked: {dbg}");
     assert_eq!(out[0].response.as_ref().map(|p| p.version_minor), Some(1));
 }
@@ -1343,20 +1343,7 @@ fn assert_bounded(out: &[Exchange]) {
         let r = &e.request;
         assert!(r.method.len() <= MAX_METHOD_LEN);
         assert!(r.target.len() <= MAX_TARGET_BYTES);
-        for v in [
-            &r.host,
-            &r.user_agent,
-            &r.traceparent,
-            &r.tracestate,
-            &r.b3,
-            &r.x_b3_trace_id,
-            &r.x_b3_span_id,
-            &r.x_b3_parent_span_id,
-            &r.x_b3_sampled,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for v in [&r.host, &r.user_agent].into_iter().flatten() {
             assert!(v.len() <= MAX_VALUE_BYTES);
         }
         if let Some(p) = &e.response {

@@ -1,5 +1,5 @@
 //! Trace context a request already carries: W3C `traceparent` and B3 (single and multi header).
-use crate::http::Request;
+use crate::http::Propagation;
 
 /// Where an incoming context came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct PropagatedContext {
 }
 
 /// The context in a request's headers, W3C first. Invalid or all-zero ids are ignored.
-pub fn extract(req: &Request) -> Option<PropagatedContext> {
+pub fn extract(req: &Propagation) -> Option<PropagatedContext> {
     req.traceparent.as_deref().and_then(parse_traceparent).or_else(|| {
         req.b3.as_deref().and_then(parse_b3_single).or_else(|| {
             let trace = req.x_b3_trace_id.as_deref().and_then(parse_trace_id)?;

@@ -47,7 +47,7 @@ mod reorder;
 mod rules;
 mod serving;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 pub use context::{ContextFormat, PropagatedContext, extract};
 
@@ -118,8 +118,8 @@ pub struct RequestStart {
     pub tid: u32,
     /// Monotonic ns of the request's first byte (written by a client / read by a server).
     pub start_ns: u64,
-    pub method: String,
-    pub target: String,
+    pub method: Arc<str>,
+    pub target: Arc<str>,
     pub context: Option<PropagatedContext>,
     /// (client endpoint, server endpoint) of the connection, when known.
     pub link: Option<(SocketAddr, SocketAddr)>,
@@ -471,7 +471,7 @@ impl Stitcher {
                     ids,
                     answering: false,
                     calls: FastMap::default(),
-                    facets: Vec::new(),
+                    facets: Default::default(),
                 },
             );
         }

@@ -1,6 +1,6 @@
 //! The connection-pairing index: client requests by connection, so the server request at the
 //! other end of the same connection on this host finds its parent.
-use std::{collections::VecDeque, net::SocketAddr};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
 use super::RequestStart;
 use crate::{FastMap, span::Span};
@@ -33,8 +33,8 @@ pub struct Slot {
 struct Queued {
     seq: u64,
     start_ns: u64,
-    method: String,
-    target: String,
+    method: Arc<str>,
+    target: Arc<str>,
     ids: SpanIds,
 }
 

@@ -54,10 +54,9 @@ pub fn proxy(serving: &Serving, s: &RequestStart) -> Option<Key> {
         return only(serving.with(s.pid, facet, s.start_ns), same_line);
     }
     // Every request sharing any of the call's identifiers, each once.
-    let ids = identifiers(&s.target);
     let mut found: Option<Key> = None;
-    for id in &ids {
-        let shares = |f: &InFlight| identifiers(&f.target).contains(id);
+    for id in identifiers(&s.target) {
+        let shares = |f: &InFlight| identifiers(&f.target).any(|other| other == id);
         for (k, _) in serving
             .with(s.pid, Facet::id(id), s.start_ns)
             .filter(|(_, f)| shares(f))

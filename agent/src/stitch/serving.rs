@@ -3,9 +3,13 @@
 //! line or an identifier in its path): a call costs the requests that share that fact, not every
 //! request its process serves (a busy proxy has thousands).
 use std::{
+    collections::hash_map::Entry,
     hash::{BuildHasher, Hash},
     net::SocketAddr,
+    sync::Arc,
 };
+
+use smallvec::SmallVec;
 
 use super::pairing::SpanIds;
 use crate::{FastMap, FastSet};
@@ -21,16 +25,23 @@ pub struct InFlight {
     /// The goroutine that read it, in a hooked Go process; else 0.
     pub goroutine: u64,
     pub start_ns: u64,
-    pub method: String,
-    pub target: String,
+    pub method: Arc<str>,
+    pub target: Arc<str>,
     pub ids: SpanIds,
     /// Its response is being written.
     pub answering: bool,
     /// Calls made on its behalf, by (peer, method, target): for resend counts.
-    pub calls: FastMap<(Option<SocketAddr>, String, String), u32>,
+    pub calls: FastMap<CallKey, u32>,
     /// Where it is indexed (set by [`Serving::insert`], so they are worked out once).
-    pub facets: Vec<Facet>,
+    pub facets: Facets,
 }
+
+/// A request's facets: a thread, a line, and rarely more (inline: one is worked out per
+/// server request).
+pub type Facets = SmallVec<[Facet; 4]>;
+
+/// A call by what it asked: (peer, method, target).
+pub type CallKey = (Option<SocketAddr>, Arc<str>, Arc<str>);
 
 /// A fact of a server request that a rule looks it up by, within its process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,39 +73,77 @@ fn hash(v: &impl Hash) -> u64 {
 
 /// Identifier-like path segments (≥ 8 characters with a digit, or ≥ 4 digits): ids that
 /// travel from an incoming request into the calls it makes.
-pub fn identifiers(target: &str) -> Vec<&str> {
+pub fn identifiers(target: &str) -> impl Iterator<Item = &str> {
     let path = target.split(['?', '#']).next().unwrap_or("");
-    path.split('/')
-        .filter(|seg| {
-            let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-            (seg.len() >= 8 && digits > 0) || (digits >= 4 && digits == seg.len())
-        })
-        .collect()
+    path.split('/').filter(|seg| {
+        let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+        (seg.len() >= 8 && digits > 0) || (digits >= 4 && digits == seg.len())
+    })
+}
+
+/// The requests that share one facet: nearly always one (a thread reads one request at a
+/// time, most lines are unique), kept inline; a set only when several do.
+#[derive(Debug)]
+enum Keys {
+    One(Key),
+    Many(FastSet<Key>),
+}
+
+impl Keys {
+    fn insert(&mut self, key: Key) {
+        match self {
+            Keys::One(k) if *k == key => {}
+            Keys::One(k) => *self = Keys::Many(FastSet::from_iter([*k, key])),
+            Keys::Many(set) => {
+                set.insert(key);
+            }
+        }
+    }
+
+    /// Removes `key`; whether none is left.
+    fn remove(&mut self, key: &Key) -> bool {
+        match self {
+            Keys::One(k) => k == key,
+            Keys::Many(set) => {
+                set.remove(key);
+                set.is_empty()
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Key> {
+        let (one, many) = match self {
+            Keys::One(k) => (Some(k), None),
+            Keys::Many(set) => (None, Some(set.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
 }
 
 /// Takes `key` out of the facet index (it is being answered, or gone).
-fn unindex(by_facet: &mut FastMap<(u32, Facet), FastSet<Key>>, key: &Key, f: &InFlight) {
+fn unindex(by_facet: &mut FastMap<(u32, Facet), Keys>, key: &Key, f: &InFlight) {
     for &facet in &f.facets {
         let slot = (f.pid, facet);
-        if let Some(keys) = by_facet.get_mut(&slot) {
-            keys.remove(key);
-            if keys.is_empty() {
-                by_facet.remove(&slot);
-            }
+        if by_facet.get_mut(&slot).is_some_and(|keys| keys.remove(key)) {
+            by_facet.remove(&slot);
         }
     }
 }
 
-/// Every facet of a request.
-fn facets(f: &InFlight) -> Vec<Facet> {
-    let mut v = vec![Facet::Thread(f.tid), Facet::line(&f.method, &f.target)];
+/// Every facet of a request, each once.
+fn facets(f: &InFlight) -> Facets {
+    let mut v: Facets = SmallVec::new();
+    v.push(Facet::Thread(f.tid));
+    v.push(Facet::line(&f.method, &f.target));
     if f.goroutine != 0 {
         v.push(Facet::Goroutine(f.goroutine));
     }
-    let mut ids = identifiers(&f.target);
-    ids.sort_unstable();
-    ids.dedup();
-    v.extend(ids.into_iter().map(Facet::id));
+    for id in identifiers(&f.target) {
+        let facet = Facet::id(id);
+        if !v.contains(&facet) {
+            v.push(facet);
+        }
+    }
     v
 }
 
@@ -109,7 +158,7 @@ pub struct Serving {
     /// Requests in flight per process (the bound per process).
     by_process: FastMap<u32, usize>,
     /// Requests not being answered yet (the only candidate parents), by (process, facet).
-    by_facet: FastMap<(u32, Facet), FastSet<Key>>,
+    by_facet: FastMap<(u32, Facet), Keys>,
     /// Processes seen answering a request from another thread than the one that read it.
     moves_between_threads: FastSet<u32>,
     /// Processes added to `moves_between_threads`.
@@ -141,7 +190,12 @@ impl Serving {
         *n += 1;
         f.facets = facets(&f);
         for &facet in &f.facets {
-            self.by_facet.entry((f.pid, facet)).or_default().insert(key);
+            match self.by_facet.entry((f.pid, facet)) {
+                Entry::Occupied(mut keys) => keys.get_mut().insert(key),
+                Entry::Vacant(slot) => {
+                    slot.insert(Keys::One(key));
+                }
+            }
         }
         self.inflight.insert(key, f);
     }
@@ -202,7 +256,7 @@ impl Serving {
         self.by_facet
             .get(&(pid, facet))
             .into_iter()
-            .flatten()
+            .flat_map(Keys::iter)
             .filter_map(move |k| {
                 self.inflight
                     .get(k)
