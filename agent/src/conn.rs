@@ -80,7 +80,7 @@ pub struct ConnStart {
     pub goroutine: u64,
     /// For a client request of a hooked Go process: the goroutine that asked for it and its
     /// creators (see `goroutines`).
-    pub go_chain: Option<GoChain>,
+    pub go_chain: Option<Box<GoChain>>,
     /// The process runs a Go program: goroutines move between threads, so the thread that
     /// wrote a call says nothing of which request it serves.
     pub go_program: bool,

@@ -198,8 +198,9 @@ impl GoTracker {
         }
     }
 
-    /// The chain of a client request written by goroutine `writer` of `pid`.
-    pub fn chain(&mut self, pid: u32, writer: u64) -> Option<GoChain> {
+    /// The chain of a client request written by goroutine `writer` of `pid` (boxed: requests
+    /// carry it through the pipeline, and only Go programs' calls have one).
+    pub fn chain(&mut self, pid: u32, writer: u64) -> Option<Box<GoChain>> {
         if writer == 0 {
             return None;
         }
@@ -230,7 +231,7 @@ impl GoTracker {
             g = creator;
         }
         self.stats.chains += 1;
-        Some(chain)
+        Some(Box::new(chain))
     }
 }
 

@@ -333,7 +333,7 @@ impl Processor {
                         pid: s.facts.pid,
                         tid: r.first_tid,
                         start_ns: r.first_ns,
-                        context: stitch::extract(&r.propagation),
+                        context: r.propagation.as_deref().and_then(stitch::extract),
                         link: s.facts.link(),
                         aligned: s.facts.aligned,
                         peer: s.facts.remote,

@@ -97,7 +97,7 @@ impl Books {
         for s in started.drain(..) {
             assert!(self.last_started.is_none_or(|l| s.seq > l), "starts out of order");
             self.last_started = Some(s.seq);
-            let p = &s.propagation;
+            let p = s.propagation.as_deref().cloned().unwrap_or_default();
             for v in [&p.traceparent, &p.tracestate, &p.b3, &p.x_b3_trace_id, &p.x_b3_span_id, &p.x_b3_parent_span_id, &p.x_b3_sampled]
                 .into_iter()
                 .flatten()

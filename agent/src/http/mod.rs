@@ -105,8 +105,9 @@ pub struct Started {
     pub first_ns: u64,
     pub first_tid: u32,
     pub headers_truncated: bool,
-    /// Read only to join the caller's trace: not part of the span.
-    pub propagation: Propagation,
+    /// Read only to join the caller's trace: not part of the span. Boxed, and only when the
+    /// request carried any: starts move through the pipeline by value.
+    pub propagation: Option<Box<Propagation>>,
 }
 
 /// The trace-context headers a request carried (capped, as sent).
@@ -120,6 +121,13 @@ pub struct Propagation {
     pub x_b3_span_id: Option<String>,
     pub x_b3_parent_span_id: Option<String>,
     pub x_b3_sampled: Option<String>,
+}
+
+impl Propagation {
+    /// `None` when no trace-context header was sent.
+    fn boxed(self) -> Option<Box<Self>> {
+        (self != Self::default()).then(|| Box::new(self))
+    }
 }
 
 /// A parsed final response.
@@ -911,7 +919,7 @@ impl HttpConn {
             first_ns: request.first_ns,
             first_tid: request.first_tid,
             headers_truncated: request.headers_truncated,
-            propagation: f.propagation,
+            propagation: f.propagation.boxed(),
         });
         if self.pending.len() >= MAX_PENDING_REQUESTS
             && let Some((_, request)) = self.pending.pop_front()

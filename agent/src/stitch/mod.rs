@@ -132,7 +132,7 @@ pub struct RequestStart {
     /// In a hooked Go process, the goroutine that read (server) or wrote (client) it; else 0.
     pub goroutine: u64,
     /// Client requests of a hooked Go process: the goroutines that asked for it.
-    pub go_chain: Option<GoChain>,
+    pub go_chain: Option<Box<GoChain>>,
     /// The process runs Go (known from its executable, or from a goroutine above).
     pub go_program: bool,
 }

@@ -109,7 +109,7 @@ pub fn event_loop(
 /// one: a goroutine that reads requests is the one serving them (Go's server runs each
 /// connection's handler in the goroutine that reads it).
 pub fn goroutine(serving: &Serving, s: &RequestStart) -> Option<Key> {
-    let chain = s.go_chain?;
+    let chain = s.go_chain.as_deref()?;
     for (g, since) in chain.iter() {
         let facet = Facet::Goroutine(g);
         if serving.with(s.pid, facet, s.start_ns).next().is_some() {

@@ -128,13 +128,13 @@ fn chain_across_processes() {
 #[test]
 fn goroutine_chains_lead_to_the_request_their_creator_was_serving() {
     use crate::goroutines::{GoChain, MAX_DEPTH};
-    fn chain(links: &[(u64, u64)]) -> Option<GoChain> {
+    fn chain(links: &[(u64, u64)]) -> Option<Box<GoChain>> {
         let mut c = GoChain {
             links: [(0, 0); MAX_DEPTH],
             len: links.len(),
         };
         c.links[..links.len()].copy_from_slice(links);
-        Some(c)
+        Some(Box::new(c))
     }
     let server = |conn, g, t, target: &'static str, port| {
         let mut st = start(conn, 0, Side::Server, 2, 20 + conn as u32, t, target, (port, 8000));
