@@ -665,17 +665,21 @@ impl HttpConn {
         st: &mut HttpStats,
     ) -> usize {
         let s = self.stream_mut(dir);
+        // The section ends at a line holding nothing but CRs; lines are found with memchr (a
+        // byte-at-a-time loop cost as much as all the parsing).
+        let has_text = |line: &[u8]| line.iter().any(|&b| b != b'\r');
         let mut end = None;
-        for (i, &b) in rest.iter().enumerate() {
-            if b == b'\n' {
-                if !s.line_nonempty {
-                    end = Some(i + 1);
-                    break;
-                }
-                s.line_nonempty = false;
-            } else if b != b'\r' {
-                s.line_nonempty = true;
+        let mut line_start = 0;
+        for nl in memchr::memchr_iter(b'\n', rest) {
+            if !s.line_nonempty && !has_text(rest.get(line_start..nl).unwrap_or_default()) {
+                end = Some(nl + 1);
+                break;
             }
+            s.line_nonempty = false;
+            line_start = nl + 1;
+        }
+        if end.is_none() {
+            s.line_nonempty |= has_text(rest.get(line_start..).unwrap_or_default());
         }
         let take = end.unwrap_or(rest.len());
         let room = MAX_HEADER_BYTES.saturating_sub(s.buf.len());

@@ -108,10 +108,26 @@ pub(super) fn classify_response(b: &[u8]) -> Prefix {
     if b.len() >= 12 { Prefix::Match } else { Prefix::NeedMore }
 }
 
+/// The pieces of `block` between '\n's, as `split` gives them (a trailing empty one included),
+/// found with memchr.
+fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut ends = memchr::memchr_iter(b'\n', block);
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start > block.len() {
+            return None;
+        }
+        let end = ends.next().unwrap_or(block.len());
+        let line = block.get(start..end).unwrap_or_default();
+        start = end + 1;
+        Some(line)
+    })
+}
+
 /// Splits a header block into its first line (without "\n") and the rest; `true` if the first
 /// line is complete.
 pub(super) fn split_first_line(buf: &[u8]) -> (&[u8], &[u8], bool) {
-    match buf.iter().position(|&b| b == b'\n') {
+    match memchr::memchr(b'\n', buf) {
         Some(i) => (
             buf.get(..i).unwrap_or_default(),
             buf.get(i + 1..).unwrap_or_default(),
@@ -226,13 +242,13 @@ pub(super) struct Fields {
 /// obs-fold continuation lines are ignored.
 pub(super) fn parse_headers(block: &[u8], keep_values: bool) -> Fields {
     let mut f = Fields::default();
-    for raw in block.split(|&b| b == b'\n') {
+    for raw in lines(block) {
         let line = trim_end(raw);
         let Some(&first) = line.first() else { continue };
         if is_ws(first) {
             continue;
         }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             continue;
         };
         let name = trim(line.get(..colon).unwrap_or_default());
@@ -346,4 +362,23 @@ pub(super) fn cap_string(b: &[u8], cap: usize) -> String {
         s.truncate(end);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lines_split_as_split_does() {
+        for block in [
+            &b""[..],
+            b"\n",
+            b"a",
+            b"a\n",
+            b"a\nb",
+            b"\n\nx\r\n\r\n",
+            b"Host: h\r\nX: y",
+        ] {
+            let want: Vec<&[u8]> = block.split(|&b| b == b'\n').collect();
+            assert_eq!(super::lines(block).collect::<Vec<_>>(), want, "{block:?}");
+        }
+    }
 }
