@@ -106,7 +106,7 @@ pub struct Started {
     pub first_tid: u32,
     pub headers_truncated: bool,
     /// Read only to join the caller's trace: not part of the span. Boxed, and only when the
-    /// request carried any: starts move through the pipeline by value.
+    /// request carried any (starts move through the pipeline by value).
     pub propagation: Option<Box<Propagation>>,
 }
 
@@ -121,13 +121,6 @@ pub struct Propagation {
     pub x_b3_span_id: Option<String>,
     pub x_b3_parent_span_id: Option<String>,
     pub x_b3_sampled: Option<String>,
-}
-
-impl Propagation {
-    /// `None` when no trace-context header was sent.
-    fn boxed(self) -> Option<Box<Self>> {
-        (self != Self::default()).then(|| Box::new(self))
-    }
 }
 
 /// A parsed final response.
@@ -923,7 +916,7 @@ impl HttpConn {
             first_ns: request.first_ns,
             first_tid: request.first_tid,
             headers_truncated: request.headers_truncated,
-            propagation: f.propagation.boxed(),
+            propagation: f.propagation,
         });
         if self.pending.len() >= MAX_PENDING_REQUESTS
             && let Some((_, request)) = self.pending.pop_front()

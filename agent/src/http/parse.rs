@@ -230,7 +230,8 @@ pub(super) enum ContentLength {
 pub(super) struct Fields {
     pub host: Option<String>,
     pub user_agent: Option<String>,
-    pub propagation: Propagation,
+    /// Boxed on the first trace-context header (most requests carry none).
+    pub propagation: Option<Box<Propagation>>,
     pub content_length: ContentLength,
     pub te_present: bool,
     /// The last transfer coding is "chunked".
@@ -273,19 +274,19 @@ pub(super) fn parse_headers(block: &[u8], keep_values: bool) -> Fields {
         } else if eq("user-agent") {
             &mut f.user_agent
         } else if eq("traceparent") {
-            &mut f.propagation.traceparent
+            &mut f.propagation.get_or_insert_default().traceparent
         } else if eq("tracestate") {
-            &mut f.propagation.tracestate
+            &mut f.propagation.get_or_insert_default().tracestate
         } else if eq("b3") {
-            &mut f.propagation.b3
+            &mut f.propagation.get_or_insert_default().b3
         } else if eq("x-b3-traceid") {
-            &mut f.propagation.x_b3_trace_id
+            &mut f.propagation.get_or_insert_default().x_b3_trace_id
         } else if eq("x-b3-spanid") {
-            &mut f.propagation.x_b3_span_id
+            &mut f.propagation.get_or_insert_default().x_b3_span_id
         } else if eq("x-b3-parentspanid") {
-            &mut f.propagation.x_b3_parent_span_id
+            &mut f.propagation.get_or_insert_default().x_b3_parent_span_id
         } else if eq("x-b3-sampled") {
-            &mut f.propagation.x_b3_sampled
+            &mut f.propagation.get_or_insert_default().x_b3_sampled
         } else {
             continue;
         };
