@@ -169,6 +169,10 @@ pub struct ConnTable {
     pub go: GoTracker,
     /// Client connections by (process, peer): whether a client pool is full.
     by_peer: FastMap<(u32, SocketAddr), Vec<(u32, i32)>>,
+    /// What one event's bytes completed, emptied before the event ends: allocated once, not
+    /// per request.
+    exchanges: Vec<Exchange>,
+    started: Vec<Started>,
 }
 
 impl Default for ConnTable {
@@ -195,6 +199,8 @@ impl ConnTable {
             loops: LoopTracker::new(Some(crate::process::is_go_program)),
             go: GoTracker::new(),
             by_peer: FastMap::default(),
+            exchanges: Vec::new(),
+            started: Vec::new(),
         }
     }
 
@@ -481,9 +487,8 @@ impl ConnTable {
         if h.bytes == 0 {
             // End of the peer's stream: ends close-delimited responses.
             if ingress {
-                let mut ex = Vec::new();
-                c.http.on_close(h.ts_exit_ns, &mut ex, &mut self.http_stats);
-                c.emit(ex, false, Some(h.ts_exit_ns), out);
+                c.http.on_close(h.ts_exit_ns, &mut self.exchanges, &mut self.http_stats);
+                c.emit(&mut self.exchanges, false, Some(h.ts_exit_ns), out);
             }
             return;
         }
@@ -509,11 +514,11 @@ impl ConnTable {
             first_ns,
             last_ns,
         };
-        let mut ex = Vec::new();
+        let ex = &mut self.exchanges;
         match (c.side, ingress) {
             (Some(Side::Server), true) | (Some(Side::Client), false) => {
-                c.http.on_request_chunk(&chunk, &mut ex, &mut self.http_stats);
-                c.report_started(out);
+                c.http.on_request_chunk(&chunk, ex, &mut self.http_stats);
+                c.report_started(&mut self.started, out);
             }
             (Some(Side::Server), false) => {
                 // The server writes: it is answering its oldest unanswered request.
@@ -525,9 +530,9 @@ impl ConnTable {
                         tid: h.tid,
                     });
                 }
-                c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats);
+                c.http.on_response_chunk(&chunk, ex, &mut self.http_stats);
             }
-            _ => c.http.on_response_chunk(&chunk, &mut ex, &mut self.http_stats),
+            _ => c.http.on_response_chunk(&chunk, ex, &mut self.http_stats),
         }
         c.emit(ex, false, None, out);
     }
@@ -611,9 +616,9 @@ impl ConnTable {
     pub fn tick(&mut self, now_ns: u64, idle_flush_ns: u64, idle_evict_ns: u64, out: &mut Vec<ConnOutput>) {
         let mut gone = Vec::new();
         for (key, c) in self.conns.iter_mut() {
-            let mut ex = Vec::new();
-            c.http.flush_idle(now_ns, idle_flush_ns, &mut ex, &mut self.http_stats);
-            c.emit(ex, false, None, out);
+            c.http
+                .flush_idle(now_ns, idle_flush_ns, &mut self.exchanges, &mut self.http_stats);
+            c.emit(&mut self.exchanges, false, None, out);
             if now_ns.saturating_sub(c.last_activity_ns) > idle_evict_ns || c.http.is_dead() {
                 gone.push(*key);
             }
@@ -698,17 +703,17 @@ impl Connection {
         let mut ex = Vec::new();
         if self.side.is_some() && !self.own {
             self.http.on_close(at_ns, &mut ex, stats);
-            self.report_started(out);
+            self.report_started(&mut Vec::new(), out);
         }
-        self.emit(ex, at_shutdown, Some(at_ns), out);
+        self.emit(&mut ex, at_shutdown, Some(at_ns), out);
     }
 
-    /// Reports requests whose headers just became complete.
-    fn report_started(&mut self, out: &mut Vec<ConnOutput>) {
+    /// Reports requests whose headers just became complete (`started`: an empty buffer to
+    /// take them into).
+    fn report_started(&mut self, started: &mut Vec<Started>, out: &mut Vec<ConnOutput>) {
         let Some(side) = self.side else { return };
-        let mut started = Vec::new();
-        self.http.take_started(&mut started);
-        for request in started {
+        self.http.take_started(started);
+        for request in started.drain(..) {
             if side == Side::Server {
                 if self.unanswered.len() >= MAX_UNANSWERED {
                     self.unanswered.pop_front();
@@ -726,9 +731,19 @@ impl Connection {
         }
     }
 
-    fn emit(&mut self, exchanges: Vec<Exchange>, at_shutdown: bool, closed_ns: Option<u64>, out: &mut Vec<ConnOutput>) {
-        let Some(side) = self.side else { return };
-        for exchange in exchanges {
+    /// Reports the `exchanges` completed (and empties it).
+    fn emit(
+        &mut self,
+        exchanges: &mut Vec<Exchange>,
+        at_shutdown: bool,
+        closed_ns: Option<u64>,
+        out: &mut Vec<ConnOutput>,
+    ) {
+        let Some(side) = self.side else {
+            exchanges.clear();
+            return;
+        };
+        for exchange in exchanges.drain(..) {
             let seq = exchange.request.seq;
             if let Some(i) = self.unanswered.iter().position(|&s| s == seq) {
                 self.unanswered.remove(i);
