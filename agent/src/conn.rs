@@ -143,7 +143,9 @@ const MAX_CONNECTIONS: usize = 65536;
 const MAX_SIBLINGS: usize = 256;
 
 pub struct ConnTable {
-    conns: FastMap<(u32, i32), Connection>,
+    /// Boxed: an entry is then a pointer, and the table's spare slots (it doubles as it grows)
+    /// cost that, not a whole connection's state, for every keep-alive connection.
+    conns: FastMap<(u32, i32), Box<Connection>>,
     /// Monotonic ns by which every hook was attached: bytes moved before it are ignored (see
     /// [`ConnTable::attached_at`]).
     attached_ns: u64,
@@ -469,7 +471,7 @@ impl ConnTable {
             self.go.saw_process(h.pid);
             let c = self.open(h);
             let client = c.side == Some(Side::Client);
-            self.conns.insert(key, c);
+            self.conns.insert(key, Box::new(c));
             if client {
                 self.index_peer(h.pid, h.fd);
             }
@@ -760,7 +762,7 @@ impl Connection {
 
 /// Drops from a (process, peer) index the connections gone or no longer to `peer` (so churn to
 /// one peer keeps the list short).
-fn drop_gone(siblings: &mut Vec<(u32, i32)>, conns: &FastMap<(u32, i32), Connection>, peer: SocketAddr) {
+fn drop_gone(siblings: &mut Vec<(u32, i32)>, conns: &FastMap<(u32, i32), Box<Connection>>, peer: SocketAddr) {
     siblings.retain(|k| conns.get(k).is_some_and(|c| c.remote == Some(peer)));
 }
 

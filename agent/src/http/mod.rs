@@ -333,7 +333,8 @@ enum Unknown {
 #[derive(Debug)]
 struct Stream {
     state: State,
-    /// Header bytes of the current message (bounded by [`MAX_HEADER_BYTES`]); transient.
+    /// Header bytes of the current message while its section spans chunks (bounded by
+    /// [`MAX_HEADER_BYTES`]); transient.
     buf: Vec<u8>,
     /// The buffered start has been recognized as a start line.
     validated: bool,
@@ -677,11 +678,18 @@ impl HttpConn {
         let take = end.unwrap_or(rest.len());
         let room = MAX_HEADER_BYTES.saturating_sub(s.buf.len());
         let too_large = take > room;
-        s.buf.extend_from_slice(rest.get(..take.min(room)).unwrap_or_default());
+        let piece = rest.get(..take.min(room)).unwrap_or_default();
+        // A section that begins and ends in this chunk (nearly every one) is parsed where it
+        // lies: buffered only when it spans chunks, so idle connections hold no buffer.
+        let whole = s.buf.is_empty() && end.is_some() && !too_large;
+        if !whole {
+            s.buf.extend_from_slice(piece);
+        }
         if !s.validated {
+            let section: &[u8] = if whole { piece } else { &s.buf };
             let class = match dir {
-                Dir::Req => parse::classify_request(&s.buf),
-                Dir::Resp => parse::classify_response(&s.buf),
+                Dir::Req => parse::classify_request(section),
+                Dir::Resp => parse::classify_response(section),
             };
             match class {
                 Prefix::Match => {
@@ -702,7 +710,11 @@ impl HttpConn {
             return rest.len();
         }
         if end.is_some() {
-            self.finish_headers(dir, c, false, out, st);
+            if whole {
+                self.finish_section(dir, c, piece, false, out, st);
+            } else {
+                self.finish_headers(dir, c, false, out, st);
+            }
         }
         take
     }
@@ -816,6 +828,7 @@ impl HttpConn {
         }
     }
 
+    /// Parses the buffered header section, then empties the buffer.
     fn finish_headers(
         &mut self,
         dir: Dir,
@@ -825,14 +838,27 @@ impl HttpConn {
         st: &mut HttpStats,
     ) {
         let buf = std::mem::take(&mut self.stream_mut(dir).buf);
-        match dir {
-            Dir::Req => self.finish_request(&buf, c, truncated, out, st),
-            Dir::Resp => self.finish_response(&buf, c, truncated, out, st),
-        }
+        self.finish_section(dir, c, &buf, truncated, out, st);
         if !self.dead {
             let s = self.stream_mut(dir);
             s.buf = buf;
             s.release_buf();
+        }
+    }
+
+    /// Parses a whole (or `truncated`) header section, start line included.
+    fn finish_section(
+        &mut self,
+        dir: Dir,
+        c: &Chunk<'_>,
+        section: &[u8],
+        truncated: bool,
+        out: &mut Vec<Exchange>,
+        st: &mut HttpStats,
+    ) {
+        match dir {
+            Dir::Req => self.finish_request(section, c, truncated, out, st),
+            Dir::Resp => self.finish_response(section, c, truncated, out, st),
         }
     }
 
