@@ -505,9 +505,8 @@ impl HttpConn {
     /// Moves out (appends to `out`, in stream order) the [`Started`] of each request whose
     /// headers were parsed since the last call, truncated header sections included: callers
     /// learn of a request long before its response. Its `seq` matches the request in the
-    /// [`Exchange`] emitted later. Requests whose headers never end are
-    /// never reported. Taking right after each `on_*` call sees a start no later than its
-    /// exchange. At most [`MAX_STARTED_REQUESTS`] are kept; older ones are dropped (counted
+    /// [`Exchange`] emitted later. Requests whose headers never end are never reported.
+    /// Taking right after each `on_*` call sees a start no later than its exchange. At most [`MAX_STARTED_REQUESTS`] are kept; older ones are dropped (counted
     /// `started_overflow`), so a caller not interested should still drain (or ignore the
     /// counter). Survives `on_close` and the connection dying.
     pub fn take_started(&mut self, out: &mut Vec<Started>) {
