@@ -332,9 +332,9 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
 /// span with a reference count, not copied.
 pub(super) fn cap_text(b: &[u8], cap: usize) -> Arc<str> {
     let b = b.get(..cap.min(b.len())).unwrap_or_default();
-    match std::str::from_utf8(b) {
-        Ok(s) if s.bytes().all(|c| (0x20..0x7f).contains(&c)) => Arc::from(s),
-        _ => Arc::from(cap_string(b, cap)),
+    match printable(b) {
+        Some(s) => Arc::from(s),
+        None => Arc::from(sanitized(b, cap)),
     }
 }
 
@@ -342,11 +342,24 @@ pub(super) fn cap_text(b: &[u8], cap: usize) -> Arc<str> {
 /// `cap` bytes.
 pub(super) fn cap_string(b: &[u8], cap: usize) -> String {
     let b = b.get(..cap.min(b.len())).unwrap_or_default();
-    // Nearly every value is printable ASCII: one copy, no per-character pass.
-    if b.iter().all(|&c| (0x20..0x7f).contains(&c)) {
-        // SAFETY: printable ASCII is UTF-8.
-        return unsafe { String::from_utf8_unchecked(b.to_vec()) };
+    match printable(b) {
+        Some(s) => s.to_owned(),
+        None => sanitized(b, cap),
     }
+}
+
+/// `b` as text when it is all printable ASCII, as nearly every value is: then it is copied
+/// once, with no per-character pass.
+fn printable(b: &[u8]) -> Option<&str> {
+    // SAFETY: printable ASCII is UTF-8.
+    b.iter()
+        .all(|&c| (0x20..0x7f).contains(&c))
+        .then(|| unsafe { std::str::from_utf8_unchecked(b) })
+}
+
+/// The slow path of [`cap_string`]: lossy UTF-8, tabs as spaces, other control characters
+/// replaced, cut back to `cap` bytes on a character boundary.
+fn sanitized(b: &[u8], cap: usize) -> String {
     let mut s: String = String::from_utf8_lossy(b)
         .chars()
         .map(|ch| match ch {
