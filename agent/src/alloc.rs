@@ -100,3 +100,12 @@ pub fn give_back() {
     // SAFETY: no preconditions; safe to call from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
+
+/// Keeps the process on small pages. mimalloc advises transparent huge pages on its arenas, and
+/// a 2 MiB page is resident as soon as one byte of it is touched: at 10,000 connections, 59 of
+/// the heap's 71 MiB resident were huge pages around a live heap of 28 MiB. Small pages cost
+/// nothing measurable in the replay. Call first in `main`, before the heap grows.
+pub fn small_pages_only() {
+    // SAFETY: PR_SET_THP_DISABLE takes integers only and sets a flag of this process.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}

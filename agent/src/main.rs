@@ -13,6 +13,7 @@ static GLOBAL: sockspan::alloc::Counting = sockspan::alloc::Counting;
 use sockspan::config::{Command, LogFormat};
 
 fn main() -> ExitCode {
+    sockspan::alloc::small_pages_only();
     let parsed = match sockspan::config_file::parse(std::env::args_os().collect()) {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
