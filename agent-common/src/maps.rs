@@ -6,7 +6,8 @@ pub const EVENTS_MAP: &str = "EVENTS";
 /// Per-CPU drop and health counters, indexed by [`counter`] slots.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
-/// Default ring-buffer size (bytes, power of two, multiple of the page size).
+/// Ring-buffer size compiled into the programs; the loader sets the size chosen at start
+/// (`--ring-bytes`).
 pub const DEFAULT_RING_BYTES: u32 = 16 * 1024 * 1024;
 /// In-flight syscalls tracked at once (entry → exit), across all threads (LRU).
 pub const PENDING_MAX_ENTRIES: u32 = 32 * 1024;

@@ -151,13 +151,14 @@ pub async fn run(cli: Cli) -> Result<()> {
     // Listen for signals before the slow start (loading takes seconds): a stop asked for
     // meanwhile is then seen, not lost (a background job starts with SIGINT ignored).
     let stop_signal = stop_signal()?;
-    let budget = MemoryBudget::new(cli.memory_limit, u64::from(cli.ring_bytes))?;
+    let ring_bytes = cli.ring_bytes.resolve(online_cpus());
+    let budget = MemoryBudget::new(cli.memory_limit, u64::from(ring_bytes))?;
     let metrics = Metrics::new();
     metrics.memory_limit.add(budget.limit());
     let loaded = loader::load(KernelConfig {
         capture_bytes: cli.capture_bytes,
-        ring_bytes: cli.ring_bytes,
-        wakeup_bytes: (cli.ring_bytes / 64).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
+        ring_bytes,
+        wakeup_bytes: (ring_bytes / 64).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
         port_mode: cli.select.port_mode(),
         port_entries: cli.select.port_entries(),
         cgroup_rules: cli.select.has_cgroup_rules(),
@@ -264,6 +265,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     tracing::info!(
         programs = loader::PROGRAMS.len(),
         capture_bytes = cli.capture_bytes,
+        ring_bytes,
         export = if exporting { "otlp" } else { "none" },
         print = ?print,
         "sockspan ready"
@@ -322,6 +324,11 @@ fn ended<T: std::fmt::Debug>(r: Result<T, tokio::task::JoinError>) -> String {
 }
 
 /// Registers the SIGTERM and SIGINT handlers now; the future ends at the first of either.
+/// CPUs online on the node (every one of them writes to the ring), 1 if unknown.
+fn online_cpus() -> usize {
+    aya::util::online_cpus().map_or(1, |cpus| cpus.len().max(1))
+}
+
 fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
