@@ -158,7 +158,9 @@ pub async fn run(cli: Cli) -> Result<()> {
     let loaded = loader::load(KernelConfig {
         capture_bytes: cli.capture_bytes,
         ring_bytes,
-        wakeup_bytes: (ring_bytes / 64).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
+        // A sixteenth of the ring: room for 15 more before it fills, and no more wake-ups
+        // (each one a context switch) than 256 KiB of events need.
+        wakeup_bytes: (ring_bytes / 16).min(agent_common::config::DEFAULT_WAKEUP_BYTES),
         port_mode: cli.select.port_mode(),
         port_entries: cli.select.port_entries(),
         cgroup_rules: cli.select.has_cgroup_rules(),
