@@ -3,7 +3,7 @@
 use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
 use super::RequestStart;
-use crate::{FastMap, span::Span};
+use crate::{FastMap, FastSet, span::Span};
 
 /// (client endpoint, server endpoint): the same from both ends of a connection.
 type Link = (SocketAddr, SocketAddr);
@@ -28,6 +28,14 @@ pub struct Slot {
     queued_on: Option<Link>,
 }
 
+/// A client request indexed by order on its connection.
+#[derive(Debug, Clone, Copy)]
+struct Indexed {
+    ids: SpanIds,
+    /// A server request at the other end took it as its parent.
+    paired: bool,
+}
+
 /// A client request in flight on a connection that predates the agent.
 #[derive(Debug)]
 struct Queued {
@@ -43,17 +51,23 @@ const MAX_CLIENTS: usize = 200_000;
 /// Client requests in flight on one connection (HTTP/1.1: one, or a few when pipelined).
 const MAX_QUEUED_PER_LINK: usize = 64;
 const MAX_FINISHED_CLIENTS: usize = 65_536;
+/// Paired server spans done before their client span (beyond it the set starts afresh: its
+/// clients then leave their times in `finished` for nobody, until they age out).
+const MAX_SERVERS_DONE_FIRST: usize = 65_536;
 
 #[derive(Default)]
 pub struct Pairing {
     /// Client requests by (link, seq); removed when the client is done.
-    by_seq: FastMap<LinkKey, SpanIds>,
+    by_seq: FastMap<LinkKey, Indexed>,
     /// Client requests in flight on connections whose numbering is not trustworthy, oldest
     /// first; removed when paired or done.
     queued: FastMap<Link, VecDeque<Queued>>,
     /// Times (Unix ns) of paired client spans that finished before their server span did.
     finished: FastMap<[u8; 8], (u64, u64)>,
     finished_order: VecDeque<[u8; 8]>,
+    /// Client span ids whose paired server span was done first (the usual order: the server
+    /// writes the answer before the client reads it), so their times are not kept for it.
+    servers_done_first: FastSet<[u8; 8]>,
 }
 
 impl Pairing {
@@ -70,7 +84,7 @@ impl Pairing {
         if s.aligned {
             if self.by_seq.len() < MAX_CLIENTS {
                 slot.by_seq = Some((link, s.seq));
-                self.by_seq.insert((link, s.seq), ids);
+                self.by_seq.insert((link, s.seq), Indexed { ids, paired: false });
             }
         } else if self.queued.len() < MAX_CLIENTS {
             let q = self.queued.entry(link).or_default();
@@ -95,7 +109,9 @@ impl Pairing {
     pub fn pair_server(&mut self, s: &RequestStart) -> Option<SpanIds> {
         let link = s.link?;
         if s.aligned {
-            return self.by_seq.get(&(link, s.seq)).copied();
+            let client = self.by_seq.get_mut(&(link, s.seq))?;
+            client.paired = true;
+            return Some(client.ids);
         }
         let q = self.queued.get_mut(&link)?;
         if !q
@@ -111,24 +127,32 @@ impl Pairing {
         Some(client.ids)
     }
 
-    /// A client request is done: it leaves the index; if it was answered, its span's times
-    /// (`span` carries them; its id is `span_id`, not yet set on it) bound its server span's.
+    /// A client request is done: it leaves the index; if it was answered and its server span
+    /// is still to come, its span's times (`span` carries them; its id is `span_id`, not yet
+    /// set on it) are kept to bound the server span's. A client that no server took by now
+    /// never gets one (the server read the request before the client read the answer), and
+    /// one on a connection that predates the agent may have been taken off its queue.
     pub fn client_done(&mut self, slot: Slot, seq: u64, answered: bool, span_id: [u8; 8], span: &Span) {
-        let indexed = self.forget_client(slot, seq);
-        if (indexed || slot.queued_on.is_some()) && answered {
-            if self.finished_order.len() >= MAX_FINISHED_CLIENTS
-                && let Some(old) = self.finished_order.pop_front()
-            {
-                self.finished.remove(&old);
-            }
-            self.finished.insert(span_id, (span.start_unix_ns, span.end_unix_ns));
-            self.finished_order.push_back(span_id);
+        let paired = self.take_client(slot, seq).is_some_and(|c| c.paired);
+        if !answered || !(paired || slot.queued_on.is_some()) || self.servers_done_first.remove(&span_id) {
+            return;
         }
+        if self.finished_order.len() >= MAX_FINISHED_CLIENTS
+            && let Some(old) = self.finished_order.pop_front()
+        {
+            self.finished.remove(&old);
+        }
+        self.finished.insert(span_id, (span.start_unix_ns, span.end_unix_ns));
+        self.finished_order.push_back(span_id);
     }
 
-    /// A client request leaves the index (done, or shed under the memory budget); whether it
-    /// was indexed by order.
-    pub fn forget_client(&mut self, slot: Slot, seq: u64) -> bool {
+    /// A client request shed under the memory budget leaves the index.
+    pub fn forget_client(&mut self, slot: Slot, seq: u64) {
+        self.take_client(slot, seq);
+    }
+
+    /// A client request leaves the index; its entry, if it was indexed by order.
+    fn take_client(&mut self, slot: Slot, seq: u64) -> Option<Indexed> {
         if let Some(link) = slot.queued_on
             && let Some(q) = self.queued.get_mut(&link)
         {
@@ -137,7 +161,13 @@ impl Pairing {
                 self.queued.remove(&link);
             }
         }
-        slot.by_seq.is_some_and(|key| self.by_seq.remove(&key).is_some())
+        self.by_seq.remove(&slot.by_seq?)
+    }
+
+    /// Client times and done servers kept for a span still to come.
+    #[cfg(test)]
+    pub(super) fn kept(&self) -> usize {
+        self.finished.len() + self.servers_done_first.len()
     }
 
     /// Keeps a server span inside its client span's time range: the server's last write returns
@@ -147,6 +177,11 @@ impl Pairing {
         if let Some((start, end)) = self.finished.remove(&client) {
             span.end_unix_ns = span.end_unix_ns.min(end).max(start);
             span.start_unix_ns = span.start_unix_ns.clamp(start, span.end_unix_ns);
+        } else {
+            if self.servers_done_first.len() >= MAX_SERVERS_DONE_FIRST {
+                self.servers_done_first.clear();
+            }
+            self.servers_done_first.insert(client);
         }
     }
 }

@@ -443,6 +443,34 @@ fn server_span_kept_inside_its_client_span() {
     assert_eq!((server.start_unix_ns, server.end_unix_ns), (110, 200));
 }
 
+/// Nothing is kept for the other end of a pair once both are done, in either order, nor for a
+/// client no server took: kept times would stay until they aged out.
+#[test]
+fn pairing_keeps_nothing_once_both_ends_are_done() {
+    let mut st = Stitcher::new(IdGenerator::seeded(1));
+    let mut out = Vec::new();
+    // Server done first (the usual order), then the other way round, then a lone client.
+    st.push_start(start(1, 0, Side::Client, 1, 10, 100, "/a", (5000, 8000)));
+    st.push_start(start(2, 0, Side::Server, 2, 20, 110, "/a", (5000, 8000)));
+    st.push_done(done(2, 0, Side::Server, 190));
+    st.push_done(done(1, 0, Side::Client, 200));
+    st.push_start(start(3, 0, Side::Client, 1, 10, 300, "/b", (5001, 8000)));
+    st.push_start(start(4, 0, Side::Server, 2, 20, 310, "/b", (5001, 8000)));
+    st.push_done(done(3, 0, Side::Client, 400));
+    st.push_done(done(4, 0, Side::Server, 405));
+    st.push_start(start(5, 0, Side::Client, 1, 10, 500, "/c", (5002, 9000)));
+    st.push_done(done(5, 0, Side::Client, 600));
+    st.flush(&mut out);
+    assert_eq!(out.len(), 5);
+    let by_id: std::collections::HashMap<_, _> = out.iter().map(|s| (s.span_id, s)).collect();
+    let paired = out
+        .iter()
+        .filter(|s| s.parent_span_id.is_some_and(|p| by_id.contains_key(&p)))
+        .count();
+    assert_eq!(paired, 2, "both servers have their client as parent");
+    assert_eq!(st.pairing.kept(), 0);
+}
+
 /// Connections shed under the memory budget take everything kept for their requests with
 /// them, decided or still held in the reorder window, and build no spans; the rest go on.
 #[test]
