@@ -30,9 +30,16 @@ pub fn write_resource_spans(out: &mut Vec<u8>, resource: &Resource, scope: (&str
         .map(|(k, v)| field_len(1, attr_len(k.as_str(), Scalar::of(v))))
         .sum();
     let scope_len = str_field_len(1, scope.0) + str_field_len(2, scope.1);
-    // Each span's length is needed twice (its header, and the total before them all).
-    let lens: Vec<usize> = spans.iter().map(span_len).collect();
-    let spans_len: usize = lens.iter().map(|&n| field_len(2, n)).sum();
+    // The spans are written first, each once, and copied after the headers that need their
+    // lengths: a pass that only measured them cost as much as writing them (the exporter
+    // meets each span cold, and the copy is of bytes just written).
+    let mut body = Vec::with_capacity(spans.len() * 512);
+    let mut ends = Vec::with_capacity(spans.len());
+    for s in spans {
+        write_span(&mut body, s);
+        ends.push(body.len());
+    }
+    let spans_len: usize = ranges(&ends).map(|r| field_len(2, r.len())).sum();
     let scope_spans_len = field_len(1, scope_len) + spans_len;
     let resource_spans_len = field_len(1, resource_len) + field_len(2, scope_spans_len);
 
@@ -47,31 +54,16 @@ pub fn write_resource_spans(out: &mut Vec<u8>, resource: &Resource, scope: (&str
     header(out, 1, scope_len);
     write_str(out, 1, scope.0);
     write_str(out, 2, scope.1);
-    for (s, &len) in spans.iter().zip(&lens) {
-        header(out, 2, len);
-        write_span(out, s);
+    for r in ranges(&ends) {
+        header(out, 2, r.len());
+        out.extend_from_slice(&body[r]);
     }
 }
 
-fn span_len(s: &Span) -> usize {
-    let attrs: usize = s
-        .attributes
-        .iter()
-        .map(|(k, v)| field_len(9, attr_len(k, v.into())))
-        .sum();
-    let links: usize = s.links.iter().map(|l| field_len(13, link_len(l))).sum();
-    field_len(1, 16)
-        + field_len(2, 8)
-        + parent(s).map_or(0, |_| field_len(4, 8))
-        + str_field_len(5, &s.name)
-        + 1
-        + varint_len(kind(s.kind))
-        + 2 * (1 + 8)
-        + attrs
-        + links
-        + field_len(15, status_len(s.error))
-        + 2
-        + 4
+/// The ranges of back-to-back items, from where each ends.
+fn ranges(ends: &[usize]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    ends.iter()
+        .scan(0, |start, &end| Some(std::mem::replace(start, end)..end))
 }
 
 fn write_span(out: &mut Vec<u8>, s: &Span) {
