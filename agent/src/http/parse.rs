@@ -169,7 +169,7 @@ pub(super) fn parse_request_line(line: &[u8]) -> Option<RequestLine> {
         return None;
     }
     Some(RequestLine {
-        method: cap_text(method, MAX_METHOD_LEN),
+        method: method_text(method),
         target: cap_text(target, MAX_TARGET_BYTES),
         version_minor,
     })
@@ -188,7 +188,7 @@ pub(super) fn parse_partial_request_line(line: &[u8]) -> Option<RequestLine> {
     let rest = trim_start(line.get(m..)?);
     let end = rest.iter().position(|&b| is_ws(b) || b == b'\r').unwrap_or(rest.len());
     Some(RequestLine {
-        method: cap_text(line.get(..m)?, MAX_METHOD_LEN),
+        method: method_text(line.get(..m)?),
         target: cap_text(rest.get(..end)?, MAX_TARGET_BYTES),
         version_minor: 1,
     })
@@ -330,6 +330,22 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
 
 /// [`cap_string`] as a shared string: the request line is handed on to the stitcher and the
 /// span with a reference count, not copied.
+/// A request's method: the standard ones shared, not allocated for every request (that cost
+/// as much as the target's copy); others copied, capped.
+fn method_text(m: &[u8]) -> Arc<str> {
+    static STANDARD: std::sync::OnceLock<[Arc<str>; 9]> = std::sync::OnceLock::new();
+    let standard = STANDARD.get_or_init(|| {
+        [
+            "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+        ]
+        .map(Arc::from)
+    });
+    match standard.iter().find(|s| s.as_bytes() == m) {
+        Some(s) => s.clone(),
+        None => cap_text(m, MAX_METHOD_LEN),
+    }
+}
+
 pub(super) fn cap_text(b: &[u8], cap: usize) -> Arc<str> {
     let b = b.get(..cap.min(b.len())).unwrap_or_default();
     match printable(b) {
@@ -380,6 +396,17 @@ fn sanitized(b: &[u8], cap: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    #[test]
+    fn standard_methods_are_shared_and_others_copied() {
+        let (a, b) = (super::method_text(b"GET"), super::method_text(b"GET"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*super::method_text(b"PROPFIND"), "PROPFIND");
+        let line = super::parse_request_line(b"DELETE /x HTTP/1.1").unwrap();
+        assert_eq!(&*line.method, "DELETE");
+    }
+
     #[test]
     fn lines_split_as_split_does() {
         for block in [
