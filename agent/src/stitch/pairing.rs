@@ -134,7 +134,8 @@ impl Pairing {
     /// one on a connection that predates the agent may have been taken off its queue.
     pub fn client_done(&mut self, slot: Slot, seq: u64, answered: bool, span_id: [u8; 8], span: &Span) {
         let paired = self.take_client(slot, seq).is_some_and(|c| c.paired);
-        if !answered || !(paired || slot.queued_on.is_some()) || self.servers_done_first.remove(&span_id) {
+        let server_done = self.servers_done_first.remove(&span_id);
+        if !answered || server_done || !(paired || slot.queued_on.is_some()) {
             return;
         }
         if self.finished_order.len() >= MAX_FINISHED_CLIENTS
