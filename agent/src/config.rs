@@ -298,6 +298,7 @@ mod tests {
         assert_eq!(ring("8MiB"), RingBytes::Fixed(8 << 20));
         assert_eq!(ring("65536"), RingBytes::Fixed(65536));
         assert_eq!(Cli::try_parse_from(["sockspan"]).unwrap().ring_bytes, RingBytes::Auto);
+        assert!(Cli::try_parse_from(["sockspan", "--bogus"]).is_err());
     }
 
     #[test]
@@ -305,6 +306,5 @@ mod tests {
         let mib = |cpus| RingBytes::Auto.resolve(cpus) >> 20;
         assert_eq!([mib(1), mib(2), mib(3), mib(4), mib(8), mib(64)], [4, 4, 8, 8, 16, 32]);
         assert_eq!(RingBytes::Fixed(1 << 16).resolve(64), 1 << 16);
-        assert!(Cli::try_parse_from(["sockspan", "--bogus"]).is_err());
     }
 }

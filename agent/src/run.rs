@@ -325,12 +325,12 @@ fn ended<T: std::fmt::Debug>(r: Result<T, tokio::task::JoinError>) -> String {
     }
 }
 
-/// Registers the SIGTERM and SIGINT handlers now; the future ends at the first of either.
 /// CPUs online on the node (every one of them writes to the ring), 1 if unknown.
 fn online_cpus() -> usize {
     aya::util::online_cpus().map_or(1, |cpus| cpus.len().max(1))
 }
 
+/// Registers the SIGTERM and SIGINT handlers now; the future ends at the first of either.
 fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;

@@ -328,8 +328,6 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
     Some(v)
 }
 
-/// [`cap_string`] as a shared string: the request line is handed on to the stitcher and the
-/// span with a reference count, not copied.
 /// A request's method: the standard ones shared, not allocated for every request (that cost
 /// as much as the target's copy); others copied, capped.
 fn method_text(m: &[u8]) -> Arc<str> {
@@ -346,6 +344,8 @@ fn method_text(m: &[u8]) -> Arc<str> {
     }
 }
 
+/// [`cap_string`] as a shared string: the request line is handed on to the stitcher and the
+/// span with a reference count, not copied.
 pub(super) fn cap_text(b: &[u8], cap: usize) -> Arc<str> {
     let b = b.get(..cap.min(b.len())).unwrap_or_default();
     match printable(b) {
