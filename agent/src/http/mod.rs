@@ -146,7 +146,9 @@ pub struct Response {
 /// A request and its final response (`None`: the connection closed before it came).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exchange {
-    pub request: Request,
+    /// Boxed as it waited for its response: an exchange passes through several stages, and
+    /// moving the pointer, not the request, saves a copy at each.
+    pub request: Box<Request>,
     pub response: Option<Response>,
 }
 
@@ -474,7 +476,7 @@ impl HttpConn {
         for (_, request) in self.pending.drain(..) {
             stats.unanswered_requests += 1;
             out.push(Exchange {
-                request: *request,
+                request,
                 response: None,
             });
         }
@@ -955,7 +957,7 @@ impl HttpConn {
             st.pending_overflow += 1;
             self.owed_to_evicted += 1;
             out.push(Exchange {
-                request: *request,
+                request,
                 response: None,
             });
         }
@@ -1126,7 +1128,7 @@ impl HttpConn {
             && let Some((_, request)) = self.pending.pop_front()
         {
             out.push(Exchange {
-                request: *request,
+                request,
                 response: Some(cur.resp),
             });
         }
@@ -1138,7 +1140,7 @@ impl HttpConn {
         self.dead = true;
         st.abandoned_requests += self.pending.len() as u64;
         out.extend(self.pending.drain(..).map(|(_, request)| Exchange {
-            request: *request,
+            request,
             response: None,
         }));
         self.cur_req = None;
