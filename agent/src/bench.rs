@@ -42,11 +42,11 @@ pub fn bench_pipeline(
             .unwrap_or_default()
     };
     let (secs, spans, _) = best(None);
-    println!(
+    emit(format_args!(
         "events={events} spans={spans} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
         events as f64 / secs,
         spans as f64 / secs
-    );
+    ))?;
     // The same, and each batch's spans then encoded as the OTLP/HTTP exporter does (straight
     // into protobuf; no network), then as the SDK does for gRPC and JSON (span → SpanData →
     // protobuf types → bytes).
@@ -58,11 +58,11 @@ pub fn bench_pipeline(
         ("with_sdk_encoding", sockspan::export::otlp::encode_with_sdk),
     ] {
         let (secs, spans, bytes) = best(Some(encode));
-        println!(
+        emit(format_args!(
             "{label}: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
             events as f64 / secs,
             spans as f64 / secs
-        );
+        ))?;
     }
     Ok(())
 }
@@ -81,18 +81,18 @@ fn timed_replay(stream: &sockspan::reader::RawBatch, sink: &mut dyn FnMut(Vec<so
 
 /// Stitching throughput (spans/s, one thread, whole userspace pipeline on a two-hop chain) and
 /// memory held per in-flight request.
-pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
+pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) -> Result<()> {
     let stream = sockspan::replay::synthetic_chain(requests, concurrency);
     let (mut spans, mut with_parent) = (0, 0);
     let secs = timed_replay(&stream, &mut |batch| {
         spans += batch.len();
         with_parent += batch.iter().filter(|s| s.parent_span_id.is_some()).count();
     });
-    println!(
+    emit(format_args!(
         "stitch: requests={requests} concurrency={concurrency} spans={spans} with_parent={with_parent} seconds={secs:.3} spans_per_sec={:.0} events_per_sec={:.0}",
         spans as f64 / secs,
         stream.len() as f64 / secs
-    );
+    ))?;
 
     let (started, answers) = sockspan::replay::synthetic_in_flight(in_flight);
     let metrics = Metrics::new();
@@ -105,13 +105,14 @@ pub fn bench_stitch(requests: u32, concurrency: u32, in_flight: u32) {
     process_in_batches(&mut processor, &answers, &mut |b| spans.extend(b));
     processor.finish(&mut spans);
     let heap = heap_held.saturating_sub(heap_before);
-    println!(
+    emit(format_args!(
         "in_flight: requests={in_flight} held_starts={held} heap_bytes={heap} heap_bytes_per_request={} rss_growth_bytes={} spans_after_answers={} left_in_flight={}",
         heap / u64::from(in_flight.max(1)),
         rss_held.saturating_sub(rss_before),
         spans.len(),
         processor.stitcher.in_flight()
-    );
+    ))?;
+    Ok(())
 }
 
 /// Feeds a stream in batches of the size the reader hands over; each batch's spans go to `sink`.
@@ -151,4 +152,11 @@ fn rss_bytes() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// One result line on stdout. A failed write (a closed pipe, as in `| head -1`) ends the
+/// benchmark with that error instead of a panic.
+fn emit(line: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write as _;
+    writeln!(std::io::stdout().lock(), "{line}").context("writing a result line")
 }

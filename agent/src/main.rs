@@ -53,10 +53,7 @@ fn main() -> ExitCode {
             requests,
             concurrency,
             in_flight,
-        }) => {
-            bench::bench_stitch(requests, concurrency, in_flight);
-            ExitCode::SUCCESS
-        }
+        }) => report(bench::bench_stitch(requests, concurrency, in_flight).map_err(Failure::from)),
         #[cfg(feature = "bench")]
         Some(Command::BenchPipeline {
             connections,
