@@ -254,15 +254,6 @@ impl RingBytes {
     }
 }
 
-impl std::fmt::Display for RingBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Fixed(n) => write!(f, "{n}"),
-        }
-    }
-}
-
 fn parse_ring_bytes(s: &str) -> Result<RingBytes, String> {
     if s.trim() == "auto" {
         return Ok(RingBytes::Auto);
