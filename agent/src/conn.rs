@@ -5,7 +5,7 @@
 //! comes from the kernel's ESTABLISHED event for the socket, or, for connections that predate
 //! the agent, from /proc once.
 use std::{
-    collections::VecDeque,
+    collections::{VecDeque, hash_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -131,6 +131,8 @@ struct Connection {
     own: bool,
     /// Loop epoch in which its current outgoing message began (loop threads only).
     out_epoch: u64,
+    /// How it is counted in its process's pool to its peer (client connections).
+    pool: PoolSlot,
 }
 
 /// Chunks looked at before a connection of unknown side is declared not HTTP.
@@ -139,8 +141,6 @@ const MAX_UNDECIDED_CHUNKS: u32 = 8;
 const MAX_UNANSWERED: usize = 256;
 /// Connections tracked at once; the least recently active are evicted beyond this.
 const MAX_CONNECTIONS: usize = 65536;
-/// Client connections of one process to one peer looked at to tell whether its pool is full.
-const MAX_SIBLINGS: usize = 256;
 
 pub struct ConnTable {
     /// Boxed: an entry is then a pointer, and the table's spare slots (it doubles as it grows)
@@ -170,7 +170,7 @@ pub struct ConnTable {
     /// Which goroutine asked for each request in Go programs (see `goroutines`).
     pub go: GoTracker,
     /// Client connections by (process, peer): whether a client pool is full.
-    by_peer: FastMap<(u32, SocketAddr), Vec<(u32, i32)>>,
+    pools: PeerPools,
     /// What one event's bytes completed, emptied before the event ends: allocated once, not
     /// per request.
     exchanges: Vec<Exchange>,
@@ -200,7 +200,7 @@ impl ConnTable {
             proc: ProcTuples::new("/proc"),
             loops: LoopTracker::new(Some(crate::process::is_go_program)),
             go: GoTracker::new(),
-            by_peer: FastMap::default(),
+            pools: PeerPools::default(),
             exchanges: Vec::new(),
             started: Vec::new(),
         }
@@ -264,7 +264,7 @@ impl ConnTable {
     pub fn shrink(&mut self) {
         self.conns.shrink_to_fit();
         self.tuples.shrink_to_fit();
-        self.by_peer.shrink_to_fit();
+        self.pools.counts.shrink_to_fit();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -278,7 +278,7 @@ impl ConnTable {
             Event::Close(s) => {
                 self.loops.on_close(s.header.pid, s.header.fd);
                 let key = (s.header.pid, s.header.fd);
-                if let Some(mut c) = self.conns.remove(&key) {
+                if let Some(mut c) = self.remove(&key) {
                     c.close(s.header.ts_exit_ns, false, &mut self.http_stats, out);
                 }
             }
@@ -375,7 +375,10 @@ impl ConnTable {
                 Cause::Response { conn_id, seq, .. } => Cause::Response {
                     conn_id,
                     seq,
-                    pool_full: !self.has_idle_sibling(h.pid, h.fd),
+                    pool_full: !self
+                        .conns
+                        .get(&(h.pid, h.fd))
+                        .is_some_and(|c| self.pools.has_idle_other(c)),
                 },
                 other => other,
             });
@@ -415,47 +418,29 @@ impl ConnTable {
         }
     }
 
-    /// Whether process `pid` has another client connection to the peer of its fd `fd` with no
-    /// request in flight: then its client pool has no request waiting for a connection.
-    fn has_idle_sibling(&mut self, pid: u32, fd: i32) -> bool {
-        let Some(peer) = self.conns.get(&(pid, fd)).and_then(|c| c.remote) else {
-            return false;
-        };
-        let Some(siblings) = self.by_peer.get_mut(&(pid, peer)) else {
-            return false;
-        };
-        drop_gone(siblings, &self.conns, peer);
-        siblings.iter().any(|&k| {
-            k != (pid, fd)
-                && self
-                    .conns
-                    .get(&k)
-                    .is_some_and(|c| c.side == Some(Side::Client) && c.http.pending_requests() == 0)
-        })
-    }
-
-    /// Indexes a new client connection by (process, peer).
-    fn index_peer(&mut self, pid: u32, fd: i32) {
-        let Some(peer) = self.conns.get(&(pid, fd)).and_then(|c| c.remote) else {
-            return;
-        };
-        if self.by_peer.len() >= MAX_CONNECTIONS && !self.by_peer.contains_key(&(pid, peer)) {
-            self.by_peer.clear();
-        }
-        let siblings = self.by_peer.entry((pid, peer)).or_default();
-        drop_gone(siblings, &self.conns, peer);
-        if siblings.len() < MAX_SIBLINGS && !siblings.contains(&(pid, fd)) {
-            siblings.push((pid, fd));
-        }
+    /// Removes a connection from the table and from its pool's counts: every removal comes
+    /// through here, so the counts stay exact.
+    fn remove(&mut self, key: &(u32, i32)) -> Option<Box<Connection>> {
+        let c = self.conns.remove(key)?;
+        self.pools.leave(&c);
+        Some(c)
     }
 
     fn on_data(&mut self, h: &EventHeader, payload: &[u8], out: &mut Vec<ConnOutput>) {
+        self.on_connection_data(h, payload, out);
+        // Its requests may have changed: a pool's count of idle connections follows.
+        if let Some(c) = self.conns.get_mut(&(h.pid, h.fd)) {
+            self.pools.update(c);
+        }
+    }
+
+    fn on_connection_data(&mut self, h: &EventHeader, payload: &[u8], out: &mut Vec<ConnOutput>) {
         let key = (h.pid, h.fd);
         let known = match self.conns.get(&key) {
             Some(c) if c.sock == h.sock => true,
             Some(_) => {
                 // The fd now names another socket: the old connection ended unseen.
-                if let Some(mut old) = self.conns.remove(&key) {
+                if let Some(mut old) = self.remove(&key) {
                     let at = old.last_activity_ns;
                     old.close(at, false, &mut self.http_stats, out);
                 }
@@ -469,12 +454,11 @@ impl ConnTable {
             }
             // A process's first bytes always open a connection here: the one place to learn of it.
             self.go.saw_process(h.pid);
-            let c = self.open(h);
-            let client = c.side == Some(Side::Client);
-            self.conns.insert(key, Box::new(c));
-            if client {
-                self.index_peer(h.pid, h.fd);
+            let mut c = self.open(h);
+            if c.side == Some(Side::Client) {
+                self.pools.join(&mut c);
             }
+            self.conns.insert(key, Box::new(c));
         }
         let Some(c) = self.conns.get_mut(&key) else { return };
         c.last_activity_ns = h.ts_exit_ns;
@@ -584,6 +568,7 @@ impl ConnTable {
             undecided_chunks: 0,
             own,
             out_epoch: 0,
+            pool: PoolSlot::Outside,
         }
     }
 
@@ -621,12 +606,13 @@ impl ConnTable {
             c.http
                 .flush_idle(now_ns, idle_flush_ns, &mut self.exchanges, &mut self.http_stats);
             c.emit(&mut self.exchanges, false, None, out);
+            self.pools.update(c);
             if now_ns.saturating_sub(c.last_activity_ns) > idle_evict_ns || c.http.is_dead() {
                 gone.push(*key);
             }
         }
         for key in gone {
-            if let Some(mut c) = self.conns.remove(&key) {
+            if let Some(mut c) = self.remove(&key) {
                 if !c.http.is_dead() {
                     self.evicted += 1;
                 }
@@ -639,6 +625,7 @@ impl ConnTable {
     /// Ends every connection because the agent stops: requests still in flight come out
     /// without a response, marked as cut short by the shutdown.
     pub fn close_all(&mut self, out: &mut Vec<ConnOutput>) {
+        self.pools = PeerPools::default();
         for (_, mut c) in std::mem::take(&mut self.conns) {
             let at = c.last_activity_ns;
             c.close(at, true, &mut self.http_stats, out);
@@ -651,7 +638,7 @@ impl ConnTable {
     pub fn shed_oldest(&mut self, share: usize) -> (FastSet<u64>, u64) {
         let (mut ids, mut requests) = (FastSet::default(), 0);
         for key in self.oldest(share) {
-            if let Some(c) = self.conns.remove(&key) {
+            if let Some(c) = self.remove(&key) {
                 ids.insert(c.id);
                 if c.side.is_some() && !c.own {
                     requests += c.http.pending_requests() as u64;
@@ -677,7 +664,7 @@ impl ConnTable {
     pub fn evict_oldest(&mut self, share: usize, out: &mut Vec<ConnOutput>) -> usize {
         let oldest = self.oldest(share);
         for key in &oldest {
-            if let Some(mut c) = self.conns.remove(key) {
+            if let Some(mut c) = self.remove(key) {
                 self.evicted += 1;
                 let at = c.last_activity_ns;
                 c.close(at, false, &mut self.http_stats, out);
@@ -760,10 +747,80 @@ impl Connection {
     }
 }
 
-/// Drops from a (process, peer) index the connections gone or no longer to `peer` (so churn to
-/// one peer keeps the list short).
-fn drop_gone(siblings: &mut Vec<(u32, i32)>, conns: &FastMap<(u32, i32), Box<Connection>>, peer: SocketAddr) {
-    siblings.retain(|k| conns.get(k).is_some_and(|c| c.remote == Some(peer)));
+/// How a client connection is counted in its process's pool to its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolSlot {
+    /// Not counted: a server connection, or a peer not known.
+    Outside,
+    Busy,
+    /// No request in flight.
+    Idle,
+}
+
+/// How many client connections each process has to each peer, and how many of them have no
+/// request in flight: whether a client pool has a free connection, known in constant time
+/// when a response is read. (A scan of the pool per response cost as much as parsing the
+/// response under a client with 32 connections, and grows with the pool.)
+#[derive(Default)]
+struct PeerPools {
+    /// (process, peer) → (connections, idle ones); no entry for an empty pool.
+    counts: FastMap<(u32, SocketAddr), (u32, u32)>,
+}
+
+impl PeerPools {
+    /// Counts a new client connection in.
+    fn join(&mut self, c: &mut Connection) {
+        let Some(peer) = c.remote else { return };
+        self.counts.entry((c.pid, peer)).or_default().0 += 1;
+        c.pool = PoolSlot::Busy;
+        self.update(c);
+    }
+
+    /// Recounts `c` after its requests changed.
+    fn update(&mut self, c: &mut Connection) {
+        let now = if c.http.pending_requests() == 0 {
+            PoolSlot::Idle
+        } else {
+            PoolSlot::Busy
+        };
+        if c.pool == PoolSlot::Outside || c.pool == now {
+            return;
+        }
+        let Some((_, idle)) = c.remote.and_then(|peer| self.counts.get_mut(&(c.pid, peer))) else {
+            return;
+        };
+        if now == PoolSlot::Idle {
+            *idle += 1;
+        } else {
+            *idle -= 1;
+        }
+        c.pool = now;
+    }
+
+    /// Counts a connection out (it is gone).
+    fn leave(&mut self, c: &Connection) {
+        let Some(peer) = c.remote.filter(|_| c.pool != PoolSlot::Outside) else {
+            return;
+        };
+        if let Entry::Occupied(mut e) = self.counts.entry((c.pid, peer)) {
+            let (members, idle) = e.get_mut();
+            *members -= 1;
+            *idle -= u32::from(c.pool == PoolSlot::Idle);
+            if *members == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Whether `c`'s process has another connection to `c`'s peer with no request in flight:
+    /// then its client pool has no request waiting for a connection.
+    fn has_idle_other(&self, c: &Connection) -> bool {
+        let own = u32::from(c.pool == PoolSlot::Idle);
+        c.pool != PoolSlot::Outside
+            && c.remote
+                .and_then(|peer| self.counts.get(&(c.pid, peer)))
+                .is_some_and(|&(_, idle)| idle > own)
+    }
 }
 
 /// Side of a connection that predates the agent, from the first bytes seen on it.
@@ -905,6 +962,93 @@ mod tests {
             Some("127.0.0.1:80".parse().unwrap())
         );
         assert_eq!(parse_proc_addr("zz"), None);
+    }
+
+    /// After every event, each pool's counts agree with the table's connections: random
+    /// requests, responses, closes, reused fds, evictions and sheds on the client connections
+    /// of two processes to two peers.
+    #[test]
+    fn pool_counts_follow_the_connections() {
+        use crate::{
+            decode::decode,
+            replay::{SimConn, StreamBuilder},
+        };
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let (mut table, mut b, mut out) = (ConnTable::without_proc(), StreamBuilder::new(), Vec::new());
+        let mut open: Vec<SimConn> = Vec::new();
+        let mut port = 30_000;
+        let request = b"GET / HTTP/1.1\r\nHost: s\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        // Headers longer than the capture: its end is not seen, and it ends when the
+        // connection idles (a tick flushes it).
+        let (cut, cut_total) = (b"HTTP/1.1 200 OK\r\nX-Long: aaaa", 5000);
+        for step in 0..4000 {
+            let pick = next(open.len().max(1) as u64) as usize;
+            match next(20) {
+                0..=3 => {
+                    // A new connection; its fd may be one an open connection still names.
+                    port += 1;
+                    let (pid, fd) = (1 + next(2) as u32, 3 + next(24) as i32);
+                    let c = b.connect(pid, fd, 9, port as i32, port, 80 + next(2) as u16);
+                    open.retain(|o| (o.client_pid, o.client_fd) != (pid, fd));
+                    open.push(c);
+                }
+                4..=9 if !open.is_empty() => b.send_request(&open[pick], 1, 9, request),
+                10..=15 if !open.is_empty() => b.send_response(&open[pick], 9, 1, response),
+                16 if !open.is_empty() => {
+                    let c = open[pick];
+                    b.data(
+                        c.server_pid,
+                        9,
+                        c.server_fd,
+                        c.server_sock,
+                        side::ACCEPTED,
+                        true,
+                        cut,
+                        cut_total,
+                        "s",
+                    );
+                    b.data(
+                        c.client_pid,
+                        1,
+                        c.client_fd,
+                        c.client_sock,
+                        side::CONNECTED,
+                        false,
+                        cut,
+                        cut_total,
+                        "c",
+                    );
+                }
+                17 if !open.is_empty() => b.close(&open.swap_remove(pick)),
+                18 => table.tick(b.now_ns, 20_000, 400_000, &mut out),
+                19 if step % 7 == 0 => drop(table.shed_oldest(8)),
+                _ => {}
+            }
+            for record in std::mem::take(&mut b.batch).iter() {
+                table.on_event(&decode(record).expect("decodes"), &mut out);
+            }
+            out.clear();
+            let mut want: FastMap<(u32, SocketAddr), (u32, u32)> = FastMap::default();
+            for c in table.conns.values().filter(|c| c.side == Some(Side::Client)) {
+                assert_ne!(c.pool, PoolSlot::Outside, "step {step}: a client connection is counted");
+                let n = want.entry((c.pid, c.remote.expect("known peer"))).or_default();
+                n.0 += 1;
+                n.1 += u32::from(c.http.pending_requests() == 0);
+            }
+            assert_eq!(table.pools.counts, want, "step {step}");
+            for c in table.conns.values().filter(|c| c.side == Some(Side::Client)) {
+                let others_idle =
+                    want[&(c.pid, c.remote.expect("known"))].1 - u32::from(c.http.pending_requests() == 0);
+                assert_eq!(table.pools.has_idle_other(c), others_idle > 0, "step {step}");
+            }
+        }
     }
 
     #[test]
