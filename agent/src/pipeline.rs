@@ -355,14 +355,15 @@ impl Processor {
                 ConnOutput::Exchange(cx) => {
                     self.exchanges += 1;
                     let resource = self.procs.get(cx.facts.pid, &cx.facts.comm);
-                    let end_ns = cx.end_ns();
-                    let span = self.spans.build(&cx, resource);
+                    let (end_ns, answered) = (cx.end_ns(), cx.exchange.response.is_some());
+                    let (conn_id, seq, side) = (cx.facts.conn_id, cx.exchange.request.seq, cx.facts.side);
+                    let span = self.spans.build(cx, resource);
                     self.stitcher.push_done(Finished {
-                        answered: cx.exchange.response.is_some(),
+                        answered,
                         span,
-                        conn_id: cx.facts.conn_id,
-                        seq: cx.exchange.request.seq,
-                        side: cx.facts.side,
+                        conn_id,
+                        seq,
+                        side,
                         end_ns,
                     });
                 }

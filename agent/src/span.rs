@@ -142,8 +142,10 @@ impl SpanFactory {
         (i128::from(mono_ns) + self.clock_offset_ns).clamp(0, i128::from(u64::MAX)) as u64
     }
 
-    pub fn build(&mut self, cx: &ConnExchange, resource: Arc<ProcessInfo>) -> Span {
-        let req = &cx.exchange.request;
+    /// The exchange's span: its Host and User-Agent strings become attributes as they are.
+    pub fn build(&mut self, cx: ConnExchange, resource: Arc<ProcessInfo>) -> Span {
+        let end = cx.end_ns();
+        let mut req = cx.exchange.request;
         let resp = cx.exchange.response.as_ref();
         let f = &cx.facts;
         let kind = match f.side {
@@ -182,18 +184,18 @@ impl SpanFactory {
             crate::vocab::attr::NETWORK_PROTOCOL_VERSION,
             AttrValue::fixed(if req.version_minor == 0 { "1.0" } else { "1.1" }),
         ));
-        let host = req.host.as_deref().map(|h| split_host_port(without_userinfo(h)));
+        let (host, host_port) = req.host.take().map_or((None, None), |h| {
+            let (host, port) = host_and_port(h);
+            (Some(host), port)
+        });
         // Formatted once: it is both client.address (server spans) and network.peer.address.
         let remote_ip = f.remote.map(|r| ip_text(r.ip()));
         match kind {
             SpanKind::Server => {
-                let addr = host
-                    .map(|(h, _)| h.to_owned())
-                    .or_else(|| f.local.map(|l| ip_text(l.ip())));
-                if let Some(a) = addr {
+                if let Some(a) = host.or_else(|| f.local.map(|l| ip_text(l.ip()))) {
                     attrs.push((crate::vocab::attr::SERVER_ADDRESS, AttrValue::text(a)));
                 }
-                if let Some(port) = f.local.map(|l| l.port()).or_else(|| host.and_then(|(_, p)| p)) {
+                if let Some(port) = f.local.map(|l| l.port()).or(host_port) {
                     attrs.push((crate::vocab::attr::SERVER_PORT, AttrValue::Int(i64::from(port))));
                 }
                 if let (Some(r), Some(ip)) = (f.remote, &remote_ip) {
@@ -202,11 +204,10 @@ impl SpanFactory {
                 }
             }
             SpanKind::Client => {
-                let addr = host.map(|(h, _)| h.to_owned()).or_else(|| remote_ip.clone());
-                if let Some(a) = addr {
+                if let Some(a) = host.or_else(|| remote_ip.clone()) {
                     attrs.push((crate::vocab::attr::SERVER_ADDRESS, AttrValue::text(a)));
                 }
-                if let Some(port) = f.remote.map(|r| r.port()).or_else(|| host.and_then(|(_, p)| p)) {
+                if let Some(port) = f.remote.map(|r| r.port()).or(host_port) {
                     attrs.push((crate::vocab::attr::SERVER_PORT, AttrValue::Int(i64::from(port))));
                 }
             }
@@ -218,8 +219,8 @@ impl SpanFactory {
                 AttrValue::Int(i64::from(r.port())),
             ));
         }
-        if let Some(ua) = &req.user_agent {
-            attrs.push(("user_agent.original", AttrValue::text(ua.as_str())));
+        if let Some(ua) = req.user_agent.take() {
+            attrs.push(("user_agent.original", AttrValue::text(ua)));
         }
         if req.content_length.is_some() || req.body_bytes > 0 {
             attrs.push((
@@ -260,7 +261,7 @@ impl SpanFactory {
             attrs.push((crate::vocab::attr::HTTP_ROUTE, AttrValue::text(r.text.as_str())));
         }
         let start = req.first_ns;
-        let end = cx.end_ns().max(start);
+        let end = end.max(start);
         Span {
             trace_id: [0; 16],
             span_id: [0; 8],
@@ -329,6 +330,18 @@ pub fn redact_query(q: &str) -> String {
 /// with credentials sends them there).
 fn without_userinfo(authority: &str) -> &str {
     authority.rsplit_once('@').map_or(authority, |(_, host)| host)
+}
+
+/// A Host header's host (without userinfo or port), in the header's own string, and its port.
+fn host_and_port(mut authority: String) -> (String, Option<u16>) {
+    let (start, end, port) = {
+        let (host, port) = split_host_port(without_userinfo(&authority));
+        let start = host.as_ptr() as usize - authority.as_ptr() as usize;
+        (start, start + host.len(), port)
+    };
+    authority.truncate(end);
+    authority.drain(..start);
+    (authority, port)
 }
 
 /// "host:port" / "[v6]:port" / "host".
@@ -580,6 +593,14 @@ mod tests {
     #[test]
     fn credentials_in_an_authority_are_dropped() {
         assert_eq!(split_host_port(without_userinfo("user:pw@h:8")), ("h", Some(8)));
+        for (header, host, port) in [
+            ("user:pw@h:8", "h", Some(8)),
+            ("[::1]:80", "::1", Some(80)),
+            ("example.com", "example.com", None),
+            ("a@[fe80::1]", "fe80::1", None),
+        ] {
+            assert_eq!(host_and_port(header.into()), (host.to_owned(), port), "{header}");
+        }
         assert_eq!(without_userinfo("h:8"), "h:8");
         assert_eq!(split_target("http://user:pw@h:8/p?q=1"), ("/p", Some("q=1")));
     }
