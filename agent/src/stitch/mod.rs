@@ -491,6 +491,11 @@ impl Stitcher {
         if let Some((parent, source)) = rules::propagated(s) {
             return self.child_of(parent, source);
         }
+        if !self.serving.serves(s.pid) {
+            // Every other rung names one of the process's requests in flight: a process that
+            // serves none (a load generator, a batch job) makes roots.
+            return self.new_root();
+        }
         let looped = rules::event_loop(&self.serving, &self.finished_calls, &self.decided, s);
         let chosen = rules::thread(&self.serving, s)
             .map(|k| (k, ParentSource::Thread))
@@ -498,9 +503,7 @@ impl Stitcher {
             .or_else(|| looped.filter(|l| l.2).map(|(k, source, _)| (k, source)))
             .or_else(|| rules::goroutine(&self.serving, s).map(|k| (k, ParentSource::Goroutine)));
         let Some((key, source)) = chosen else {
-            if self.serving.serves(s.pid) {
-                self.stats.ambiguous += 1;
-            }
+            self.stats.ambiguous += 1;
             let mut root = self.new_root();
             root.link = looped
                 .filter(|l| !l.2)
