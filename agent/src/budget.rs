@@ -115,6 +115,12 @@ impl MemoryBudget {
         self.heap / 4
     }
 
+    /// The allocator's spare memory: the resident size beyond the live heap `heap`, the ring
+    /// buffer and the fixed part (an estimate: the fixed part is rounded up).
+    pub fn spare(&self, resident: u64, heap: u64) -> u64 {
+        resident.saturating_sub(self.limit - self.heap + heap)
+    }
+
     /// The agent was over its limit when last measured: new state should be refused.
     pub fn exhausted(&self) -> bool {
         resident() > self.limit
@@ -146,6 +152,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Spare: what the resident size holds beyond the heap, the ring's two mappings and the
+    /// fixed part.
+    #[test]
+    fn spare_memory() {
+        let b = MemoryBudget::new(256 << 20, 4 << 20).unwrap();
+        let outside = MemoryBudget::FIXED_BYTES + (8 << 20);
+        assert_eq!(b.spare(outside + (36 << 20), 28 << 20), 8 << 20);
+        assert_eq!(b.spare(outside + (20 << 20), 28 << 20), 0);
+    }
 
     #[test]
     fn sizes() {
