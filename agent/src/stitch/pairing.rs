@@ -75,6 +75,8 @@ impl Pairing {
     pub fn shrink(&mut self) {
         self.by_seq.shrink_to_fit();
         self.queued.shrink_to_fit();
+        self.finished.shrink_to_fit();
+        self.servers_done_first.shrink_to_fit();
     }
 
     /// Indexes a client request once its ids are decided.
