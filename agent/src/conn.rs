@@ -427,14 +427,6 @@ impl ConnTable {
     }
 
     fn on_data(&mut self, h: &EventHeader, payload: &[u8], out: &mut Vec<ConnOutput>) {
-        self.on_connection_data(h, payload, out);
-        // Its requests may have changed: a pool's count of idle connections follows.
-        if let Some(c) = self.conns.get_mut(&(h.pid, h.fd)) {
-            self.pools.update(c);
-        }
-    }
-
-    fn on_connection_data(&mut self, h: &EventHeader, payload: &[u8], out: &mut Vec<ConnOutput>) {
         let key = (h.pid, h.fd);
         let known = match self.conns.get(&key) {
             Some(c) if c.sock == h.sock => true,
@@ -475,6 +467,7 @@ impl ConnTable {
             if ingress {
                 c.http.on_close(h.ts_exit_ns, &mut self.exchanges, &mut self.http_stats);
                 c.emit(&mut self.exchanges, false, Some(h.ts_exit_ns), out);
+                self.pools.update(c);
             }
             return;
         }
@@ -521,6 +514,8 @@ impl ConnTable {
             _ => c.http.on_response_chunk(&chunk, ex, &mut self.http_stats),
         }
         c.emit(ex, false, None, out);
+        // Its requests changed: its pool's count of idle connections follows.
+        self.pools.update(c);
     }
 
     fn open(&mut self, h: &EventHeader) -> Connection {
@@ -966,8 +961,8 @@ mod tests {
     }
 
     /// After every event, each pool's counts agree with the table's connections: random
-    /// requests, responses, closes, reused fds, evictions and sheds on the client connections
-    /// of two processes to two peers.
+    /// requests, responses, closes, ends of stream, reused fds, evictions and sheds on the
+    /// client connections of two processes to two peers.
     #[test]
     fn pool_counts_follow_the_connections() {
         use crate::{
@@ -1027,7 +1022,22 @@ mod tests {
                         "c",
                     );
                 }
-                17 if !open.is_empty() => b.close(&open.swap_remove(pick)),
+                17 if !open.is_empty() && next(2) == 0 => b.close(&open.swap_remove(pick)),
+                17 if !open.is_empty() => {
+                    // The server's end of the stream, read by the client (a 0-byte read).
+                    let c = open[pick];
+                    b.data(
+                        c.client_pid,
+                        1,
+                        c.client_fd,
+                        c.client_sock,
+                        side::CONNECTED,
+                        false,
+                        b"",
+                        0,
+                        "c",
+                    );
+                }
                 18 => table.tick(b.now_ns, 20_000, 400_000, &mut out),
                 19 if step % 7 == 0 => drop(table.shed_oldest(8)),
                 _ => {}
