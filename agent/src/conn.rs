@@ -17,6 +17,7 @@ use crate::{
     goroutines::{GoChain, GoTracker},
     http::{Chunk, Exchange, HttpConn, HttpStats, Started, looks_like_request, looks_like_response},
     loops::{Cause, LoopHint, LoopTracker},
+    process::Generations,
     telemetry::Family,
 };
 
@@ -169,6 +170,8 @@ pub struct ConnTable {
     pub loops: LoopTracker,
     /// Which goroutine asked for each request in Go programs (see `goroutines`).
     pub go: GoTracker,
+    /// The processes `loops` and `go` learn about, to forget them when they are gone.
+    processes: Generations,
     /// Client connections by (process, peer): whether a client pool is full.
     pools: PeerPools,
     /// What one event's bytes completed, emptied before the event ends: allocated once, not
@@ -200,6 +203,7 @@ impl ConnTable {
             proc: ProcTuples::new("/proc"),
             loops: LoopTracker::new(Some(crate::process::is_go_program)),
             go: GoTracker::new(),
+            processes: Generations::new("/proc"),
             pools: PeerPools::default(),
             exchanges: Vec::new(),
             started: Vec::new(),
@@ -226,12 +230,21 @@ impl ConnTable {
         Self {
             proc: ProcTuples::new(""),
             loops: LoopTracker::new(None),
+            processes: Generations::new(""),
             ..Self::new()
         }
     }
 
     pub fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Forgets what is kept per process for the processes that exited or whose pid was
+    /// reused (called every few seconds: a sweep reads each one's start time).
+    pub fn forget_gone_processes(&mut self) {
+        let gone = self.processes.sweep();
+        self.loops.forget_processes(&gone);
+        self.go.forget_processes(&gone);
     }
 
     /// This stage's families: its connections, the HTTP parser's counts, the event-loop
@@ -445,6 +458,7 @@ impl ConnTable {
                 self.evict_oldest(16, out);
             }
             // A process's first bytes always open a connection here: the one place to learn of it.
+            self.processes.saw(h.pid);
             self.go.saw_process(h.pid);
             let mut c = self.open(h);
             if c.side == Some(Side::Client) {

@@ -168,6 +168,18 @@ impl GoTracker {
         }
     }
 
+    /// Forgets processes that are gone (or whose pid now names another): their goroutine
+    /// indexes, and whether they were checked for Go, so a Go program that reuses a pid is
+    /// hooked.
+    pub fn forget_processes(&mut self, pids: &[u32]) {
+        for pid in pids {
+            self.procs.remove(pid);
+            if let Some(d) = &mut self.detector {
+                d.checked.remove(pid);
+            }
+        }
+    }
+
     pub fn on_event(&mut self, ev: &GoEvent) {
         if self.procs.len() >= MAX_PROCESSES && !self.procs.contains_key(&ev.header.pid) {
             self.procs.clear();
@@ -277,6 +289,22 @@ mod tests {
         t.on_event(&ev(go_op::REQUEST_WRITE, 99, 0xe0, 2));
         t.on_event(&ev(go_op::SPAWN, 10, 99, 3)); // the runtime reuses 99 for a new goroutine
         assert_eq!(t.chain(1, 99).unwrap().iter().next(), Some((99, u64::MAX)));
+    }
+
+    /// A Go process is hooked once; a process forgotten (gone, or its pid reused) is checked
+    /// again when its pid shows, and its goroutines are forgotten with it.
+    #[test]
+    fn a_forgotten_process_is_checked_again() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut t = GoTracker::with_hooks(|_| true, tx);
+        t.saw_process(1);
+        t.saw_process(1);
+        t.on_event(&ev(go_op::SPAWN, 10, 20, 100));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1]);
+        t.forget_processes(&[1]);
+        assert_eq!(t.chain(1, 20), None, "its goroutines are forgotten");
+        t.saw_process(1);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1]);
     }
 
     #[test]

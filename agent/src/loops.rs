@@ -273,6 +273,18 @@ impl LoopTracker {
         p
     }
 
+    /// Forgets what was learnt of processes that are gone (or whose pid now names another):
+    /// whether they run Go, their loop threads, their pending connects.
+    pub fn forget_processes(&mut self, pids: &[u32]) {
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            self.processes.remove(pid);
+        }
+        self.connects.retain(|(pid, _), _| !pids.contains(pid));
+    }
+
     /// Whether `pid` runs a Go program (asked once per process).
     pub fn runs_go(&mut self, pid: u32) -> bool {
         self.process(pid).go
@@ -478,5 +490,26 @@ mod tests {
         assert!(!t.processes.contains_key(&2), "the stalest process is forgotten");
         let busy = &t.processes[&1];
         assert_eq!(busy.disqualified(10), Some(Abstain::SeveralLoopThreads));
+    }
+
+    /// A process forgotten (gone, or its pid reused) is learnt afresh: whether it runs Go is
+    /// asked again, and its former loop threads no longer count.
+    #[test]
+    fn a_forgotten_process_is_learnt_afresh() {
+        static RUNS_GO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let mut t = LoopTracker::new(Some(|_| RUNS_GO.load(std::sync::atomic::Ordering::Relaxed)));
+        let lp = LoopStamp {
+            epoch: 1,
+            wait_deadline_ns: 0,
+        };
+        t.on_output(5, 10, lp, false);
+        t.on_output(5, 11, lp, false);
+        assert!(!t.runs_go(5));
+        assert_eq!(t.processes[&5].disqualified(10), Some(Abstain::SeveralLoopThreads));
+        RUNS_GO.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(!t.runs_go(5), "asked once per process");
+        t.forget_processes(&[5]);
+        assert!(t.runs_go(5), "the pid's new owner runs Go");
+        assert!(t.processes[&5].threads.is_empty());
     }
 }

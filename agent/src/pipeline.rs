@@ -42,8 +42,9 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// How long a span waits for its process's pod to be known, and how many wait at once.
 const POD_HOLD_NS: u64 = 2_000_000_000;
 const MAX_AWAITING_POD: usize = 10_000;
-/// Ticks between sweeps of the process selection's decisions (processes gone, pids reused).
-const SELECTION_SWEEP_TICKS: u64 = 20;
+/// Ticks between sweeps of what is kept per process (processes gone, pids reused): the
+/// selection's decisions, the connection table's event-loop and Go state.
+const PROCESS_SWEEP_TICKS: u64 = 20;
 
 pub struct Processor {
     pub conns: ConnTable,
@@ -263,8 +264,9 @@ impl Processor {
         self.build_spans(out);
         self.publish_stats();
         self.ticks += 1;
-        if self.ticks.is_multiple_of(SELECTION_SWEEP_TICKS) {
+        if self.ticks.is_multiple_of(PROCESS_SWEEP_TICKS) {
             self.selector.forget_gone();
+            self.conns.forget_gone_processes();
         }
         if self.budget.is_some() && self.ticks.is_multiple_of(4) {
             // Memory freed since (batches, spans sent, connections gone) stops counting as

@@ -1,7 +1,10 @@
 //! Per-process resource: `service.name` from the process's own `OTEL_SERVICE_NAME` (or
 //! `service.name` in its `OTEL_RESOURCE_ATTRIBUTES`), else its executable name; read once per
 //! process from /proc. Short-lived processes that are gone by then fall back to their `comm`.
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use crate::FastMap;
 
@@ -241,15 +244,74 @@ pub fn container_id(cgroup: &str) -> Option<String> {
 
 /// The process's start time (field 22 of `<root>/<pid>/stat`, after the parenthesised name,
 /// which may hold spaces) and executable; `None` without a /proc (replays).
-pub(crate) fn identity(root: &std::path::Path, pid: u32) -> Option<(u64, PathBuf)> {
+fn identity(root: &Path, pid: u32) -> Option<(u64, PathBuf)> {
+    let start = read_start_time(root, pid)?;
+    Some((
+        start,
+        std::fs::read_link(root.join(pid.to_string()).join("exe")).unwrap_or_default(),
+    ))
+}
+
+/// The process's start time (clock ticks after boot); 0 when it is gone or there is no /proc.
+pub(crate) fn start_time(root: &Path, pid: u32) -> u64 {
+    read_start_time(root, pid).unwrap_or(0)
+}
+
+fn read_start_time(root: &Path, pid: u32) -> Option<u64> {
     if root.as_os_str().is_empty() {
         return None;
     }
-    let dir = root.join(pid.to_string());
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let stat = std::fs::read_to_string(root.join(pid.to_string()).join("stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];
-    let start = after_name.split_whitespace().nth(19)?.parse().ok()?;
-    Some((start, std::fs::read_link(dir.join("exe")).unwrap_or_default()))
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Processes remembered by [`Generations`]; beyond it they are forgotten all at once.
+const MAX_GENERATIONS: usize = 8192;
+
+/// The processes a stage keeps state for, each with its start time. A sweep every few seconds
+/// names those that exited and those whose pid now belongs to another process, so that what
+/// was learnt of a process (whether it runs Go, its event-loop threads) is dropped, not
+/// inherited by the pid's next owner.
+pub struct Generations {
+    /// "" = never read /proc (replays: nothing is ever swept).
+    root: PathBuf,
+    started: FastMap<u32, u64>,
+}
+
+impl Generations {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            started: FastMap::default(),
+        }
+    }
+
+    /// Remembers `pid`'s start time, the first time it is seen.
+    pub fn saw(&mut self, pid: u32) {
+        if self.root.as_os_str().is_empty() || self.started.contains_key(&pid) {
+            return;
+        }
+        if self.started.len() >= MAX_GENERATIONS {
+            self.started.clear();
+        }
+        self.started.insert(pid, start_time(&self.root, pid));
+    }
+
+    /// The processes seen that exited or whose pid was reused since; forgotten here too.
+    pub fn sweep(&mut self) -> Vec<u32> {
+        let root = &self.root;
+        let mut gone = Vec::new();
+        self.started.retain(|&pid, &mut start| {
+            let now = start_time(root, pid);
+            let same = now != 0 && now == start;
+            if !same {
+                gone.push(pid);
+            }
+            same
+        });
+        gone
+    }
 }
 
 impl Default for ProcessTable {
@@ -377,6 +439,39 @@ mod tests {
         let d = t.get(42, &comm("node"));
         assert_eq!(d.service_name, "inventory", "the process exec'd another program");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A sweep names the processes that exited and those whose pid was reused, once.
+    #[test]
+    fn a_sweep_names_processes_gone_or_reused() {
+        let root = std::env::temp_dir().join(format!("sockspan-gen-{}", std::process::id()));
+        let write = |pid: u32, start: u64| {
+            let dir = root.join(pid.to_string());
+            std::fs::create_dir_all(&dir).unwrap();
+            let stat = format!("{pid} (a b) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0");
+            std::fs::write(dir.join("stat"), stat).unwrap();
+        };
+        for pid in [1, 2, 3] {
+            write(pid, 100);
+        }
+        let mut g = Generations::new(&root);
+        for pid in [1, 2, 3] {
+            g.saw(pid);
+        }
+        assert!(g.sweep().is_empty(), "all still running");
+        write(2, 200);
+        std::fs::remove_dir_all(root.join("3")).unwrap();
+        let mut gone = g.sweep();
+        gone.sort();
+        assert_eq!(gone, [2, 3]);
+        assert!(g.sweep().is_empty(), "forgotten once named");
+        g.saw(2);
+        assert!(g.sweep().is_empty(), "the pid's new process is the one remembered");
+        let _ = std::fs::remove_dir_all(&root);
+
+        let mut replay = Generations::new("");
+        replay.saw(1);
+        assert!(replay.sweep().is_empty(), "without /proc nothing is swept");
     }
 
     #[test]

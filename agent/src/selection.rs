@@ -357,7 +357,7 @@ impl ProcessSelector {
 
     /// The process's start time (clock ticks after boot; 0 when it is gone).
     fn start_time(pid: u32) -> u64 {
-        crate::process::identity(std::path::Path::new("/proc"), pid).map_or(0, |(start, _)| start)
+        crate::process::start_time(std::path::Path::new("/proc"), pid)
     }
 }
 
