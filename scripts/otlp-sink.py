@@ -1,24 +1,20 @@
 #!/usr/bin/env python3
-"""A minimal OTLP/HTTP trace sink for `cargo xtask bench`.
+"""Counts the spans the benchmarks' OTLP sink received (`cargo xtask otlp-sink DIR`, in
+xtask/src/sink.rs, stores each request's body in DIR/bodies.bin while a run goes on).
 
-    otlp-sink.py serve DIR [--port N]   accept POST /v1/traces, answer 200, append each body to
-                                        DIR/bodies.bin; GET /stats gives {"requests", "bytes"}.
-                                        Prints "otlp-sink listening on 127.0.0.1:PORT" when ready.
-    otlp-sink.py count DIR              decode DIR/bodies.bin afterwards and print span counts as
-                                        JSON: total, and per HTTP method and span kind.
+    otlp-sink.py count DIR    decode DIR/bodies.bin and print span counts as JSON: total, and
+                              per HTTP method and span kind.
 
-Decoding happens after the run, not while the benchmark runs, so the sink costs the machine
-little more than a socket read and a file write per export. Only the standard library is used:
-a tiny protobuf walker reads ExportTraceServiceRequest -> ResourceSpans(1) -> ScopeSpans(2) ->
-Span(2), and from each span its name (5) and kind (6).
+bodies.bin holds one record per request: a little-endian u32 length (of the body), the body's
+Content-Encoding as one byte (0 none, 1 gzip, 2 deflate, 3 another) and the body. Only the
+standard library is used: a tiny protobuf walker reads ExportTraceServiceRequest ->
+ResourceSpans(1) -> ScopeSpans(2) -> Span(2), and from each span its name (5) and kind (6).
 """
 import gzip
 import json
 import struct
 import sys
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 
@@ -83,90 +79,25 @@ def count(directory):
         data = f.read()
     i = 0
     while i < len(data):
-        (ln,) = struct.unpack_from("<I", data, i)
-        body = data[i + 4 : i + 4 + ln]
-        i += 4 + ln
+        (ln, enc) = struct.unpack_from("<IB", data, i)
+        body = data[i + 5 : i + 5 + ln]
+        i += 5 + ln
         out["requests"] += 1
         try:
+            if enc == 1:
+                body = gzip.decompress(body)
+            elif enc == 2:
+                body = zlib.decompress(body)
+            elif enc != 0:
+                raise ValueError(f"content encoding {enc}")
             count_request(body, out)
-        except (IndexError, ValueError):
+        except (IndexError, ValueError, OSError, zlib.error):
             out["undecodable"] += 1
     print(json.dumps(out, sort_keys=True))
 
 
-def serve(directory, port):
-    lock = threading.Lock()
-    sink = open(f"{directory}/bodies.bin", "wb")
-    stats = {"requests": 0, "bytes": 0}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def reply(self, code, body=b"", ctype="application/x-protobuf"):
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def read_body(self):
-            if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            # Chunked (Node.js's exporter streams its body): size lines, chunks, an empty last one.
-            body = b""
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():  # trailers, then the blank line
-                        pass
-                    return body
-                body += self.rfile.read(size)
-                self.rfile.readline()
-
-        def do_POST(self):
-            body = self.read_body()
-            if self.path != "/v1/traces":
-                return self.reply(404)
-            enc = (self.headers.get("Content-Encoding") or "").lower()
-            if enc == "gzip":
-                body = gzip.decompress(body)
-            elif enc == "deflate":
-                body = zlib.decompress(body)
-            with lock:
-                sink.write(struct.pack("<I", len(body)))
-                sink.write(body)
-                sink.flush()  # so a SIGTERM'd sink leaves whole records behind
-                stats["requests"] += 1
-                stats["bytes"] += len(body)
-            # An empty ExportTraceServiceResponse: full success.
-            self.reply(200)
-
-        def do_GET(self):
-            if self.path != "/stats":
-                return self.reply(404)
-            with lock:
-                body = json.dumps(stats).encode()
-            self.reply(200, body, "application/json")
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    print(f"otlp-sink listening on 127.0.0.1:{server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sink.close()
-
-
 def main(argv):
-    if len(argv) >= 3 and argv[1] == "serve":
-        port = int(argv[4]) if len(argv) >= 5 and argv[3] == "--port" else 0
-        serve(argv[2], port)
-    elif len(argv) == 3 and argv[1] == "count":
+    if len(argv) == 3 and argv[1] == "count":
         count(argv[2])
     else:
         sys.exit(__doc__)

@@ -1,6 +1,7 @@
 #!/bin/bash
 # 10-minute soak (docs/reliability.md): nginx and a Python server under paced keep-alive load, the
-# agent exporting OTLP/HTTP to scripts/otlp-sink.py. As root, after `cargo build --release -p agent`:
+# agent exporting OTLP/HTTP to the benchmarks' sink (xtask/src/sink.rs). As root, after
+# `cargo build --release -p agent -p xtask`:
 #   bash scripts/soak/run.sh [SECONDS] [RATE]      (defaults 600 s, 400 requests/s asked)
 # Writes its figures to $OUT (default /tmp/sockspan-soak): load.json, counts.json, metrics.txt,
 # rss.txt (agent VmRSS in KiB every 15 s).
@@ -18,7 +19,7 @@ http { access_log off; default_type text/html; client_body_temp_path $OUT/body; 
 CONF
 /usr/sbin/nginx -p "$OUT" -c "$OUT/nginx.conf" -e "$OUT/error.log" & NG=$!
 python3 "$HERE/server.py" & PY=$!
-python3 "$REPO/scripts/otlp-sink.py" serve "$OUT/sink" --port 18390 > "$OUT/sink.log" 2>&1 & SK=$!
+"$REPO/target/release/xtask" otlp-sink "$OUT/sink" --port 18390 > "$OUT/sink.log" 2>&1 & SK=$!
 sleep 1
 OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:18390 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
   "$REPO/target/release/sockspan" --metrics-addr 127.0.0.1:18391 > "$OUT/agent.out" 2> "$OUT/agent.err" & AG=$!

@@ -794,19 +794,18 @@ pub fn run_agent<L>(bin: &Path, tmp: &Path, output: Output, load: impl FnOnce() 
     Ok(a)
 }
 
-/// Starts scripts/otlp-sink.py on a free port, keeping what it receives in `tmp/sink`:
-/// (that directory, the sink, its port).
+/// Starts the OTLP sink (`cargo xtask otlp-sink`, see `sink.rs`) on a free port, keeping what
+/// it receives in `tmp/sink`: (that directory, the sink, its port).
 pub fn start_sink(tmp: &Path) -> Result<(PathBuf, Guard, u16)> {
     let sink_dir = tmp.join("sink");
     fs::create_dir_all(&sink_dir)?;
-    let mut child = Command::new("python3")
-        .arg(util::root().join("scripts/otlp-sink.py"))
-        .arg("serve")
+    let mut child = Command::new(std::env::current_exe().context("this program's path")?)
+        .arg("otlp-sink")
         .arg(&sink_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .context("start the OTLP sink (python3 scripts/otlp-sink.py)")?;
+        .context("start the OTLP sink (cargo xtask otlp-sink)")?;
     let sink_out = util::lines_to_channel(child.stdout.take().expect("piped"), None);
     let sink = Guard::new("otlp-sink", child);
     let line = sink_out

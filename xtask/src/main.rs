@@ -7,6 +7,7 @@ mod loadgen;
 mod overhead;
 mod report;
 mod setup;
+mod sink;
 mod testsuite;
 mod util;
 
@@ -100,6 +101,15 @@ enum Cmd {
         #[arg(long)]
         no_write: bool,
     },
+    /// The OTLP/HTTP receiver the benchmarks export to (started by them): stores what it
+    /// receives in DIR/bodies.bin until killed.
+    #[command(hide = true)]
+    OtlpSink {
+        dir: PathBuf,
+        /// Port on 127.0.0.1 (0: any free one; the one taken is printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +197,7 @@ fn real_main() -> Result<()> {
             no_write,
             command: bench_command(),
         }),
+        Cmd::OtlpSink { dir, port } => sink::serve(&dir, port),
         Cmd::Bench {
             what: None,
             duration,
