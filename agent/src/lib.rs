@@ -12,6 +12,7 @@ pub mod budget;
 pub mod config;
 pub mod config_file;
 pub mod conn;
+pub mod courtesy;
 pub mod decode;
 pub mod error;
 pub use error::Error;

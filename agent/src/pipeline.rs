@@ -8,6 +8,7 @@ use crate::{
     FastSet,
     budget::{self, MemoryBudget},
     conn::{ConnOutput, ConnTable},
+    courtesy::{Slack, Stretch},
     decode::{DecodeError, decode},
     export::{PrintQueue, otlp::ExportQueue},
     process::ProcessTable,
@@ -37,11 +38,6 @@ const BUDGET_CHECK_NS: u64 = 5_000_000;
 /// most every [`EARLY_GIVE_BACK_NS`], once the heap moved by half of it.
 const SPARE_BYTES: u64 = 8 << 20;
 const EARLY_GIVE_BACK_NS: u64 = 50_000_000;
-/// The longest stretch of a batch worked through before the CPU is offered to whatever
-/// waits for it: a service woken behind the agent on its core would otherwise wait for the
-/// whole batch (by `sched_switch`, nginx under `cargo xtask bench overhead`: its waits of
-/// over 100 µs behind the agent averaged 600 µs, up to 4 ms).
-const YIELD_EVERY_NS: u64 = 50_000;
 /// How often the idle work runs.
 pub const TICK: Duration = Duration::from_millis(250);
 /// How long a span waits for its process's pod to be known, and how many wait at once.
@@ -84,9 +80,9 @@ pub struct Processor {
     /// When spare memory was last given back early (monotonic ns), and the live heap then.
     gave_back_ns: u64,
     gave_back_heap: u64,
-    /// When this thread last offered its CPU (see [`Processor::yield_if_due`]).
-    yielded_ns: u64,
     last_batch: LastBatch,
+    /// Whether the agent has time to spare (see [`crate::courtesy`]), judged at each batch.
+    slack: Slack,
     /// Which processes are traced (`--trace-exe`, `--ignore-pid`, ...; all by default).
     selector: ProcessSelector,
     /// Spans of processes whose pod is not known yet, waiting for it until a deadline
@@ -146,14 +142,20 @@ impl Processor {
             budget_checked_heap: 0,
             gave_back_ns: 0,
             gave_back_heap: 0,
-            yielded_ns: 0,
             last_batch: LastBatch::default(),
+            slack: Slack::default(),
         }
     }
 
     /// Traces only the processes `selector` selects.
     pub fn with_selection(mut self, selector: ProcessSelector) -> Self {
         self.selector = selector;
+        self
+    }
+
+    /// Publishes whether the agent has time to spare in `slack` (the exporter reads it).
+    pub fn with_slack(mut self, slack: Slack) -> Self {
+        self.slack = slack;
         self
     }
 
@@ -176,11 +178,10 @@ impl Processor {
         // fifth of the time before this batch. A pipeline falling behind (a saturated node)
         // keeps it, or the kernel would lose events.
         let polite = self.last_batch.busy_ns.saturating_mul(4) < start.saturating_sub(self.last_batch.end_ns);
-        self.yielded_ns = start;
+        self.slack.set(polite);
+        let mut stretch = Stretch::begin(self.clock, polite);
         for (i, record) in batch.iter().enumerate() {
-            if polite && i % 16 == 15 {
-                self.yield_if_due();
-            }
+            stretch.offer_if_due();
             if i % 64 == 63 {
                 // A batch can hold tens of thousands of requests (records of pipelined ones):
                 // the connection stage's outputs go to the stitcher as they come (held there
@@ -207,16 +208,6 @@ impl Processor {
             busy_ns: end.saturating_sub(start),
             end_ns: end,
         };
-    }
-
-    /// Lets a task waiting for this CPU run, once a batch has kept it for [`YIELD_EVERY_NS`]
-    /// (never in replays: their clock is stopped).
-    fn yield_if_due(&mut self) {
-        let now = (self.clock)();
-        if now.saturating_sub(self.yielded_ns) >= YIELD_EVERY_NS {
-            std::thread::yield_now();
-            self.yielded_ns = (self.clock)();
-        }
     }
 
     /// Over the budget's shedding mark (checked every [`BUDGET_CHECK_NS`], or sooner once the
@@ -497,6 +488,8 @@ pub struct Sinks {
     pub metrics: Arc<Metrics>,
     /// The sampler's clock.
     epoch: std::time::Instant,
+    /// Whether the agent has time to spare: formatting lines then offers the CPU.
+    slack: Slack,
 }
 
 impl Sinks {
@@ -537,7 +530,14 @@ impl Sinks {
             sampler,
             metrics,
             epoch: std::time::Instant::now(),
+            slack: Slack::default(),
         })
+    }
+
+    /// Reads whether the agent has time to spare from `slack` (the pipeline judges it).
+    pub fn with_slack(mut self, slack: Slack) -> Self {
+        self.slack = slack;
+        self
     }
 
     pub fn send(&mut self, spans: Vec<Span>) {
@@ -545,7 +545,7 @@ impl Sinks {
             return;
         }
         match &self.printer {
-            Some((Printer::Lines(p), _)) => p.send(&spans),
+            Some((Printer::Lines(p), _)) => p.send(&spans, self.slack.spare()),
             Some((Printer::Spans(q), _)) => q.send(&spans),
             None => {}
         }

@@ -194,8 +194,10 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     let reader_task = tokio::spawn(reader.run(raw_tx, cancel.clone()));
 
+    // Whether the agent has time to spare: the pipeline judges, the exporter reads.
+    let slack = sockspan::courtesy::Slack::default();
     let (otlp_tx, export_task) = if exporting {
-        let exporter = OtlpExporter::from_env(bsp, metrics.clone())?;
+        let exporter = OtlpExporter::from_env(bsp, metrics.clone())?.with_slack(slack.clone());
         let (queue, rx) = exporter.queue();
         let sampler = Sampler::new(head_sampler, cli.tail_sampler(), metrics.sampling.clone());
         (
@@ -205,7 +207,9 @@ pub async fn run(cli: Cli) -> Result<()> {
     } else {
         (None, None)
     };
-    let sinks = Sinks::new(print, cli.filter.clone(), otlp_tx, metrics.clone()).context("start the print thread")?;
+    let sinks = Sinks::new(print, cli.filter.clone(), otlp_tx, metrics.clone())
+        .context("start the print thread")?
+        .with_slack(slack.clone());
     let (go_tx, go_rx) = std::sync::mpsc::channel();
     let stop_hooking = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hooker = {
@@ -232,7 +236,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         metrics.clone(),
     )
     .with_selection(ProcessSelector::new(cli.select.clone(), Some(Box::new(gate))))
-    .with_budget(budget);
+    .with_budget(budget)
+    .with_slack(slack);
     let record: Option<Box<dyn std::io::Write + Send>> = match &cli.record {
         Some(path) => {
             let mut f = std::io::BufWriter::new(

@@ -24,8 +24,9 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
     budget::MemoryBudget,
+    courtesy::{Slack, Stretch},
     process::ProcessInfo,
-    span::{AttrValue, Span, SpanKind},
+    span::{AttrValue, Span, SpanKind, monotonic_ns},
     telemetry::{Counter, ExportFailure, Metrics},
 };
 
@@ -258,6 +259,9 @@ pub struct OtlpExporter {
     /// Spans per export request at most: `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, halved each time
     /// the collector refuses a request as too large.
     batch_limit: usize,
+    /// Whether the agent has time to spare: encoding a request then offers the CPU
+    /// ([`crate::courtesy`]).
+    slack: Slack,
     /// Set when the agent stops: the final flush ends by then, dropping (counting) the rest.
     deadline: Option<tokio::time::Instant>,
 }
@@ -322,7 +326,14 @@ impl OtlpExporter {
             retry_at: None,
             backoff: BACKOFF_MIN,
             deadline: None,
+            slack: Slack::default(),
         })
+    }
+
+    /// Reads whether the agent has time to spare from `slack` (the pipeline judges it).
+    pub fn with_slack(mut self, slack: Slack) -> Self {
+        self.slack = slack;
+        self
     }
 
     /// The sending side for [`run`](Self::run), with room for `OTEL_BSP_MAX_QUEUE_SIZE` spans.
@@ -428,10 +439,15 @@ impl OtlpExporter {
             };
             let count = spans.len() as u64;
             let payload = match &mut exporter {
-                Sender::Direct(_) => Payload::Protobuf(encode_request(&process, &spans)),
+                Sender::Direct(_) => Payload::Protobuf(encode_request(&process, &spans, self.slack.spare())),
                 Sender::Sdk(sdk) => {
                     sdk.set_resource(&resource(&process));
-                    Payload::SpanData(spans.into_iter().map(|s| to_span_data(s, &self.scope)).collect())
+                    let mut stretch = Stretch::begin(monotonic_ns, self.slack.spare());
+                    let spans = spans.into_iter().map(|s| {
+                        stretch.offer_if_due();
+                        to_span_data(s, &self.scope)
+                    });
+                    Payload::SpanData(spans.collect())
                 }
             };
             let timeout = match self.deadline {
@@ -569,10 +585,14 @@ fn group_by_process(batch: Vec<Span>) -> Vec<(Arc<ProcessInfo>, Vec<Span>)> {
     groups
 }
 
-/// One process's spans as the OTLP protobuf request [`super::http`] sends.
-fn encode_request(process: &ProcessInfo, spans: &[Span]) -> Vec<u8> {
+/// One process's spans as the OTLP protobuf request [`super::http`] sends, offering the CPU
+/// as it goes when `polite` (a request of 512 spans is a stretch of a few hundred µs).
+fn encode_request(process: &ProcessInfo, spans: &[Span], polite: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(spans.len() * 512);
-    super::proto::write_resource_spans(&mut out, &resource(process), SCOPE, spans);
+    let mut stretch = Stretch::begin(monotonic_ns, polite);
+    super::proto::write_resource_spans(&mut out, &resource(process), SCOPE, spans, || {
+        stretch.offer_if_due();
+    });
     out
 }
 
@@ -601,7 +621,7 @@ pub fn encode_with_sdk(spans: Vec<Span>) -> Vec<u8> {
 pub fn encode_direct(spans: Vec<Span>) -> Vec<u8> {
     let mut out = Vec::new();
     for (process, spans) in group_by_process(spans) {
-        out.extend_from_slice(&encode_request(&process, &spans));
+        out.extend_from_slice(&encode_request(&process, &spans, false));
     }
     out
 }

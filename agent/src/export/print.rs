@@ -11,7 +11,8 @@ use std::{
 use serde_json::{Map, Value, json};
 
 use crate::{
-    span::{AttrValue, Span},
+    courtesy::Stretch,
+    span::{AttrValue, Span, monotonic_ns},
     views::SpanFilter,
 };
 
@@ -87,8 +88,9 @@ impl PrintQueue {
         ))
     }
 
-    /// Formats `spans` and queues them for the print thread, or drops them (counted).
-    pub fn send(&self, spans: &[Span]) {
+    /// Formats `spans` and queues them for the print thread, or drops them (counted);
+    /// formatting offers the CPU as it goes when `polite` ([`crate::courtesy`]).
+    pub fn send(&self, spans: &[Span], polite: bool) {
         let c = &self.counts;
         let shown: Vec<&Span> = spans.iter().filter(|s| self.filter.matches(s)).collect();
         c.filtered.fetch_add((spans.len() - shown.len()) as u64, Relaxed);
@@ -101,7 +103,9 @@ impl PrintQueue {
             return;
         }
         let mut text = String::new();
+        let mut stretch = Stretch::begin(monotonic_ns, polite);
         for span in shown {
+            stretch.offer_if_due();
             text.push_str(&self.format.line(span));
             text.push('\n');
         }
@@ -263,7 +267,7 @@ mod tests {
         .unwrap();
         let batch: Vec<Span> = (0..1000).map(Span::sample).collect();
         for _ in 0..100 {
-            q.send(&batch);
+            q.send(&batch, false);
         }
         let dropped = counts.dropped_queue_full.load(Relaxed);
         assert!(dropped > 0, "100,000 JSON lines exceed the queue's bytes");

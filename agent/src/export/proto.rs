@@ -23,8 +23,15 @@ const KIND_CLIENT: u64 = 3;
 const STATUS_ERROR: u64 = 2;
 
 /// Appends one `ResourceSpans` (the process's resource, one scope given as its name and
-/// version, its spans) to an `ExportTraceServiceRequest` being written in `out`.
-pub fn write_resource_spans(out: &mut Vec<u8>, resource: &Resource, scope: (&str, &str), spans: &[Span]) {
+/// version, its spans) to an `ExportTraceServiceRequest` being written in `out`, calling
+/// `each_span` before each span is written.
+pub fn write_resource_spans(
+    out: &mut Vec<u8>,
+    resource: &Resource,
+    scope: (&str, &str),
+    spans: &[Span],
+    mut each_span: impl FnMut(),
+) {
     let resource_len: usize = resource
         .iter()
         .map(|(k, v)| field_len(1, attr_len(k.as_str(), Scalar::of(v))))
@@ -36,6 +43,7 @@ pub fn write_resource_spans(out: &mut Vec<u8>, resource: &Resource, scope: (&str
     let mut body = Vec::with_capacity(spans.len() * 512);
     let mut ends = Vec::with_capacity(spans.len());
     for s in spans {
+        each_span();
         write_span(&mut body, s);
         ends.push(body.len());
     }
