@@ -1,9 +1,10 @@
 //! The agent shares its cores with the services it watches, and a long stretch of its work on
 //! a core delays whatever the scheduler queued behind it there (by `sched_switch`, nginx under
 //! `cargo xtask bench overhead`: its waits of over 100 µs behind the agent averaged 600 µs, up
-//! to 4 ms). The stages that work through long stretches, the pipeline's batches and the
-//! exporter's encoding, offer the CPU every [`YIELD_EVERY_NS`] while the agent has time to
-//! spare; an agent falling behind keeps it, or the kernel would lose events.
+//! to 4 ms). The long stretches on the agent's thread, the pipeline's batches, the exporter's
+//! encoding and the formatting of printed lines, offer the CPU every [`YIELD_EVERY_NS`] while
+//! the agent has time to spare; an agent falling behind keeps it, or the kernel would lose
+//! events.
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering::Relaxed},
@@ -15,7 +16,7 @@ pub const YIELD_EVERY_NS: u64 = 50_000;
 const ITEMS_PER_CHECK: u32 = 16;
 
 /// Whether the agent has time to spare, as the pipeline judged it at its last batch; the
-/// exporter reads it.
+/// exporter and the printing read it.
 #[derive(Debug, Clone, Default)]
 pub struct Slack(Arc<AtomicBool>);
 

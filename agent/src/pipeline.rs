@@ -153,7 +153,8 @@ impl Processor {
         self
     }
 
-    /// Publishes whether the agent has time to spare in `slack` (the exporter reads it).
+    /// Publishes whether the agent has time to spare in `slack` (the exporter and the
+    /// printing read it).
     pub fn with_slack(mut self, slack: Slack) -> Self {
         self.slack = slack;
         self

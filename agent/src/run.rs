@@ -194,7 +194,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     let reader_task = tokio::spawn(reader.run(raw_tx, cancel.clone()));
 
-    // Whether the agent has time to spare: the pipeline judges, the exporter reads.
+    // Whether the agent has time to spare: the pipeline judges, the exporter and the
+    // printing read.
     let slack = sockspan::courtesy::Slack::default();
     let (otlp_tx, export_task) = if exporting {
         let exporter = OtlpExporter::from_env(bsp, metrics.clone())?.with_slack(slack.clone());
