@@ -49,22 +49,35 @@ pub fn bench_pipeline(
     ))?;
     // The same, and each batch's spans then encoded as the OTLP/HTTP exporter does (straight
     // into protobuf; no network), then as the SDK does for gRPC and JSON (span → SpanData →
-    // protobuf types → bytes).
-    for (label, encode) in [
+    // protobuf types → bytes), then formatted as `--print=json` lines (no terminal).
+    for (label, what, encode) in [
         (
             "with_otlp_encoding",
+            "otlp_bytes",
             sockspan::export::otlp::encode_direct as fn(_) -> _,
         ),
-        ("with_sdk_encoding", sockspan::export::otlp::encode_with_sdk),
+        (
+            "with_sdk_encoding",
+            "otlp_bytes",
+            sockspan::export::otlp::encode_with_sdk,
+        ),
+        ("with_json_lines", "json_bytes", json_lines),
     ] {
         let (secs, spans, bytes) = best(Some(encode));
         emit(format_args!(
-            "{label}: spans={spans} otlp_bytes={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
+            "{label}: spans={spans} {what}={bytes} seconds={secs:.3} events_per_sec={:.0} spans_per_sec={:.0}",
             events as f64 / secs,
             spans as f64 / secs
         ))?;
     }
     Ok(())
+}
+
+/// The spans as `--print=json` writes them.
+fn json_lines(spans: Vec<sockspan::span::Span>) -> Vec<u8> {
+    let mut out = Vec::new();
+    sockspan::export::print::PrintFormat::Json.write_lines(&mut out, &spans, false);
+    out
 }
 
 /// Replays a stream through a fresh offline pipeline, handing each batch's spans to `sink` as

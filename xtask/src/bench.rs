@@ -139,13 +139,16 @@ impl Drop for BpfStats {
     }
 }
 
+/// The lines of `bench-pipeline` after its first: the same replay with each batch's spans
+/// encoded as the OTLP/HTTP exporter does, then through the SDK's conversions as the gRPC and
+/// JSON exporters do, then formatted as `--print=json` lines.
+const ENCODINGS: [&str; 3] = ["with_otlp_encoding:", "with_sdk_encoding:", "with_json_lines:"];
+
 pub enum Pipeline {
     Ok {
         line: String,
         events_per_sec: f64,
-        /// The same replay with each batch's spans encoded as the OTLP/HTTP exporter does
-        /// (`with_otlp_encoding:`), then through the SDK's conversions as the gRPC and JSON
-        /// exporters do (`with_sdk_encoding:`).
+        /// The [`ENCODINGS`] lines.
         with_encoding: Vec<String>,
     },
     Missing(String),
@@ -374,7 +377,7 @@ fn pipeline(bin: &Path, tmp: &Path) -> Pipeline {
                 events_per_sec: eps,
                 with_encoding: lines
                     .iter()
-                    .filter(|l| l.starts_with("with_otlp_encoding:") || l.starts_with("with_sdk_encoding:"))
+                    .filter(|l| ENCODINGS.iter().any(|e| l.starts_with(e)))
                     .map(|l| l.trim().to_owned())
                     .collect(),
             },

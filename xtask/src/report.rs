@@ -311,11 +311,13 @@ pub fn render(r: &Results) -> String {
             );
             for l in with_encoding {
                 let how = if l.starts_with("with_sdk_encoding:") {
-                    "through the SDK (span → SpanData → protobuf types → bytes), as the gRPC and JSON exporters do"
+                    "encoded through the SDK (span → SpanData → protobuf types → bytes), as the gRPC and JSON exporters do"
+                } else if l.starts_with("with_json_lines:") {
+                    "formatted as the lines `--print=json` writes"
                 } else {
-                    "straight into protobuf bytes, as the OTLP/HTTP exporter does"
+                    "encoded straight into protobuf bytes, as the OTLP/HTTP exporter does"
                 };
-                let _ = writeln!(s, "| (a) the same, spans then encoded {how} | `{l}` | | |");
+                let _ = writeln!(s, "| (a) the same, spans then {how} | `{l}` | | |");
             }
         }
         Pipeline::Missing(why) => {

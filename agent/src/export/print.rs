@@ -1,5 +1,6 @@
 //! Live spans on stdout: one readable line per span, or one JSON object per line.
 use std::{
+    borrow::Cow,
     io::Write,
     sync::{
         Arc,
@@ -8,11 +9,14 @@ use std::{
     },
 };
 
-use serde_json::{Map, Value, json};
+use serde::{
+    Serialize, Serializer,
+    ser::{SerializeMap, SerializeSeq},
+};
 
 use crate::{
     courtesy::Stretch,
-    span::{AttrValue, Span, monotonic_ns},
+    span::{AttrValue, Span, SpanLink, monotonic_ns},
     views::SpanFilter,
 };
 
@@ -23,10 +27,17 @@ pub enum PrintFormat {
 }
 
 impl PrintFormat {
-    fn line(self, span: &Span) -> String {
-        match self {
-            PrintFormat::Text => text_line(span),
-            PrintFormat::Json => json_line(span).to_string(),
+    /// Appends a line per span to `out`, offering the CPU as it goes when `polite`
+    /// ([`crate::courtesy`]).
+    pub fn write_lines<'a>(self, out: &mut Vec<u8>, spans: impl IntoIterator<Item = &'a Span>, polite: bool) {
+        let mut stretch = Stretch::begin(monotonic_ns, polite);
+        for span in spans {
+            stretch.offer_if_due();
+            match self {
+                PrintFormat::Text => out.extend_from_slice(text_line(span).as_bytes()),
+                PrintFormat::Json => write_json_line(out, span),
+            }
+            out.push(b'\n');
         }
     }
 }
@@ -54,7 +65,7 @@ pub struct PrintCounts {
 pub struct PrintQueue {
     format: PrintFormat,
     filter: SpanFilter,
-    tx: mpsc::Sender<(String, u64)>,
+    tx: mpsc::Sender<(Vec<u8>, u64)>,
     counts: Arc<PrintCounts>,
 }
 
@@ -66,11 +77,11 @@ impl PrintQueue {
         mut out: impl Write + Send + 'static,
         counts: Arc<PrintCounts>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
-        let (tx, rx) = mpsc::channel::<(String, u64)>();
+        let (tx, rx) = mpsc::channel::<(Vec<u8>, u64)>();
         let c = counts.clone();
         let thread = std::thread::Builder::new().name("print".into()).spawn(move || {
             for (text, n) in rx {
-                let ok = out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok();
+                let ok = out.write_all(&text).and_then(|()| out.flush()).is_ok();
                 let counter = if ok { &c.printed } else { &c.dropped_write_failed };
                 counter.fetch_add(n, Relaxed);
                 c.queued.fetch_sub(n, Relaxed);
@@ -102,13 +113,8 @@ impl PrintQueue {
             c.dropped_queue_full.fetch_add(n, Relaxed);
             return;
         }
-        let mut text = String::new();
-        let mut stretch = Stretch::begin(monotonic_ns, polite);
-        for span in shown {
-            stretch.offer_if_due();
-            text.push_str(&self.format.line(span));
-            text.push('\n');
-        }
+        let mut text = Vec::new();
+        self.format.write_lines(&mut text, shown, polite);
         c.queued.fetch_add(n, Relaxed);
         c.queued_bytes.fetch_add(text.len() as u64, Relaxed);
         if let Err(mpsc::SendError((text, n))) = self.tx.send((text, n)) {
@@ -179,51 +185,152 @@ pub fn text_line(span: &Span) -> String {
     )
 }
 
-pub fn json_line(span: &Span) -> Value {
-    let mut attrs = Map::new();
-    for (k, v) in &span.attributes {
-        attrs.insert((*k).to_owned(), attr_json(v));
-    }
-    json!({
-        "trace_id": hex(&span.trace_id),
-        "span_id": hex(&span.span_id),
-        "parent_span_id": span.parent_span_id.map(|p| hex(&p)),
-        "name": span.name,
-        "kind": span.kind.as_str(),
-        "start_time_unix_nano": span.start_unix_ns,
-        "end_time_unix_nano": span.end_unix_ns,
-        "status": if span.error { "ERROR" } else { "UNSET" },
-        "resource": resource_json(&span.resource),
-        "attributes": attrs,
-        "links": span.links.iter().map(|l| json!({
-            "trace_id": hex(&l.trace_id),
-            "span_id": hex(&l.span_id),
-            "attributes": {crate::vocab::attr::SOCKSPAN_LINK_SOURCE: l.source},
-        })).collect::<Vec<_>>(),
-    })
+/// One span as a JSON object on one line (what `--print=json` prints).
+pub fn json_line(span: &Span) -> String {
+    let mut out = Vec::new();
+    write_json_line(&mut out, span);
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
-fn resource_json(r: &crate::process::ProcessInfo) -> Value {
-    let mut v = json!({
-        "service.name": r.service_name,
-        "process.pid": r.pid,
-        "process.executable.name": r.executable_name,
-        "host.name": &*r.host_name,
-    });
-    if let Some(c) = &r.container_id {
-        v["container.id"] = Value::String(c.clone());
-    }
-    for (k, val) in r.pod.iter().flat_map(|p| p.attributes()) {
-        v[k] = Value::String(val.to_owned());
-    }
-    v
+/// Appends one span as a JSON object, written straight from the span: building a
+/// `serde_json::Value` first cost a map and a string per key and value. Keys come in sorted
+/// order, as that map wrote them, and a key given twice keeps its last value.
+fn write_json_line(out: &mut Vec<u8>, span: &Span) {
+    serde_json::to_writer(out, &JsonSpan(span)).expect("a Vec grows and every key is a string");
 }
 
-fn attr_json(v: &AttrValue) -> Value {
-    match v {
-        AttrValue::Str(s) => Value::String(s.to_string()),
-        AttrValue::Int(i) => Value::from(*i),
-        AttrValue::Bool(b) => Value::Bool(*b),
+struct JsonSpan<'a>(&'a Span);
+
+impl Serialize for JsonSpan<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let s = self.0;
+        let attributes = s.attributes.iter().map(|(k, v)| (*k, JsonValue::from(v)));
+        let mut m = ser.serialize_map(Some(11))?;
+        m.serialize_entry("attributes", &SortedObject::new(attributes))?;
+        m.serialize_entry("end_time_unix_nano", &s.end_unix_ns)?;
+        m.serialize_entry("kind", s.kind.as_str())?;
+        m.serialize_entry("links", &JsonLinks(&s.links))?;
+        m.serialize_entry("name", &s.name)?;
+        m.serialize_entry("parent_span_id", &s.parent_span_id.map(Hex))?;
+        m.serialize_entry("resource", &resource_object(&s.resource))?;
+        m.serialize_entry("span_id", &Hex(s.span_id))?;
+        m.serialize_entry("start_time_unix_nano", &s.start_unix_ns)?;
+        m.serialize_entry("status", if s.error { "ERROR" } else { "UNSET" })?;
+        m.serialize_entry("trace_id", &Hex(s.trace_id))?;
+        m.end()
+    }
+}
+
+fn resource_object(r: &crate::process::ProcessInfo) -> SortedObject<'_> {
+    let pod = r.pod.iter().flat_map(|p| p.attributes());
+    let entries = [
+        ("service.name".into(), JsonValue::Str(&r.service_name)),
+        ("process.pid".into(), JsonValue::Int(i64::from(r.pid))),
+        ("process.executable.name".into(), JsonValue::Str(&r.executable_name)),
+        ("host.name".into(), JsonValue::Str(&r.host_name)),
+    ]
+    .into_iter()
+    .chain(
+        r.container_id
+            .iter()
+            .map(|c| ("container.id".into(), JsonValue::Str(c))),
+    )
+    .chain(pod.map(|(k, v)| (Cow::Owned(k), JsonValue::Str(v))));
+    SortedObject::new(entries)
+}
+
+/// A JSON object's entries in sorted key order, the last of a repeated key kept.
+struct SortedObject<'a>(Vec<(Cow<'a, str>, JsonValue<'a>)>);
+
+impl<'a> SortedObject<'a> {
+    fn new<K: Into<Cow<'a, str>>>(entries: impl Iterator<Item = (K, JsonValue<'a>)>) -> Self {
+        let mut entries: Vec<_> = entries.map(|(k, v)| (k.into(), v)).collect();
+        // Stable: of a repeated key, the last given stays last.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Self(entries)
+    }
+}
+
+impl Serialize for SortedObject<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let kept = self
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(i, (k, _))| self.0.get(i + 1).is_none_or(|(next, _)| next != k));
+        let mut m = ser.serialize_map(None)?;
+        for (_, (k, v)) in kept {
+            m.serialize_entry(k.as_ref(), v)?;
+        }
+        m.end()
+    }
+}
+
+enum JsonValue<'a> {
+    Str(&'a str),
+    Int(i64),
+    Bool(bool),
+}
+
+impl<'a> From<&'a AttrValue> for JsonValue<'a> {
+    fn from(v: &'a AttrValue) -> Self {
+        match v {
+            AttrValue::Str(s) => JsonValue::Str(s),
+            AttrValue::Int(i) => JsonValue::Int(*i),
+            AttrValue::Bool(b) => JsonValue::Bool(*b),
+        }
+    }
+}
+
+impl Serialize for JsonValue<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        match self {
+            JsonValue::Str(s) => ser.serialize_str(s),
+            JsonValue::Int(i) => ser.serialize_i64(*i),
+            JsonValue::Bool(b) => ser.serialize_bool(*b),
+        }
+    }
+}
+
+struct JsonLinks<'a>(&'a [SpanLink]);
+
+impl Serialize for JsonLinks<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let mut seq = ser.serialize_seq(Some(self.0.len()))?;
+        for l in self.0 {
+            seq.serialize_element(&JsonLink(l))?;
+        }
+        seq.end()
+    }
+}
+
+struct JsonLink<'a>(&'a SpanLink);
+
+impl Serialize for JsonLink<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let l = self.0;
+        let source = [(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, JsonValue::Str(l.source))];
+        let mut m = ser.serialize_map(Some(3))?;
+        m.serialize_entry("attributes", &SortedObject::new(source.into_iter()))?;
+        m.serialize_entry("span_id", &Hex(l.span_id))?;
+        m.serialize_entry("trace_id", &Hex(l.trace_id))?;
+        m.end()
+    }
+}
+
+/// Bytes as lower-case hex, a JSON string.
+struct Hex<const N: usize>([u8; N]);
+
+impl<const N: usize> Serialize for Hex<N> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 32];
+        let text = &mut buf[..2 * N.min(16)];
+        for (pair, b) in text.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        ser.serialize_str(std::str::from_utf8(text).expect("hex digits"))
     }
 }
 
@@ -238,6 +345,76 @@ fn utc_time(unix_ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_line_is_the_span_with_keys_sorted_and_the_last_of_a_repeated_key() {
+        use serde_json::{Value, json};
+        let mut span = Span::sample(7);
+        span.parent_span_id = Some([0xab; 8]);
+        span.name = "GET /users/{id}".into();
+        span.start_unix_ns = 1_700_000_000_000_000_001;
+        span.end_unix_ns = 1_700_000_000_000_900_001;
+        span.error = true;
+        span.attributes = vec![
+            ("url.path", AttrValue::Str("/users/\"7\"\n".into())),
+            ("http.request.method", AttrValue::Str("GET".into())),
+            ("http.response.status_code", AttrValue::Int(500)),
+            ("sockspan.truncated", AttrValue::Bool(true)),
+            ("url.path", AttrValue::Str("/users/8".into())),
+        ];
+        span.resource = std::sync::Arc::new(crate::process::ProcessInfo {
+            pid: 42,
+            service_name: "shop".into(),
+            executable_name: "shop-bin".into(),
+            host_name: "node-1".into(),
+            container_id: Some("c0ffee".into()),
+            pod: Some(std::sync::Arc::new(crate::kube::PodMeta {
+                name: "shop-7d".into(),
+                namespace: "prod".into(),
+                uid: "u-1".into(),
+                node: "node-1".into(),
+                workload: Some(("deployment", "shop".into())),
+                app_name: None,
+            })),
+        });
+        span.links = vec![SpanLink {
+            trace_id: [0x0f; 16],
+            span_id: [0x10; 8],
+            source: "pool_handoff",
+        }];
+        let line = json_line(&span);
+        let expected = json!({
+            "trace_id": "01".repeat(16),
+            "span_id": "0000000000000007",
+            "parent_span_id": "ab".repeat(8),
+            "name": "GET /users/{id}",
+            "kind": "SERVER",
+            "start_time_unix_nano": 1_700_000_000_000_000_001u64,
+            "end_time_unix_nano": 1_700_000_000_000_900_001u64,
+            "status": "ERROR",
+            "resource": {
+                "service.name": "shop", "process.pid": 42, "process.executable.name": "shop-bin",
+                "host.name": "node-1", "container.id": "c0ffee", "k8s.pod.name": "shop-7d",
+                "k8s.pod.uid": "u-1", "k8s.namespace.name": "prod", "k8s.node.name": "node-1",
+                "k8s.deployment.name": "shop",
+            },
+            "attributes": {
+                "url.path": "/users/8", "http.request.method": "GET",
+                "http.response.status_code": 500, "sockspan.truncated": true,
+            },
+            "links": [{
+                "trace_id": "0f".repeat(16), "span_id": "10".repeat(8),
+                "attributes": {crate::vocab::attr::SOCKSPAN_LINK_SOURCE: "pool_handoff"},
+            }],
+        });
+        assert_eq!(serde_json::from_str::<Value>(&line).unwrap(), expected);
+        // serde_json's map (no preserve_order) writes keys sorted: the same text as before.
+        assert_eq!(line, expected.to_string());
+        let mut root = Span::sample(1);
+        root.attributes.clear();
+        assert!(json_line(&root).contains(r#""parent_span_id":null"#));
+        assert!(json_line(&root).contains(r#""links":[]"#));
+    }
 
     /// A terminal that takes nothing until released.
     struct Stalled(mpsc::Receiver<()>);

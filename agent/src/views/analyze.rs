@@ -202,7 +202,7 @@ mod tests {
             (crate::vocab::attr::HTTP_RESPONSE_STATUS_CODE, AttrValue::Int(503)),
             (crate::vocab::attr::SOCKSPAN_PARENT_SOURCE, AttrValue::fixed("thread")),
         ];
-        let line = json_line(&s).to_string();
+        let line = json_line(&s);
         let back = span_from_json(&line, &mut HashMap::new()).expect("parses");
         assert_eq!(
             (back.trace_id, back.span_id, back.parent_span_id, back.kind),
@@ -218,7 +218,7 @@ mod tests {
             pod: None,
             ..(*s.resource).clone()
         });
-        let back = span_from_json(&json_line(&c).to_string(), &mut HashMap::new()).expect("parses");
+        let back = span_from_json(&json_line(&c), &mut HashMap::new()).expect("parses");
         assert_eq!(back.resource.container_id, Some("ab".repeat(32)));
         assert!(span_from_json("not json", &mut HashMap::new()).is_none());
         assert!(span_from_json("{\"name\": 1}", &mut HashMap::new()).is_none());
