@@ -350,6 +350,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
+    }
+
+    #[test]
     fn a_json_line_is_the_span_with_keys_sorted_and_the_last_of_a_repeated_key() {
         use serde_json::{Value, json};
         let mut span = Span::sample(7);
