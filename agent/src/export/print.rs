@@ -189,7 +189,9 @@ pub fn text_line(span: &Span) -> String {
     )
 }
 
-/// One span as a JSON object on one line (what `--print=json` prints).
+/// One span as a JSON object on one line (what `--print=json` prints), for tests: the
+/// printing writes lines into its batch's buffer ([`PrintFormat::write_lines`]).
+#[cfg(test)]
 pub fn json_line(span: &Span) -> String {
     let mut out = Vec::new();
     write_json_line(&mut out, span);
