@@ -24,6 +24,23 @@ impl AttrValue {
     pub const fn fixed(s: &'static str) -> Self {
         AttrValue::Str(Cow::Borrowed(s))
     }
+
+    pub fn borrowed(&self) -> ValueRef<'_> {
+        match self {
+            AttrValue::Str(s) => ValueRef::Str(s),
+            AttrValue::Int(i) => ValueRef::Int(*i),
+            AttrValue::Bool(b) => ValueRef::Bool(*b),
+        }
+    }
+}
+
+/// An attribute's value borrowed from a span or a resource: what the encoders (OTLP, JSON
+/// lines) write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    Str(&'a str),
+    Int(i64),
+    Bool(bool),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -16,7 +16,7 @@ use serde::{
 
 use crate::{
     courtesy::Stretch,
-    span::{AttrValue, Span, SpanLink, monotonic_ns},
+    span::{AttrValue, Span, SpanLink, ValueRef, monotonic_ns},
     views::SpanFilter,
 };
 
@@ -210,7 +210,7 @@ struct JsonSpan<'a>(&'a Span);
 impl Serialize for JsonSpan<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let s = self.0;
-        let attributes = s.attributes.iter().map(|(k, v)| (*k, JsonValue::from(v)));
+        let attributes = s.attributes.iter().map(|(k, v)| (*k, v.borrowed()));
         let mut m = ser.serialize_map(Some(11))?;
         m.serialize_entry("attributes", &SortedObject::new(attributes))?;
         m.serialize_entry("end_time_unix_nano", &s.end_unix_ns)?;
@@ -230,26 +230,22 @@ impl Serialize for JsonSpan<'_> {
 fn resource_object(r: &crate::process::ProcessInfo) -> SortedObject<'_> {
     let pod = r.pod.iter().flat_map(|p| p.attributes());
     let entries = [
-        ("service.name".into(), JsonValue::Str(&r.service_name)),
-        ("process.pid".into(), JsonValue::Int(i64::from(r.pid))),
-        ("process.executable.name".into(), JsonValue::Str(&r.executable_name)),
-        ("host.name".into(), JsonValue::Str(&r.host_name)),
+        ("service.name".into(), ValueRef::Str(&r.service_name)),
+        ("process.pid".into(), ValueRef::Int(i64::from(r.pid))),
+        ("process.executable.name".into(), ValueRef::Str(&r.executable_name)),
+        ("host.name".into(), ValueRef::Str(&r.host_name)),
     ]
     .into_iter()
-    .chain(
-        r.container_id
-            .iter()
-            .map(|c| ("container.id".into(), JsonValue::Str(c))),
-    )
-    .chain(pod.map(|(k, v)| (Cow::Owned(k), JsonValue::Str(v))));
+    .chain(r.container_id.iter().map(|c| ("container.id".into(), ValueRef::Str(c))))
+    .chain(pod.map(|(k, v)| (Cow::Owned(k), ValueRef::Str(v))));
     SortedObject::new(entries)
 }
 
 /// A JSON object's entries in sorted key order, the last of a repeated key kept.
-struct SortedObject<'a>(Vec<(Cow<'a, str>, JsonValue<'a>)>);
+struct SortedObject<'a>(Vec<(Cow<'a, str>, ValueRef<'a>)>);
 
 impl<'a> SortedObject<'a> {
-    fn new<K: Into<Cow<'a, str>>>(entries: impl Iterator<Item = (K, JsonValue<'a>)>) -> Self {
+    fn new<K: Into<Cow<'a, str>>>(entries: impl Iterator<Item = (K, ValueRef<'a>)>) -> Self {
         let mut entries: Vec<_> = entries.map(|(k, v)| (k.into(), v)).collect();
         // Stable: of a repeated key, the last given stays last.
         entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -272,28 +268,12 @@ impl Serialize for SortedObject<'_> {
     }
 }
 
-enum JsonValue<'a> {
-    Str(&'a str),
-    Int(i64),
-    Bool(bool),
-}
-
-impl<'a> From<&'a AttrValue> for JsonValue<'a> {
-    fn from(v: &'a AttrValue) -> Self {
-        match v {
-            AttrValue::Str(s) => JsonValue::Str(s),
-            AttrValue::Int(i) => JsonValue::Int(*i),
-            AttrValue::Bool(b) => JsonValue::Bool(*b),
-        }
-    }
-}
-
-impl Serialize for JsonValue<'_> {
+impl Serialize for ValueRef<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         match self {
-            JsonValue::Str(s) => ser.serialize_str(s),
-            JsonValue::Int(i) => ser.serialize_i64(*i),
-            JsonValue::Bool(b) => ser.serialize_bool(*b),
+            ValueRef::Str(s) => ser.serialize_str(s),
+            ValueRef::Int(i) => ser.serialize_i64(*i),
+            ValueRef::Bool(b) => ser.serialize_bool(*b),
         }
     }
 }
@@ -315,7 +295,7 @@ struct JsonLink<'a>(&'a SpanLink);
 impl Serialize for JsonLink<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let l = self.0;
-        let source = [(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, JsonValue::Str(l.source))];
+        let source = [(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, ValueRef::Str(l.source))];
         let mut m = ser.serialize_map(Some(3))?;
         m.serialize_entry("attributes", &SortedObject::new(source.into_iter()))?;
         m.serialize_entry("span_id", &Hex(l.span_id))?;

@@ -6,7 +6,7 @@
 use opentelemetry::Value;
 use opentelemetry_sdk::Resource;
 
-use crate::span::{AttrValue, Span, SpanKind, SpanLink};
+use crate::span::{Span, SpanKind, SpanLink, ValueRef};
 
 const LEN: u8 = 2;
 const VARINT: u8 = 0;
@@ -34,7 +34,7 @@ pub fn write_resource_spans(
 ) {
     let resource_len: usize = resource
         .iter()
-        .map(|(k, v)| field_len(1, attr_len(k.as_str(), Scalar::of(v))))
+        .map(|(k, v)| field_len(1, attr_len(k.as_str(), resource_value(v))))
         .sum();
     let scope_len = str_field_len(1, scope.0) + str_field_len(2, scope.1);
     // The spans are written first, each once, and copied after the headers that need their
@@ -54,7 +54,7 @@ pub fn write_resource_spans(
     header(out, 1, resource_spans_len);
     header(out, 1, resource_len);
     for (k, v) in resource.iter() {
-        let v = Scalar::of(v);
+        let v = resource_value(v);
         header(out, 1, attr_len(k.as_str(), v));
         write_attr(out, k.as_str(), v);
     }
@@ -88,8 +88,9 @@ fn write_span(out: &mut Vec<u8>, s: &Span) {
     tag(out, 8, FIXED64);
     out.extend_from_slice(&s.end_unix_ns.to_le_bytes());
     for (k, v) in &s.attributes {
-        header(out, 9, attr_len(k, v.into()));
-        write_attr(out, k, v.into());
+        let v = Some(v.borrowed());
+        header(out, 9, attr_len(k, v));
+        write_attr(out, k, v);
     }
     for l in &s.links {
         header(out, 13, link_len(l));
@@ -126,82 +127,66 @@ fn link_len(l: &SpanLink) -> usize {
 
 /// The link's one attribute: the rule that made it.
 fn link_source_len(l: &SpanLink) -> usize {
-    attr_len(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, Scalar::Str(l.source))
+    attr_len(crate::vocab::attr::SOCKSPAN_LINK_SOURCE, Some(ValueRef::Str(l.source)))
 }
 
 fn write_link(out: &mut Vec<u8>, l: &SpanLink) {
     write_bytes(out, 1, &l.trace_id);
     write_bytes(out, 2, &l.span_id);
     header(out, 4, link_source_len(l));
-    write_attr(out, crate::vocab::attr::SOCKSPAN_LINK_SOURCE, Scalar::Str(l.source));
+    write_attr(
+        out,
+        crate::vocab::attr::SOCKSPAN_LINK_SOURCE,
+        Some(ValueRef::Str(l.source)),
+    );
     tag(out, 6, FIXED32);
     out.extend_from_slice(&LOCAL_SAMPLED_FLAGS.to_le_bytes());
 }
 
-/// An attribute's value as `AnyValue` holds it: a string (1), bool (2) or int (3), borrowed
-/// from a span's attribute or a resource's. `Other`: a type sockspan never sets, written empty.
-#[derive(Clone, Copy)]
-enum Scalar<'a> {
-    Str(&'a str),
-    Bool(bool),
-    Int(i64),
-    Other,
-}
-
-impl<'a> From<&'a AttrValue> for Scalar<'a> {
-    fn from(v: &'a AttrValue) -> Self {
-        match v {
-            AttrValue::Str(s) => Scalar::Str(s),
-            AttrValue::Bool(b) => Scalar::Bool(*b),
-            AttrValue::Int(i) => Scalar::Int(*i),
-        }
-    }
-}
-
-impl<'a> Scalar<'a> {
-    /// A resource attribute (the SDK's value types; resources use strings and ints).
-    fn of(v: &'a Value) -> Self {
-        match v {
-            Value::String(s) => Scalar::Str(s.as_str()),
-            Value::I64(i) => Scalar::Int(*i),
-            Value::Bool(b) => Scalar::Bool(*b),
-            _ => Scalar::Other,
-        }
+/// A resource attribute (the SDK's value types; resources use strings and ints). `None`: a
+/// type sockspan never sets, written as an empty `AnyValue`.
+fn resource_value(v: &Value) -> Option<ValueRef<'_>> {
+    match v {
+        Value::String(s) => Some(ValueRef::Str(s.as_str())),
+        Value::I64(i) => Some(ValueRef::Int(*i)),
+        Value::Bool(b) => Some(ValueRef::Bool(*b)),
+        _ => None,
     }
 }
 
 /// `KeyValue`: the key, then the `AnyValue`.
-fn attr_len(key: &str, v: Scalar) -> usize {
+fn attr_len(key: &str, v: Option<ValueRef>) -> usize {
     str_field_len(1, key) + field_len(2, any_value_len(v))
 }
 
-fn any_value_len(v: Scalar) -> usize {
+/// An `AnyValue`: a string (1), bool (2) or int (3).
+fn any_value_len(v: Option<ValueRef>) -> usize {
     match v {
-        Scalar::Str(s) => field_len(1, s.len()),
-        Scalar::Bool(_) => 2,
-        Scalar::Int(i) => 1 + varint_len(i as u64),
-        Scalar::Other => 0,
+        Some(ValueRef::Str(s)) => field_len(1, s.len()),
+        Some(ValueRef::Bool(_)) => 2,
+        Some(ValueRef::Int(i)) => 1 + varint_len(i as u64),
+        None => 0,
     }
 }
 
-fn write_attr(out: &mut Vec<u8>, key: &str, v: Scalar) {
+fn write_attr(out: &mut Vec<u8>, key: &str, v: Option<ValueRef>) {
     write_str(out, 1, key);
     header(out, 2, any_value_len(v));
     match v {
         // A oneof member is written even when it holds its type's default.
-        Scalar::Str(s) => {
+        Some(ValueRef::Str(s)) => {
             header(out, 1, s.len());
             out.extend_from_slice(s.as_bytes());
         }
-        Scalar::Bool(b) => {
+        Some(ValueRef::Bool(b)) => {
             tag(out, 2, VARINT);
             out.push(u8::from(b));
         }
-        Scalar::Int(i) => {
+        Some(ValueRef::Int(i)) => {
             tag(out, 3, VARINT);
             varint(out, i as u64);
         }
-        Scalar::Other => {}
+        None => {}
     }
 }
 
@@ -250,6 +235,7 @@ fn varint_len(v: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::span::AttrValue;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message as _;
 
