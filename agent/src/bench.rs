@@ -76,7 +76,7 @@ pub fn bench_pipeline(
 /// The spans as `--print=json` writes them.
 fn json_lines(spans: Vec<sockspan::span::Span>) -> Vec<u8> {
     let mut out = Vec::new();
-    sockspan::export::print::PrintFormat::Json.write_lines(&mut out, &spans, false);
+    sockspan::export::print::PrintFormat::Json.write_lines(&mut out, &spans, &sockspan::courtesy::Slack::default());
     out
 }
 

@@ -175,12 +175,8 @@ impl Processor {
     /// one batch can end thousands of connections, each with dozens of requests waiting.
     pub fn process_with(&mut self, batch: &RawBatch, out: &mut Vec<Span>, mut early: impl FnMut(&mut Vec<Span>)) {
         let start = (self.clock)();
-        // Offering the CPU is for when the pipeline has time to spare: it worked less than a
-        // fifth of the time before this batch. A pipeline falling behind (a saturated node)
-        // keeps it, or the kernel would lose events.
-        let polite = self.last_batch.busy_ns.saturating_mul(4) < start.saturating_sub(self.last_batch.end_ns);
-        self.slack.set(polite);
-        let mut stretch = Stretch::begin(self.clock, polite);
+        self.slack.judge(start, self.last_batch.busy_ns, self.last_batch.end_ns);
+        let mut stretch = Stretch::begin(self.clock, &self.slack);
         for (i, record) in batch.iter().enumerate() {
             stretch.offer_if_due();
             if i % 64 == 63 {
@@ -546,7 +542,7 @@ impl Sinks {
             return;
         }
         match &self.printer {
-            Some((Printer::Lines(p), _)) => p.send(&spans, self.slack.spare()),
+            Some((Printer::Lines(p), _)) => p.send(&spans, &self.slack),
             Some((Printer::Spans(q), _)) => q.send(&spans),
             None => {}
         }

@@ -439,10 +439,10 @@ impl OtlpExporter {
             };
             let count = spans.len() as u64;
             let payload = match &mut exporter {
-                Sender::Direct(_) => Payload::Protobuf(encode_request(&process, &spans, self.slack.spare())),
+                Sender::Direct(_) => Payload::Protobuf(encode_request(&process, &spans, &self.slack)),
                 Sender::Sdk(sdk) => {
                     sdk.set_resource(&resource(&process));
-                    let mut stretch = Stretch::begin(monotonic_ns, self.slack.spare());
+                    let mut stretch = Stretch::begin(monotonic_ns, &self.slack);
                     let spans = spans.into_iter().map(|s| {
                         stretch.offer_if_due();
                         to_span_data(s, &self.scope)
@@ -586,10 +586,11 @@ fn group_by_process(batch: Vec<Span>) -> Vec<(Arc<ProcessInfo>, Vec<Span>)> {
 }
 
 /// One process's spans as the OTLP protobuf request [`super::http`] sends, offering the CPU
-/// as it goes when `polite` (a request of 512 spans is a stretch of a few hundred µs).
-fn encode_request(process: &ProcessInfo, spans: &[Span], polite: bool) -> Vec<u8> {
+/// as it goes while the agent has time to spare (a request of 512 spans is a stretch of a few
+/// hundred µs).
+fn encode_request(process: &ProcessInfo, spans: &[Span], slack: &Slack) -> Vec<u8> {
     let mut out = Vec::with_capacity(spans.len() * 512);
-    let mut stretch = Stretch::begin(monotonic_ns, polite);
+    let mut stretch = Stretch::begin(monotonic_ns, slack);
     super::proto::write_resource_spans(&mut out, &resource(process), SCOPE, spans, || {
         stretch.offer_if_due();
     });
@@ -621,7 +622,7 @@ pub fn encode_with_sdk(spans: Vec<Span>) -> Vec<u8> {
 pub fn encode_direct(spans: Vec<Span>) -> Vec<u8> {
     let mut out = Vec::new();
     for (process, spans) in group_by_process(spans) {
-        out.extend_from_slice(&encode_request(&process, &spans, false));
+        out.extend_from_slice(&encode_request(&process, &spans, &Slack::default()));
     }
     out
 }

@@ -15,7 +15,7 @@ use serde::{
 };
 
 use crate::{
-    courtesy::Stretch,
+    courtesy::{Slack, Stretch},
     span::{AttrValue, Span, SpanLink, ValueRef, monotonic_ns},
     views::SpanFilter,
 };
@@ -27,10 +27,10 @@ pub enum PrintFormat {
 }
 
 impl PrintFormat {
-    /// Appends a line per span to `out`, offering the CPU as it goes when `polite`
-    /// ([`crate::courtesy`]).
-    pub fn write_lines<'a>(self, out: &mut Vec<u8>, spans: impl IntoIterator<Item = &'a Span>, polite: bool) {
-        let mut stretch = Stretch::begin(monotonic_ns, polite);
+    /// Appends a line per span to `out`, offering the CPU as it goes while the agent has time
+    /// to spare ([`crate::courtesy`]).
+    pub fn write_lines<'a>(self, out: &mut Vec<u8>, spans: impl IntoIterator<Item = &'a Span>, slack: &Slack) {
+        let mut stretch = Stretch::begin(monotonic_ns, slack);
         for span in spans {
             stretch.offer_if_due();
             match self {
@@ -100,8 +100,9 @@ impl PrintQueue {
     }
 
     /// Formats `spans` and queues them for the print thread, or drops them (counted);
-    /// formatting offers the CPU as it goes when `polite` ([`crate::courtesy`]).
-    pub fn send(&self, spans: &[Span], polite: bool) {
+    /// formatting offers the CPU as it goes while the agent has time to spare
+    /// ([`crate::courtesy`]).
+    pub fn send(&self, spans: &[Span], slack: &Slack) {
         let c = &self.counts;
         let shown: Vec<&Span> = spans.iter().filter(|s| self.filter.matches(s)).collect();
         c.filtered.fetch_add((spans.len() - shown.len()) as u64, Relaxed);
@@ -114,7 +115,7 @@ impl PrintQueue {
             return;
         }
         let mut text = Vec::new();
-        self.format.write_lines(&mut text, shown, polite);
+        self.format.write_lines(&mut text, shown, slack);
         c.queued.fetch_add(n, Relaxed);
         c.queued_bytes.fetch_add(text.len() as u64, Relaxed);
         if let Err(mpsc::SendError((text, n))) = self.tx.send((text, n)) {
@@ -435,7 +436,7 @@ mod tests {
         .unwrap();
         let batch: Vec<Span> = (0..1000).map(Span::sample).collect();
         for _ in 0..100 {
-            q.send(&batch, false);
+            q.send(&batch, &Slack::default());
         }
         let dropped = counts.dropped_queue_full.load(Relaxed);
         assert!(dropped > 0, "100,000 JSON lines exceed the queue's bytes");
