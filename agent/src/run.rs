@@ -192,7 +192,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         pool: pool.clone(),
         budget,
     };
-    let reader_task = tokio::spawn(reader.run(raw_tx, cancel.clone()));
+    let reader_cancel = cancel.clone();
+    let reader_task = tokio::task::spawn_blocking(move || reader.run(raw_tx, reader_cancel));
 
     // Whether the agent has time to spare: the pipeline judges, the exporter and the
     // printing read.
