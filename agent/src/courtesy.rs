@@ -10,7 +10,7 @@
 //! is contended, not idle: each further yield there puts the agent further back in the queue
 //! while the ring buffer fills. So a long yield ends the offering at once, for
 //! [`CONTENDED_HOLD_NS`]. Under `cargo xtask bench overhead --services nginx` the agent offered
-//! the CPU 54,000–59,000 times a run without this rule, 19,000–22,000 with it.
+//! the CPU 54,000–59,000 times a run without this rule, 15,000–22,000 with it.
 use std::sync::{
     Arc,
     atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
