@@ -5,6 +5,7 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
+    os::fd::AsRawFd,
     thread,
     time::{Duration, Instant},
 };
@@ -36,7 +37,9 @@ impl Latency {
 }
 
 /// Sends `GET path` to 127.0.0.1:`port` at `rate` req/s for `secs` seconds over `connections`
-/// keep-alive connections, each on a thread pinned to CPU `cpu`.
+/// keep-alive connections, all driven by one thread pinned to CPU `cpu` (as wrk2 and oha do:
+/// a thread per connection woke twice per request and kept the client core busier than any
+/// real client would, in the way of whatever else ran there).
 pub fn run(port: u16, path: &str, rate: u32, secs: u64, connections: u32, cpu: usize) -> Result<Latency> {
     if rate == 0 || connections == 0 {
         bail!("rate and connections must be positive");
@@ -45,25 +48,16 @@ pub fn run(port: u16, path: &str, rate: u32, secs: u64, connections: u32, cpu: u
     let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(rate));
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + Duration::from_secs(secs);
-    let workers: Vec<_> = (0..connections)
-        .map(|k| {
-            let request = request.clone();
-            // Connection k's first request is due k/rate after the start: the load is even.
-            let first = start + Duration::from_secs_f64(f64::from(k) / f64::from(rate));
-            thread::spawn(move || {
-                pin_to(cpu);
-                connection(port, request.as_bytes(), first, interval, end)
-            })
-        })
-        .collect();
-    let (mut all, mut errors, mut unsent, mut last) = (Vec::new(), 0u64, 0u64, end);
-    for w in workers {
-        let r = w.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
-        all.extend(r.latencies_ns);
-        errors += r.errors;
-        unsent += r.unsent;
-        last = last.max(r.finished);
-    }
+    let worker = thread::spawn(move || {
+        pin_to(cpu);
+        // Connection k's first request is due k/rate after the start: the load is even.
+        let mut conns: Vec<Scheduled> = (0..connections)
+            .map(|k| Scheduled::new(start + Duration::from_secs_f64(f64::from(k) / f64::from(rate))))
+            .collect();
+        drive(port, request.as_bytes(), &mut conns, interval, end)
+    });
+    let r = worker.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
+    let mut all = r.latencies_ns;
     all.sort_unstable();
     let q = |p: f64| -> f64 {
         if all.is_empty() {
@@ -74,10 +68,10 @@ pub fn run(port: u16, path: &str, rate: u32, secs: u64, connections: u32, cpu: u
     };
     Ok(Latency {
         rate,
-        achieved: all.len() as f64 / (last - start).as_secs_f64(),
+        achieved: all.len() as f64 / (r.finished - start).as_secs_f64(),
         requests: all.len() as u64,
-        errors,
-        unsent,
+        errors: r.errors,
+        unsent: r.unsent,
         p50_us: q(0.50),
         p99_us: q(0.99),
         p999_us: q(0.999),
@@ -94,8 +88,8 @@ fn pin_to(cpu: usize) {
     }
 }
 
-/// What one connection did.
-struct ConnRun {
+/// What the run did, over all connections.
+struct RunTotals {
     /// From each request's due time to its whole answer.
     latencies_ns: Vec<u64>,
     errors: u64,
@@ -106,50 +100,171 @@ struct ConnRun {
 /// How long past the schedule a connection that fell behind keeps sending: a server that
 /// cannot keep up is shown as such, without the run lasting as long as its backlog.
 const OVERRUN: Duration = Duration::from_secs(1);
+/// A request unanswered this long fails (and its connection is closed).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One connection's schedule.
-fn connection(port: u16, request: &[u8], first: Instant, interval: Duration, end: Instant) -> ConnRun {
-    let (mut latencies_ns, mut errors, mut unsent) = (Vec::new(), 0u64, 0u64);
-    let mut conn: Option<Conn> = None;
-    let mut due = first;
-    while due < end {
+/// One connection's schedule: its next request is due at `due`, sent once the one before it
+/// was answered (no pipelining), and timed from `due` however late it went out.
+struct Scheduled {
+    due: Instant,
+    conn: Option<Conn>,
+    /// The request is out (since when) and its answer is being read.
+    waiting: Option<Instant>,
+}
+
+impl Scheduled {
+    fn new(due: Instant) -> Self {
+        Self {
+            due,
+            conn: None,
+            waiting: None,
+        }
+    }
+
+    /// The request due now goes out (on a new connection if there is none).
+    fn send(&mut self, port: u16, request: &[u8], now: Instant) -> std::io::Result<()> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(Conn::open(port)?),
+        };
+        conn.buf.clear();
+        // A request of a few dozen bytes on a connection with nothing unread fits the socket's
+        // buffer at once; should it not, the rest is written blocking, counted in its latency.
+        let sent = match conn.stream.write(request) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if sent < request.len() {
+            conn.stream.set_nonblocking(false)?;
+            conn.stream.write_all(&request[sent..])?;
+            conn.stream.set_nonblocking(true)?;
+        }
+        self.waiting = Some(now);
+        Ok(())
+    }
+
+    /// Reads what arrived; Some(whether the connection stays open) once the answer is whole.
+    fn receive(&mut self) -> std::io::Result<Option<bool>> {
+        let conn = self.conn.as_mut().ok_or(std::io::ErrorKind::NotConnected)?;
+        let mut chunk = [0u8; 16 * 1024];
+        // Read until the answer is whole or nothing more waits (not always to `EAGAIN`: that
+        // read would be one more syscall per request, traced like the others).
+        let closed = loop {
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    conn.buf.extend_from_slice(&chunk[..n]);
+                    if response_end(&conn.buf).is_some() {
+                        break false;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        // A server may close right after its last answer (`Connection: close`, keep-alive
+        // limits): the answer counts, the connection does not stay.
+        match response_end(&conn.buf) {
+            Some(done) => {
+                let keep = !header_has(&conn.buf[..done.headers], b"connection: close");
+                Ok(Some(keep && !closed && done.len == conn.buf.len()))
+            }
+            None if closed => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            None => Ok(None),
+        }
+    }
+
+    /// The request due at `due` ended (answered or failed): the next one is due an interval on.
+    fn next(&mut self, interval: Duration, keep: bool) {
+        self.waiting = None;
+        if !keep {
+            self.conn = None;
+        }
+        self.due += interval;
+    }
+}
+
+/// Runs every connection's schedule on this thread: sends what is due, waits (to the
+/// nanosecond, with `ppoll`) for answers or the next due time, reads what arrived.
+fn drive(port: u16, request: &[u8], conns: &mut [Scheduled], interval: Duration, end: Instant) -> RunTotals {
+    let mut t = RunTotals {
+        latencies_ns: Vec::new(),
+        errors: 0,
+        unsent: 0,
+        finished: Instant::now(),
+    };
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(conns.len());
+    let mut polled: Vec<usize> = Vec::with_capacity(conns.len());
+    loop {
         let now = Instant::now();
         if now > end + OVERRUN {
-            unsent += ((end - due).as_nanos() / interval.as_nanos().max(1)) as u64 + 1;
+            for c in conns.iter().filter(|c| c.due < end) {
+                t.unsent += ((end - c.due).as_nanos() / interval.as_nanos().max(1)) as u64 + 1;
+            }
             break;
         }
-        if due > now {
-            thread::sleep(due - now);
+        for c in conns.iter_mut() {
+            if c.waiting.is_none() && c.due < end && c.due <= now && c.send(port, request, now).is_err() {
+                t.errors += 1;
+                c.next(interval, false);
+            }
+            if c.waiting.is_some_and(|sent| now - sent > ANSWER_TIMEOUT) {
+                t.errors += 1;
+                c.next(interval, false);
+            }
         }
-        let c = match conn.take() {
-            Some(c) => c,
-            None => match Conn::open(port) {
-                Ok(c) => c,
-                Err(_) => {
-                    errors += 1;
-                    due += interval;
-                    continue;
-                }
-            },
+        let next_due = conns
+            .iter()
+            .filter(|c| c.waiting.is_none() && c.due < end)
+            .map(|c| c.due)
+            .min();
+        if next_due.is_none() && conns.iter().all(|c| c.waiting.is_none()) {
+            break;
+        }
+        fds.clear();
+        polled.clear();
+        for (i, c) in conns.iter().enumerate() {
+            if let (Some(_), Some(conn)) = (c.waiting, &c.conn) {
+                fds.push(libc::pollfd {
+                    fd: conn.stream.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                polled.push(i);
+            }
+        }
+        let wait = next_due.map_or(Duration::from_millis(100), |d| d.saturating_duration_since(now));
+        let timeout = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
         };
-        let mut c = c;
-        match c.exchange(request) {
-            Ok(keep) => {
-                latencies_ns.push(due.elapsed().as_nanos() as u64);
-                if keep {
-                    conn = Some(c);
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds that outlives the call.
+        let ready = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &timeout, std::ptr::null()) };
+        if ready <= 0 {
+            continue;
+        }
+        for (fd, &i) in fds.iter().zip(&polled) {
+            if fd.revents == 0 {
+                continue;
+            }
+            let c = &mut conns[i];
+            match c.receive() {
+                Ok(None) => {}
+                Ok(Some(keep)) => {
+                    t.latencies_ns.push(c.due.elapsed().as_nanos() as u64);
+                    c.next(interval, keep);
+                }
+                Err(_) => {
+                    t.errors += 1;
+                    c.next(interval, false);
                 }
             }
-            Err(_) => errors += 1,
         }
-        due += interval;
     }
-    ConnRun {
-        latencies_ns,
-        errors,
-        unsent,
-        finished: Instant::now(),
-    }
+    t.finished = Instant::now();
+    t
 }
 
 struct Conn {
@@ -161,29 +276,11 @@ impl Conn {
     fn open(port: u16) -> std::io::Result<Self> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_nonblocking(true)?;
         Ok(Self {
             stream,
             buf: Vec::with_capacity(4096),
         })
-    }
-
-    /// Sends one request and reads its whole response; Ok(whether the connection stays open).
-    fn exchange(&mut self, request: &[u8]) -> std::io::Result<bool> {
-        self.stream.write_all(request)?;
-        self.buf.clear();
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            if let Some(done) = response_end(&self.buf) {
-                let keep = !header_has(&self.buf[..done.headers], b"connection: close");
-                return Ok(keep && done.len == self.buf.len());
-            }
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
     }
 }
 
@@ -267,5 +364,24 @@ mod tests {
         assert_eq!(l.errors, 0);
         assert!(l.requests >= 380 && l.requests <= 400, "{l:?}");
         assert!(l.p50_us > 0.0 && l.p50_us <= l.p99_us && l.p99_us <= l.p999_us, "{l:?}");
+    }
+
+    /// A server that closes after every answer (as nginx does at its keep-alive limit): each
+    /// answer counts, and the next request goes out on a new connection.
+    #[test]
+    fn counts_answers_followed_by_a_close() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).is_ok_and(|n| n > 0) {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok");
+                }
+            }
+        });
+        let l = run(port, "/", 200, 1, 2, 0).unwrap();
+        assert_eq!(l.errors, 0, "{l:?}");
+        assert!(l.requests >= 190 && l.requests <= 200, "{l:?}");
     }
 }
