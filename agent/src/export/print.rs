@@ -31,6 +31,9 @@ impl PrintFormat {
     /// to spare ([`crate::courtesy`]).
     pub fn write_lines<'a>(self, out: &mut Vec<u8>, spans: impl IntoIterator<Item = &'a Span>, slack: &Slack) {
         let mut stretch = Stretch::begin(monotonic_ns, slack);
+        let spans = spans.into_iter();
+        // Sized at once: grown by doubling, a batch's text was copied again at every step.
+        out.reserve(spans.size_hint().0 * LINE_BYTES_HINT);
         for span in spans {
             stretch.offer_if_due();
             match self {
@@ -41,6 +44,9 @@ impl PrintFormat {
         }
     }
 }
+
+/// About the length of a JSON line of a span with the usual attributes (text lines are shorter).
+const LINE_BYTES_HINT: usize = 1024;
 
 /// Bytes of formatted lines waiting for the terminal; beyond it batches are dropped (counted).
 const MAX_QUEUED_BYTES: u64 = 8 << 20;
